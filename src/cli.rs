@@ -1,0 +1,179 @@
+//! The command line: what each subcommand is, and what it does.
+//!
+//! Output meant for the operator goes to stdout; logs go to stderr. Exit
+//! codes are part of the interface (scripts and systemd's `ExecStartPre=`
+//! branch on them), see [`Exit`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::db;
+use crate::migrate::{self, MigrateError, SchemaState};
+
+/// Delivers webhooks from a PostgreSQL transactional outbox.
+///
+/// The sales application writes one row per event into the `outbox` schema in
+/// the same transaction as the change it reports; outboxd delivers it to the
+/// endpoint the company configured and records the answer.
+///
+/// Configuration comes from built-in defaults, then the config file, then
+/// OUTBOXD_<SECTION>__<KEY> environment variables
+/// (e.g. OUTBOXD_DATABASE__URL=postgres://outboxd@db.internal/sales).
+#[derive(Debug, Parser)]
+#[command(name = "outboxd", version, max_term_width = 100)]
+pub struct Cli {
+    /// Config file to read [default: ./config.toml, else /etc/outboxd/config.toml]
+    ///
+    /// When given, the file must exist. When not given and neither default
+    /// exists, outboxd runs on built-in defaults and environment variables.
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        env = "OUTBOXD_CONFIG",
+        value_name = "PATH"
+    )]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the outbox schema in the database
+    ///
+    /// Applies the migrations built into this binary that the database does
+    /// not have yet, in one transaction under an advisory lock, so several
+    /// instances may run it at once. Running it again changes nothing.
+    /// Refuses a database whose schema is newer than this binary (exit 3).
+    ///
+    /// Example:
+    ///
+    ///   $ OUTBOXD_DATABASE__URL=postgres://postgres@127.0.0.1/sales outboxd migrate
+    Migrate,
+
+    /// Check the configuration, the database connection and the schema
+    ///
+    /// Exits 0 when the config is valid, the database answers and its schema
+    /// is exactly what this binary expects; 1 when the database cannot be
+    /// reached; 2 when the config is invalid; 3 when the schema is missing,
+    /// older (run `outboxd migrate`) or newer than this binary. Changes
+    /// nothing. Useful as systemd's ExecStartPre= or in a deploy script.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd --config /etc/outboxd/config.toml check
+    Check,
+}
+
+/// Process exit codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    Ok = 0,
+    /// Something failed at run time: database unreachable, a statement failed.
+    Failure = 1,
+    /// The command line or the configuration is invalid (clap uses 2 too).
+    Usage = 2,
+    /// The database schema does not match this binary.
+    Schema = 3,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> ExitCode {
+        ExitCode::from(exit as u8)
+    }
+}
+
+/// Runs a parsed subcommand with a loaded configuration.
+pub async fn run(command: Command, config: Config) -> Exit {
+    match command {
+        Command::Migrate => run_migrate(&config).await,
+        Command::Check => run_check(&config).await,
+    }
+}
+
+async fn run_migrate(config: &Config) -> Exit {
+    let mut client = match db::connect(&config.database).await {
+        Ok(client) => client,
+        Err(e) => return fail(&e),
+    };
+    match migrate::migrate(&mut client).await {
+        Ok(report) if report.applied.is_empty() => {
+            println!(
+                "schema is up to date at version {}; nothing to do",
+                report.to
+            );
+            Exit::Ok
+        }
+        Ok(report) => {
+            println!(
+                "migrated the outbox schema from version {} to {} (applied {})",
+                report.from,
+                report.to,
+                report
+                    .applied
+                    .iter()
+                    .map(i32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Exit::Ok
+        }
+        Err(e) => migrate_failed(&e),
+    }
+}
+
+async fn run_check(config: &Config) -> Exit {
+    match &config.source {
+        Some(path) => println!("config: ok ({})", path.display()),
+        None => println!("config: ok (no file; built-in defaults and environment)"),
+    }
+    let client = match db::connect(&config.database).await {
+        Ok(client) => client,
+        Err(e) => return fail(&e),
+    };
+    let version = match client.query_one("SHOW server_version", &[]).await {
+        Ok(row) => row.get::<_, String>(0),
+        Err(e) => return fail(&db::describe(&e)),
+    };
+    println!(
+        "database: ok ({}, PostgreSQL {version})",
+        db::target(&config.database.pg)
+    );
+    match migrate::status(&client).await {
+        Ok(SchemaState::Current { version }) => {
+            println!("schema: ok (version {version})");
+            Exit::Ok
+        }
+        Ok(SchemaState::Behind { database: 0, .. }) => {
+            eprintln!("outboxd: the outbox schema is missing; run `outboxd migrate`");
+            Exit::Schema
+        }
+        Ok(SchemaState::Behind { database, binary }) => {
+            eprintln!(
+                "outboxd: the outbox schema is at version {database}, this binary needs {binary}; \
+                 run `outboxd migrate`"
+            );
+            Exit::Schema
+        }
+        Err(e) => migrate_failed(&e),
+    }
+}
+
+fn migrate_failed(e: &MigrateError) -> Exit {
+    eprintln!("outboxd: {e}");
+    match e {
+        MigrateError::Database { .. } => Exit::Failure,
+        MigrateError::NewerThanBinary { .. } | MigrateError::Modified { .. } => Exit::Schema,
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> Exit {
+    eprintln!("outboxd: {e}");
+    Exit::Failure
+}

@@ -1,0 +1,521 @@
+//! Configuration: built-in defaults, then a TOML file, then `OUTBOXD_…`
+//! environment variables (`OUTBOXD_DATABASE__URL` sets `database.url`).
+//!
+//! Loading has two stages. figment extracts [`RawConfig`], which holds what
+//! the operator wrote (durations as strings, every key optional);
+//! [`RawConfig::validate`] turns it into the typed [`Config`] or into a list
+//! of problems, each naming its key. Only then is any file read (secrets
+//! given as `…_file`), so a typo is reported before anything else happens.
+//!
+//! `config.toml` at the repository root is the reference: every key, its
+//! default and why.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+/// Where `--config` falls back to when it is not given, in order.
+pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["./config.toml", "/etc/outboxd/config.toml"];
+
+/// Environment variables with this prefix override the file.
+pub const ENV_PREFIX: &str = "OUTBOXD_";
+
+/// A password or token. Its `Debug` prints a placeholder and it has no
+/// `Display`, so it cannot end up in a log line or an error by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that has to send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file that was read, if any.
+    pub source: Option<PathBuf>,
+    pub database: DatabaseConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// Connection settings, password included (its `Debug` redacts it).
+    pub pg: tokio_postgres::Config,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// An `EnvFilter` directive such as `info` or `outboxd=debug,info`.
+    /// `RUST_LOG`, when set, wins over it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The configuration as written, before validation.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub database: RawDatabase,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    pub url: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub connect_timeout: Option<String>,
+}
+
+// Hand-written so that neither the URL (which may carry a password) nor the
+// password shows up when the raw config is debug-printed.
+impl fmt::Debug for RawDatabase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawDatabase")
+            .field("url", &self.url.as_ref().map(|_| "<set>"))
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+    pub format: Option<String>,
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
+const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, e.g. `database.connect_timeout`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path} does not exist (given with --config or OUTBOXD_CONFIG)")]
+    Missing { path: PathBuf },
+    /// The file or the environment could not be read into the raw shape:
+    /// a syntax error, an unknown key, a value of the wrong type.
+    #[error("{}", display_figment(.0))]
+    Extract(Box<figment::Error>),
+    #[error("{}", .0.iter().map(Problem::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+fn display_figment(err: &figment::Error) -> String {
+    // figment can gather several errors; show every one, not just the first.
+    err.clone()
+        .into_iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Picks the config file: the explicit path (which must exist), else the
+/// first default path that exists, else none (defaults and environment only).
+pub fn resolve_path(explicit: Option<&Path>) -> Result<Option<PathBuf>, ConfigError> {
+    match explicit {
+        Some(path) if path.exists() => Ok(Some(path.to_path_buf())),
+        Some(path) => Err(ConfigError::Missing {
+            path: path.to_path_buf(),
+        }),
+        None => Ok(DEFAULT_CONFIG_PATHS
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())),
+    }
+}
+
+/// Loads, validates and resolves the configuration.
+pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
+    let source = resolve_path(explicit)?;
+    let raw = extract(source.as_deref())?;
+    let mut config = raw.validate()?;
+    config.source = source;
+    Ok(config)
+}
+
+/// Stage one: file and environment into [`RawConfig`].
+pub fn extract(file: Option<&Path>) -> Result<RawConfig, ConfigError> {
+    let mut figment = Figment::new();
+    if let Some(path) = file {
+        // file_exact: plain `file` would quietly search parent directories.
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment = figment.merge(
+        Env::prefixed(ENV_PREFIX)
+            .ignore(&["config"]) // OUTBOXD_CONFIG is the --config flag
+            .split("__"),
+    );
+    figment
+        .extract()
+        .map_err(|e| ConfigError::Extract(Box::new(e)))
+}
+
+impl RawConfig {
+    /// Stage two: checks every key and collects all problems at once, so an
+    /// operator fixes the file in one go rather than one error per restart.
+    /// Secret files are read here too, after the shape is known to be right.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let mut problems = Vec::new();
+        let database = self.database.validate(&mut problems);
+        let log = self.log.validate(&mut problems);
+        match (database, log) {
+            (Some(database), Some(log)) if problems.is_empty() => Ok(Config {
+                source: None,
+                database,
+                log,
+            }),
+            _ => Err(ConfigError::Invalid(problems)),
+        }
+    }
+}
+
+impl RawDatabase {
+    fn validate(self, problems: &mut Vec<Problem>) -> Option<DatabaseConfig> {
+        let url = self.url.as_deref().unwrap_or(DEFAULT_DATABASE_URL);
+        let mut pg = match tokio_postgres::Config::from_str(url) {
+            Ok(pg) => Some(pg),
+            Err(e) => {
+                // The parser's message names the bad option; the URL itself is
+                // not repeated because it may carry a password.
+                problem(
+                    problems,
+                    "database.url",
+                    format!("not a valid PostgreSQL connection URL ({e})"),
+                );
+                None
+            }
+        };
+        if let Some(pg) = &pg {
+            if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+                problem(
+                    problems,
+                    "database.url",
+                    "sslmode=require is not supported yet: outboxd connects without TLS; \
+                     use a Unix socket or a loopback address, or leave sslmode unset",
+                );
+            }
+            if pg.get_dbname().is_none() {
+                problem(
+                    problems,
+                    "database.url",
+                    "names no database (add /DBNAME to the URL)",
+                );
+            }
+        }
+
+        let connect_timeout = duration(
+            problems,
+            "database.connect_timeout",
+            self.connect_timeout.as_deref(),
+            DEFAULT_CONNECT_TIMEOUT,
+        );
+
+        let password = match (self.password, self.password_file) {
+            (Some(_), Some(_)) => {
+                problem(
+                    problems,
+                    "database.password",
+                    "give either password or password_file, not both",
+                );
+                None
+            }
+            (Some(p), None) => Some(Secret::new(p)),
+            (None, Some(path)) => {
+                secret_file(problems, "database.password_file", &path).map(Secret::new)
+            }
+            (None, None) => None,
+        };
+
+        let mut pg = pg.take()?;
+        if let Some(password) = password {
+            pg.password(password.expose());
+        }
+        if pg.get_application_name().is_none() {
+            // Shows up in pg_stat_activity, so a DBA can tell the daemon's
+            // sessions from the application's.
+            pg.application_name("outboxd");
+        }
+        let connect_timeout = connect_timeout?;
+        pg.connect_timeout(connect_timeout);
+        Some(DatabaseConfig {
+            pg,
+            connect_timeout,
+        })
+    }
+}
+
+impl RawLog {
+    fn validate(self, problems: &mut Vec<Problem>) -> Option<LogConfig> {
+        let level = self.level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
+        let level_ok = match tracing_subscriber::EnvFilter::builder().parse(&level) {
+            Ok(_) => true,
+            Err(e) => {
+                problem(
+                    problems,
+                    "log.level",
+                    format!(
+                        "{e}; use a level (error, warn, info, debug, trace) or directives like \"outboxd=debug,info\""
+                    ),
+                );
+                false
+            }
+        };
+        let format = match self.format.as_deref() {
+            None | Some("text") => Some(LogFormat::Text),
+            Some("json") => Some(LogFormat::Json),
+            Some(other) => {
+                problem(
+                    problems,
+                    "log.format",
+                    format!("must be \"text\" or \"json\", got {other:?}"),
+                );
+                None
+            }
+        };
+        if !level_ok {
+            return None;
+        }
+        Some(LogConfig {
+            level,
+            format: format?,
+        })
+    }
+}
+
+fn problem(problems: &mut Vec<Problem>, key: &str, message: impl Into<String>) {
+    problems.push(Problem {
+        key: key.to_string(),
+        message: message.into(),
+    });
+}
+
+/// Parses a humantime duration ("500ms", "5s", "1m 30s"), which must be
+/// greater than zero.
+fn duration(
+    problems: &mut Vec<Problem>,
+    key: &str,
+    value: Option<&str>,
+    default: &str,
+) -> Option<Duration> {
+    let text = value.unwrap_or(default);
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => {
+            problem(problems, key, "must be greater than zero");
+            None
+        }
+        Ok(d) => Some(d),
+        Err(e) => {
+            problem(
+                problems,
+                key,
+                format!("{text:?} is not a duration ({e}); write it like \"5s\" or \"1m 30s\""),
+            );
+            None
+        }
+    }
+}
+
+/// Reads a secret from a file, as systemd's `LoadCredential=` provides it.
+/// One trailing newline is dropped (what `echo secret > file` leaves).
+fn secret_file(problems: &mut Vec<Problem>, key: &str, path: &Path) -> Option<String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let text = text
+                .strip_suffix('\n')
+                .map(|t| t.strip_suffix('\r').unwrap_or(t))
+                .unwrap_or(&text)
+                .to_string();
+            if text.is_empty() {
+                problem(problems, key, format!("{} is empty", path.display()));
+                None
+            } else {
+                Some(text)
+            }
+        }
+        Err(e) => {
+            problem(
+                problems,
+                key,
+                format!("cannot read {}: {e}", path.display()),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_from_toml(text: &str) -> Result<RawConfig, Box<figment::Error>> {
+        Figment::new()
+            .merge(Toml::string(text))
+            .extract()
+            .map_err(Box::new)
+    }
+
+    fn problems_of(text: &str) -> Vec<String> {
+        match raw_from_toml(text).map(RawConfig::validate) {
+            Err(e) => vec![format!("extract: {e}")],
+            Ok(Ok(_)) => vec![],
+            Ok(Err(ConfigError::Invalid(problems))) => {
+                problems.into_iter().map(|p| p.key).collect()
+            }
+            Ok(Err(e)) => vec![format!("other: {e}")],
+        }
+    }
+
+    #[test]
+    fn empty_config_uses_the_defaults() {
+        let config = RawConfig::default().validate().unwrap();
+        assert_eq!(config.database.pg.get_dbname(), Some("postgres"));
+        assert_eq!(config.database.pg.get_user(), Some("postgres"));
+        assert_eq!(config.database.connect_timeout, Duration::from_secs(5));
+        assert_eq!(config.database.pg.get_application_name(), Some("outboxd"));
+        assert_eq!(config.log.level, "info");
+        assert_eq!(config.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn the_reference_config_is_valid_and_states_the_defaults() {
+        let reference = raw_from_toml(include_str!("../config.toml"))
+            .unwrap()
+            .validate()
+            .unwrap();
+        let defaults = RawConfig::default().validate().unwrap();
+        assert_eq!(format!("{reference:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
+    fn each_bad_value_is_reported_under_its_key() {
+        let cases: &[(&str, &[&str])] = &[
+            ("", &[]),
+            ("[database]\nconnect_timeout = \"2s\"", &[]),
+            (
+                "[database]\nconnect_timeout = \"soon\"",
+                &["database.connect_timeout"],
+            ),
+            (
+                "[database]\nconnect_timeout = \"0s\"",
+                &["database.connect_timeout"],
+            ),
+            (
+                "[database]\nurl = \"postgres://h/db?sslmode=bogus\"",
+                &["database.url"],
+            ),
+            (
+                "[database]\nurl = \"postgres://h/db?sslmode=require\"",
+                &["database.url"],
+            ),
+            (
+                "[database]\nurl = \"postgres://h:notaport/db\"",
+                &["database.url"],
+            ),
+            ("[database]\nurl = \"postgres://h\"", &["database.url"]),
+            (
+                "[database]\npassword = \"a\"\npassword_file = \"/x\"",
+                &["database.password"],
+            ),
+            (
+                "[database]\npassword_file = \"/nonexistent/outboxd-secret\"",
+                &["database.password_file"],
+            ),
+            ("[log]\nformat = \"xml\"", &["log.format"]),
+            ("[log]\nlevel = \"outboxd=loud\"", &["log.level"]),
+            ("[log]\nlevel = \"debug\"\nformat = \"json\"", &[]),
+            (
+                "[database]\nconnect_timeout = \"x\"\n[log]\nformat = \"xml\"",
+                &["database.connect_timeout", "log.format"],
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(problems_of(text), *want, "config:\n{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_key() {
+        let err = raw_from_toml("[database]\npasword = \"x\"").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("pasword"), "{text}");
+
+        let err = raw_from_toml("[database]\nconnect_timeout = 5").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("database.connect_timeout"), "{text}");
+    }
+
+    #[test]
+    fn password_file_is_read_and_trimmed_of_one_newline() {
+        let dir = std::env::temp_dir().join(format!("outboxd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("pw");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let text = format!(
+            "[database]\npassword_file = {:?}",
+            path.display().to_string()
+        );
+        let config = raw_from_toml(&text).unwrap().validate().unwrap();
+        assert_eq!(config.database.pg.get_password(), Some(&b"s3cret"[..]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn secrets_do_not_show_in_debug_output() {
+        let text = "[database]\nurl = \"postgres://u:urlpw@h/db\"\npassword = \"filepw\"";
+        let raw = raw_from_toml(text).unwrap();
+        let raw_debug = format!("{raw:?}");
+        let config = raw.validate().unwrap();
+        let debug = format!("{config:?}");
+        for shown in [raw_debug, debug, format!("{:?}", Secret::new("tok"))] {
+            assert!(!shown.contains("urlpw"), "{shown}");
+            assert!(!shown.contains("filepw"), "{shown}");
+            assert!(!shown.contains("tok\""), "{shown}");
+        }
+    }
+}

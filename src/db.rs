@@ -1,0 +1,90 @@
+//! Database connections and the plain-text form of PostgreSQL errors.
+//!
+//! `migrate` and `check` need one short-lived connection each; the delivery
+//! engine will add a pool beside this.
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::DatabaseConfig;
+
+#[derive(Debug, thiserror::Error)]
+#[error("connecting to PostgreSQL at {target}: {reason}")]
+pub struct ConnectError {
+    /// Host(s), port and database: never the password.
+    pub target: String,
+    pub reason: String,
+}
+
+/// Opens one connection and drives it on a background task. The task ends
+/// when the returned client is dropped.
+pub async fn connect(config: &DatabaseConfig) -> Result<Client, ConnectError> {
+    // connect_timeout in the config bounds each TCP connect; this bounds the
+    // whole start-up exchange too, which a stalled server could otherwise hold
+    // open forever.
+    let attempt = tokio::time::timeout(config.connect_timeout * 2, config.pg.connect(NoTls));
+    let (client, connection) = match attempt.await {
+        Ok(Ok(pair)) => pair,
+        Ok(Err(e)) => {
+            return Err(ConnectError {
+                target: target(&config.pg),
+                reason: describe(&e),
+            });
+        }
+        Err(_) => {
+            return Err(ConnectError {
+                target: target(&config.pg),
+                reason: format!("no answer within {:?}", config.connect_timeout * 2),
+            });
+        }
+    };
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %describe(&e), "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// `host:port/dbname` for messages, without user or password.
+pub fn target(pg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .zip(pg.get_ports().iter().chain(std::iter::repeat(&5432)))
+        .map(|(host, port)| match host {
+            Host::Tcp(name) => format!("{name}:{port}"),
+            Host::Unix(path) => format!("{}:{port}", path.display()),
+        })
+        .collect();
+    let hosts = if hosts.is_empty() {
+        "localhost:5432".to_string()
+    } else {
+        hosts.join(",")
+    };
+    format!("{hosts}/{}", pg.get_dbname().unwrap_or("?"))
+}
+
+/// A PostgreSQL error as one readable line: the server's message with its
+/// detail and hint, or the client-side cause (refused, reset, timed out).
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = db.message().to_string();
+        if let Some(detail) = db.detail() {
+            text.push_str(" (");
+            text.push_str(detail);
+            text.push(')');
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str("; hint: ");
+            text.push_str(hint);
+        }
+        return text;
+    }
+    // The source carries the useful part ("Connection refused (os error
+    // 111)"); the outer text alone is often just "error connecting to server".
+    match std::error::Error::source(e) {
+        Some(source) => format!("{e}: {source}"),
+        None => e.to_string(),
+    }
+}

@@ -1,0 +1,28 @@
+//! The `outboxd` binary: parse the command line, load the configuration,
+//! start logging, hand over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use outboxd::cli::{self, Cli, Exit};
+use outboxd::{config, logging};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match config::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("outboxd: invalid configuration:\n{e}");
+            return Exit::Usage.into();
+        }
+    };
+    logging::init(&config.log);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("outboxd: cannot start the async runtime: {e}");
+            return Exit::Failure.into();
+        }
+    };
+    runtime.block_on(cli::run(cli.command, config)).into()
+}

@@ -1,0 +1,246 @@
+//! Test support: a fresh database per test and the `outboxd` binary as a
+//! real process.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use futures_util::stream::poll_fn;
+use tokio::sync::mpsc;
+use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+
+/// The server every test database is created on.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// `url` with its database name replaced by `dbname`.
+pub fn url_with_dbname(url: &str, dbname: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let authority_start = base
+        .find("://")
+        .map(|i| i + 3)
+        .expect("DATABASE_URL must be a postgres:// URL");
+    let authority_end = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let mut out = format!("{}/{dbname}", &base[..authority_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+async fn connect_url(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test server: {e}"));
+    tokio::spawn(connection);
+    client
+}
+
+/// A database that exists for one test and is dropped when it goes out of
+/// scope, even when the test panics.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// A fresh database with the outbox schema migrated.
+    pub async fn new() -> TestDb {
+        let db = TestDb::empty().await;
+        let mut client = db.client().await;
+        outboxd::migrate::migrate(&mut client)
+            .await
+            .expect("migrating the test database");
+        db
+    }
+
+    /// A fresh database with nothing in it.
+    pub async fn empty() -> TestDb {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "outboxd_test_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = connect_url(&admin_url()).await;
+        // Two statements: CREATE DATABASE cannot run inside the implicit
+        // transaction of a multi-statement string.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {name}"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {}", outboxd::db::describe(&e)));
+        }
+        TestDb {
+            url: url_with_dbname(&admin_url(), &name),
+            name,
+        }
+    }
+
+    /// A new connection to this database.
+    pub async fn client(&self) -> Client {
+        connect_url(&self.url).await
+    }
+
+    /// A connection that LISTENs on `channel`; notifications arrive on the
+    /// returned receiver in commit order.
+    pub async fn listen(&self, channel: &str) -> (Client, mpsc::UnboundedReceiver<Notification>) {
+        let (client, mut connection) = tokio_postgres::connect(&self.url, NoTls).await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = poll_fn(move |cx| connection.poll_message(cx));
+            use futures_util::StreamExt;
+            while let Some(Ok(message)) = messages.next().await {
+                if let AsyncMessage::Notification(n) = message {
+                    let _ = tx.send(n);
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {channel}"))
+            .await
+            .unwrap();
+        (client, rx)
+    }
+
+    /// `outboxd` as a child process pointed at this database, with the
+    /// repository's reference config.
+    pub fn outboxd(&self) -> tokio::process::Command {
+        let mut cmd = outboxd_command();
+        cmd.env("OUTBOXD_DATABASE__URL", &self.url);
+        cmd
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Drop runs outside async context (and maybe while panicking), so the
+        // cleanup gets a small runtime of its own on a plain thread.
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await
+                {
+                    tokio::spawn(connection);
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// The repository root (where `config.toml` lives).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The built `outboxd` binary with the reference config and no inherited
+/// OUTBOXD_ variables, so the developer's environment cannot leak in.
+pub fn outboxd_command() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OUTBOXD_") || key == "RUST_LOG" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.arg("--config").arg(repo_root().join("config.toml"));
+    cmd.kill_on_drop(true);
+    cmd
+}
+
+/// A finished process's exit code and output, for assertions.
+pub struct Ran {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<Output> for Ran {
+    fn from(out: Output) -> Ran {
+        Ran {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Ran {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Runs a command to completion.
+pub async fn run(cmd: &mut tokio::process::Command) -> Ran {
+    cmd.output().await.expect("running outboxd").into()
+}
+
+#[test]
+fn url_with_dbname_replaces_only_the_database() {
+    let cases = [
+        (
+            "postgres://u@h:5432/postgres",
+            "t1",
+            "postgres://u@h:5432/t1",
+        ),
+        ("postgres://u@h:5432", "t1", "postgres://u@h:5432/t1"),
+        (
+            "postgresql://u:p@h/postgres?sslmode=disable",
+            "t1",
+            "postgresql://u:p@h/t1?sslmode=disable",
+        ),
+    ];
+    for (url, db, want) in cases {
+        assert_eq!(url_with_dbname(url, db), want);
+    }
+}
+
+/// A directory under the system temp dir, removed when dropped (also when the
+/// test fails).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> TempDir {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "outboxd-{label}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,10 @@
+//! Integration tests: one binary, a module per area. Every test gets a fresh
+//! PostgreSQL database (see `harness`), so they run in parallel.
+//!
+//! Needs a PostgreSQL server at DATABASE_URL (default
+//! postgres://postgres@127.0.0.1:5432/postgres) with rights to create
+//! databases; `scripts/test` provides one when none answers.
+
+mod cli;
+mod harness;
+mod sql_contract;

@@ -1,0 +1,529 @@
+//! The SQL contract with the sales application: enqueue functions, the
+//! events table they write, and the endpoint settings' validation.
+
+use serde_json::{Value, json};
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use crate::harness::TestDb;
+
+async fn event_count(client: &Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM outbox.events", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The error a statement raised, as (SQLSTATE, message, detail).
+async fn error_of(client: &Client, sql: &str) -> (SqlState, String, String) {
+    let err = client
+        .batch_execute(sql)
+        .await
+        .expect_err(&format!("expected an error from: {sql}"));
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("not a database error: {err}"));
+    (
+        db.code().clone(),
+        db.message().to_string(),
+        db.detail().unwrap_or_default().to_string(),
+    )
+}
+
+#[tokio::test]
+async fn rolled_back_enqueue_leaves_no_row() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    tx.query_one(
+        "SELECT outbox.enqueue_payment_cancellation(6316, 222125, '2271', ARRAY[17899,17900])",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        event_count(tx.client()).await,
+        1,
+        "visible inside the transaction"
+    );
+    let other = db.client().await;
+    assert_eq!(event_count(&other).await, 0, "not visible outside it");
+    tx.rollback().await.unwrap();
+    assert_eq!(event_count(&client).await, 0);
+}
+
+#[tokio::test]
+async fn committed_enqueue_leaves_one_pending_row_with_the_documented_payload() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    let id: uuid::Uuid = tx
+        .query_one(
+            "SELECT outbox.enqueue_payment_cancellation(6316, 222125, '2271', ARRAY[17899,17900])",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    tx.commit().await.unwrap();
+
+    let rows = client
+        .query(
+            "SELECT id, event_type, company_id, payload, state, attempts, \
+                    next_attempt_at <= now(), delivered_at IS NULL, lease_owner IS NULL \
+               FROM outbox.events",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row.get::<_, uuid::Uuid>(0), id);
+    assert_eq!(id.get_version_num(), 7, "time-ordered event ids");
+    assert_eq!(row.get::<_, String>(1), "payment.cancellation");
+    assert_eq!(row.get::<_, i64>(2), 6316);
+    assert_eq!(
+        row.get::<_, Value>(3),
+        json!({"companyId": 6316, "paymentId": 222125, "paymentNumber": "2271", "orderIds": "17899,17900"})
+    );
+    assert_eq!(row.get::<_, String>(4), "pending");
+    assert_eq!(row.get::<_, i32>(5), 0);
+    assert!(row.get::<_, bool>(6), "due at once");
+    assert!(row.get::<_, bool>(7));
+    assert!(row.get::<_, bool>(8));
+}
+
+#[tokio::test]
+async fn payload_has_no_order_ids_key_without_orders() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    for call in [
+        "SELECT outbox.enqueue_payment_cancellation(6316, 222125, '2271')",
+        "SELECT outbox.enqueue_payment_cancellation(6316, 222125, '2271', NULL)",
+        "SELECT outbox.enqueue_payment_cancellation(6316, 222125, '2271', '{}')",
+    ] {
+        let id: uuid::Uuid = client.query_one(call, &[]).await.unwrap().get(0);
+        let payload: Value = client
+            .query_one("SELECT payload FROM outbox.events WHERE id = $1", &[&id])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            payload,
+            json!({"companyId": 6316, "paymentId": 222125, "paymentNumber": "2271"}),
+            "{call}"
+        );
+        assert!(payload.get("orderIds").is_none(), "{call}");
+    }
+}
+
+#[tokio::test]
+async fn order_ids_keep_the_given_order_and_named_arguments_work() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let id: uuid::Uuid = client
+        .query_one(
+            "SELECT outbox.enqueue_payment_cancellation(company_id => $1, payment_id => $2, \
+                    payment_number => $3, order_ids => $4)",
+            &[&7_i64, &9_i64, &"A-9", &vec![30_i64, 10, 20]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let order_ids: String = client
+        .query_one(
+            "SELECT payload->>'orderIds' FROM outbox.events WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(order_ids, "30,10,20");
+}
+
+#[tokio::test]
+async fn bad_enqueue_calls_fail_the_callers_own_transaction() {
+    let cases = [
+        (
+            "NULL, 222125, '2271'",
+            "company_id must be a positive integer, got NULL",
+        ),
+        (
+            "0, 222125, '2271'",
+            "company_id must be a positive integer, got 0",
+        ),
+        (
+            "6316, -5, '2271'",
+            "payment_id must be a positive integer, got -5",
+        ),
+        (
+            "6316, NULL, '2271'",
+            "payment_id must be a positive integer, got NULL",
+        ),
+        ("6316, 222125, ''", "payment_number must not be blank"),
+        ("6316, 222125, '   '", "payment_number must not be blank"),
+        ("6316, 222125, NULL", "payment_number must not be blank"),
+        (
+            "6316, 222125, '2271', ARRAY[17899,17900,17899]",
+            "order id 17899 is repeated",
+        ),
+        (
+            "6316, 222125, '2271', ARRAY[17899,NULL]",
+            "order_ids must not contain NULL",
+        ),
+        (
+            "6316, 222125, '2271', ARRAY[0]",
+            "order id 0 is not a positive integer",
+        ),
+    ];
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    for (args, want) in cases {
+        let tx = client.transaction().await.unwrap();
+        // The application's own work in the same transaction.
+        tx.batch_execute("CREATE TEMP TABLE cancellation_marker (x int); INSERT INTO cancellation_marker VALUES (1)")
+            .await
+            .unwrap();
+        let (code, message, _) = error_of(
+            tx.client(),
+            &format!("SELECT outbox.enqueue_payment_cancellation({args})"),
+        )
+        .await;
+        assert_eq!(code, SqlState::INVALID_PARAMETER_VALUE, "{args}");
+        assert!(
+            message.contains(want),
+            "{args}: got {message:?}, want {want:?}"
+        );
+        // The transaction is aborted: nothing more can happen in it.
+        let after = tx.batch_execute("SELECT 1").await.unwrap_err();
+        assert_eq!(after.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
+        drop(tx);
+        let marker = client
+            .query_opt(
+                "SELECT to_regclass('pg_temp.cancellation_marker')::text",
+                &[],
+            )
+            .await
+            .unwrap()
+            .and_then(|r| r.get::<_, Option<String>>(0));
+        assert_eq!(marker, None, "the caller's own work rolled back too");
+    }
+    assert_eq!(event_count(&client).await, 0);
+}
+
+#[tokio::test]
+async fn generic_enqueue_takes_other_event_types_and_checks_known_ones() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let id: uuid::Uuid = client
+        .query_one(
+            "SELECT outbox.enqueue('invoice.created', 42, '{\"invoiceId\": 7}')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let row = client
+        .query_one(
+            "SELECT event_type, company_id, payload, state FROM outbox.events WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "invoice.created");
+    assert_eq!(row.get::<_, i64>(1), 42);
+    assert_eq!(row.get::<_, Value>(2), json!({"invoiceId": 7}));
+    assert_eq!(row.get::<_, String>(3), "pending");
+
+    let cases = [
+        ("'Invoice Created', 42, '{}'", "event_type must look like"),
+        ("NULL, 42, '{}'", "event_type must look like"),
+        (
+            "'invoice.created', NULL, '{}'",
+            "company_id must be a positive integer",
+        ),
+        (
+            "'invoice.created', 42, '[1,2]'",
+            "payload must be a JSON object, got array",
+        ),
+        (
+            "'invoice.created', 42, NULL",
+            "payload must be a JSON object, got NULL",
+        ),
+        (
+            "'payment.cancellation', 42, '{\"companyId\": 42, \"paymentId\": 1}'",
+            "paymentNumber must be a non-blank string",
+        ),
+        (
+            "'payment.cancellation', 42, '{\"companyId\": 42, \"paymentId\": 1, \"paymentNumber\": \"1\", \"orderIds\": [1]}'",
+            "orderIds must be a string",
+        ),
+        (
+            "'payment.cancellation', 42, '{\"companyId\": 43, \"paymentId\": 1, \"paymentNumber\": \"1\"}'",
+            "does not match company_id",
+        ),
+    ];
+    for (args, want) in cases {
+        let (code, message, _) = error_of(&client, &format!("SELECT outbox.enqueue({args})")).await;
+        assert_eq!(code, SqlState::INVALID_PARAMETER_VALUE, "{args}");
+        assert!(
+            message.contains(want),
+            "{args}: got {message:?}, want {want:?}"
+        );
+    }
+    assert_eq!(event_count(&client).await, 1);
+}
+
+#[tokio::test]
+async fn one_notification_per_transaction_however_many_events() {
+    let db = TestDb::new().await;
+    let (_listener, mut notifications) = db.listen("outbox_events").await;
+    let mut client = db.client().await;
+
+    let tx = client.transaction().await.unwrap();
+    // Many rows in one statement, and more statements in the same transaction.
+    tx.batch_execute(
+        "SELECT outbox.enqueue_payment_cancellation(6316, g, 'P-' || g) FROM generate_series(1, 50) g;
+         SELECT outbox.enqueue_payment_cancellation(6316, 1000, 'P-1000');
+         INSERT INTO outbox.events (company_id, payload) VALUES (1, '{}'), (2, '{}');",
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    // A marker from a later transaction: notifications arrive in commit
+    // order, so everything the enqueue sent is in before it.
+    client
+        .batch_execute("NOTIFY outbox_events, 'marker'")
+        .await
+        .unwrap();
+
+    let mut wakeups = 0;
+    loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), notifications.recv())
+            .await
+            .expect("notifications stopped arriving")
+            .expect("listener closed");
+        if n.payload() == "marker" {
+            break;
+        }
+        wakeups += 1;
+    }
+    assert_eq!(wakeups, 1);
+    assert_eq!(event_count(&client).await, 53);
+}
+
+#[tokio::test]
+async fn a_valid_endpoint_is_stored() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url, auth_type, username, password, notify_emails)
+             VALUES (6316, 'https://erp.example.com/hooks/payment-cancelled?x=1', 'basic', 'sales', 'pw',
+                     ARRAY['ops@example.com', 'finance.team+alerts@example.co.uk']);
+             INSERT INTO outbox.endpoints (company_id, url, auth_type, token)
+             VALUES (6317, 'http://127.0.0.1:8080/hook', 'bearer', 'tok');
+             INSERT INTO outbox.endpoints (company_id, url) VALUES (6318, 'http://[::1]:8080/');",
+        )
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT event_type, enabled, cardinality(notify_emails) FROM outbox.endpoints WHERE company_id = 6316",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "payment.cancellation");
+    assert!(row.get::<_, bool>(1));
+    assert_eq!(row.get::<_, i32>(2), 2);
+}
+
+#[tokio::test]
+async fn bad_endpoint_rows_fail_with_a_message_naming_the_problem_and_no_secret() {
+    let base = "company_id, url, auth_type, username, password, token, notify_emails";
+    let cases = [
+        (
+            "1, 'https://x.example/h', 'bearer', NULL, NULL, 'tok-SECRET', ARRAY['a@x.com','b@x.com','c@x.com','d@x.com','e@x.com','f@x.com']",
+            "at most 5 notify_emails",
+            "endpoints_at_most_5_notify_emails",
+        ),
+        (
+            "1, 'https://x.example/h', 'basic', 'user', NULL, NULL, '{}'",
+            "basic needs both a username and a password",
+            "endpoints_basic_needs_username_and_password",
+        ),
+        (
+            "1, 'https://x.example/h', 'basic', NULL, 'pw-SECRET', NULL, '{}'",
+            "basic needs both a username and a password",
+            "endpoints_basic_needs_username_and_password",
+        ),
+        (
+            "1, 'ftp://x.example/h', 'basic', 'user', 'pw-SECRET', NULL, '{}'",
+            "url must be an http:// or https:// URL",
+            "endpoints_url_http_or_https",
+        ),
+        (
+            "1, 'https://user:pw-SECRET@x.example/h', 'none', NULL, NULL, NULL, '{}'",
+            "no credentials in it",
+            "endpoints_url_http_or_https",
+        ),
+        (
+            "1, 'https://x.example/h', 'bearer', NULL, NULL, '', '{}'",
+            "bearer needs a token",
+            "endpoints_bearer_needs_token",
+        ),
+        (
+            "1, 'https://x.example/h', 'digest', NULL, NULL, 'tok-SECRET', '{}'",
+            "auth_type must be one of none, basic, bearer",
+            "endpoints_auth_type_known",
+        ),
+        (
+            "1, 'https://x.example/h', 'bearer', NULL, NULL, 'tok-SECRET', ARRAY['ops@example.com', 'not-an-address']",
+            "malformed address: \"not-an-address\"",
+            "endpoints_notify_emails_valid",
+        ),
+        (
+            "1, 'https://x.example/h', 'bearer', NULL, NULL, 'tok-SECRET', ARRAY['ops@example.com', NULL]",
+            "must not contain NULL",
+            "endpoints_notify_emails_valid",
+        ),
+        (
+            "-1, 'https://x.example/h', 'bearer', NULL, NULL, 'tok-SECRET', '{}'",
+            "company_id must be a positive integer",
+            "endpoints_company_id_positive",
+        ),
+    ];
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    for (values, want, constraint) in cases {
+        let sql = format!("INSERT INTO outbox.endpoints ({base}) VALUES ({values})");
+        let err = client.batch_execute(&sql).await.unwrap_err();
+        let dberr = err.as_db_error().expect("a database error");
+        assert_eq!(dberr.code(), &SqlState::CHECK_VIOLATION, "{values}");
+        assert_eq!(dberr.constraint(), Some(constraint), "{values}");
+        assert!(
+            dberr.message().contains(want),
+            "{values}: got {:?}",
+            dberr.message()
+        );
+        let everything = format!("{dberr:?}");
+        assert!(
+            !everything.contains("SECRET"),
+            "a secret leaked: {everything}"
+        );
+    }
+    // An update is checked the same way.
+    client
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url) VALUES (5, 'https://x.example/h')",
+        )
+        .await
+        .unwrap();
+    let (code, message, _) = error_of(
+        &client,
+        "UPDATE outbox.endpoints SET url = 'ftp://x.example/h' WHERE company_id = 5",
+    )
+    .await;
+    assert_eq!(code, SqlState::CHECK_VIOLATION);
+    assert!(message.contains("http:// or https://"), "{message}");
+    let count: i64 = client
+        .query_one("SELECT count(*) FROM outbox.endpoints", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 1);
+}
+
+#[tokio::test]
+async fn check_constraints_hold_even_with_the_validation_trigger_disabled() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute("ALTER TABLE outbox.endpoints DISABLE TRIGGER endpoints_validate")
+        .await
+        .unwrap();
+    let cases = [
+        (
+            "'ftp://x.example/h', 'none', NULL, NULL",
+            "endpoints_url_http_or_https",
+        ),
+        (
+            "'https://x.example/h', 'basic', 'u', NULL",
+            "endpoints_basic_needs_username_and_password",
+        ),
+        (
+            "'https://x.example/h', 'bearer', NULL, NULL",
+            "endpoints_bearer_needs_token",
+        ),
+    ];
+    for (values, constraint) in cases {
+        let sql = format!(
+            "INSERT INTO outbox.endpoints (company_id, url, auth_type, username, token) VALUES (1, {values})"
+        );
+        let err = client.batch_execute(&sql).await.unwrap_err();
+        assert_eq!(
+            err.as_db_error().unwrap().constraint(),
+            Some(constraint),
+            "{values}"
+        );
+    }
+    let err = client
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url, notify_emails)
+             VALUES (1, 'https://x.example/h', ARRAY['a@x.com','b@x.com','c@x.com','d@x.com','e@x.com','f@x.com'])",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().unwrap().constraint(),
+        Some("endpoints_at_most_5_notify_emails")
+    );
+}
+
+#[tokio::test]
+async fn the_documented_grants_are_enough_for_the_application() {
+    let db = TestDb::new().await;
+    let role = format!("{}_app", db.name);
+    let admin = db.client().await;
+    // The README's grants, for a role of this test's own.
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role};
+             GRANT USAGE ON SCHEMA outbox TO {role};
+             GRANT EXECUTE ON FUNCTION outbox.enqueue_payment_cancellation(bigint, bigint, text, bigint[]),
+                                       outbox.enqueue(text, bigint, jsonb) TO {role};
+             GRANT INSERT ON outbox.events TO {role};
+             GRANT SELECT ON outbox.events, outbox.attempts TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.endpoints TO {role};"
+        ))
+        .await
+        .unwrap();
+    let result = async {
+        let client = db.client().await;
+        client.batch_execute(&format!("SET ROLE {role}")).await?;
+        client
+            .batch_execute(
+                "INSERT INTO outbox.endpoints (company_id, url) VALUES (6316, 'https://x.example/h');
+                 SELECT outbox.enqueue_payment_cancellation(6316, 222125, '2271', ARRAY[17899,17900]);
+                 SELECT outbox.enqueue('invoice.created', 6316, '{}');
+                 SELECT state, response_message FROM outbox.events;",
+            )
+            .await?;
+        // What the application must not be able to do.
+        let denied = client
+            .batch_execute("UPDATE outbox.events SET state = 'delivered'")
+            .await
+            .unwrap_err();
+        assert_eq!(denied.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+        Ok::<_, tokio_postgres::Error>(())
+    }
+    .await;
+    admin
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
+    result.unwrap();
+    assert_eq!(event_count(&admin).await, 2);
+}
