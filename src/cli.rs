@@ -9,8 +9,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::Config;
 use crate::db;
+use crate::engine::{self, EngineError};
 use crate::migrate::{self, MigrateError, SchemaState};
 
 /// Delivers webhooks from a PostgreSQL transactional outbox.
@@ -68,6 +71,21 @@ pub enum Command {
     ///
     ///   $ outboxd --config /etc/outboxd/config.toml check
     Check,
+
+    /// Run the delivery daemon until SIGTERM or SIGINT
+    ///
+    /// Wakes on LISTEN/NOTIFY and polls every `delivery.poll_interval` as a
+    /// safety net; claims due events with a lease, POSTs each webhook, judges
+    /// the answer and records it exactly once. Several instances may run
+    /// against one database. On SIGTERM or SIGINT it stops claiming, lets
+    /// in-flight deliveries finish within `delivery.drain_timeout`, and exits
+    /// 0; anything unfinished is delivered again after its lease expires.
+    /// Refuses to start (exit 3) when the schema is not current.
+    ///
+    /// Example:
+    ///
+    ///   $ OUTBOXD_DATABASE__URL=postgres://outboxd@db.internal/sales outboxd run
+    Run,
 }
 
 /// Process exit codes.
@@ -94,7 +112,44 @@ pub async fn run(command: Command, config: Config) -> Exit {
     match command {
         Command::Migrate => run_migrate(&config).await,
         Command::Check => run_check(&config).await,
+        Command::Run => run_daemon(config).await,
     }
+}
+
+async fn run_daemon(config: Config) -> Exit {
+    let shutdown = CancellationToken::new();
+    let signals = match shutdown_on_signals(shutdown.clone()) {
+        Ok(task) => task,
+        Err(e) => return fail(&format!("installing signal handlers: {e}")),
+    };
+    let result = engine::run(config, shutdown).await;
+    signals.abort();
+    match result {
+        Ok(_) => Exit::Ok,
+        Err(e @ EngineError::Schema { .. }) => {
+            eprintln!("outboxd: {e}");
+            Exit::Schema
+        }
+        Err(EngineError::SchemaCheck(e)) => migrate_failed(&e),
+        Err(e) => fail(&e),
+    }
+}
+
+/// SIGTERM (systemd's stop) and SIGINT (Ctrl-C) start the graceful shutdown.
+fn shutdown_on_signals(
+    shutdown: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutdown requested");
+        shutdown.cancel();
+    }))
 }
 
 async fn run_migrate(config: &Config) -> Exit {

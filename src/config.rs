@@ -19,6 +19,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Toml};
 use serde::Deserialize;
 
+use crate::backoff::RetryPolicy;
+
 /// Where `--config` falls back to when it is not given, in order.
 pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["./config.toml", "/etc/outboxd/config.toml"];
 
@@ -53,6 +55,8 @@ pub struct Config {
     /// The file that was read, if any.
     pub source: Option<PathBuf>,
     pub database: DatabaseConfig,
+    pub delivery: DeliveryConfig,
+    pub retry: RetryPolicy,
     pub log: LogConfig,
 }
 
@@ -61,6 +65,26 @@ pub struct DatabaseConfig {
     /// Connection settings, password included (its `Debug` redacts it).
     pub pg: tokio_postgres::Config,
     pub connect_timeout: Duration,
+    /// Pooled connections for claiming and recording (LISTEN has its own).
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryConfig {
+    /// Deliveries in flight at once, per instance.
+    pub concurrency: usize,
+    /// Longest wait between two looks for due events when no NOTIFY comes.
+    pub poll_interval: Duration,
+    /// TCP connect to the receiver.
+    pub connect_timeout: Duration,
+    /// One whole attempt: connect, TLS, request, response head and body.
+    pub request_timeout: Duration,
+    /// How long a claimed event stays reserved for this instance.
+    pub lease: Duration,
+    /// Response bodies are read up to this many bytes; the rest is dropped.
+    pub max_response_bytes: usize,
+    /// On SIGTERM, how long in-flight deliveries may take to finish.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +108,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub database: RawDatabase,
     #[serde(default)]
+    pub delivery: RawDelivery,
+    #[serde(default)]
+    pub retry: RawRetry,
+    #[serde(default)]
     pub log: RawLog,
 }
 
@@ -94,6 +122,7 @@ pub struct RawDatabase {
     pub password: Option<String>,
     pub password_file: Option<PathBuf>,
     pub connect_timeout: Option<String>,
+    pub pool_size: Option<u32>,
 }
 
 // Hand-written so that neither the URL (which may carry a password) nor the
@@ -105,8 +134,32 @@ impl fmt::Debug for RawDatabase {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("password_file", &self.password_file)
             .field("connect_timeout", &self.connect_timeout)
+            .field("pool_size", &self.pool_size)
             .finish()
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDelivery {
+    pub concurrency: Option<u32>,
+    pub poll_interval: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub request_timeout: Option<String>,
+    pub lease: Option<String>,
+    pub max_response_bytes: Option<u64>,
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub base_delay: Option<String>,
+    pub max_delay: Option<String>,
+    pub max_attempts: Option<u32>,
+    pub max_age: Option<String>,
+    pub max_retry_after: Option<String>,
+    pub jitter: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -119,6 +172,8 @@ pub struct RawLog {
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 const DEFAULT_LOG_LEVEL: &str = "info";
+const DEFAULT_POOL_SIZE: u32 = 4;
+const DEFAULT_CONCURRENCY: u32 = 64;
 
 /// One thing wrong with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,13 +258,19 @@ impl RawConfig {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
         let database = self.database.validate(&mut problems);
+        let delivery = self.delivery.validate(&mut problems);
+        let retry = self.retry.validate(&mut problems);
         let log = self.log.validate(&mut problems);
-        match (database, log) {
-            (Some(database), Some(log)) if problems.is_empty() => Ok(Config {
-                source: None,
-                database,
-                log,
-            }),
+        match (database, delivery, retry, log) {
+            (Some(database), Some(delivery), Some(retry), Some(log)) if problems.is_empty() => {
+                Ok(Config {
+                    source: None,
+                    database,
+                    delivery,
+                    retry,
+                    log,
+                })
+            }
             _ => Err(ConfigError::Invalid(problems)),
         }
     }
@@ -255,6 +316,13 @@ impl RawDatabase {
             self.connect_timeout.as_deref(),
             DEFAULT_CONNECT_TIMEOUT,
         );
+        let pool_size = in_range(
+            problems,
+            "database.pool_size",
+            self.pool_size.unwrap_or(DEFAULT_POOL_SIZE),
+            2,
+            1000,
+        );
 
         let password = match (self.password, self.password_file) {
             (Some(_), Some(_)) => {
@@ -286,6 +354,156 @@ impl RawDatabase {
         Some(DatabaseConfig {
             pg,
             connect_timeout,
+            pool_size: pool_size? as usize,
+        })
+    }
+}
+
+impl RawDelivery {
+    fn validate(self, problems: &mut Vec<Problem>) -> Option<DeliveryConfig> {
+        let concurrency = in_range(
+            problems,
+            "delivery.concurrency",
+            self.concurrency.unwrap_or(DEFAULT_CONCURRENCY),
+            1,
+            10_000,
+        );
+        let poll_interval = duration(
+            problems,
+            "delivery.poll_interval",
+            self.poll_interval.as_deref(),
+            "1s",
+        );
+        let connect_timeout = duration(
+            problems,
+            "delivery.connect_timeout",
+            self.connect_timeout.as_deref(),
+            "5s",
+        );
+        let request_timeout = duration(
+            problems,
+            "delivery.request_timeout",
+            self.request_timeout.as_deref(),
+            "10s",
+        );
+        let lease = duration(problems, "delivery.lease", self.lease.as_deref(), "60s");
+        let max_response_bytes = in_range(
+            problems,
+            "delivery.max_response_bytes",
+            self.max_response_bytes.unwrap_or(64 * 1024),
+            1024,
+            16 * 1024 * 1024,
+        );
+        let drain_timeout = duration(
+            problems,
+            "delivery.drain_timeout",
+            self.drain_timeout.as_deref(),
+            "20s",
+        );
+        if let (Some(lease), Some(request_timeout)) = (lease, request_timeout) {
+            let least = min_lease(request_timeout);
+            if lease < least {
+                problem(
+                    problems,
+                    "delivery.lease",
+                    format!(
+                        "must be at least 2 x delivery.request_timeout + 10s ({}), so that a slow \
+                         delivery is recorded before its lease runs out and another instance \
+                         sends the event again",
+                        humantime::format_duration(least)
+                    ),
+                );
+            }
+        }
+        if let (Some(connect), Some(request)) = (connect_timeout, request_timeout) {
+            if connect > request {
+                problem(
+                    problems,
+                    "delivery.connect_timeout",
+                    "must not be longer than delivery.request_timeout, which includes it",
+                );
+            }
+        }
+        Some(DeliveryConfig {
+            concurrency: concurrency? as usize,
+            poll_interval: poll_interval?,
+            connect_timeout: connect_timeout?,
+            request_timeout: request_timeout?,
+            lease: lease?,
+            max_response_bytes: max_response_bytes? as usize,
+            drain_timeout: drain_timeout?,
+        })
+    }
+}
+
+/// The shortest lease accepted for a request timeout: two full attempts'
+/// worth plus 10 s for recording the outcome, so a lease only runs out when
+/// its daemon is really gone.
+pub fn min_lease(request_timeout: Duration) -> Duration {
+    request_timeout * 2 + Duration::from_secs(10)
+}
+
+impl RawRetry {
+    fn validate(self, problems: &mut Vec<Problem>) -> Option<RetryPolicy> {
+        let defaults = RetryPolicy::default();
+        let base_delay = duration_or(
+            problems,
+            "retry.base_delay",
+            self.base_delay.as_deref(),
+            defaults.base_delay,
+        );
+        let max_delay = duration_or(
+            problems,
+            "retry.max_delay",
+            self.max_delay.as_deref(),
+            defaults.max_delay,
+        );
+        let max_attempts = in_range(
+            problems,
+            "retry.max_attempts",
+            self.max_attempts.unwrap_or(defaults.max_attempts),
+            1,
+            1000,
+        );
+        let max_age = duration_or(
+            problems,
+            "retry.max_age",
+            self.max_age.as_deref(),
+            defaults.max_age,
+        );
+        let max_retry_after = duration_or(
+            problems,
+            "retry.max_retry_after",
+            self.max_retry_after.as_deref(),
+            defaults.max_retry_after,
+        );
+        let jitter = match self.jitter.unwrap_or(defaults.jitter) {
+            j if (0.0..=1.0).contains(&j) => Some(j),
+            j => {
+                problem(
+                    problems,
+                    "retry.jitter",
+                    format!("must be between 0.0 and 1.0 (a fraction of the delay), got {j}"),
+                );
+                None
+            }
+        };
+        if let (Some(base), Some(max)) = (base_delay, max_delay) {
+            if base > max {
+                problem(
+                    problems,
+                    "retry.base_delay",
+                    "must not be longer than retry.max_delay",
+                );
+            }
+        }
+        Some(RetryPolicy {
+            base_delay: base_delay?,
+            max_delay: max_delay?,
+            max_attempts: max_attempts?,
+            max_age: max_age?,
+            max_retry_after: max_retry_after?,
+            jitter: jitter?,
         })
     }
 }
@@ -333,6 +551,36 @@ fn problem(problems: &mut Vec<Problem>, key: &str, message: impl Into<String>) {
         key: key.to_string(),
         message: message.into(),
     });
+}
+
+/// A number within bounds, inclusive.
+fn in_range<T>(problems: &mut Vec<Problem>, key: &str, value: T, min: T, max: T) -> Option<T>
+where
+    T: PartialOrd + fmt::Display + Copy,
+{
+    if value < min || value > max {
+        problem(
+            problems,
+            key,
+            format!("must be between {min} and {max}, got {value}"),
+        );
+        None
+    } else {
+        Some(value)
+    }
+}
+
+/// Like [`duration`], with a `Duration` default.
+fn duration_or(
+    problems: &mut Vec<Problem>,
+    key: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Option<Duration> {
+    match value {
+        Some(_) => duration(problems, key, value, ""),
+        None => Some(default),
+    }
 }
 
 /// Parses a humantime duration ("500ms", "5s", "1m 30s"), which must be

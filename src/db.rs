@@ -88,3 +88,30 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         None => e.to_string(),
     }
 }
+
+/// The connection pool for claiming and recording. Connections are opened
+/// lazily, so building it never fails on an unreachable database; the first
+/// `get()` does, after at most twice the connect timeout.
+pub fn pool(config: &DatabaseConfig) -> deadpool_postgres::Pool {
+    use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+    let manager = Manager::from_config(
+        config.pg.clone(),
+        NoTls,
+        ManagerConfig {
+            // Fast: a broken connection shows up as an error on use and is
+            // then dropped; a test query before every checkout would add a
+            // round trip to every claim.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.pool_size)
+        .runtime(Runtime::Tokio1)
+        .timeouts(Timeouts {
+            wait: Some(config.connect_timeout * 2),
+            create: Some(config.connect_timeout * 2),
+            recycle: Some(config.connect_timeout),
+        })
+        .build()
+        .expect("a pool with a runtime and timeouts builds")
+}

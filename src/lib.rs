@@ -3,6 +3,15 @@
 //! Map of the crate:
 //!
 //! - [`cli`]: the subcommands and their exit codes.
+//! - [`engine`]: `outboxd run`, the loop that ties the delivery roles together:
+//!   - [`listen`]: LISTEN/NOTIFY wake-ups (a hint; polling is the truth);
+//!   - [`claim`]: leasing due events with `sql/queries/claim.sql`;
+//!   - [`webhook`]: building the request, the exact documented body;
+//!   - [`deliver`]: the HTTP(S) client, deadlines and body cap;
+//!   - [`classify`]: judging the receiver's answer (pure);
+//!   - [`backoff`]: when to retry (pure);
+//!   - [`record`]: the next state of each event, written in fenced batches
+//!     with `sql/queries/record.sql`.
 //! - [`config`]: figment loading and validation of `config.toml` and
 //!   `OUTBOXD_…` variables; secrets as [`config::Secret`].
 //! - [`db`]: connections, and PostgreSQL errors as readable text.
@@ -13,8 +22,16 @@
 //! The SQL contract with the sales application (tables, states, enqueue
 //! functions) lives in `sql/migrations/` and is documented in the README.
 
+pub mod backoff;
+pub mod claim;
+pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod deliver;
+pub mod engine;
+pub mod listen;
 pub mod logging;
 pub mod migrate;
+pub mod record;
+pub mod webhook;

@@ -1,6 +1,8 @@
 //! Log output: human-readable text by default, JSON lines on request, to
 //! stderr. `RUST_LOG`, when set, overrides `log.level`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -17,8 +19,10 @@ pub fn init(config: &LogConfig) {
         }
         _ => EnvFilter::new(&config.level),
     };
+    // Colours only for a person at a terminal, not in journald or a file.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match config.format {
         LogFormat::Text => builder.try_init(),

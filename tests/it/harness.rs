@@ -244,3 +244,121 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// `outboxd run` as a child process, its stderr collected line by line.
+pub struct Daemon {
+    child: tokio::process::Child,
+    lines: tokio::sync::watch::Receiver<Vec<String>>,
+}
+
+impl Daemon {
+    /// Starts `outboxd run` on `db` with extra `OUTBOXD_…` settings and
+    /// waits until it is delivering and listening.
+    pub async fn start(db: &TestDb, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = db.outboxd();
+        cmd.arg("run")
+            .env("RUST_LOG", "outboxd=debug,info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
+        let mut child = cmd.spawn().expect("starting outboxd run");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut reader = tokio::io::BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if std::env::var_os("OUTBOXD_TEST_ECHO").is_some() {
+                    eprintln!("[outboxd] {line}");
+                }
+                tx.send_modify(|lines| lines.push(line));
+            }
+        });
+        let daemon = Daemon { child, lines: rx };
+        daemon
+            .wait_for_log("listening for NOTIFY", std::time::Duration::from_secs(20))
+            .await;
+        daemon
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("still running") as i32
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.lines.borrow().clone()
+    }
+
+    /// Waits for a log line containing `needle`; panics with the log after
+    /// `timeout`.
+    pub async fn wait_for_log(&self, needle: &str, timeout: std::time::Duration) -> String {
+        let mut lines = self.lines.clone();
+        let found = tokio::time::timeout(timeout, async {
+            loop {
+                if let Some(line) = lines
+                    .borrow_and_update()
+                    .iter()
+                    .find(|l| l.contains(needle))
+                {
+                    return line.clone();
+                }
+                if lines.changed().await.is_err() {
+                    // stderr closed: the process ended without that line.
+                    return String::new();
+                }
+            }
+        })
+        .await;
+        match found {
+            Ok(line) if !line.is_empty() => line,
+            _ => panic!(
+                "no log line with {needle:?} within {timeout:?}; log:\n{}",
+                self.log().join("\n")
+            ),
+        }
+    }
+
+    /// Sends a signal (libc::SIGTERM, SIGKILL, …).
+    pub fn signal(&self, signal: i32) {
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
+    }
+
+    /// Waits for the process to exit; panics after `timeout`.
+    pub async fn wait(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(status) => status.unwrap(),
+            Err(_) => panic!(
+                "outboxd did not exit within {timeout:?}; log:\n{}",
+                self.log().join("\n")
+            ),
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub async fn stop(mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait(std::time::Duration::from_secs(30)).await
+    }
+}
+
+/// Re-checks `condition` every 20 ms until it holds; panics after `timeout`
+/// with `what`. For database states that nothing signals (rows marked by
+/// another process).
+pub async fn eventually<F, Fut>(what: &str, timeout: std::time::Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}

@@ -6,5 +6,7 @@
 //! databases; `scripts/test` provides one when none answers.
 
 mod cli;
+mod delivery;
 mod harness;
+mod receiver;
 mod sql_contract;

@@ -1,0 +1,55 @@
+-- record: write the outcomes of a group of finished deliveries in one round
+-- trip, and log one attempt row each.
+--
+-- Every event update is fenced: it applies only while the row is still leased
+-- at the attempt number this delivery claimed. If the lease ran out and
+-- another instance claimed the event again (attempts moved on), this outcome
+-- is discarded rather than overwriting the newer one, so an event is marked
+-- delivered or failed exactly once. The ids that were marked are returned.
+--
+--  $1 uuid[]        event ids
+--  $2 int[]         attempt numbers (the fence)
+--  $3 text[]        new state: delivered | failed | pending (retry)
+--  $4 bigint[]      retry delay in ms, for pending
+--  $5 text[]        what the external system said (NULL: nothing new)
+--  $6 text[]        last_error (NULL when delivered)
+--  $7 timestamptz[] attempt start
+--  $8 int[]         attempt duration in ms
+--  $9 smallint[]    HTTP status (NULL: no answer)
+-- $10 text[]        attempt outcome: success | rejected | retryable | permanent | no_endpoint
+-- $11 text[]        attempt message: the external message, else the error
+-- $12 text          this instance's name
+WITH outcome AS (
+    SELECT *
+      FROM unnest($1::uuid[], $2::int[], $3::text[], $4::bigint[], $5::text[], $6::text[],
+                  $7::timestamptz[], $8::int[], $9::smallint[], $10::text[], $11::text[])
+           AS o(id, attempt, state, retry_in_ms, response_message, last_error,
+                started_at, duration_ms, http_status, attempt_outcome, attempt_message)
+), marked AS (
+    UPDATE outbox.events AS e
+       SET state = o.state,
+           lease_owner = NULL,
+           next_attempt_at = CASE WHEN o.state = 'pending'
+                                  THEN now() + o.retry_in_ms * interval '1 millisecond'
+                                  ELSE e.next_attempt_at END,
+           delivered_at = CASE WHEN o.state = 'delivered' THEN now() END,
+           response_message = CASE WHEN o.state = 'delivered' OR o.response_message IS NOT NULL
+                                   THEN o.response_message
+                                   ELSE e.response_message END,
+           last_error = o.last_error
+      FROM outcome AS o
+     WHERE e.id = o.id
+       AND e.state = 'leased'
+       AND e.attempts = o.attempt
+ RETURNING e.id
+), logged AS (
+    -- Logged even when the fence refused the update: the request was made.
+    INSERT INTO outbox.attempts (event_id, attempt, started_at, duration_ms, http_status,
+                                 outcome, message, lease_owner)
+    SELECT o.id, o.attempt, o.started_at, o.duration_ms, o.http_status,
+           o.attempt_outcome, o.attempt_message, $12
+      FROM outcome AS o
+     WHERE EXISTS (SELECT 1 FROM outbox.events AS e WHERE e.id = o.id)
+        ON CONFLICT (event_id, attempt) DO NOTHING
+)
+SELECT id FROM marked

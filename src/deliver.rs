@@ -1,0 +1,184 @@
+//! Sending one webhook over HTTP(S) and reading the answer, within bounds:
+//! one deadline for the whole attempt, a cap on the response body, no
+//! redirects followed.
+//!
+//! The client is hyper-util's pooled client, so consecutive deliveries to the
+//! same receiver reuse kept-alive connections instead of paying a TCP (and
+//! TLS) handshake each.
+
+use std::error::Error as StdError;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
+use hyper_tls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::DeliveryConfig;
+use crate::webhook::{self, Webhook};
+
+/// Idle keep-alive connections are closed after this long. Receivers behind
+/// load balancers commonly drop idle connections after 60 s or more; closing
+/// ours first avoids sending into a connection the other side is closing.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+
+/// What one attempt produced.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    pub started_at: SystemTime,
+    pub duration: Duration,
+    pub result: Result<HttpAnswer, TransportError>,
+}
+
+/// An HTTP response, its body read up to the cap.
+#[derive(Debug, Clone)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub body: Bytes,
+    pub truncated: bool,
+}
+
+/// No (complete) HTTP response: refused, reset, timed out, TLS failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportError {
+    pub reason: String,
+}
+
+/// The shared HTTP client.
+#[derive(Clone)]
+pub struct Deliverer {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    request_timeout: Duration,
+    max_response_bytes: usize,
+}
+
+impl Deliverer {
+    pub fn new(config: &DeliveryConfig) -> Deliverer {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(config.connect_timeout));
+        http.set_nodelay(true);
+        // Let the TLS layer see https:// URIs (the plain connector refuses
+        // them otherwise).
+        http.enforce_http(false);
+        let https = HttpsConnector::new_with_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .pool_max_idle_per_host(config.concurrency)
+            .build(https);
+        Deliverer {
+            client,
+            request_timeout: config.request_timeout,
+            max_response_bytes: config.max_response_bytes,
+        }
+    }
+
+    /// Sends `webhook` once. Never fails: every problem is in the result.
+    pub async fn send(&self, webhook: &Webhook) -> Sent {
+        let started_at = SystemTime::now();
+        let clock = Instant::now();
+        // One deadline around everything: the connector's timeout covers the
+        // TCP connect only, not TLS, the response head or a dripping body.
+        let result = match tokio::time::timeout(self.request_timeout, self.exchange(webhook)).await
+        {
+            Ok(result) => result,
+            Err(_) => Err(TransportError {
+                reason: format!(
+                    "timed out after {}",
+                    humantime::format_duration(self.request_timeout)
+                ),
+            }),
+        };
+        Sent {
+            started_at,
+            duration: clock.elapsed(),
+            result,
+        }
+    }
+
+    async fn exchange(&self, webhook: &Webhook) -> Result<HttpAnswer, TransportError> {
+        let mut request = Request::post(webhook.uri.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(USER_AGENT, HeaderValue::from_static(webhook::USER_AGENT));
+        let id = HeaderValue::from_str(&webhook.event_id.to_string())
+            .expect("a UUID is a valid header value");
+        request = request
+            .header("idempotency-key", id.clone())
+            .header("webhook-id", id);
+        if let Some(auth) = &webhook.authorization {
+            request = request.header(AUTHORIZATION, auth.clone());
+        }
+        let request =
+            request
+                .body(Full::new(webhook.body.clone()))
+                .map_err(|e| TransportError {
+                    reason: format!("building the request: {e}"),
+                })?;
+
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| TransportError { reason: chain(&e) })?;
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let (body, truncated) = read_capped(response.into_body(), self.max_response_bytes)
+            .await
+            .map_err(|e| TransportError {
+                reason: format!("reading the response body: {}", chain(&e)),
+            })?;
+        Ok(HttpAnswer {
+            status,
+            retry_after,
+            body,
+            truncated,
+        })
+    }
+}
+
+/// Reads at most `cap` bytes of a body. When more comes, stops reading and
+/// drops the rest (the connection is then not reused): a receiver cannot make
+/// the daemon buffer an unbounded answer.
+async fn read_capped<B>(mut body: B, cap: usize) -> Result<(Bytes, bool), B::Error>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+{
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue; // trailers
+        };
+        let room = cap - buf.len();
+        if data.len() > room {
+            buf.extend_from_slice(&data[..room]);
+            return Ok((buf.freeze(), true));
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok((buf.freeze(), false))
+}
+
+/// An error and its causes as one line ("client error (Connect): tcp
+/// connect error: Connection refused (os error 111)").
+fn chain(e: &dyn StdError) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,362 @@
+//! `outboxd run`: the delivery loop that ties the pieces together.
+//!
+//! ```text
+//! LISTEN/poll ─► claim (batch ≤ free slots, lease) ─► deliver (one task per event)
+//!                                                        │ judge, decide
+//!                        record (batched, fenced) ◄──────┘ bounded channel
+//! ```
+//!
+//! The loop claims only as many events as it has free delivery slots, so a
+//! claimed event starts at once and never waits out its lease in a queue.
+//! Shutdown has two phases: stop claiming, then let in-flight deliveries
+//! finish and be recorded within `delivery.drain_timeout`. What is still
+//! running then is abandoned; its lease expires and an instance delivers it
+//! again, with the same idempotency key.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::RetryPolicy;
+use crate::claim::{self, ClaimedEvent};
+use crate::classify::{self, Answer, Verdict};
+use crate::config::Config;
+use crate::deliver::Deliverer;
+use crate::migrate::{self, SchemaState};
+use crate::record::{self, AttemptKind, Outcome};
+use crate::{db, listen, webhook};
+
+/// Largest claim, whatever the concurrency: one statement locking thousands
+/// of rows would hold its locks (and other instances' SKIP LOCKED scans) for
+/// longer than several smaller claims.
+const MAX_CLAIM_BATCH: usize = 500;
+
+/// Wait after a failed claim before the next, so a database outage does not
+/// turn into a tight error loop.
+const CLAIM_ERROR_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Time allowed for the last outcomes to be written after the drain.
+const FINAL_RECORD_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("checking the database schema at start-up: {0}")]
+    Startup(String),
+    #[error(
+        "the outbox schema is at version {database}, this binary needs {binary}; run `outboxd migrate`"
+    )]
+    Schema { database: i32, binary: i32 },
+    #[error("{0}")]
+    SchemaCheck(#[from] migrate::MigrateError),
+}
+
+/// What shutdown left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// Deliveries still running at the drain deadline, abandoned to their
+    /// leases.
+    pub abandoned: usize,
+}
+
+/// Shared by the loop and every delivery task.
+struct Shared {
+    deliverer: Deliverer,
+    retry: RetryPolicy,
+    outcomes: mpsc::Sender<Outcome>,
+}
+
+/// Runs until `shutdown` is cancelled, then drains.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary, EngineError> {
+    let owner = instance_name();
+    let pool = db::pool(&config.database);
+    check_schema(&pool).await?;
+
+    let wake = Arc::new(Notify::new());
+    let listening = Arc::new(AtomicBool::new(false));
+    let listener_stop = CancellationToken::new();
+    let listener = tokio::spawn(listen::run(
+        config.database.pg.clone(),
+        wake.clone(),
+        listening.clone(),
+        listener_stop.clone(),
+    ));
+
+    // Twice the slots: deliveries finishing together queue briefly while the
+    // recorder writes the previous group, and beyond that they wait, which
+    // holds back new claims while the database is slow.
+    let (outcomes_tx, outcomes_rx) = mpsc::channel(config.delivery.concurrency * 2);
+    let recorder = tokio::spawn(record::run(pool.clone(), owner.clone(), outcomes_rx));
+    let shared = Arc::new(Shared {
+        deliverer: Deliverer::new(&config.delivery),
+        retry: config.retry.clone(),
+        outcomes: outcomes_tx,
+    });
+    let slots = Arc::new(Semaphore::new(config.delivery.concurrency));
+    let mut tasks = JoinSet::new();
+    tracing::info!(
+        owner,
+        concurrency = config.delivery.concurrency,
+        poll_interval = ?config.delivery.poll_interval,
+        "outboxd is delivering"
+    );
+
+    'serve: loop {
+        // Claim until a claim comes back short (nothing more is due) or
+        // shutdown; with every slot busy, wait for one to free up.
+        loop {
+            reap(&mut tasks);
+            let permits = tokio::select! {
+                _ = shutdown.cancelled() => break 'serve,
+                permits = free_slots(&slots) => permits,
+            };
+            let wanted = permits.num_permits();
+            let claimed = {
+                let client = match pool.get().await {
+                    Ok(client) => client,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "no database connection for claiming");
+                        pause(&shutdown, CLAIM_ERROR_BACKOFF).await;
+                        break;
+                    }
+                };
+                claim::claim(&**client, wanted, &owner, config.delivery.lease).await
+            };
+            let events = match claimed {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claim failed");
+                    pause(&shutdown, CLAIM_ERROR_BACKOFF).await;
+                    break;
+                }
+            };
+            let got = events.len();
+            let mut permits = permits;
+            for event in events {
+                let permit = permits.split(1).expect("one permit per claimed event");
+                tasks.spawn(deliver_one(event, shared.clone(), permit));
+            }
+            drop(permits);
+            if got < wanted {
+                break;
+            }
+        }
+
+        let poll = jittered(config.delivery.poll_interval);
+        tokio::select! {
+            _ = shutdown.cancelled() => break 'serve,
+            _ = wake.notified() => tracing::trace!("woken by NOTIFY"),
+            _ = tokio::time::sleep(poll) => tracing::trace!("poll tick"),
+        }
+    }
+
+    // Phase two: no more claims; let what runs finish.
+    listener_stop.cancel();
+    reap(&mut tasks);
+    let in_flight = tasks.len();
+    tracing::info!(in_flight, deadline = ?config.delivery.drain_timeout, "shutting down: finishing in-flight deliveries");
+    let drain_started = Instant::now();
+    let drained = tokio::time::timeout(config.delivery.drain_timeout, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    let abandoned = if drained.is_err() {
+        let left = tasks.len();
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        tracing::warn!(
+            abandoned = left,
+            "drain deadline passed; abandoned deliveries are retried when their leases expire"
+        );
+        left
+    } else {
+        0
+    };
+    // The channel closes when the last task's sender is gone; the recorder
+    // then writes what is queued and stops.
+    drop(shared);
+    if tokio::time::timeout(FINAL_RECORD_TIMEOUT, recorder)
+        .await
+        .is_err()
+    {
+        tracing::warn!("could not record the last outcomes in time; their leases will expire");
+    }
+    let _ = listener.await;
+    tracing::info!(
+        drained_in = ?drain_started.elapsed(),
+        abandoned,
+        "outboxd stopped"
+    );
+    Ok(Summary { abandoned })
+}
+
+/// Collects finished delivery tasks. A panic there is a bug; the event's
+/// lease brings it back, so the daemon logs it and goes on.
+fn reap(tasks: &mut JoinSet<()>) {
+    while let Some(result) = tasks.try_join_next() {
+        if let Err(e) = result {
+            if e.is_panic() {
+                tracing::error!(error = %e, "a delivery task panicked; its event is retried after its lease");
+            }
+        }
+    }
+}
+
+async fn check_schema(pool: &deadpool_postgres::Pool) -> Result<(), EngineError> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| EngineError::Startup(e.to_string()))?;
+    match migrate::status(&client).await? {
+        SchemaState::Current { .. } => Ok(()),
+        SchemaState::Behind { database, binary } => Err(EngineError::Schema { database, binary }),
+    }
+}
+
+/// Waits for at least one free slot, then takes every free one (up to
+/// [`MAX_CLAIM_BATCH`]). Only the loop acquires, so what it saw free stays
+/// free until it takes it.
+async fn free_slots(slots: &Arc<Semaphore>) -> OwnedSemaphorePermit {
+    let free = slots.available_permits().clamp(1, MAX_CLAIM_BATCH);
+    slots
+        .clone()
+        .acquire_many_owned(free as u32)
+        .await
+        .expect("the semaphore is never closed")
+}
+
+async fn pause(shutdown: &CancellationToken, how_long: Duration) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(how_long) => {}
+    }
+}
+
+/// The poll interval ±10%, so instances started together do not poll in
+/// lockstep.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + fastrand::f64() * 0.2)
+}
+
+/// One event: send it (or find why it cannot be sent), judge the answer,
+/// hand the outcome to the recorder. The slot is released only once the
+/// recorder has accepted the outcome.
+async fn deliver_one(event: ClaimedEvent, shared: Arc<Shared>, slot: OwnedSemaphorePermit) {
+    let outcome = attempt(&event, &shared).await;
+    log_outcome(&event, &outcome);
+    // Fails only if the recorder is gone, i.e. at the very end of a
+    // shutdown; the lease then brings the event back.
+    let _ = shared.outcomes.send(outcome).await;
+    drop(slot);
+}
+
+async fn attempt(event: &ClaimedEvent, shared: &Shared) -> Outcome {
+    // Claims count attempts, so an event whose deliveries keep dying with
+    // their daemon (leases running out) stops here instead of looping.
+    if event.attempt as u32 > shared.retry.max_attempts {
+        return record::not_sent(
+            event,
+            AttemptKind::Permanent,
+            format!(
+                "gave up after {} attempts without a recorded outcome (leases ran out)",
+                event.attempt - 1
+            ),
+        );
+    }
+    let Some(endpoint) = &event.endpoint else {
+        return record::not_sent(
+            event,
+            AttemptKind::NoEndpoint,
+            format!(
+                "no endpoint configured for company {} and event type {}",
+                event.company_id, event.event_type
+            ),
+        );
+    };
+    if !endpoint.enabled {
+        return record::not_sent(
+            event,
+            AttemptKind::NoEndpoint,
+            format!(
+                "the endpoint of company {} for {} is disabled",
+                event.company_id, event.event_type
+            ),
+        );
+    }
+    let request = match webhook::build(event, endpoint) {
+        Ok(request) => request,
+        Err(e) => return record::not_sent(event, AttemptKind::Permanent, e.to_string()),
+    };
+    let sent = shared.deliverer.send(&request).await;
+    let (verdict, status) = match &sent.result {
+        Ok(answer) => (
+            classify::classify(
+                &Answer {
+                    status: answer.status,
+                    retry_after: answer.retry_after.as_deref(),
+                    body: &answer.body,
+                    body_truncated: answer.truncated,
+                },
+                SystemTime::now(),
+            ),
+            Some(answer.status),
+        ),
+        Err(e) => (
+            Verdict::Retry {
+                reason: e.reason.clone(),
+                message: None,
+                retry_after: None,
+            },
+            None,
+        ),
+    };
+    record::decide(
+        event,
+        verdict,
+        sent.started_at,
+        sent.duration,
+        status,
+        &shared.retry,
+        fastrand::f64(),
+    )
+}
+
+fn log_outcome(event: &ClaimedEvent, outcome: &Outcome) {
+    let next = match outcome.next {
+        record::NextState::Delivered => "delivered",
+        record::NextState::Failed => "failed",
+        record::NextState::Retry(_) => "retry",
+    };
+    let retry_in = match outcome.next {
+        record::NextState::Retry(d) => Some(humantime::format_duration(d).to_string()),
+        _ => None,
+    };
+    tracing::info!(
+        event_id = %event.id,
+        company_id = event.company_id,
+        event_type = %event.event_type,
+        attempt = event.attempt,
+        outcome = outcome.kind.as_str(),
+        next,
+        retry_in,
+        http_status = outcome.http_status,
+        duration_ms = outcome.duration.as_millis() as u64,
+        error = outcome.error.as_deref(),
+        "delivery"
+    );
+}
+
+/// `host:pid:xxxx`, stored as `lease_owner` so a DBA can tell which
+/// instance holds a lease. The random suffix tells apart two lives of one pid
+/// (containers all run as pid 1).
+pub fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string());
+    format!("{host}:{}:{:04x}", std::process::id(), fastrand::u16(..))
+}

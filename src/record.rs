@@ -1,0 +1,384 @@
+//! Marking events: what a finished delivery means for its row
+//! ([`decide`]), and writing the outcomes of many deliveries in one fenced
+//! round trip (`sql/queries/record.sql`).
+
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use crate::backoff::{GiveUpReason, Next, RetryPolicy};
+use crate::claim::ClaimedEvent;
+use crate::classify::{MAX_MESSAGE_CHARS, Verdict, truncate_chars};
+use crate::db;
+
+const RECORD_SQL: &str = include_str!("../sql/queries/record.sql");
+
+/// Outcomes written per round trip at most. Under load the recorder takes
+/// whatever has queued up to this; 500 rows of arrays stay well below any
+/// statement-size concern and keep one round trip under a few milliseconds.
+pub const MAX_RECORD_BATCH: usize = 500;
+
+/// The event's next state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextState {
+    Delivered,
+    Failed,
+    /// Back to pending, due after this delay.
+    Retry(Duration),
+}
+
+/// How one attempt went, as logged in `outbox.attempts.outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptKind {
+    Success,
+    Rejected,
+    Retryable,
+    Permanent,
+    NoEndpoint,
+}
+
+impl AttemptKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptKind::Success => "success",
+            AttemptKind::Rejected => "rejected",
+            AttemptKind::Retryable => "retryable",
+            AttemptKind::Permanent => "permanent",
+            AttemptKind::NoEndpoint => "no_endpoint",
+        }
+    }
+}
+
+/// Everything to write for one finished delivery attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub event_id: Uuid,
+    /// The claimed attempt number: the fence.
+    pub attempt: i32,
+    pub next: NextState,
+    pub kind: AttemptKind,
+    /// What the external system said, if it said anything.
+    pub response_message: Option<String>,
+    /// Why it did not succeed (None on success).
+    pub error: Option<String>,
+    pub started_at: SystemTime,
+    pub duration: Duration,
+    pub http_status: Option<u16>,
+}
+
+/// What a delivery that was never sent means: no usable endpoint, a payload
+/// that cannot be built, retries already spent. Final, so it is not retried
+/// in a loop.
+pub fn not_sent(event: &ClaimedEvent, kind: AttemptKind, error: String) -> Outcome {
+    Outcome {
+        event_id: event.id,
+        attempt: event.attempt,
+        next: NextState::Failed,
+        kind,
+        response_message: None,
+        error: Some(truncate_chars(&error, MAX_MESSAGE_CHARS)),
+        started_at: SystemTime::now(),
+        duration: Duration::ZERO,
+        http_status: None,
+    }
+}
+
+/// Turns a judged attempt into the row's next state, applying the retry
+/// policy. `unit` is a random number in [0, 1) for jitter.
+pub fn decide(
+    event: &ClaimedEvent,
+    verdict: Verdict,
+    started_at: SystemTime,
+    duration: Duration,
+    http_status: Option<u16>,
+    policy: &RetryPolicy,
+    unit: f64,
+) -> Outcome {
+    let (next, kind, response_message, error) = match verdict {
+        Verdict::Delivered { message } => {
+            (NextState::Delivered, AttemptKind::Success, message, None)
+        }
+        Verdict::Rejected { message } => (
+            NextState::Failed,
+            AttemptKind::Rejected,
+            message,
+            Some("rejected by the external system (status 0)".to_string()),
+        ),
+        Verdict::Permanent { reason, message } => (
+            NextState::Failed,
+            AttemptKind::Permanent,
+            message,
+            Some(reason),
+        ),
+        Verdict::Retry {
+            reason,
+            message,
+            retry_after,
+        } => {
+            let attempts = event.attempt.max(1) as u32;
+            match policy.next(attempts, event.age, retry_after, unit) {
+                Next::RetryIn(delay) => (
+                    NextState::Retry(delay),
+                    AttemptKind::Retryable,
+                    message,
+                    Some(reason),
+                ),
+                Next::GiveUp(GiveUpReason::MaxAttempts) => (
+                    NextState::Failed,
+                    AttemptKind::Retryable,
+                    message,
+                    Some(format!("gave up after {attempts} attempts; last: {reason}")),
+                ),
+                Next::GiveUp(GiveUpReason::MaxAge) => (
+                    NextState::Failed,
+                    AttemptKind::Retryable,
+                    message,
+                    Some(format!(
+                        "gave up: the next retry would come more than {} after the event was created; last: {reason}",
+                        humantime::format_duration(policy.max_age)
+                    )),
+                ),
+            }
+        }
+    };
+    Outcome {
+        event_id: event.id,
+        attempt: event.attempt,
+        next,
+        kind,
+        response_message,
+        error: error.map(|e| truncate_chars(&e, MAX_MESSAGE_CHARS)),
+        started_at,
+        duration,
+        http_status,
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("recording delivery outcomes: {0}")]
+pub struct RecordError(pub String);
+
+/// Writes `outcomes` in one statement. Returns the ids whose rows were
+/// marked; the others had lost their lease and were left alone.
+pub async fn write(
+    client: &impl GenericClient,
+    owner: &str,
+    outcomes: &[Outcome],
+) -> Result<Vec<Uuid>, RecordError> {
+    let n = outcomes.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut retry_ms = Vec::with_capacity(n);
+    let mut messages = Vec::with_capacity(n);
+    let mut errors = Vec::with_capacity(n);
+    let mut started = Vec::with_capacity(n);
+    let mut durations = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut attempt_messages = Vec::with_capacity(n);
+    for o in outcomes {
+        ids.push(o.event_id);
+        attempts.push(o.attempt);
+        let (state, delay) = match o.next {
+            NextState::Delivered => ("delivered", None),
+            NextState::Failed => ("failed", None),
+            NextState::Retry(d) => ("pending", Some(d.as_millis().min(i64::MAX as u128) as i64)),
+        };
+        states.push(state);
+        retry_ms.push(delay);
+        messages.push(o.response_message.as_deref());
+        errors.push(o.error.as_deref());
+        started.push(o.started_at);
+        durations.push(o.duration.as_millis().min(i32::MAX as u128) as i32);
+        statuses.push(o.http_status.map(|s| s as i16));
+        kinds.push(o.kind.as_str());
+        attempt_messages.push(o.response_message.as_deref().or(o.error.as_deref()));
+    }
+    let rows = client
+        .query(
+            RECORD_SQL,
+            &[
+                &ids,
+                &attempts,
+                &states,
+                &retry_ms,
+                &messages,
+                &errors,
+                &started,
+                &durations,
+                &statuses,
+                &kinds,
+                &attempt_messages,
+                &owner,
+            ],
+        )
+        .await
+        .map_err(|e| RecordError(db::describe(&e)))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// The recorder task: takes finished deliveries from `outcomes` and writes
+/// them in groups until the channel closes and is empty.
+///
+/// A database error does not lose outcomes: the group is retried (1 s,
+/// doubling to 30 s) while the channel's bound holds deliveries back. If the
+/// outage outlasts the leases, other instances claim the events again and the
+/// fence discards these late outcomes.
+pub async fn run(
+    pool: deadpool_postgres::Pool,
+    owner: String,
+    mut outcomes: mpsc::Receiver<Outcome>,
+) {
+    let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
+    while outcomes.recv_many(&mut batch, MAX_RECORD_BATCH).await > 0 {
+        let mut delay = Duration::from_secs(1);
+        loop {
+            match write_pooled(&pool, &owner, &batch).await {
+                Ok(marked) => {
+                    if marked.len() < batch.len() {
+                        for o in batch.iter().filter(|o| !marked.contains(&o.event_id)) {
+                            tracing::warn!(
+                                event_id = %o.event_id,
+                                attempt = o.attempt,
+                                "outcome not recorded: the lease ran out and the event was claimed again"
+                            );
+                        }
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, pending = batch.len(), retry_in = ?delay, "recording failed; will retry");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+async fn write_pooled(
+    pool: &deadpool_postgres::Pool,
+    owner: &str,
+    batch: &[Outcome],
+) -> Result<Vec<Uuid>, RecordError> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| RecordError(format!("no database connection: {e}")))?;
+    write(&**client, owner, batch).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(attempt: i32, age: Duration) -> ClaimedEvent {
+        ClaimedEvent {
+            id: Uuid::nil(),
+            event_type: "payment.cancellation".into(),
+            company_id: 1,
+            payload: "{}".into(),
+            attempt,
+            age,
+            lease_expired: false,
+            endpoint: None,
+        }
+    }
+
+    fn retry(reason: &str, retry_after: Option<Duration>) -> Verdict {
+        Verdict::Retry {
+            reason: reason.into(),
+            message: None,
+            retry_after,
+        }
+    }
+
+    #[test]
+    fn each_verdict_maps_to_the_documented_next_state() {
+        let policy = RetryPolicy {
+            jitter: 0.0,
+            ..RetryPolicy::default()
+        };
+        let s = Duration::from_secs;
+        let msg = |m: &str| Some(m.to_string());
+        type Case = (
+            i32,
+            Duration,
+            Verdict,
+            NextState,
+            AttemptKind,
+            Option<&'static str>,
+        );
+        #[rustfmt::skip]
+        let cases: Vec<Case> = vec![
+            (1, s(0), Verdict::Delivered { message: msg("ok") }, NextState::Delivered, AttemptKind::Success, None),
+            (1, s(0), Verdict::Rejected { message: msg("no") }, NextState::Failed, AttemptKind::Rejected, Some("rejected by the external system")),
+            (1, s(0), Verdict::Permanent { reason: "HTTP 404".into(), message: None }, NextState::Failed, AttemptKind::Permanent, Some("HTTP 404")),
+            (1, s(0), retry("HTTP 503", None), NextState::Retry(s(5)), AttemptKind::Retryable, Some("HTTP 503")),
+            (3, s(0), retry("HTTP 503", None), NextState::Retry(s(20)), AttemptKind::Retryable, Some("HTTP 503")),
+            (1, s(0), retry("HTTP 429", Some(s(90))), NextState::Retry(s(90)), AttemptKind::Retryable, Some("HTTP 429")),
+            (12, s(0), retry("HTTP 503", None), NextState::Failed, AttemptKind::Retryable, Some("gave up after 12 attempts; last: HTTP 503")),
+            (2, s(86_398), retry("timed out", None), NextState::Failed, AttemptKind::Retryable, Some("gave up: the next retry would come more than 1day")),
+        ];
+        for (attempt, age, verdict, next, kind, error) in cases {
+            let what = format!("{verdict:?} at attempt {attempt}");
+            let o = decide(
+                &event(attempt, age),
+                verdict,
+                SystemTime::UNIX_EPOCH,
+                s(1),
+                Some(200),
+                &policy,
+                0.5,
+            );
+            assert_eq!(o.next, next, "{what}");
+            assert_eq!(o.kind, kind, "{what}");
+            match error {
+                None => assert_eq!(o.error, None, "{what}"),
+                Some(want) => assert!(
+                    o.error.as_deref().unwrap().contains(want),
+                    "{what}: {:?}",
+                    o.error
+                ),
+            }
+            assert_eq!(o.attempt, attempt);
+        }
+    }
+
+    #[test]
+    fn the_external_message_is_kept_on_every_outcome() {
+        let policy = RetryPolicy::default();
+        for verdict in [
+            Verdict::Delivered {
+                message: Some("m".into()),
+            },
+            Verdict::Rejected {
+                message: Some("m".into()),
+            },
+            Verdict::Permanent {
+                reason: "r".into(),
+                message: Some("m".into()),
+            },
+            Verdict::Retry {
+                reason: "r".into(),
+                message: Some("m".into()),
+                retry_after: None,
+            },
+        ] {
+            let o = decide(
+                &event(1, Duration::ZERO),
+                verdict,
+                SystemTime::now(),
+                Duration::ZERO,
+                None,
+                &policy,
+                0.5,
+            );
+            assert_eq!(o.response_message.as_deref(), Some("m"));
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Building the webhook request for a claimed event: the exact body of the
+//! integrators' documentation and the headers that go with it.
+//!
+//! Everything here is pure. A payload that cannot be turned into a valid
+//! webhook (a row written around the enqueue functions) is a
+//! [`BuildError`], which the engine records as a permanent failure with the
+//! reason instead of sending something the receiver would misread.
+
+use base64::Engine as _;
+use bytes::Bytes;
+use hyper::Uri;
+use hyper::header::HeaderValue;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::claim::{Auth, ClaimedEvent, Endpoint};
+
+/// The event type of the Payment Cancellation webhook.
+pub const PAYMENT_CANCELLATION: &str = "payment.cancellation";
+
+/// `User-Agent` of every request.
+pub const USER_AGENT: &str = concat!("outboxd/", env!("CARGO_PKG_VERSION"));
+
+/// A request ready to send.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub uri: Uri,
+    pub body: Bytes,
+    /// Marked sensitive, so hyper and `Debug` keep it out of logs.
+    pub authorization: Option<HeaderValue>,
+    /// The stable event id: `Idempotency-Key` and `webhook-id`.
+    pub event_id: Uuid,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid payload: {0}")]
+    Payload(String),
+    #[error("invalid endpoint url: {0}")]
+    Url(String),
+    #[error("invalid endpoint credentials: {0}")]
+    Credentials(&'static str),
+}
+
+/// Builds the request for `event` to `endpoint`.
+pub fn build(event: &ClaimedEvent, endpoint: &Endpoint) -> Result<Webhook, BuildError> {
+    let body = body(event)?;
+    let uri = parse_url(&endpoint.url)?;
+    let authorization = authorization(&endpoint.auth)?;
+    Ok(Webhook {
+        uri,
+        body,
+        authorization,
+        event_id: event.id,
+    })
+}
+
+/// The request body. Payment cancellations are re-rendered field by field in
+/// the documented order and spacing (`{"companyId": 6316, "paymentId": …}`),
+/// since jsonb stores keys in its own order; other event types are sent as
+/// stored.
+pub fn body(event: &ClaimedEvent) -> Result<Bytes, BuildError> {
+    if event.event_type == PAYMENT_CANCELLATION {
+        let payload = PaymentCancellation::parse(&event.payload, event.company_id)?;
+        Ok(Bytes::from(payload.render()))
+    } else if event.payload.trim_start().starts_with('{') {
+        Ok(Bytes::from(event.payload.clone()))
+    } else {
+        Err(BuildError::Payload(
+            "the payload is not a JSON object".into(),
+        ))
+    }
+}
+
+/// The Payment Cancellation webhook body.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PaymentCancellation {
+    pub company_id: i64,
+    pub payment_id: i64,
+    pub payment_number: String,
+    #[serde(default)]
+    pub order_ids: Option<String>,
+}
+
+impl PaymentCancellation {
+    /// Parses and checks a stored payload the way the enqueue function would
+    /// have; `company_id` is the event's own column, which the payload must
+    /// match so one tenant's event never reaches another tenant's endpoint.
+    pub fn parse(payload: &str, company_id: i64) -> Result<Self, BuildError> {
+        let p: PaymentCancellation = serde_json::from_str(payload)
+            .map_err(|e| BuildError::Payload(format!("not a payment cancellation ({e})")))?;
+        if p.company_id <= 0 {
+            return Err(BuildError::Payload("companyId must be positive".into()));
+        }
+        if p.company_id != company_id {
+            return Err(BuildError::Payload(format!(
+                "companyId {} does not match the event's company_id {company_id}",
+                p.company_id
+            )));
+        }
+        if p.payment_id <= 0 {
+            return Err(BuildError::Payload("paymentId must be positive".into()));
+        }
+        if p.payment_number.trim().is_empty() {
+            return Err(BuildError::Payload("paymentNumber is blank".into()));
+        }
+        if let Some(ids) = &p.order_ids {
+            let valid = !ids.is_empty()
+                && ids.split(',').all(|id| {
+                    !id.is_empty() && !id.starts_with('0') && id.bytes().all(|b| b.is_ascii_digit())
+                });
+            if !valid {
+                return Err(BuildError::Payload(
+                    "orderIds must be comma-separated order ids".into(),
+                ));
+            }
+        }
+        Ok(p)
+    }
+
+    /// The body exactly as documented, `orderIds` only when present.
+    pub fn render(&self) -> String {
+        // serde_json quotes and escapes the one free-text field.
+        let number = serde_json::to_string(&self.payment_number).expect("a string serializes");
+        let mut out = format!(
+            "{{\"companyId\": {}, \"paymentId\": {}, \"paymentNumber\": {number}",
+            self.company_id, self.payment_id
+        );
+        if let Some(ids) = &self.order_ids {
+            out.push_str(", \"orderIds\": \"");
+            out.push_str(ids); // digits and commas only, checked in parse
+            out.push('"');
+        }
+        out.push('}');
+        out
+    }
+}
+
+fn parse_url(url: &str) -> Result<Uri, BuildError> {
+    let uri: Uri = url.parse().map_err(|e| BuildError::Url(format!("{e}")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(BuildError::Url("the scheme must be http or https".into())),
+    }
+    if uri.authority().is_none() {
+        return Err(BuildError::Url("no host".into()));
+    }
+    Ok(uri)
+}
+
+fn authorization(auth: &Auth) -> Result<Option<HeaderValue>, BuildError> {
+    let value = match auth {
+        Auth::None => return Ok(None),
+        Auth::Basic { username, password } => {
+            let pair = format!("{username}:{}", password.expose());
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(pair)
+            )
+        }
+        Auth::Bearer { token } => format!("Bearer {}", token.expose()),
+    };
+    let mut header = HeaderValue::from_str(&value).map_err(|_| {
+        // Never say what the bad value was: it is a secret.
+        BuildError::Credentials("they contain characters not allowed in an HTTP header")
+    })?;
+    header.set_sensitive(true);
+    Ok(Some(header))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use std::time::Duration;
+
+    fn event(event_type: &str, company_id: i64, payload: &str) -> ClaimedEvent {
+        ClaimedEvent {
+            id: Uuid::nil(),
+            event_type: event_type.into(),
+            company_id,
+            payload: payload.into(),
+            attempt: 1,
+            age: Duration::ZERO,
+            lease_expired: false,
+            endpoint: None,
+        }
+    }
+
+    #[test]
+    fn payment_cancellation_bodies_are_rendered_as_documented() {
+        // jsonb's text form puts orderIds first; the body must not.
+        let cases = [
+            (
+                r#"{"orderIds": "17899,17900", "companyId": 6316, "paymentId": 222125, "paymentNumber": "2271"}"#,
+                Ok(
+                    r#"{"companyId": 6316, "paymentId": 222125, "paymentNumber": "2271", "orderIds": "17899,17900"}"#,
+                ),
+            ),
+            (
+                r#"{"companyId": 6316, "paymentId": 222125, "paymentNumber": "2271"}"#,
+                Ok(r#"{"companyId": 6316, "paymentId": 222125, "paymentNumber": "2271"}"#),
+            ),
+            (
+                r#"{"companyId": 6316, "paymentId": 1, "paymentNumber": "A \"quoted\" \\ no"}"#,
+                Ok(r#"{"companyId": 6316, "paymentId": 1, "paymentNumber": "A \"quoted\" \\ no"}"#),
+            ),
+            (r#"[1, 2]"#, Err("not a payment cancellation")),
+            (r#"{"companyId": 6316}"#, Err("missing field `paymentId`")),
+            (
+                r#"{"companyId": 6316, "paymentId": 1, "paymentNumber": "1", "extra": 1}"#,
+                Err("unknown field `extra`"),
+            ),
+            (
+                r#"{"companyId": 7, "paymentId": 1, "paymentNumber": "1"}"#,
+                Err("companyId 7 does not match the event's company_id 6316"),
+            ),
+            (
+                r#"{"companyId": 6316, "paymentId": -1, "paymentNumber": "1"}"#,
+                Err("paymentId must be positive"),
+            ),
+            (
+                r#"{"companyId": 6316, "paymentId": 1, "paymentNumber": " "}"#,
+                Err("paymentNumber is blank"),
+            ),
+            (
+                r#"{"companyId": 6316, "paymentId": 1, "paymentNumber": 5}"#,
+                Err("not a payment cancellation"),
+            ),
+            (
+                r#"{"companyId": 6316, "paymentId": 1, "paymentNumber": "1", "orderIds": "1,,2"}"#,
+                Err("orderIds must be"),
+            ),
+            (
+                r#"{"companyId": 6316, "paymentId": 1, "paymentNumber": "1", "orderIds": "1\",\"x"}"#,
+                Err("orderIds must be"),
+            ),
+        ];
+        for (payload, want) in cases {
+            let got = body(&event(PAYMENT_CANCELLATION, 6316, payload));
+            match (got, want) {
+                (Ok(body), Ok(want)) => assert_eq!(body, want.as_bytes(), "{payload}"),
+                (Err(e), Err(want)) => {
+                    assert!(e.to_string().contains(want), "{payload}: {e}")
+                }
+                (got, want) => panic!("{payload}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn other_event_types_are_sent_as_stored_if_they_are_objects() {
+        let e = event("invoice.created", 1, r#"{"b": 1, "a": [2]}"#);
+        assert_eq!(body(&e).unwrap(), r#"{"b": 1, "a": [2]}"#.as_bytes());
+        let e = event("invoice.created", 1, "[1]");
+        assert!(body(&e).is_err());
+        let e = event("invoice.created", 1, "\"text\"");
+        assert!(body(&e).is_err());
+    }
+
+    #[test]
+    fn authorization_headers_per_auth_type() {
+        let cases = [
+            (Auth::None, None),
+            (
+                Auth::Basic {
+                    username: "sales".into(),
+                    password: Secret::new("s3cret"),
+                },
+                // base64("sales:s3cret")
+                Some("Basic c2FsZXM6czNjcmV0"),
+            ),
+            (
+                Auth::Bearer {
+                    token: Secret::new("tok-123"),
+                },
+                Some("Bearer tok-123"),
+            ),
+        ];
+        for (auth, want) in cases {
+            let got = authorization(&auth).unwrap();
+            assert_eq!(got.as_ref().map(|h| h.to_str().unwrap()), want);
+            if let Some(h) = got {
+                assert!(h.is_sensitive());
+            }
+        }
+        let err = authorization(&Auth::Bearer {
+            token: Secret::new("line\nbreak-SECRET"),
+        })
+        .unwrap_err();
+        assert!(!err.to_string().contains("SECRET"));
+    }
+
+    #[test]
+    fn urls_must_be_http_or_https_with_a_host() {
+        assert!(parse_url("https://erp.example.com/hook?x=1").is_ok());
+        assert!(parse_url("http://127.0.0.1:8808/").is_ok());
+        for bad in ["ftp://x/", "/relative", "https://", "not a url"] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+}

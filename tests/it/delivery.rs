@@ -1,0 +1,704 @@
+//! `outboxd run` against a real PostgreSQL and a real HTTP receiver on
+//! 127.0.0.1: what arrives, how answers are judged, what the rows say.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::harness::{Daemon, TestDb, eventually};
+use crate::receiver::{Receiver, Reply};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Settings that keep retries fast in tests.
+const FAST_RETRY: &[(&str, &str)] = &[
+    ("OUTBOXD_RETRY__BASE_DELAY", "100ms"),
+    ("OUTBOXD_RETRY__JITTER", "0"),
+];
+
+async fn set_endpoint(client: &Client, company: i64, url: &str, auth: &str) {
+    let (auth_type, username, password, token) = match auth {
+        "basic" => ("basic", Some("sales-app"), Some("basic-SECRET-pw"), None),
+        "bearer" => ("bearer", None, None, Some("bearer-SECRET-token")),
+        _ => ("none", None, None, None),
+    };
+    client
+        .execute(
+            "INSERT INTO outbox.endpoints (company_id, url, auth_type, username, password, token, notify_emails)
+             VALUES ($1, $2, $3, $4, $5, $6, ARRAY['ops@example.com'])",
+            &[&company, &url, &auth_type, &username, &password, &token],
+        )
+        .await
+        .unwrap();
+}
+
+async fn enqueue(
+    client: &Client,
+    company: i64,
+    payment: i64,
+    number: &str,
+    orders: Option<Vec<i64>>,
+) -> uuid::Uuid {
+    client
+        .query_one(
+            "SELECT outbox.enqueue_payment_cancellation($1, $2, $3, $4)",
+            &[&company, &payment, &number, &orders],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// (state, attempts, response_message, last_error) of an event.
+async fn event_row(
+    client: &Client,
+    id: uuid::Uuid,
+) -> (String, i32, Option<String>, Option<String>) {
+    let row = client
+        .query_one(
+            "SELECT state, attempts, response_message, last_error FROM outbox.events WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2), row.get(3))
+}
+
+async fn wait_state(client: &Client, id: uuid::Uuid, state: &str, timeout: Duration) {
+    eventually(&format!("event {id} to be {state}"), timeout, || async {
+        event_row(client, id).await.0 == state
+    })
+    .await;
+}
+
+/// (attempt, http_status, outcome, message) per attempt row, in order.
+async fn attempt_rows(
+    client: &Client,
+    id: uuid::Uuid,
+) -> Vec<(i32, Option<i16>, String, Option<String>)> {
+    client
+        .query(
+            "SELECT attempt, http_status, outcome, message FROM outbox.attempts WHERE event_id = $1 ORDER BY attempt",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+fn assert_no_secret(daemon: &Daemon) {
+    for line in daemon.log() {
+        assert!(!line.contains("SECRET"), "a secret reached the log: {line}");
+        // base64 of "sales-app:basic-SECRET-pw" would give the password away too.
+        assert!(
+            !line.contains("c2FsZXMtYXBw"),
+            "credentials reached the log: {line}"
+        );
+    }
+}
+
+async fn delivers_both_examples_with(auth: &str, want_authorization: &str) {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    set_endpoint(
+        &client,
+        6316,
+        &receiver.url("/hooks/payment-cancelled"),
+        auth,
+    )
+    .await;
+    let daemon = Daemon::start(&db, &[]).await;
+
+    let with_orders = enqueue(&client, 6316, 222125, "2271", Some(vec![17899, 17900])).await;
+    let without = enqueue(&client, 6316, 222126, "2272", None).await;
+    let got = receiver.wait_for(2, SECS(10)).await;
+
+    let mut bodies: Vec<(String, String)> = got
+        .iter()
+        .map(|r| {
+            assert_eq!(r.method, "POST");
+            assert_eq!(r.path, "/hooks/payment-cancelled");
+            assert_eq!(r.header("content-type"), Some("application/json"));
+            assert_eq!(
+                r.header("authorization"),
+                Some(want_authorization).filter(|a| !a.is_empty())
+            );
+            assert!(r.header("user-agent").unwrap().starts_with("outboxd/"));
+            let key = r.header("idempotency-key").unwrap().to_string();
+            assert_eq!(r.header("webhook-id"), Some(key.as_str()));
+            (key, String::from_utf8(r.body.clone()).unwrap())
+        })
+        .collect();
+    bodies.sort();
+    let mut want = vec![
+        (
+            with_orders.to_string(),
+            r#"{"companyId": 6316, "paymentId": 222125, "paymentNumber": "2271", "orderIds": "17899,17900"}"#.to_string(),
+        ),
+        (
+            without.to_string(),
+            r#"{"companyId": 6316, "paymentId": 222126, "paymentNumber": "2272"}"#.to_string(),
+        ),
+    ];
+    want.sort();
+    assert_eq!(bodies, want);
+
+    for id in [with_orders, without] {
+        wait_state(&client, id, "delivered", SECS(10)).await;
+        let (_, attempts, message, error) = event_row(&client, id).await;
+        assert_eq!(attempts, 1);
+        assert_eq!(message.as_deref(), Some("received"));
+        assert_eq!(error, None);
+        let log = attempt_rows(&client, id).await;
+        assert_eq!(
+            log,
+            vec![(
+                1,
+                Some(200),
+                "success".to_string(),
+                Some("received".to_string())
+            )]
+        );
+    }
+    assert_no_secret(&daemon);
+    assert!(daemon.stop().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_examples_arrive_exactly_as_documented_with_basic_auth() {
+    // base64("sales-app:basic-SECRET-pw")
+    delivers_both_examples_with("basic", "Basic c2FsZXMtYXBwOmJhc2ljLVNFQ1JFVC1wdw==").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn both_examples_arrive_exactly_as_documented_with_bearer_auth() {
+    delivers_both_examples_with("bearer", "Bearer bearer-SECRET-token").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_0_is_a_final_failure_with_the_message_stored() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start(|_, _| {
+        Reply::Json(
+            200,
+            json!({"status": "0", "error": "Payment 2271 is already settled"}),
+        )
+    })
+    .await;
+    set_endpoint(&client, 6316, &receiver.url("/"), "none").await;
+    let daemon = Daemon::start(&db, FAST_RETRY).await;
+    let id = enqueue(&client, 6316, 222125, "2271", None).await;
+    wait_state(&client, id, "failed", SECS(10)).await;
+    let (_, attempts, message, error) = event_row(&client, id).await;
+    assert_eq!(attempts, 1);
+    assert_eq!(message.as_deref(), Some("Payment 2271 is already settled"));
+    assert!(error.unwrap().contains("rejected"));
+    let log = attempt_rows(&client, id).await;
+    assert_eq!(log.len(), 1, "not retried: {log:?}");
+    assert_eq!(log[0].2, "rejected");
+    assert_eq!(log[0].3.as_deref(), Some("Payment 2271 is already settled"));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_500_then_200_is_delivered_on_attempt_2() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start(|_, nth| {
+        if nth == 1 {
+            Reply::Json(500, json!({"status": "0", "error": "database is down"}))
+        } else {
+            Reply::Json(200, json!({"status": 1, "message": "ok now"}))
+        }
+    })
+    .await;
+    set_endpoint(&client, 6316, &receiver.url("/"), "none").await;
+    let daemon = Daemon::start(&db, FAST_RETRY).await;
+    let id = enqueue(&client, 6316, 222125, "2271", None).await;
+    wait_state(&client, id, "delivered", SECS(10)).await;
+    let (_, attempts, message, error) = event_row(&client, id).await;
+    assert_eq!(
+        (attempts, message.as_deref(), error),
+        (2, Some("ok now"), None)
+    );
+    let log = attempt_rows(&client, id).await;
+    assert_eq!(log.len(), 2);
+    assert_eq!(
+        (log[0].0, log[0].1, log[0].2.as_str()),
+        (1, Some(500), "retryable")
+    );
+    assert_eq!(log[0].3.as_deref(), Some("database is down"));
+    assert_eq!(
+        (log[1].0, log[1].1, log[1].2.as_str()),
+        (2, Some(200), "success")
+    );
+    let got = receiver.received();
+    assert_eq!(
+        got[0].header("idempotency-key"),
+        got[1].header("idempotency-key")
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_with_retry_after_is_not_retried_sooner() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start(|_, nth| {
+        if nth == 1 {
+            Reply::Raw {
+                status: 429,
+                headers: vec![("retry-after".into(), "2".into())],
+                body: b"slow down".to_vec(),
+            }
+        } else {
+            Reply::Json(200, json!({"status": "1", "message": "ok"}))
+        }
+    })
+    .await;
+    set_endpoint(&client, 6316, &receiver.url("/"), "none").await;
+    let daemon = Daemon::start(&db, FAST_RETRY).await;
+    let id = enqueue(&client, 6316, 222125, "2271", None).await;
+    let got = receiver.wait_for(2, SECS(15)).await;
+    let gap = got[1].at - got[0].at;
+    assert!(
+        gap >= SECS(2),
+        "retried after {gap:?}, before Retry-After's 2 s"
+    );
+    wait_state(&client, id, "delivered", SECS(10)).await;
+    let log = attempt_rows(&client, id).await;
+    assert_eq!(log[0].1, Some(429));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receiver_that_never_answers_times_out_and_is_retried() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start(|_, nth| {
+        if nth == 1 {
+            Reply::Hang
+        } else {
+            Reply::Json(200, json!({"status": "1", "message": "ok"}))
+        }
+    })
+    .await;
+    set_endpoint(&client, 6316, &receiver.url("/"), "none").await;
+    let mut env = FAST_RETRY.to_vec();
+    env.extend([
+        ("OUTBOXD_DELIVERY__REQUEST_TIMEOUT", "1s"),
+        ("OUTBOXD_DELIVERY__CONNECT_TIMEOUT", "1s"),
+        ("OUTBOXD_DELIVERY__LEASE", "12s"),
+    ]);
+    let daemon = Daemon::start(&db, &env).await;
+    let id = enqueue(&client, 6316, 222125, "2271", None).await;
+    wait_state(&client, id, "delivered", SECS(15)).await;
+    let log = attempt_rows(&client, id).await;
+    assert_eq!(log.len(), 2);
+    assert_eq!((log[0].1, log[0].2.as_str()), (None, "retryable"));
+    assert!(
+        log[0].3.as_deref().unwrap().contains("timed out after 1s"),
+        "{log:?}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redirects_html_and_oversized_answers_fail_for_good() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // Company 1: 301. Company 2: 200 with HTML. Company 3: 200 with 10 MiB.
+    let receiver = Receiver::start(|req, _| match req.path.as_str() {
+        "/moved" => Reply::Raw {
+            status: 301,
+            headers: vec![("location".into(), "http://127.0.0.1:1/elsewhere".into())],
+            body: Vec::new(),
+        },
+        "/html" => Reply::Raw {
+            status: 200,
+            headers: vec![("content-type".into(), "text/html".into())],
+            body: b"<html><body>Thanks!</body></html>".to_vec(),
+        },
+        _ => Reply::Huge {
+            status: 200,
+            bytes: 10 * 1024 * 1024,
+        },
+    })
+    .await;
+    set_endpoint(&client, 1, &receiver.url("/moved"), "none").await;
+    set_endpoint(&client, 2, &receiver.url("/html"), "none").await;
+    set_endpoint(&client, 3, &receiver.url("/huge"), "none").await;
+    let daemon = Daemon::start(&db, FAST_RETRY).await;
+    let moved = enqueue(&client, 1, 1, "1", None).await;
+    let html = enqueue(&client, 2, 2, "2", None).await;
+    let huge = enqueue(&client, 3, 3, "3", None).await;
+    for (id, status, want) in [
+        (moved, 301, "redirects are not followed"),
+        (html, 200, "not JSON"),
+        (huge, 200, "size cap"),
+    ] {
+        wait_state(&client, id, "failed", SECS(15)).await;
+        let (_, attempts, _, error) = event_row(&client, id).await;
+        assert_eq!(attempts, 1, "{want}: permanent, not retried");
+        let error = error.unwrap();
+        assert!(error.contains(want), "{want}: {error}");
+        let log = attempt_rows(&client, id).await;
+        assert_eq!(
+            (log[0].1, log[0].2.as_str()),
+            (Some(status), "permanent"),
+            "{want}"
+        );
+    }
+    // What was seen is recorded: an excerpt of the HTML.
+    assert!(
+        event_row(&client, html)
+            .await
+            .3
+            .unwrap()
+            .contains("Thanks!")
+    );
+    // The 10 MiB answer did not hurt the daemon: it goes on delivering.
+    let ok = Receiver::ok().await;
+    set_endpoint(&client, 4, &ok.url("/"), "none").await;
+    let after = enqueue(&client, 4, 4, "4", None).await;
+    wait_state(&client, after, "delivered", SECS(10)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_endpoint_disabled_endpoint_and_poison_rows_are_failed_with_the_reason() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    set_endpoint(&client, 2, &receiver.url("/"), "none").await;
+    set_endpoint(&client, 3, &receiver.url("/"), "none").await;
+    client
+        .execute(
+            "INSERT INTO outbox.endpoints (company_id, event_type, url) VALUES (2, 'invoice.created', $1)",
+            &[&receiver.url("/")],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("UPDATE outbox.endpoints SET enabled = false WHERE company_id = 3")
+        .await
+        .unwrap();
+    let daemon = Daemon::start(&db, FAST_RETRY).await;
+    let no_endpoint = enqueue(&client, 1, 1, "1", None).await;
+    let disabled = enqueue(&client, 3, 3, "3", None).await;
+    // Written around the enqueue function, as a buggy writer might.
+    let poison: uuid::Uuid = client
+        .query_one(
+            "INSERT INTO outbox.events (company_id, payload) VALUES (2, '{\"companyId\": 2}') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let not_object: uuid::Uuid = client
+        .query_one(
+            "INSERT INTO outbox.events (company_id, event_type, payload) VALUES (2, 'invoice.created', '[1]') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let good = enqueue(&client, 2, 5, "5", None).await;
+    for (id, outcome, want) in [
+        (
+            no_endpoint,
+            "no_endpoint",
+            "no endpoint configured for company 1",
+        ),
+        (disabled, "no_endpoint", "is disabled"),
+        (poison, "permanent", "invalid payload"),
+        (not_object, "permanent", "not a JSON object"),
+    ] {
+        wait_state(&client, id, "failed", SECS(10)).await;
+        let error = event_row(&client, id).await.3.unwrap();
+        assert!(error.contains(want), "{want}: {error}");
+        let log = attempt_rows(&client, id).await;
+        assert_eq!(log.len(), 1);
+        assert_eq!((log[0].1, log[0].2.as_str()), (None, outcome));
+    }
+    wait_state(&client, good, "delivered", SECS(10)).await;
+    assert_eq!(receiver.received().len(), 1, "only the good event was sent");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_daemons_deliver_2000_events_each_once() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    for company in 1..=10 {
+        set_endpoint(&client, company, &receiver.url("/"), "bearer").await;
+    }
+    let a = Daemon::start(&db, &[("OUTBOXD_DELIVERY__CONCURRENCY", "16")]).await;
+    let b = Daemon::start(&db, &[("OUTBOXD_DELIVERY__CONCURRENCY", "16")]).await;
+    // 2,000 events in 40 transactions of 50, while both run.
+    for batch in 0..40_i64 {
+        client
+            .batch_execute(&format!(
+                "SELECT outbox.enqueue_payment_cancellation(1 + g % 10, {batch} * 50 + g, 'P' || g) \
+                   FROM generate_series(1, 50) g"
+            ))
+            .await
+            .unwrap();
+    }
+    let got = receiver.wait_for(2000, SECS(60)).await;
+    eventually("all 2000 delivered", SECS(30), || async {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 2000
+    })
+    .await;
+    let a_exit = a.stop().await;
+    let b_exit = b.stop().await;
+    assert!(a_exit.success() && b_exit.success());
+
+    let mut keys: Vec<&str> = got
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(
+        receiver.received().len(),
+        2000,
+        "no event reached the receiver twice"
+    );
+    assert_eq!(keys.len(), 2000);
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE attempts = 1), count(DISTINCT lease_owner),
+                    (SELECT count(*) FROM outbox.attempts),
+                    (SELECT count(DISTINCT lease_owner) FROM outbox.attempts)
+               FROM outbox.events",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i64>(0),
+        2000,
+        "each marked once, on its first attempt"
+    );
+    assert_eq!(row.get::<_, i64>(1), 0, "no lease left behind");
+    assert_eq!(row.get::<_, i64>(2), 2000, "one attempt row each");
+    assert_eq!(row.get::<_, i64>(3), 2, "both daemons took part");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_batch_drains_in_flight_deliveries_and_exits_0() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // Each answer takes 300 ms, so a batch is in flight when SIGTERM comes.
+    let receiver = Receiver::start(|_, _| {
+        Reply::Delayed(
+            Duration::from_millis(300),
+            Box::new(Reply::Json(
+                200,
+                json!({"status": "1", "message": "slow ok"}),
+            )),
+        )
+    })
+    .await;
+    set_endpoint(&client, 1, &receiver.url("/"), "none").await;
+    client
+        .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, g, 'P' || g) FROM generate_series(1, 200) g")
+        .await
+        .unwrap();
+    let mut daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__CONCURRENCY", "8")]).await;
+    receiver.wait_for(8, SECS(10)).await;
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait(SECS(20)).await;
+    assert!(status.success(), "exit {status:?}");
+    daemon.wait_for_log("outboxd stopped", SECS(1)).await;
+
+    // Everything that reached the receiver was recorded; nothing is left
+    // leased; the rest is still pending.
+    let arrived = receiver.received().len() as i64;
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE state = 'delivered'),
+                    count(*) FILTER (WHERE state = 'leased'),
+                    count(*) FILTER (WHERE state = 'pending')
+               FROM outbox.events",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (delivered, leased, pending): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        delivered, arrived,
+        "every in-flight delivery was finished and recorded"
+    );
+    assert_eq!(leased, 0);
+    assert_eq!(delivered + pending, 200, "nothing lost");
+    assert!(pending > 0, "the test stopped the daemon mid-drain");
+
+    // A new daemon delivers the rest.
+    let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__CONCURRENCY", "64")]).await;
+    eventually("the rest delivered", SECS(30), || async {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 200
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_batch_leased_rows_are_delivered_after_the_lease_with_the_same_key() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let first_life = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = first_life.clone();
+    // While the first daemon lives, requests hang (in flight at the kill).
+    let receiver = Receiver::start(move |_, _| {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            Reply::Hang
+        } else {
+            Reply::Json(200, json!({"status": "1", "message": "ok"}))
+        }
+    })
+    .await;
+    set_endpoint(&client, 1, &receiver.url("/"), "none").await;
+    let timing = [
+        ("OUTBOXD_DELIVERY__REQUEST_TIMEOUT", "1s"),
+        ("OUTBOXD_DELIVERY__CONNECT_TIMEOUT", "1s"),
+        ("OUTBOXD_DELIVERY__LEASE", "12s"),
+        ("OUTBOXD_DELIVERY__CONCURRENCY", "4"),
+    ];
+    client
+        .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, g, 'P' || g) FROM generate_series(1, 4) g")
+        .await
+        .unwrap();
+    let mut daemon = Daemon::start(&db, &timing).await;
+    let in_flight = receiver.wait_for(4, SECS(10)).await;
+    daemon.signal(libc::SIGKILL);
+    daemon.wait(SECS(10)).await;
+    first_life.store(false, std::sync::atomic::Ordering::SeqCst);
+    let leased: i64 = client
+        .query_one(
+            "SELECT count(*) FROM outbox.events WHERE state = 'leased'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leased, 4, "killed with all four leased");
+
+    let killed_at = std::time::Instant::now();
+    let daemon = Daemon::start(&db, &timing).await;
+    let all = receiver.wait_for(8, SECS(30)).await;
+    assert!(
+        killed_at.elapsed() >= SECS(5),
+        "re-delivered before the lease could have expired"
+    );
+    let mut first: Vec<&str> = in_flight
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap())
+        .collect();
+    let mut second: Vec<&str> = all[4..]
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap())
+        .collect();
+    first.sort();
+    second.sort();
+    assert_eq!(
+        first, second,
+        "re-delivered with the original idempotency keys"
+    );
+    eventually("all delivered", SECS(10), || async {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM outbox.events WHERE state = 'delivered' AND attempts = 2",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 4
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_committed_while_idle_arrives_long_before_the_poll_interval() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    set_endpoint(&client, 6316, &receiver.url("/"), "none").await;
+    let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__POLL_INTERVAL", "60s")]).await;
+    // The first poll after connecting has happened; from now on only NOTIFY
+    // can wake the daemon within the next minute.
+    daemon.wait_for_log("outboxd is delivering", SECS(5)).await;
+    let started = std::time::Instant::now();
+    enqueue(&client, 6316, 222125, "2271", None).await;
+    receiver.wait_for(1, SECS(10)).await;
+    let took = started.elapsed();
+    assert!(took < SECS(5), "took {took:?}: not woken by NOTIFY");
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_the_notify_trigger_events_still_arrive_by_polling() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute("DROP TRIGGER events_notify ON outbox.events")
+        .await
+        .unwrap();
+    let receiver = Receiver::ok().await;
+    set_endpoint(&client, 6316, &receiver.url("/"), "none").await;
+    let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__POLL_INTERVAL", "300ms")]).await;
+    let id = enqueue(&client, 6316, 222125, "2271", None).await;
+    receiver.wait_for(1, SECS(10)).await;
+    wait_state(&client, id, "delivered", SECS(10)).await;
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_refuses_a_lease_not_comfortably_longer_than_the_request_timeout() {
+    let db = TestDb::new().await;
+    let ran = crate::harness::run(
+        db.outboxd()
+            .env("OUTBOXD_DELIVERY__REQUEST_TIMEOUT", "30s")
+            .env("OUTBOXD_DELIVERY__LEASE", "60s")
+            .arg("run"),
+    )
+    .await;
+    assert_eq!(ran.code, Some(2), "{ran:?}");
+    assert!(
+        ran.stderr.contains("delivery.lease: must be at least"),
+        "{ran:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn run_refuses_to_start_on_an_unmigrated_database() {
+    let db = TestDb::empty().await;
+    let ran = crate::harness::run(db.outboxd().arg("run")).await;
+    assert_eq!(ran.code, Some(3), "{ran:?}");
+    assert!(ran.stderr.contains("outboxd migrate"), "{ran:?}");
+}
