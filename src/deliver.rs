@@ -182,3 +182,56 @@ fn chain(e: &dyn StdError) -> String {
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A body of `frames` chunks of 64 KiB that counts how many were pulled.
+    fn counted_body(
+        frames: usize,
+        pulled: Arc<AtomicUsize>,
+    ) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>> + Unpin>
+    {
+        let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+        StreamBody::new(futures_util::stream::iter((0..frames).map(move |_| {
+            pulled.fetch_add(1, Ordering::SeqCst);
+            Ok(Frame::data(chunk.clone()))
+        })))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_read_only_up_to_the_cap() {
+        // 160 frames = 10 MiB offered; a 64 KiB cap must stop after the
+        // frame that crosses it, not drain the rest.
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let (body, truncated) = read_capped(counted_body(160, pulled.clone()), 64 * 1024 + 10)
+            .await
+            .unwrap();
+        assert!(truncated);
+        assert_eq!(body.len(), 64 * 1024 + 10);
+        assert_eq!(pulled.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_under_the_cap_is_read_whole() {
+        let pulled = Arc::new(AtomicUsize::new(0));
+        let (body, truncated) = read_capped(counted_body(3, pulled.clone()), 1024 * 1024)
+            .await
+            .unwrap();
+        assert!(!truncated);
+        assert_eq!(body.len(), 3 * 64 * 1024);
+        assert_eq!(pulled.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn error_chains_read_as_one_line_without_repeats() {
+        let inner = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let outer = std::io::Error::other(inner);
+        assert_eq!(chain(&outer), "refused");
+    }
+}
