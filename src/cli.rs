@@ -203,7 +203,7 @@ async fn run_check(config: &Config) -> Exit {
     match migrate::status(&client).await {
         Ok(SchemaState::Current { version }) => {
             println!("schema: ok (version {version})");
-            Exit::Ok
+            check_smtp(config).await
         }
         Ok(SchemaState::Behind { database: 0, .. }) => {
             eprintln!("outboxd: the outbox schema is missing; run `outboxd migrate`");
@@ -217,6 +217,21 @@ async fn run_check(config: &Config) -> Exit {
             Exit::Schema
         }
         Err(e) => migrate_failed(&e),
+    }
+}
+
+async fn check_smtp(config: &Config) -> Exit {
+    let Some(smtp) = &config.notify.smtp else {
+        println!("smtp: not configured (smtp.host unset); error notifications stay queued");
+        return Exit::Ok;
+    };
+    let target = format!("{}:{} ({:?})", smtp.host, smtp.port, smtp.tls);
+    match crate::smtp::probe(smtp).await {
+        Ok(()) => {
+            println!("smtp: ok ({target})");
+            Exit::Ok
+        }
+        Err(e) => fail(&format!("smtp at {target}: {e}")),
     }
 }
 

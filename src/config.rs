@@ -57,7 +57,48 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub delivery: DeliveryConfig,
     pub retry: RetryPolicy,
+    pub notify: NotifyConfig,
     pub log: LogConfig,
+}
+
+/// Error-notification emails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotifyConfig {
+    /// None: no `[smtp] host`, notifications stay queued in the database.
+    pub smtp: Option<SmtpConfig>,
+    /// At most one email per endpoint per window.
+    pub window: Duration,
+    /// How long the first failure waits for others to join its email.
+    pub gather: Duration,
+    /// How often the mailer looks for work.
+    pub poll_interval: Duration,
+    /// First wait after a failed send; doubles up to 30 min.
+    pub retry_delay: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// Envelope sender and From address.
+    pub from: String,
+    /// Display name in From.
+    pub from_name: String,
+    /// Each SMTP exchange (connect, command, data).
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS (port 587).
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Implicit,
+    /// No TLS: only for a relay on the same host or a trusted network.
+    None,
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +153,10 @@ pub struct RawConfig {
     #[serde(default)]
     pub retry: RawRetry,
     #[serde(default)]
+    pub smtp: RawSmtp,
+    #[serde(default)]
+    pub notify: RawNotify,
+    #[serde(default)]
     pub log: RawLog,
 }
 
@@ -149,6 +194,45 @@ pub struct RawDelivery {
     pub lease: Option<String>,
     pub max_response_bytes: Option<u64>,
     pub drain_timeout: Option<String>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSmtp {
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub tls: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub from: Option<String>,
+    pub from_name: Option<String>,
+    pub timeout: Option<String>,
+}
+
+impl fmt::Debug for RawSmtp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RawSmtp")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
+            .field("from", &self.from)
+            .field("from_name", &self.from_name)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNotify {
+    pub window: Option<String>,
+    pub gather: Option<String>,
+    pub poll_interval: Option<String>,
+    pub retry_delay: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -260,14 +344,19 @@ impl RawConfig {
         let database = self.database.validate(&mut problems);
         let delivery = self.delivery.validate(&mut problems);
         let retry = self.retry.validate(&mut problems);
+        let smtp = self.smtp.validate(&mut problems);
+        let notify = self.notify.validate(&mut problems);
         let log = self.log.validate(&mut problems);
-        match (database, delivery, retry, log) {
-            (Some(database), Some(delivery), Some(retry), Some(log)) if problems.is_empty() => {
+        match (database, delivery, retry, smtp, notify, log) {
+            (Some(database), Some(delivery), Some(retry), Some(smtp), Some(notify), Some(log))
+                if problems.is_empty() =>
+            {
                 Ok(Config {
                     source: None,
                     database,
                     delivery,
                     retry,
+                    notify: NotifyConfig { smtp, ..notify },
                     log,
                 })
             }
@@ -441,6 +530,130 @@ impl RawDelivery {
 /// its daemon is really gone.
 pub fn min_lease(request_timeout: Duration) -> Duration {
     request_timeout * 2 + Duration::from_secs(10)
+}
+
+impl RawSmtp {
+    /// `Some(None)`: valid, and no SMTP configured.
+    fn validate(self, problems: &mut Vec<Problem>) -> Option<Option<SmtpConfig>> {
+        let Some(host) = self.host.filter(|h| !h.trim().is_empty()) else {
+            return Some(None);
+        };
+        let tls = match self.tls.as_deref().unwrap_or("starttls") {
+            "starttls" => Some(SmtpTls::StartTls),
+            "implicit" => Some(SmtpTls::Implicit),
+            "none" => Some(SmtpTls::None),
+            other => {
+                problem(
+                    problems,
+                    "smtp.tls",
+                    format!("must be \"starttls\", \"implicit\" or \"none\", got {other:?}"),
+                );
+                None
+            }
+        };
+        let port = match (self.port, tls) {
+            (Some(0), _) => {
+                problem(problems, "smtp.port", "must be between 1 and 65535");
+                None
+            }
+            (Some(port), _) => Some(port),
+            (None, Some(SmtpTls::StartTls)) => Some(587),
+            (None, Some(SmtpTls::Implicit)) => Some(465),
+            (None, _) => Some(25),
+        };
+        let from = match self.from {
+            Some(from) if is_plain_address(&from) => Some(from),
+            Some(from) => {
+                problem(
+                    problems,
+                    "smtp.from",
+                    format!("{from:?} is not an email address like outboxd@example.com"),
+                );
+                None
+            }
+            None => {
+                problem(
+                    problems,
+                    "smtp.from",
+                    "is required when smtp.host is set (the sender address)",
+                );
+                None
+            }
+        };
+        let password = match (self.password, self.password_file) {
+            (Some(_), Some(_)) => {
+                problem(
+                    problems,
+                    "smtp.password",
+                    "give either password or password_file, not both",
+                );
+                None
+            }
+            (Some(p), None) => Some(Secret::new(p)),
+            (None, Some(path)) => {
+                secret_file(problems, "smtp.password_file", &path).map(Secret::new)
+            }
+            (None, None) => None,
+        };
+        if self.username.is_some() != password.is_some() {
+            problem(
+                problems,
+                "smtp.username",
+                "username and password (or password_file) go together",
+            );
+        }
+        let timeout = duration(problems, "smtp.timeout", self.timeout.as_deref(), "30s");
+        Some(Some(SmtpConfig {
+            host,
+            port: port?,
+            tls: tls?,
+            username: self.username,
+            password,
+            from: from?,
+            from_name: self.from_name.unwrap_or_else(|| "outboxd".to_string()),
+            timeout: timeout?,
+        }))
+    }
+}
+
+/// `local@domain.tld` without a display name, spaces or angle brackets.
+fn is_plain_address(text: &str) -> bool {
+    let Some((local, domain)) = text.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && domain.contains('.')
+        && !domain.starts_with('.')
+        && !domain.ends_with('.')
+        && !text.contains(|c: char| c.is_whitespace() || "<>(),;:\"[]".contains(c))
+        && !domain.contains('@')
+}
+
+impl RawNotify {
+    /// Returns the timings; `smtp` is filled in by the caller.
+    fn validate(self, problems: &mut Vec<Problem>) -> Option<NotifyConfig> {
+        let window = duration(problems, "notify.window", self.window.as_deref(), "15m");
+        let gather = duration(problems, "notify.gather", self.gather.as_deref(), "1m");
+        let poll_interval = duration(
+            problems,
+            "notify.poll_interval",
+            self.poll_interval.as_deref(),
+            "5s",
+        );
+        let retry_delay = duration(
+            problems,
+            "notify.retry_delay",
+            self.retry_delay.as_deref(),
+            "30s",
+        );
+        Some(NotifyConfig {
+            smtp: None,
+            window: window?,
+            gather: gather?,
+            poll_interval: poll_interval?,
+            retry_delay: retry_delay?,
+        })
+    }
 }
 
 impl RawRetry {
@@ -715,6 +928,42 @@ mod tests {
                 &["database.password_file"],
             ),
             ("[log]\nformat = \"xml\"", &["log.format"]),
+            ("[delivery]\nconcurrency = 0", &["delivery.concurrency"]),
+            ("[delivery]\nrequest_timeout = \"30s\"", &["delivery.lease"]),
+            (
+                "[delivery]\nrequest_timeout = \"30s\"\nlease = \"70s\"",
+                &[],
+            ),
+            (
+                "[delivery]\nconnect_timeout = \"20s\"",
+                &["delivery.connect_timeout"],
+            ),
+            (
+                "[delivery]\nmax_response_bytes = 10",
+                &["delivery.max_response_bytes"],
+            ),
+            ("[retry]\nmax_attempts = 0", &["retry.max_attempts"]),
+            ("[retry]\njitter = 1.5", &["retry.jitter"]),
+            ("[retry]\nbase_delay = \"2h\"", &["retry.base_delay"]),
+            ("[smtp]\nhost = \"mail.example.com\"", &["smtp.from"]),
+            (
+                "[smtp]\nhost = \"h\"\nfrom = \"Ops <ops@x.com>\"",
+                &["smtp.from"],
+            ),
+            (
+                "[smtp]\nhost = \"h\"\nfrom = \"o@x.com\"\ntls = \"ssl\"",
+                &["smtp.tls"],
+            ),
+            (
+                "[smtp]\nhost = \"h\"\nfrom = \"o@x.com\"\nusername = \"u\"",
+                &["smtp.username"],
+            ),
+            (
+                "[smtp]\nhost = \"h\"\nfrom = \"o@x.com\"\nusername = \"u\"\npassword = \"p\"",
+                &[],
+            ),
+            ("[smtp]\nfrom = \"not checked without a host\"", &[]),
+            ("[notify]\nwindow = \"soon\"", &["notify.window"]),
             ("[log]\nlevel = \"outboxd=loud\"", &["log.level"]),
             ("[log]\nlevel = \"debug\"\nformat = \"json\"", &[]),
             (
@@ -725,6 +974,17 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(problems_of(text), *want, "config:\n{text}");
         }
+    }
+
+    #[test]
+    fn smtp_port_follows_the_tls_mode() {
+        for (tls, port) in [("starttls", 587), ("implicit", 465), ("none", 25)] {
+            let text = format!("[smtp]\nhost = \"h\"\nfrom = \"o@x.com\"\ntls = \"{tls}\"");
+            let config = raw_from_toml(&text).unwrap().validate().unwrap();
+            assert_eq!(config.notify.smtp.unwrap().port, port, "{tls}");
+        }
+        let config = RawConfig::default().validate().unwrap();
+        assert_eq!(config.notify.smtp, None);
     }
 
     #[test]
@@ -755,7 +1015,8 @@ mod tests {
 
     #[test]
     fn secrets_do_not_show_in_debug_output() {
-        let text = "[database]\nurl = \"postgres://u:urlpw@h/db\"\npassword = \"filepw\"";
+        let text = "[database]\nurl = \"postgres://u:urlpw@h/db\"\npassword = \"filepw\"\n\
+                    [smtp]\nhost = \"h\"\nfrom = \"o@x.com\"\nusername = \"u\"\npassword = \"smtppw\"";
         let raw = raw_from_toml(text).unwrap();
         let raw_debug = format!("{raw:?}");
         let config = raw.validate().unwrap();
@@ -763,6 +1024,7 @@ mod tests {
         for shown in [raw_debug, debug, format!("{:?}", Secret::new("tok"))] {
             assert!(!shown.contains("urlpw"), "{shown}");
             assert!(!shown.contains("filepw"), "{shown}");
+            assert!(!shown.contains("smtppw"), "{shown}");
             assert!(!shown.contains("tok\""), "{shown}");
         }
     }

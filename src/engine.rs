@@ -27,6 +27,7 @@ use crate::classify::{self, Answer, Verdict};
 use crate::config::Config;
 use crate::deliver::Deliverer;
 use crate::migrate::{self, SchemaState};
+use crate::notify::Mailer;
 use crate::record::{self, AttemptKind, Outcome};
 use crate::{db, listen, webhook};
 
@@ -90,6 +91,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     // holds back new claims while the database is slow.
     let (outcomes_tx, outcomes_rx) = mpsc::channel(config.delivery.concurrency * 2);
     let recorder = tokio::spawn(record::run(pool.clone(), owner.clone(), outcomes_rx));
+    let mailer_stop = CancellationToken::new();
+    let mailer = tokio::spawn(
+        Mailer::new(pool.clone(), owner.clone(), config.notify.clone()).run(mailer_stop.clone()),
+    );
     let shared = Arc::new(Shared {
         deliverer: Deliverer::new(&config.delivery),
         retry: config.retry.clone(),
@@ -185,6 +190,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         tracing::warn!("could not record the last outcomes in time; their leases will expire");
     }
     let _ = listener.await;
+    // The mailer finishes the email it is sending (bounded by the SMTP
+    // timeouts); queued ones wait in the database for the next start.
+    mailer_stop.cancel();
+    let _ = mailer.await;
     tracing::info!(
         drained_in = ?drain_started.elapsed(),
         abandoned,

@@ -11,7 +11,11 @@
 //!   - [`classify`]: judging the receiver's answer (pure);
 //!   - [`backoff`]: when to retry (pure);
 //!   - [`record`]: the next state of each event, written in fenced batches
-//!     with `sql/queries/record.sql`.
+//!     with `sql/queries/record.sql`, queueing a notification for each final
+//!     failure in the same statement.
+//! - [`notify`]: the mailer: gathers notifications into throttled emails and
+//!   sends them, with [`email`] (what an email says, pure) and [`smtp`]
+//!   (mail-send, one SMTP transaction per recipient).
 //! - [`config`]: figment loading and validation of `config.toml` and
 //!   `OUTBOXD_…` variables; secrets as [`config::Secret`].
 //! - [`db`]: connections, and PostgreSQL errors as readable text.
@@ -29,9 +33,12 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod deliver;
+pub mod email;
 pub mod engine;
 pub mod listen;
 pub mod logging;
 pub mod migrate;
+pub mod notify;
 pub mod record;
+pub mod smtp;
 pub mod webhook;

@@ -21,11 +21,18 @@ pub struct Migration {
 
 /// Every migration this binary knows, oldest first. Append only: a released
 /// migration is never edited (the checksum check refuses that).
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "outbox_schema",
-    sql: include_str!("../sql/migrations/0001_outbox_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "outbox_schema",
+        sql: include_str!("../sql/migrations/0001_outbox_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "notifications",
+        sql: include_str!("../sql/migrations/0002_notifications.sql"),
+    },
+];
 
 /// The schema version this binary expects.
 pub fn latest_version() -> i32 {

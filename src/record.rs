@@ -66,6 +66,10 @@ pub struct Outcome {
     pub started_at: SystemTime,
     pub duration: Duration,
     pub http_status: Option<u16>,
+    /// Email the endpoint's notify_emails: the event failed for good after
+    /// a real attempt (not for a missing endpoint or a broken payload, which
+    /// the company cannot fix).
+    pub notify: bool,
 }
 
 /// What a delivery that was never sent means: no usable endpoint, a payload
@@ -82,6 +86,7 @@ pub fn not_sent(event: &ClaimedEvent, kind: AttemptKind, error: String) -> Outco
         started_at: SystemTime::now(),
         duration: Duration::ZERO,
         http_status: None,
+        notify: false,
     }
 }
 
@@ -153,6 +158,7 @@ pub fn decide(
         started_at,
         duration,
         http_status,
+        notify: next == NextState::Failed,
     }
 }
 
@@ -179,6 +185,7 @@ pub async fn write(
     let mut statuses = Vec::with_capacity(n);
     let mut kinds = Vec::with_capacity(n);
     let mut attempt_messages = Vec::with_capacity(n);
+    let mut notify = Vec::with_capacity(n);
     for o in outcomes {
         ids.push(o.event_id);
         attempts.push(o.attempt);
@@ -196,6 +203,7 @@ pub async fn write(
         statuses.push(o.http_status.map(|s| s as i16));
         kinds.push(o.kind.as_str());
         attempt_messages.push(o.response_message.as_deref().or(o.error.as_deref()));
+        notify.push(o.notify);
     }
     let rows = client
         .query(
@@ -213,6 +221,7 @@ pub async fn write(
                 &kinds,
                 &attempt_messages,
                 &owner,
+                &notify,
             ],
         )
         .await

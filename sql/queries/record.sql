@@ -1,5 +1,6 @@
 -- record: write the outcomes of a group of finished deliveries in one round
--- trip, and log one attempt row each.
+-- trip, log one attempt row each, and queue an error notification for each
+-- event that failed for good, in the same transaction as its marking.
 --
 -- Every event update is fenced: it applies only while the row is still leased
 -- at the attempt number this delivery claimed. If the lease ran out and
@@ -19,12 +20,15 @@
 -- $10 text[]        attempt outcome: success | rejected | retryable | permanent | no_endpoint
 -- $11 text[]        attempt message: the external message, else the error
 -- $12 text          this instance's name
+-- $13 bool[]        notify the endpoint's notify_emails (it failed for good after a real attempt)
 WITH outcome AS (
     SELECT *
       FROM unnest($1::uuid[], $2::int[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-                  $7::timestamptz[], $8::int[], $9::smallint[], $10::text[], $11::text[])
+                  $7::timestamptz[], $8::int[], $9::smallint[], $10::text[], $11::text[],
+                  $13::bool[])
            AS o(id, attempt, state, retry_in_ms, response_message, last_error,
-                started_at, duration_ms, http_status, attempt_outcome, attempt_message)
+                started_at, duration_ms, http_status, attempt_outcome, attempt_message,
+                notify)
 ), marked AS (
     UPDATE outbox.events AS e
        SET state = o.state,
@@ -41,7 +45,15 @@ WITH outcome AS (
      WHERE e.id = o.id
        AND e.state = 'leased'
        AND e.attempts = o.attempt
- RETURNING e.id
+ RETURNING e.id, e.attempts, e.company_id, e.event_type
+), notified AS (
+    INSERT INTO outbox.notifications (event_id, company_id, event_type, endpoint_url)
+    SELECT m.id, m.company_id, m.event_type, ep.url
+      FROM marked AS m
+      JOIN outcome AS o ON o.id = m.id AND o.attempt = m.attempts
+      JOIN outbox.endpoints AS ep
+        ON ep.company_id = m.company_id AND ep.event_type = m.event_type
+     WHERE o.notify AND cardinality(ep.notify_emails) > 0
 ), logged AS (
     -- Logged even when the fence refused the update: the request was made.
     INSERT INTO outbox.attempts (event_id, attempt, started_at, duration_ms, http_status,

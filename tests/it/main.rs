@@ -8,5 +8,7 @@
 mod cli;
 mod delivery;
 mod harness;
+mod notify;
 mod receiver;
+mod smtp;
 mod sql_contract;

@@ -2,9 +2,10 @@
 # Shared set-up helpers for scripts/test and .ci/run. Source this file, do not
 # execute it:
 #
-#   . scripts/lib/postgres.sh
-#   ensure_build_deps   # C toolchain + OpenSSL headers for openssl-sys
-#   ensure_postgres     # exports DATABASE_URL pointing at a live server
+#   . scripts/lib/setup.sh
+#   ensure_build_deps        # C toolchain + OpenSSL headers for openssl-sys
+#   ensure_smtp_test_server  # Python with aiosmtpd, for the tests' SMTP server
+#   ensure_postgres          # exports DATABASE_URL pointing at a live server
 #
 # Call ensure_postgres in the shell that runs the tests, not in a subshell such
 # as $(...): a private cluster is stopped by an EXIT trap of that shell.
@@ -245,4 +246,13 @@ ensure_postgres() {
 
     _outboxd_pg_start_private
     _outboxd_log "nothing usable at $wanted; using private PostgreSQL at 127.0.0.1:$_OUTBOXD_PG_PORT (data in $_OUTBOXD_PG_DIR, removed on exit)"
+}
+
+# The integration tests run a real SMTP server: tests/smtp/server.py on
+# Debian's Python with aiosmtpd (package python3-aiosmtpd).
+ensure_smtp_test_server() {
+    if [[ -x /usr/bin/python3 ]] && /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1; then
+        return 0
+    fi
+    _outboxd_apt_install python3 python3-aiosmtpd
 }

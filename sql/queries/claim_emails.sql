@@ -1,0 +1,21 @@
+-- claim_emails: lease up to $1 due emails to instance $2 for $3 ms. Due:
+-- pending and next_attempt_at reached, or sending with the lease run out (its
+-- mailer died). Like events, claiming increments attempts, the fence of the
+-- mark that follows.
+WITH due AS (
+    SELECT id
+      FROM outbox.emails
+     WHERE state IN ('pending', 'sending')
+       AND next_attempt_at <= now()
+     ORDER BY next_attempt_at
+     LIMIT $1
+       FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox.emails AS e
+   SET state = 'sending',
+       attempts = e.attempts + 1,
+       lease_owner = $2,
+       next_attempt_at = now() + $3::bigint * interval '1 millisecond'
+  FROM due
+ WHERE e.id = due.id
+RETURNING e.id, e.company_id, e.event_type, e.recipients, e.sent_to, e.refused, e.attempts

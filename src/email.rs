@@ -1,0 +1,332 @@
+//! What an error-notification email says: subject, plain text and HTML, for
+//! one failed event or a digest of several. Pure: the mailer loads the rows
+//! ([`FailedEvent`]) and sends what this renders.
+//!
+//! Nothing secret is in reach here: the rows carry the endpoint URL (which
+//! the schema keeps free of credentials), never its password or token.
+
+use std::fmt::Write as _;
+use std::time::SystemTime;
+
+use crate::webhook::{PAYMENT_CANCELLATION, PaymentCancellation};
+
+/// One failed event, as the email reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedEvent {
+    pub id: uuid::Uuid,
+    pub event_type: String,
+    pub company_id: i64,
+    pub payload: String,
+    pub attempts: i32,
+    /// What the external system said, if anything.
+    pub response_message: Option<String>,
+    /// outboxd's description of the failure.
+    pub last_error: Option<String>,
+    pub endpoint_url: String,
+    pub first_attempt: Option<SystemTime>,
+    pub last_attempt: Option<SystemTime>,
+}
+
+/// A rendered email.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub subject: String,
+    pub text: String,
+    pub html: String,
+}
+
+/// The product's name for an event type ("Payment Cancellation").
+fn webhook_name(event_type: &str) -> String {
+    if event_type == PAYMENT_CANCELLATION {
+        "Payment Cancellation".to_string()
+    } else {
+        format!("\"{event_type}\"")
+    }
+}
+
+/// How a payment is named in the email: "payment 2271".
+struct Subject {
+    headline: String,
+    /// (label, value) lines describing the event.
+    details: Vec<(&'static str, String)>,
+}
+
+fn describe(event: &FailedEvent) -> Subject {
+    if event.event_type == PAYMENT_CANCELLATION {
+        if let Ok(p) = PaymentCancellation::parse(&event.payload, event.company_id) {
+            let orders = p
+                .order_ids
+                .as_deref()
+                .map(|ids| ids.replace(',', ", "))
+                .unwrap_or_else(|| "none".to_string());
+            return Subject {
+                headline: format!("payment {}", p.payment_number),
+                details: vec![
+                    ("Payment number", p.payment_number.clone()),
+                    ("Payment id", p.payment_id.to_string()),
+                    ("Order ids", orders),
+                ],
+            };
+        }
+    }
+    Subject {
+        headline: format!("event {}", event.id),
+        details: vec![("Payload", event.payload.clone())],
+    }
+}
+
+fn outcome_line(event: &FailedEvent) -> String {
+    match (&event.response_message, &event.last_error) {
+        (Some(message), Some(error)) => format!("{error}; the external system said: {message}"),
+        (Some(message), None) => format!("the external system said: {message}"),
+        (None, Some(error)) => error.clone(),
+        (None, None) => "no answer recorded".to_string(),
+    }
+}
+
+fn time(t: Option<SystemTime>) -> String {
+    t.map(|t| humantime::format_rfc3339_seconds(t).to_string())
+        .unwrap_or_else(|| "-".to_string())
+}
+
+const NEXT_STEPS: &str = "What to do next: fix the cause first. If the external system rejected \
+the event, its message above says why. If the request failed, check that the endpoint is up, \
+reachable from outboxd, and that its credentials are right. Then have the event sent again \
+(replayed) with the event id above; it keeps its Idempotency-Key, so the external system can \
+recognise a repeat.";
+
+/// Renders the email for `events` (all of one company and event type),
+/// which must not be empty.
+pub fn render(events: &[FailedEvent]) -> Rendered {
+    let first = &events[0];
+    let name = webhook_name(&first.event_type);
+    let subject = if events.len() == 1 {
+        format!(
+            "{name} webhook failed: {} (company {})",
+            describe(first).headline,
+            first.company_id
+        )
+    } else {
+        format!(
+            "{name} webhook failed for {} events (company {})",
+            events.len(),
+            first.company_id
+        )
+    };
+
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "The {name} webhook of company {} could not be delivered{}.\n",
+        first.company_id,
+        if events.len() == 1 {
+            String::new()
+        } else {
+            format!(" for {} events", events.len())
+        }
+    );
+    let mut html = String::new();
+    let _ = write!(
+        html,
+        "<html><body style=\"font-family: sans-serif\">\n<p>The {} webhook of company {} could not be delivered{}.</p>\n",
+        escape(&name),
+        first.company_id,
+        if events.len() == 1 {
+            String::new()
+        } else {
+            format!(" for {} events", events.len())
+        }
+    );
+
+    for (i, event) in events.iter().enumerate() {
+        let what = describe(event);
+        let mut rows: Vec<(&str, String)> = vec![("Company id", event.company_id.to_string())];
+        rows.extend(what.details);
+        rows.extend([
+            ("Event id", event.id.to_string()),
+            ("Endpoint", event.endpoint_url.clone()),
+            ("Result", outcome_line(event)),
+            ("Attempts", event.attempts.to_string()),
+            ("First attempt", time(event.first_attempt)),
+            ("Last attempt", time(event.last_attempt)),
+        ]);
+        let title = if events.len() == 1 {
+            capitalise(&what.headline)
+        } else {
+            format!("{}. {}", i + 1, capitalise(&what.headline))
+        };
+        let _ = writeln!(text, "{title}");
+        for (label, value) in &rows {
+            let _ = writeln!(text, "  {:<15} {value}", format!("{label}:"));
+        }
+        let _ = writeln!(text);
+
+        let _ = writeln!(
+            html,
+            "<h3>{}</h3>\n<table cellpadding=\"3\">",
+            escape(&title)
+        );
+        for (label, value) in &rows {
+            let _ = writeln!(
+                html,
+                "<tr><th align=\"left\">{}</th><td>{}</td></tr>",
+                escape(label),
+                escape(value)
+            );
+        }
+        let _ = writeln!(html, "</table>");
+    }
+    let _ = writeln!(text, "{}", wrap(NEXT_STEPS, 72));
+    let _ = writeln!(
+        text,
+        "\n-- \nSent by outboxd, at most once per endpoint per throttling window."
+    );
+    let _ = write!(
+        html,
+        "<p>{}</p>\n<p style=\"color: #666\">Sent by outboxd, at most once per endpoint per throttling window.</p>\n</body></html>\n",
+        escape(NEXT_STEPS)
+    );
+    Rendered {
+        subject,
+        text,
+        html,
+    }
+}
+
+/// Greedy word wrap for the plain-text part, which mail clients show as is.
+fn wrap(text: &str, width: usize) -> String {
+    let mut out = String::new();
+    let mut line_len = 0;
+    for word in text.split_whitespace() {
+        if line_len > 0 && line_len + 1 + word.chars().count() > width {
+            out.push('\n');
+            line_len = 0;
+        } else if line_len > 0 {
+            out.push(' ');
+            line_len += 1;
+        }
+        out.push_str(word);
+        line_len += word.chars().count();
+    }
+    out
+}
+
+fn capitalise(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(c) => c.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// HTML-escapes text for element content and attribute values. Five
+/// replacements, written here rather than pulling in a crate for them.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn failed(number: &str, message: Option<&str>, error: Option<&str>) -> FailedEvent {
+        FailedEvent {
+            id: uuid::Uuid::nil(),
+            event_type: PAYMENT_CANCELLATION.into(),
+            company_id: 6316,
+            payload: format!(
+                r#"{{"companyId": 6316, "paymentId": 222125, "paymentNumber": "{number}", "orderIds": "17899,17900"}}"#
+            ),
+            attempts: 3,
+            response_message: message.map(str::to_string),
+            last_error: error.map(str::to_string),
+            endpoint_url: "https://erp.example.com/hooks/cancel".into(),
+            first_attempt: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000)),
+            last_attempt: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_600)),
+        }
+    }
+
+    #[test]
+    fn one_failure_names_the_payment_and_what_was_said() {
+        let r = render(&[failed(
+            "2271",
+            Some("Payment 2271 is already settled"),
+            Some("rejected by the external system (status 0)"),
+        )]);
+        assert_eq!(
+            r.subject,
+            "Payment Cancellation webhook failed: payment 2271 (company 6316)"
+        );
+        for part in [&r.text, &r.html] {
+            for want in [
+                "6316",
+                "2271",
+                "222125",
+                "17899, 17900",
+                "https://erp.example.com/hooks/cancel",
+                "Payment 2271 is already settled",
+                "2026-11-18T",
+                "What to do next",
+            ] {
+                assert!(part.contains(want), "{want:?} missing from:\n{part}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_digest_lists_every_event() {
+        let events: Vec<_> = (1..=50)
+            .map(|i| failed(&format!("P-{i}"), None, Some("HTTP 503")))
+            .collect();
+        let r = render(&events);
+        assert_eq!(
+            r.subject,
+            "Payment Cancellation webhook failed for 50 events (company 6316)"
+        );
+        for i in 1..=50 {
+            assert!(r.text.contains(&format!("Payment P-{i}\n")), "P-{i}");
+            assert!(r.html.contains(&format!("Payment P-{i}</h3>")), "P-{i}");
+        }
+    }
+
+    #[test]
+    fn plain_text_is_wrapped_at_72_columns() {
+        let r = render(&[failed("1", None, Some("HTTP 503"))]);
+        let next = r.text.split("What to do next").nth(1).unwrap();
+        assert!(next.lines().all(|l| l.chars().count() <= 72), "{next}");
+        assert_eq!(wrap("a bb ccc", 4), "a bb\nccc");
+    }
+
+    #[test]
+    fn html_is_escaped() {
+        let r = render(&[failed("<b>&", Some("<script>x</script>"), None)]);
+        assert!(!r.html.contains("<script>"));
+        assert!(r.html.contains("&lt;script&gt;"));
+        assert!(r.html.contains("&lt;b&gt;&amp;"));
+    }
+
+    #[test]
+    fn other_event_types_show_their_payload() {
+        let mut e = failed("1", None, Some("HTTP 404"));
+        e.event_type = "invoice.created".into();
+        e.payload = r#"{"invoiceId": 7}"#.into();
+        let r = render(&[e]);
+        assert!(
+            r.subject
+                .starts_with("\"invoice.created\" webhook failed: event ")
+        );
+        assert!(r.text.contains(r#"{"invoiceId": 7}"#));
+    }
+}

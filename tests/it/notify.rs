@@ -1,0 +1,404 @@
+//! Error-notification emails, end to end: a real receiver that fails, the
+//! daemon, and a real SMTP server process.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::harness::{Daemon, TestDb, eventually};
+use crate::receiver::{Receiver, Reply};
+use crate::smtp::{SmtpServer, free_port};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Daemon settings for SMTP on `port`, with short timings.
+fn smtp_env(port: u16, extra: &[(&'static str, &'static str)]) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        ("OUTBOXD_SMTP__HOST", "127.0.0.1".to_string()),
+        ("OUTBOXD_SMTP__PORT", port.to_string()),
+        ("OUTBOXD_SMTP__TLS", "none".to_string()),
+        (
+            "OUTBOXD_SMTP__FROM",
+            "outboxd@sales.example.com".to_string(),
+        ),
+        ("OUTBOXD_SMTP__TIMEOUT", "5s".to_string()),
+        ("OUTBOXD_NOTIFY__GATHER", "300ms".to_string()),
+        ("OUTBOXD_NOTIFY__POLL_INTERVAL", "100ms".to_string()),
+        ("OUTBOXD_NOTIFY__RETRY_DELAY", "200ms".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env
+}
+
+async fn start(db: &TestDb, env: &[(String, String)]) -> Daemon {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    Daemon::start(db, &env).await
+}
+
+/// A receiver that rejects everything with status 0.
+async fn rejecting_receiver() -> Receiver {
+    Receiver::start(|req, _| {
+        let number = req.json()["paymentNumber"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string();
+        Reply::Json(
+            200,
+            json!({"status": "0", "error": format!("Payment {number} is already settled")}),
+        )
+    })
+    .await
+}
+
+async fn endpoint(client: &Client, company: i64, url: &str, emails: &[&str]) {
+    let emails: Vec<String> = emails.iter().map(|e| e.to_string()).collect();
+    client
+        .execute(
+            "INSERT INTO outbox.endpoints (company_id, url, auth_type, token, notify_emails)
+             VALUES ($1, $2, 'bearer', 'bearer-SECRET-token', $3)",
+            &[&company, &url, &emails],
+        )
+        .await
+        .unwrap();
+}
+
+async fn count(client: &Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rejected_event_sends_one_email_to_exactly_the_configured_recipients() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = rejecting_receiver().await;
+    endpoint(
+        &client,
+        6316,
+        &receiver.url("/hooks"),
+        &["ops@example.com", "finance@example.com"],
+    )
+    .await;
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &["--user", "mailer", "--password", "smtp-SECRET-pw"]).await;
+    let env = smtp_env(
+        port,
+        &[
+            ("OUTBOXD_SMTP__USERNAME", "mailer"),
+            ("OUTBOXD_SMTP__PASSWORD", "smtp-SECRET-pw"),
+        ],
+    );
+    let daemon = start(&db, &env).await;
+    client
+        .query_one(
+            "SELECT outbox.enqueue_payment_cancellation(6316, 222125, '2271', ARRAY[17899,17900])",
+            &[],
+        )
+        .await
+        .unwrap();
+
+    // One SMTP transaction per recipient, the same message in each.
+    let mails = smtp.wait_for(2, SECS(20)).await;
+    let mut rcpts: Vec<String> = mails.iter().flat_map(|m| m.rcpt_tos.clone()).collect();
+    rcpts.sort();
+    assert_eq!(rcpts, ["finance@example.com", "ops@example.com"]);
+    assert_eq!(mails[0].raw, mails[1].raw);
+    let mail = &mails[0];
+    assert_eq!(mail.mail_from, "outboxd@sales.example.com");
+    assert!(mail.to.contains("ops@example.com") && mail.to.contains("finance@example.com"));
+    assert_eq!(mail.content_type, "multipart/alternative");
+    assert!(mail.defects.is_empty(), "MIME defects: {:?}", mail.defects);
+    assert!(
+        mail.subject
+            .contains("Payment Cancellation webhook failed: payment 2271"),
+        "{}",
+        mail.subject
+    );
+    for part in ["text/plain", "text/html"] {
+        let body = mail.part(part);
+        for want in [
+            "2271",
+            "222125",
+            "17899, 17900",
+            "Payment 2271 is already settled",
+            "What to do next",
+        ] {
+            assert!(body.contains(want), "{part} lacks {want:?}:\n{body}");
+        }
+        assert!(
+            body.contains(&receiver.url("/hooks")),
+            "{part} lacks the endpoint URL"
+        );
+    }
+
+    // Exactly once: the email is marked sent and no more arrive.
+    eventually("the email marked sent", SECS(10), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.emails WHERE state = 'sent'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let log = daemon.log();
+    assert!(daemon.stop().await.success());
+    assert_eq!(smtp.mails().len(), 2);
+    for m in smtp.mails() {
+        assert!(
+            !m.raw.contains("SECRET"),
+            "a secret in the email:\n{}",
+            m.raw
+        );
+    }
+    for line in log {
+        assert!(!line.contains("SECRET"), "a secret in the log: {line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_failures_in_one_window_make_one_digest_listing_all() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = rejecting_receiver().await;
+    endpoint(&client, 6316, &receiver.url("/"), &["ops@example.com"]).await;
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &[]).await;
+    // Failures gather for 2 s; the window keeps a second email away for an hour.
+    let env = smtp_env(
+        port,
+        &[
+            ("OUTBOXD_NOTIFY__GATHER", "2s"),
+            ("OUTBOXD_NOTIFY__WINDOW", "1h"),
+        ],
+    );
+    let daemon = start(&db, &env).await;
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(6316, 1000 + g, 'P-' || g) FROM generate_series(1, 50) g",
+        )
+        .await
+        .unwrap();
+    let mails = smtp.wait_for(1, SECS(30)).await;
+    let digest = &mails[0];
+    assert!(
+        digest.subject.contains("failed for 50 events"),
+        "{}",
+        digest.subject
+    );
+    let text = digest.part("text/plain");
+    for i in 1..=50 {
+        assert!(text.contains(&format!("Payment P-{i}\n")), "P-{i} missing");
+    }
+    // A failure after the email waits for the window: gathered into nothing yet.
+    client
+        .query_one(
+            "SELECT outbox.enqueue_payment_cancellation(6316, 9999, 'LATE')",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually("the late failure queued", SECS(10), || async {
+        count(&client, "SELECT count(*) FROM outbox.notifications").await == 51
+    })
+    .await;
+    daemon.stop().await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox.emails").await,
+        1
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.notifications WHERE email_id IS NULL"
+        )
+        .await,
+        1,
+        "the late one waits for the next window"
+    );
+    assert_eq!(smtp.mails().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn notifications_made_while_smtp_is_down_are_all_sent_once_it_is_up() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = rejecting_receiver().await;
+    for company in 1..=3 {
+        endpoint(
+            &client,
+            company,
+            &receiver.url("/"),
+            &["ops@example.com", "cfo@example.com"],
+        )
+        .await;
+    }
+    // Nothing listens on this port yet.
+    let port = free_port();
+    let daemon = start(&db, &smtp_env(port, &[])).await;
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(c, c, 'P-' || c) FROM generate_series(1, 3) c",
+        )
+        .await
+        .unwrap();
+    // Every email has been tried and deferred at least once.
+    eventually("three emails tried against the dead server", SECS(20), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.emails WHERE attempts >= 1 AND state = 'pending' AND last_error IS NOT NULL",
+        )
+        .await
+            == 3
+    })
+    .await;
+    assert!(daemon.log().iter().any(|l| l.contains("will retry")));
+
+    let smtp = SmtpServer::start(port, &[]).await;
+    smtp.wait_for(6, SECS(30)).await;
+    eventually("all three emails sent", SECS(10), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.emails WHERE state = 'sent'",
+        )
+        .await
+            == 3
+    })
+    .await;
+    daemon.stop().await;
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 6, "one per recipient per email, none twice");
+    let mut seen: Vec<(String, String)> = mails
+        .iter()
+        .map(|m| (m.subject.clone(), m.rcpt_tos.join(",")))
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_recipient_does_not_block_the_others() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = rejecting_receiver().await;
+    endpoint(
+        &client,
+        6316,
+        &receiver.url("/"),
+        &["gone@example.com", "ops@example.com", "busy@example.com"],
+    )
+    .await;
+    let port = free_port();
+    let smtp = SmtpServer::start(
+        port,
+        &[
+            "--refuse",
+            "gone@example.com",
+            "--defer",
+            "busy@example.com",
+        ],
+    )
+    .await;
+    let daemon = start(&db, &smtp_env(port, &[])).await;
+    client
+        .query_one(
+            "SELECT outbox.enqueue_payment_cancellation(6316, 1, '1')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mails = smtp.wait_for(1, SECS(20)).await;
+    assert_eq!(mails[0].rcpt_tos, ["ops@example.com"]);
+    // The refused address is given up on; the deferred one is retried.
+    eventually("a retry for the busy mailbox", SECS(10), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.emails
+              WHERE sent_to = ARRAY['ops@example.com'] AND refused = ARRAY['gone@example.com']
+                AND state = 'pending' AND attempts >= 2",
+        )
+        .await
+            == 1
+    })
+    .await;
+    daemon.stop().await;
+    assert_eq!(
+        smtp.mails().len(),
+        1,
+        "ops@ got it once, however often busy@ was retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_smtp_notifications_stay_queued() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = rejecting_receiver().await;
+    endpoint(&client, 6316, &receiver.url("/"), &["ops@example.com"]).await;
+    let daemon = Daemon::start(
+        &db,
+        &[
+            ("OUTBOXD_NOTIFY__GATHER", "100ms"),
+            ("OUTBOXD_NOTIFY__POLL_INTERVAL", "100ms"),
+        ],
+    )
+    .await;
+    daemon.wait_for_log("smtp.host is not set", SECS(5)).await;
+    client
+        .query_one(
+            "SELECT outbox.enqueue_payment_cancellation(6316, 1, '1')",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually("the email queued", SECS(10), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.emails WHERE state = 'pending' AND attempts = 0",
+        )
+        .await
+            == 1
+    })
+    .await;
+    daemon.stop().await;
+
+    let ran = crate::harness::run(db.outboxd().arg("check")).await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(ran.stdout.contains("smtp: not configured"), "{ran:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_email_for_a_missing_endpoint_or_a_delivered_event() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let ok = Receiver::ok().await;
+    endpoint(&client, 1, &ok.url("/"), &["ops@example.com"]).await;
+    let port = free_port();
+    let _smtp = SmtpServer::start(port, &[]).await;
+    let daemon = start(&db, &smtp_env(port, &[])).await;
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, 1, '1');
+             SELECT outbox.enqueue_payment_cancellation(2, 2, '2');",
+        )
+        .await
+        .unwrap();
+    eventually("both events final", SECS(10), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE state IN ('delivered', 'failed')",
+        )
+        .await
+            == 2
+    })
+    .await;
+    daemon.stop().await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox.notifications").await,
+        0
+    );
+}
