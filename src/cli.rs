@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::db;
 use crate::engine::{self, EngineError};
+use crate::logging::LogHandle;
 use crate::migrate::{self, MigrateError, SchemaState};
 
 /// Delivers webhooks from a PostgreSQL transactional outbox.
@@ -107,23 +108,34 @@ impl From<Exit> for ExitCode {
     }
 }
 
-/// Runs a parsed subcommand with a loaded configuration.
-pub async fn run(command: Command, config: Config) -> Exit {
+/// Runs a parsed subcommand with a loaded configuration. `config_path` is
+/// the `--config` given, for re-reading on SIGHUP.
+pub async fn run(
+    command: Command,
+    config: Config,
+    config_path: Option<PathBuf>,
+    log: LogHandle,
+) -> Exit {
     match command {
         Command::Migrate => run_migrate(&config).await,
         Command::Check => run_check(&config).await,
-        Command::Run => run_daemon(config).await,
+        Command::Run => run_daemon(config, config_path, log).await,
     }
 }
 
-async fn run_daemon(config: Config) -> Exit {
+async fn run_daemon(config: Config, config_path: Option<PathBuf>, log: LogHandle) -> Exit {
     let shutdown = CancellationToken::new();
     let signals = match shutdown_on_signals(shutdown.clone()) {
         Ok(task) => task,
         Err(e) => return fail(&format!("installing signal handlers: {e}")),
     };
+    let reloads = match reload_on_sighup(config_path, log) {
+        Ok(task) => task,
+        Err(e) => return fail(&format!("installing signal handlers: {e}")),
+    };
     let result = engine::run(config, shutdown).await;
     signals.abort();
+    reloads.abort();
     match result {
         Ok(_) => Exit::Ok,
         Err(e @ EngineError::Schema { .. }) => {
@@ -133,6 +145,33 @@ async fn run_daemon(config: Config) -> Exit {
         Err(EngineError::SchemaCheck(e)) => migrate_failed(&e),
         Err(e) => fail(&e),
     }
+}
+
+/// SIGHUP re-reads the configuration and applies what can change safely
+/// while running: `log.level`. Everything else needs a restart (the README
+/// says so); an invalid file changes nothing.
+fn reload_on_sighup(
+    config_path: Option<PathBuf>,
+    log: LogHandle,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match crate::config::load(config_path.as_deref()) {
+                Ok(config) => match log.set_level(&config.log.level) {
+                    Ok(()) => {
+                        tracing::info!(level = %config.log.level, "SIGHUP: reloaded log.level")
+                    }
+                    Err(e) => tracing::warn!(reason = %e, "SIGHUP: log level not changed"),
+                },
+                Err(e) => tracing::warn!(
+                    error = %e.to_string().replace('\n', "; "),
+                    "SIGHUP: the configuration is invalid; keeping the current settings"
+                ),
+            }
+        }
+    }))
 }
 
 /// SIGTERM (systemd's stop) and SIGINT (Ctrl-C) start the graceful shutdown.

@@ -16,7 +16,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 use serde::Deserialize;
 
 use crate::backoff::RetryPolicy;
@@ -58,7 +58,17 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub retry: RetryPolicy,
     pub notify: NotifyConfig,
+    pub metrics: MetricsConfig,
     pub log: LogConfig,
+}
+
+/// The admin HTTP server: /metrics, /healthz, /readyz.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// None: no admin server.
+    pub listen: Option<std::net::SocketAddr>,
+    /// How often the queue gauges are refreshed from the database.
+    pub refresh_interval: Duration,
 }
 
 /// Error-notification emails.
@@ -157,6 +167,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub notify: RawNotify,
     #[serde(default)]
+    pub metrics: RawMetrics,
+    #[serde(default)]
     pub log: RawLog,
 }
 
@@ -228,6 +240,13 @@ impl fmt::Debug for RawSmtp {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    pub listen: Option<String>,
+    pub refresh_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawNotify {
     pub window: Option<String>,
     pub gather: Option<String>,
@@ -257,6 +276,7 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postg
 const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 const DEFAULT_LOG_LEVEL: &str = "info";
 const DEFAULT_POOL_SIZE: u32 = 4;
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
 const DEFAULT_CONCURRENCY: u32 = 64;
 
 /// One thing wrong with the configuration.
@@ -289,10 +309,28 @@ fn display_figment(err: &figment::Error) -> String {
     // figment can gather several errors; show every one, not just the first.
     err.clone()
         .into_iter()
-        .map(|e| e.to_string())
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            if is_secret_key(&key) {
+                // figment's message quotes the value it found: not for these.
+                format!("{key}: invalid value (not shown, it may be a secret); expected a string")
+            } else {
+                e.to_string()
+            }
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// Keys whose values are secrets, or may contain one (a URL with a password).
+fn is_secret_key(key: &str) -> bool {
+    key.ends_with("password") || key == "database.url"
+}
+
+/// Secret keys read from the environment as raw strings. Through figment's
+/// Env provider, `OUTBOXD_DATABASE__PASSWORD=12345678` would become a number,
+/// fail to be a string, and be quoted in the error.
+const SECRET_ENV_KEYS: [&str; 2] = ["database.password", "smtp.password"];
 
 /// Picks the config file: the explicit path (which must exist), else the
 /// first default path that exists, else none (defaults and environment only).
@@ -325,11 +363,19 @@ pub fn extract(file: Option<&Path>) -> Result<RawConfig, ConfigError> {
         // file_exact: plain `file` would quietly search parent directories.
         figment = figment.merge(Toml::file_exact(path));
     }
-    figment = figment.merge(
-        Env::prefixed(ENV_PREFIX)
-            .ignore(&["config"]) // OUTBOXD_CONFIG is the --config flag
-            .split("__"),
-    );
+    let raw_keys: Vec<String> = SECRET_ENV_KEYS
+        .iter()
+        .map(|k| k.replace('.', "__"))
+        .collect();
+    let mut ignored: Vec<&str> = raw_keys.iter().map(String::as_str).collect();
+    ignored.push("config"); // OUTBOXD_CONFIG is the --config flag
+    figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&ignored).split("__"));
+    for (key, raw) in SECRET_ENV_KEYS.iter().zip(&raw_keys) {
+        let name = format!("{ENV_PREFIX}{}", raw.to_uppercase());
+        if let Ok(value) = std::env::var(&name) {
+            figment = figment.merge(Serialized::default(key, value));
+        }
+    }
     figment
         .extract()
         .map_err(|e| ConfigError::Extract(Box::new(e)))
@@ -346,20 +392,26 @@ impl RawConfig {
         let retry = self.retry.validate(&mut problems);
         let smtp = self.smtp.validate(&mut problems);
         let notify = self.notify.validate(&mut problems);
+        let metrics = self.metrics.validate(&mut problems);
         let log = self.log.validate(&mut problems);
-        match (database, delivery, retry, smtp, notify, log) {
-            (Some(database), Some(delivery), Some(retry), Some(smtp), Some(notify), Some(log))
-                if problems.is_empty() =>
-            {
-                Ok(Config {
-                    source: None,
-                    database,
-                    delivery,
-                    retry,
-                    notify: NotifyConfig { smtp, ..notify },
-                    log,
-                })
-            }
+        match (database, delivery, retry, smtp, notify, metrics, log) {
+            (
+                Some(database),
+                Some(delivery),
+                Some(retry),
+                Some(smtp),
+                Some(notify),
+                Some(metrics),
+                Some(log),
+            ) if problems.is_empty() => Ok(Config {
+                source: None,
+                database,
+                delivery,
+                retry,
+                notify: NotifyConfig { smtp, ..notify },
+                metrics,
+                log,
+            }),
             _ => Err(ConfigError::Invalid(problems)),
         }
     }
@@ -629,6 +681,40 @@ fn is_plain_address(text: &str) -> bool {
         && !domain.contains('@')
 }
 
+impl RawMetrics {
+    fn validate(self, problems: &mut Vec<Problem>) -> Option<MetricsConfig> {
+        let listen = match self.listen.as_deref().map(str::trim) {
+            None => Some(Some(
+                DEFAULT_METRICS_LISTEN.parse().expect("a valid address"),
+            )),
+            Some("" | "off") => Some(None),
+            Some(text) => match text.parse() {
+                Ok(addr) => Some(Some(addr)),
+                Err(_) => {
+                    problem(
+                        problems,
+                        "metrics.listen",
+                        format!(
+                            "{text:?} is not an address like \"127.0.0.1:9187\" (or \"off\" for no admin server)"
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let refresh_interval = duration(
+            problems,
+            "metrics.refresh_interval",
+            self.refresh_interval.as_deref(),
+            "15s",
+        );
+        Some(MetricsConfig {
+            listen: listen?,
+            refresh_interval: refresh_interval?,
+        })
+    }
+}
+
 impl RawNotify {
     /// Returns the timings; `smtp` is filled in by the caller.
     fn validate(self, problems: &mut Vec<Problem>) -> Option<NotifyConfig> {
@@ -766,6 +852,10 @@ fn problem(problems: &mut Vec<Problem>, key: &str, message: impl Into<String>) {
     });
 }
 
+/// No duration setting has a use beyond this, and bounding them keeps every
+/// computed retry time representable.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// A number within bounds, inclusive.
 fn in_range<T>(problems: &mut Vec<Problem>, key: &str, value: T, min: T, max: T) -> Option<T>
 where
@@ -808,6 +898,10 @@ fn duration(
     match humantime::parse_duration(text) {
         Ok(d) if d.is_zero() => {
             problem(problems, key, "must be greater than zero");
+            None
+        }
+        Ok(d) if d > MAX_DURATION => {
+            problem(problems, key, "must be at most 30 days");
             None
         }
         Ok(d) => Some(d),
@@ -945,6 +1039,7 @@ mod tests {
             ("[retry]\nmax_attempts = 0", &["retry.max_attempts"]),
             ("[retry]\njitter = 1.5", &["retry.jitter"]),
             ("[retry]\nbase_delay = \"2h\"", &["retry.base_delay"]),
+            ("[retry]\nmax_age = \"400days\"", &["retry.max_age"]),
             ("[smtp]\nhost = \"mail.example.com\"", &["smtp.from"]),
             (
                 "[smtp]\nhost = \"h\"\nfrom = \"Ops <ops@x.com>\"",
@@ -964,6 +1059,9 @@ mod tests {
             ),
             ("[smtp]\nfrom = \"not checked without a host\"", &[]),
             ("[notify]\nwindow = \"soon\"", &["notify.window"]),
+            ("[metrics]\nlisten = \"localhost\"", &["metrics.listen"]),
+            ("[metrics]\nlisten = \"off\"", &[]),
+            ("[metrics]\nlisten = \"[::1]:9187\"", &[]),
             ("[log]\nlevel = \"outboxd=loud\"", &["log.level"]),
             ("[log]\nlevel = \"debug\"\nformat = \"json\"", &[]),
             (

@@ -3,6 +3,8 @@
 //! `migrate` and `check` need one short-lived connection each; the delivery
 //! engine will add a pool beside this.
 
+use std::time::Duration;
+
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::DatabaseConfig;
@@ -89,13 +91,28 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Server-side limits for pooled sessions: no statement runs over 30 s and
+/// no lock is waited on for over 10 s (a DBA's `LOCK TABLE` must not stall
+/// deliveries silently).
+const POOLED_SESSION_OPTIONS: &str = "-c statement_timeout=30s -c lock_timeout=10s";
+
 /// The connection pool for claiming and recording. Connections are opened
 /// lazily, so building it never fails on an unreachable database; the first
 /// `get()` does, after at most twice the connect timeout.
 pub fn pool(config: &DatabaseConfig) -> deadpool_postgres::Pool {
     use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+    let mut pg = config.pg.clone();
+    // Every pooled statement (claim, record, mailer, gauges) is short. These
+    // bounds turn a blocked lock or a dead server into an error the caller
+    // retries, instead of a task that hangs (and a shutdown that waits on it).
+    let options = match pg.get_options() {
+        Some(own) if !own.trim().is_empty() => format!("{POOLED_SESSION_OPTIONS} {own}"),
+        _ => POOLED_SESSION_OPTIONS.to_string(),
+    };
+    pg.options(options);
+    pg.tcp_user_timeout(Duration::from_secs(30));
     let manager = Manager::from_config(
-        config.pg.clone(),
+        pg,
         NoTls,
         ManagerConfig {
             // Fast: a broken connection shows up as an error on use and is

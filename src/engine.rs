@@ -26,10 +26,12 @@ use crate::claim::{self, ClaimedEvent};
 use crate::classify::{self, Answer, Verdict};
 use crate::config::Config;
 use crate::deliver::Deliverer;
+use crate::maintenance::Maintenance;
 use crate::migrate::{self, SchemaState};
 use crate::notify::Mailer;
 use crate::record::{self, AttemptKind, Outcome};
-use crate::{db, listen, webhook};
+use crate::service::{self, Watchdog};
+use crate::{admin, db, listen, metrics, webhook};
 
 /// Largest claim, whatever the concurrency: one statement locking thousands
 /// of rows would hold its locks (and other instances' SKIP LOCKED scans) for
@@ -53,6 +55,13 @@ pub enum EngineError {
     Schema { database: i32, binary: i32 },
     #[error("{0}")]
     SchemaCheck(#[from] migrate::MigrateError),
+    #[error("the task that records delivery outcomes stopped unexpectedly")]
+    Recorder,
+    #[error("metrics.listen: cannot serve on {addr}: {reason}")]
+    Admin {
+        addr: std::net::SocketAddr,
+        reason: String,
+    },
 }
 
 /// What shutdown left behind.
@@ -73,11 +82,45 @@ struct Shared {
 /// Runs until `shutdown` is cancelled, then drains.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary, EngineError> {
     let owner = instance_name();
+    let metrics_handle = match crate::metrics::install() {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics are not recorded");
+            None
+        }
+    };
     let pool = db::pool(&config.database);
     check_schema(&pool).await?;
 
     let wake = Arc::new(Notify::new());
     let listening = Arc::new(AtomicBool::new(false));
+    // Admin server and maintenance run until the very end, so /readyz and
+    // /metrics answer during the drain too.
+    let background_stop = CancellationToken::new();
+    let mut background = Vec::new();
+    if let (Some(addr), Some(handle)) = (config.metrics.listen, metrics_handle.clone()) {
+        let state = admin::State {
+            metrics: handle,
+            pool: pool.clone(),
+            listening: listening.clone(),
+        };
+        let (bound, task) = admin::start(addr, state, background_stop.clone())
+            .await
+            .map_err(|e| EngineError::Admin {
+                addr,
+                reason: e.to_string(),
+            })?;
+        tracing::info!(url = %format!("http://{bound}"), "admin HTTP listening (/metrics, /healthz, /readyz)");
+        background.push(task);
+    }
+    background.push(tokio::spawn(
+        Maintenance::new(
+            pool.clone(),
+            metrics_handle,
+            config.metrics.refresh_interval,
+        )
+        .run(background_stop.clone()),
+    ));
     let listener_stop = CancellationToken::new();
     let listener = tokio::spawn(listen::run(
         config.database.pg.clone(),
@@ -109,7 +152,20 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         "outboxd is delivering"
     );
 
+    // The schema is checked and the database answers: tell systemd.
+    service::ready();
+    let mut watchdog = Watchdog::from_env();
+    let mut recorder_died = false;
     'serve: loop {
+        watchdog.ping();
+        if recorder.is_finished() {
+            // Without a recorder every outcome would be lost and every event
+            // re-sent after its lease, forever: stop instead, and let the
+            // service manager restart the daemon.
+            tracing::error!("the recorder stopped; shutting down");
+            recorder_died = true;
+            break 'serve;
+        }
         // Claim until a claim comes back short (nothing more is due) or
         // shutdown; with every slot busy, wait for one to free up.
         loop {
@@ -117,28 +173,33 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
             let permits = tokio::select! {
                 _ = shutdown.cancelled() => break 'serve,
                 permits = free_slots(&slots) => permits,
+                // Every slot busy (slow receivers): still alive, say so.
+                _ = tokio::time::sleep(config.delivery.poll_interval) => {
+                    watchdog.ping();
+                    continue;
+                }
             };
             let wanted = permits.num_permits();
-            let claimed = {
-                let client = match pool.get().await {
-                    Ok(client) => client,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "no database connection for claiming");
-                        pause(&shutdown, CLAIM_ERROR_BACKOFF).await;
-                        break;
-                    }
-                };
-                claim::claim(&**client, wanted, &owner, config.delivery.lease).await
+            // Cancelled by shutdown: a claim dropped half-way may still
+            // commit, and then its lease brings the rows back.
+            let claimed = tokio::select! {
+                _ = shutdown.cancelled() => break 'serve,
+                claimed = claim_batch(&pool, wanted, &owner, config.delivery.lease) => claimed,
             };
             let events = match claimed {
                 Ok(events) => events,
                 Err(e) => {
+                    metrics::database_error("claim");
                     tracing::warn!(error = %e, "claim failed");
                     pause(&shutdown, CLAIM_ERROR_BACKOFF).await;
                     break;
                 }
             };
             let got = events.len();
+            if got > 0 {
+                tracing::debug!(claimed = got, wanted, "claimed due events");
+            }
+            metrics::claimed(got, events.iter().filter(|e| e.lease_expired).count());
             let mut permits = permits;
             for event in events {
                 let permit = permits.split(1).expect("one permit per claimed event");
@@ -153,12 +214,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         let poll = jittered(config.delivery.poll_interval);
         tokio::select! {
             _ = shutdown.cancelled() => break 'serve,
-            _ = wake.notified() => tracing::trace!("woken by NOTIFY"),
-            _ = tokio::time::sleep(poll) => tracing::trace!("poll tick"),
+            _ = wake.notified() => metrics::wakeup("notify"),
+            _ = tokio::time::sleep(poll) => metrics::wakeup("poll"),
         }
     }
 
     // Phase two: no more claims; let what runs finish.
+    service::stopping();
     listener_stop.cancel();
     reap(&mut tasks);
     let in_flight = tasks.len();
@@ -189,16 +251,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     {
         tracing::warn!("could not record the last outcomes in time; their leases will expire");
     }
-    let _ = listener.await;
+    // The listener stops at its next await point; bounded all the same.
+    let _ = tokio::time::timeout(Duration::from_secs(2), listener).await;
     // The mailer finishes the email it is sending (bounded by the SMTP
     // timeouts); queued ones wait in the database for the next start.
     mailer_stop.cancel();
     let _ = mailer.await;
+    background_stop.cancel();
+    for task in background {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
     tracing::info!(
         drained_in = ?drain_started.elapsed(),
         abandoned,
         "outboxd stopped"
     );
+    if recorder_died {
+        return Err(EngineError::Recorder);
+    }
     Ok(Summary { abandoned })
 }
 
@@ -212,6 +282,21 @@ fn reap(tasks: &mut JoinSet<()>) {
             }
         }
     }
+}
+
+async fn claim_batch(
+    pool: &deadpool_postgres::Pool,
+    wanted: usize,
+    owner: &str,
+    lease: Duration,
+) -> Result<Vec<ClaimedEvent>, String> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| format!("no database connection: {e}"))?;
+    claim::claim(&**client, wanted, owner, lease)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn check_schema(pool: &deadpool_postgres::Pool) -> Result<(), EngineError> {
@@ -256,6 +341,14 @@ fn jittered(interval: Duration) -> Duration {
 async fn deliver_one(event: ClaimedEvent, shared: Arc<Shared>, slot: OwnedSemaphorePermit) {
     let outcome = attempt(&event, &shared).await;
     log_outcome(&event, &outcome);
+    // A request went out when there is a status, or when it failed in
+    // transport (retryable without one); otherwise it was never sent.
+    let sent = outcome.http_status.is_some() || outcome.kind == AttemptKind::Retryable;
+    metrics::attempt(
+        &event.event_type,
+        outcome.kind.as_str(),
+        sent.then_some(outcome.duration),
+    );
     // Fails only if the recorder is gone, i.e. at the very end of a
     // shutdown; the lease then brings the event back.
     let _ = shared.outcomes.send(outcome).await;

@@ -3,6 +3,9 @@
 //! Map of the crate:
 //!
 //! - [`cli`]: the subcommands and their exit codes.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`metrics`] names every
+//!   metric; [`maintenance`] refreshes the queue gauges; [`service`] speaks
+//!   systemd's notify protocol (READY, STOPPING, WATCHDOG).
 //! - [`engine`]: `outboxd run`, the loop that ties the delivery roles together:
 //!   - [`listen`]: LISTEN/NOTIFY wake-ups (a hint; polling is the truth);
 //!   - [`claim`]: leasing due events with `sql/queries/claim.sql`;
@@ -26,6 +29,7 @@
 //! The SQL contract with the sales application (tables, states, enqueue
 //! functions) lives in `sql/migrations/` and is documented in the README.
 
+pub mod admin;
 pub mod backoff;
 pub mod claim;
 pub mod classify;
@@ -37,8 +41,11 @@ pub mod email;
 pub mod engine;
 pub mod listen;
 pub mod logging;
+pub mod maintenance;
+pub mod metrics;
 pub mod migrate;
 pub mod notify;
 pub mod record;
+pub mod service;
 pub mod smtp;
 pub mod webhook;

@@ -28,6 +28,9 @@ const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(30);
 /// path would otherwise wait hours (the kernel default) to notice.
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 
+/// Bound on the start-up exchange when no connect timeout is configured.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
 /// Keeps a LISTEN connection up until `shutdown`; calls `wake.notify_one()`
 /// for each notification and after each (re)connect. `connected` tells
 /// whether the listener is up right now.
@@ -39,12 +42,21 @@ pub async fn run(
 ) {
     pg.keepalives(true).keepalives_idle(KEEPALIVE_IDLE);
     let mut delay = FIRST_RECONNECT_DELAY;
+    let mut reconnect = false;
     while !shutdown.is_cancelled() {
-        match listen_once(&pg, &wake, &connected, &shutdown).await {
+        let result = listen_once(&pg, &wake, &connected, &shutdown, reconnect).await;
+        reconnect = true;
+        match result {
             Ok(()) => return, // shut down
-            Err(reason) => {
+            Err(lost) => {
                 connected.store(false, Ordering::Relaxed);
-                tracing::warn!(error = %reason, retry_in = ?delay, "LISTEN connection lost; polling continues meanwhile");
+                ::metrics::gauge!(crate::metrics::LISTEN_CONNECTED).set(0.0);
+                crate::metrics::database_error("listen");
+                if lost.was_listening {
+                    // It worked for a while: a blip, not an outage.
+                    delay = FIRST_RECONNECT_DELAY;
+                }
+                tracing::warn!(error = %lost.reason, retry_in = ?delay, "LISTEN connection lost; polling continues meanwhile");
             }
         }
         tokio::select! {
@@ -55,14 +67,41 @@ pub async fn run(
     }
 }
 
+/// Why a connection ended, and whether it had got as far as listening.
+struct Lost {
+    reason: String,
+    was_listening: bool,
+}
+
+impl From<String> for Lost {
+    fn from(reason: String) -> Lost {
+        Lost {
+            reason,
+            was_listening: false,
+        }
+    }
+}
+
 /// One connection's life. Ok on shutdown, Err with the reason it ended.
 async fn listen_once(
     pg: &tokio_postgres::Config,
     wake: &Notify,
     connected: &AtomicBool,
     shutdown: &CancellationToken,
-) -> Result<(), String> {
-    let (client, mut connection) = pg.connect(NoTls).await.map_err(|e| db::describe(&e))?;
+    reconnect: bool,
+) -> Result<(), Lost> {
+    // connect_timeout bounds the TCP connect only; a server that accepts
+    // and then says nothing would hold the start-up exchange (and shutdown)
+    // forever without this.
+    let limit = pg.get_connect_timeout().copied().unwrap_or(CONNECT_LIMIT) * 2;
+    let (client, mut connection) = tokio::select! {
+        connected = tokio::time::timeout(limit, pg.connect(NoTls)) => match connected {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => return Err(db::describe(&e).into()),
+            Err(_) => return Err(format!("no answer within {limit:?}").into()),
+        },
+        _ = shutdown.cancelled() => return Ok(()),
+    };
     let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     // The LISTEN's reply arrives through the same connection future, so it
     // must be driven while we wait for it.
@@ -77,13 +116,17 @@ async fn listen_once(
             }
             message = messages.next() => match message {
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(db::describe(&e)),
-                None => return Err("connection closed".into()),
+                Some(Err(e)) => return Err(db::describe(&e).into()),
+                None => return Err("connection closed".to_string().into()),
             },
             _ = shutdown.cancelled() => return Ok(()),
         }
     }
+    if reconnect {
+        ::metrics::counter!(crate::metrics::LISTEN_RECONNECTS).increment(1);
+    }
     connected.store(true, Ordering::Relaxed);
+    ::metrics::gauge!(crate::metrics::LISTEN_CONNECTED).set(1.0);
     tracing::info!(channel = CHANNEL, "listening for NOTIFY");
     // Whatever was notified while we were not listening: poll now.
     wake.notify_one();
@@ -92,8 +135,8 @@ async fn listen_once(
             message = messages.next() => match message {
                 Some(Ok(AsyncMessage::Notification(_))) => wake.notify_one(),
                 Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(db::describe(&e)),
-                None => return Err("connection closed".into()),
+                Some(Err(e)) => return Err(Lost { reason: db::describe(&e), was_listening: true }),
+                None => return Err(Lost { reason: "connection closed".into(), was_listening: true }),
             },
             _ = shutdown.cancelled() => return Ok(()),
         }

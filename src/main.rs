@@ -16,7 +16,7 @@ fn main() -> ExitCode {
             return Exit::Usage.into();
         }
     };
-    logging::init(&config.log);
+    let log = logging::init(&config.log);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -24,5 +24,7 @@ fn main() -> ExitCode {
             return Exit::Failure.into();
         }
     };
-    runtime.block_on(cli::run(cli.command, config)).into()
+    runtime
+        .block_on(cli::run(cli.command, config, cli.config, log))
+        .into()
 }

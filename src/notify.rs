@@ -103,7 +103,10 @@ impl Mailer {
                     );
                 }
                 Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "notification mailer"),
+                Err(e) => {
+                    crate::metrics::database_error("mailer");
+                    tracing::warn!(error = %e, "notification mailer");
+                }
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -203,6 +206,8 @@ impl Mailer {
             sent_to.extend(outcome.accepted.iter().cloned());
             refused.extend(outcome.refused.iter().map(|(r, _)| r.clone()));
             report.refused += outcome.refused.len() as u64;
+            ::metrics::counter!(crate::metrics::NOTIFICATION_RECIPIENTS_REFUSED)
+                .increment(outcome.refused.len() as u64);
             if let Some((_, reason)) = outcome.deferred.first() {
                 error = Some(reason.clone());
             } else if let Some((_, reason)) = outcome.refused.first() {
@@ -226,9 +231,13 @@ impl Mailer {
             .map_err(step("marking an email"))?
             .map(|r| r.get(0));
         match state.as_deref() {
-            Some("sent") => report.sent += 1,
+            Some("sent") => {
+                report.sent += 1;
+                ::metrics::counter!(crate::metrics::NOTIFICATIONS_SENT).increment(1);
+            }
             Some(_) => {
                 report.deferred += 1;
+                ::metrics::counter!(crate::metrics::NOTIFICATIONS_FAILED).increment(1);
                 tracing::warn!(
                     email_id = email.id,
                     attempt = email.attempt,

@@ -11,7 +11,7 @@ use uuid::Uuid;
 use crate::backoff::{GiveUpReason, Next, RetryPolicy};
 use crate::claim::ClaimedEvent;
 use crate::classify::{MAX_MESSAGE_CHARS, Verdict, truncate_chars};
-use crate::db;
+use crate::{db, metrics};
 
 const RECORD_SQL: &str = include_str!("../sql/queries/record.sql");
 
@@ -19,6 +19,10 @@ const RECORD_SQL: &str = include_str!("../sql/queries/record.sql");
 /// whatever has queued up to this; 500 rows of arrays stay well below any
 /// statement-size concern and keep one round trip under a few milliseconds.
 pub const MAX_RECORD_BATCH: usize = 500;
+
+/// No retry is put further out than this, whatever the policy computed: the
+/// database's interval type and the people waiting both have limits.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// The event's next state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +59,10 @@ impl AttemptKind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub event_id: Uuid,
+    /// For metrics labels.
+    pub event_type: String,
+    /// Time since the event was enqueued, at the end of this attempt.
+    pub age: Duration,
     /// The claimed attempt number: the fence.
     pub attempt: i32,
     pub next: NextState,
@@ -78,6 +86,8 @@ pub struct Outcome {
 pub fn not_sent(event: &ClaimedEvent, kind: AttemptKind, error: String) -> Outcome {
     Outcome {
         event_id: event.id,
+        event_type: event.event_type.clone(),
+        age: event.age,
         attempt: event.attempt,
         next: NextState::Failed,
         kind,
@@ -150,6 +160,8 @@ pub fn decide(
     };
     Outcome {
         event_id: event.id,
+        event_type: event.event_type.clone(),
+        age: event.age + duration,
         attempt: event.attempt,
         next,
         kind,
@@ -163,8 +175,26 @@ pub fn decide(
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("recording delivery outcomes: {0}")]
-pub struct RecordError(pub String);
+#[error("recording delivery outcomes: {message}")]
+pub struct RecordError {
+    pub message: String,
+    /// The statement was refused for what it carried (SQLSTATE class 22,
+    /// data exception, or 23, integrity violation): retrying the same batch
+    /// would fail the same way.
+    pub bad_data: bool,
+}
+
+impl From<tokio_postgres::Error> for RecordError {
+    fn from(e: tokio_postgres::Error) -> RecordError {
+        let bad_data = e
+            .code()
+            .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"));
+        RecordError {
+            message: db::describe(&e),
+            bad_data,
+        }
+    }
+}
 
 /// Writes `outcomes` in one statement. Returns the ids whose rows were
 /// marked; the others had lost their lease and were left alone.
@@ -192,7 +222,7 @@ pub async fn write(
         let (state, delay) = match o.next {
             NextState::Delivered => ("delivered", None),
             NextState::Failed => ("failed", None),
-            NextState::Retry(d) => ("pending", Some(d.as_millis().min(i64::MAX as u128) as i64)),
+            NextState::Retry(d) => ("pending", Some(d.min(MAX_RETRY_DELAY).as_millis() as i64)),
         };
         states.push(state);
         retry_ms.push(delay);
@@ -224,8 +254,7 @@ pub async fn write(
                 &notify,
             ],
         )
-        .await
-        .map_err(|e| RecordError(db::describe(&e)))?;
+        .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
@@ -247,18 +276,19 @@ pub async fn run(
         loop {
             match write_pooled(&pool, &owner, &batch).await {
                 Ok(marked) => {
-                    if marked.len() < batch.len() {
-                        for o in batch.iter().filter(|o| !marked.contains(&o.event_id)) {
-                            tracing::warn!(
-                                event_id = %o.event_id,
-                                attempt = o.attempt,
-                                "outcome not recorded: the lease ran out and the event was claimed again"
-                            );
-                        }
-                    }
+                    count_marked(&batch, &marked);
+                    break;
+                }
+                Err(e) if e.bad_data => {
+                    // One outcome poisons the group: write them one by one
+                    // so the others land, and record the bad one as failed.
+                    metrics::database_error("record");
+                    tracing::error!(error = %e, "a group of outcomes was refused; recording them one by one");
+                    write_one_by_one(&pool, &owner, &batch).await;
                     break;
                 }
                 Err(e) => {
+                    metrics::database_error("record");
                     tracing::warn!(error = %e, pending = batch.len(), retry_in = ?delay, "recording failed; will retry");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(30));
@@ -269,15 +299,75 @@ pub async fn run(
     }
 }
 
+/// Writes each outcome on its own. One the database still refuses becomes a
+/// plain final failure carrying the reason (it has no retry time, message or
+/// status that could be what was refused); if even that is refused, the
+/// event is left to its lease.
+async fn write_one_by_one(pool: &deadpool_postgres::Pool, owner: &str, batch: &[Outcome]) {
+    for outcome in batch {
+        let single = std::slice::from_ref(outcome);
+        match write_pooled(pool, owner, single).await {
+            Ok(marked) => count_marked(single, &marked),
+            Err(e) => {
+                let fallback = Outcome {
+                    next: NextState::Failed,
+                    kind: AttemptKind::Permanent,
+                    response_message: None,
+                    error: Some(truncate_chars(
+                        &format!("could not record the outcome: {}", e.message),
+                        MAX_MESSAGE_CHARS,
+                    )),
+                    http_status: None,
+                    notify: false,
+                    ..outcome.clone()
+                };
+                match write_pooled(pool, owner, std::slice::from_ref(&fallback)).await {
+                    Ok(marked) => count_marked(std::slice::from_ref(&fallback), &marked),
+                    Err(e) => tracing::error!(
+                        event_id = %outcome.event_id,
+                        error = %e,
+                        "cannot record this outcome at all; the event is retried after its lease"
+                    ),
+                }
+            }
+        }
+    }
+}
+
+/// Metrics for what was written; a warning for each outcome the fence
+/// refused.
+fn count_marked(batch: &[Outcome], marked: &[Uuid]) {
+    let marked: std::collections::HashSet<&Uuid> = marked.iter().collect();
+    for o in batch {
+        if !marked.contains(&o.event_id) {
+            ::metrics::counter!(crate::metrics::OUTCOMES_FENCED).increment(1);
+            tracing::warn!(
+                event_id = %o.event_id,
+                attempt = o.attempt,
+                "outcome not recorded: the lease ran out and the event was claimed again"
+            );
+            continue;
+        }
+        match o.next {
+            NextState::Delivered => {
+                metrics::completed(&o.event_type, "delivered");
+                metrics::lag(&o.event_type, o.age);
+            }
+            NextState::Failed => metrics::completed(&o.event_type, "failed"),
+            NextState::Retry(_) => metrics::retried(&o.event_type),
+        }
+    }
+}
+
 async fn write_pooled(
     pool: &deadpool_postgres::Pool,
     owner: &str,
     batch: &[Outcome],
 ) -> Result<Vec<Uuid>, RecordError> {
-    let client = pool
-        .get()
-        .await
-        .map_err(|e| RecordError(format!("no database connection: {e}")))?;
+    let client = pool.get().await.map_err(|e| RecordError {
+        message: format!("no database connection: {e}"),
+        bad_data: false,
+    })?;
     write(&**client, owner, batch).await
 }
 

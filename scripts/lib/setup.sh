@@ -5,6 +5,7 @@
 #   . scripts/lib/setup.sh
 #   ensure_build_deps        # C toolchain + OpenSSL headers for openssl-sys
 #   ensure_smtp_test_server  # Python with aiosmtpd, for the tests' SMTP server
+#   ensure_ops_tools         # promtool and systemd-analyze, for the operations tests
 #   ensure_postgres          # exports DATABASE_URL pointing at a live server
 #
 # Call ensure_postgres in the shell that runs the tests, not in a subshell such
@@ -255,4 +256,13 @@ ensure_smtp_test_server() {
         return 0
     fi
     _outboxd_apt_install python3 python3-aiosmtpd
+}
+
+# The operations tests check the exposition and the alert rules with promtool
+# (Debian package prometheus) and the unit files with systemd-analyze.
+ensure_ops_tools() {
+    local -a missing=()
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+    ((${#missing[@]} == 0)) || _outboxd_apt_install "${missing[@]}"
 }

@@ -135,6 +135,10 @@ BEGIN
     IF NEW.notify_emails IS NULL THEN
         NEW.notify_emails := '{}';
     END IF;
+    IF NEW.enabled IS NULL THEN
+        RAISE EXCEPTION 'outbox.endpoints: enabled must be true or false, not NULL'
+            USING ERRCODE = 'not_null_violation', COLUMN = 'enabled';
+    END IF;
     IF cardinality(NEW.notify_emails) > 5 THEN
         RAISE EXCEPTION 'outbox.endpoints: at most 5 notify_emails are allowed, got %', cardinality(NEW.notify_emails)
             USING ERRCODE = 'check_violation', CONSTRAINT = 'endpoints_at_most_5_notify_emails';
@@ -149,6 +153,13 @@ BEGIN
         -- message useful on a settings screen.
         RAISE EXCEPTION 'outbox.endpoints: notify_emails contains a malformed address: "%"', bad
             USING ERRCODE = 'check_violation', CONSTRAINT = 'endpoints_notify_emails_valid';
+    END IF;
+    -- Timestamps are the database's to keep; a NULL here would otherwise
+    -- fail as a NOT NULL violation that prints the row, secrets included.
+    IF TG_OP = 'UPDATE' THEN
+        NEW.created_at := OLD.created_at;
+    ELSE
+        NEW.created_at := coalesce(NEW.created_at, now());
     END IF;
     NEW.updated_at := now();
     RETURN NEW;

@@ -6,7 +6,8 @@
 -- at the attempt number this delivery claimed. If the lease ran out and
 -- another instance claimed the event again (attempts moved on), this outcome
 -- is discarded rather than overwriting the newer one, so an event is marked
--- delivered or failed exactly once. The ids that were marked are returned.
+-- delivered or failed exactly once. The ids that were marked (or had been,
+-- by an earlier try of this same group) are returned.
 --
 --  $1 uuid[]        event ids
 --  $2 int[]         attempt numbers (the fence)
@@ -65,3 +66,10 @@ WITH outcome AS (
         ON CONFLICT (event_id, attempt) DO NOTHING
 )
 SELECT id FROM marked
+UNION ALL
+-- Already in the state this outcome sets, at this attempt: a retry of a
+-- group whose commit succeeded but whose reply was lost. Not a lost lease.
+SELECT o.id
+  FROM outcome AS o
+  JOIN outbox.events AS e ON e.id = o.id
+ WHERE e.attempts = o.attempt AND e.state = o.state AND e.lease_owner IS NULL

@@ -162,6 +162,8 @@ async fn invalid_configuration_exits_2_naming_the_key() {
     let dir = TempDir::new("cli-config");
     let typo = dir.join("typo.toml");
     std::fs::write(&typo, "[database]\npasword = \"hunter2\"\n").unwrap();
+    let numeric_password = dir.join("numeric-password.toml");
+    std::fs::write(&numeric_password, "[database]\npassword = 87654321\n").unwrap();
     let bad_value = dir.join("bad.toml");
     std::fs::write(&bad_value, "[log]\nformat = \"xml\"\n").unwrap();
 
@@ -209,6 +211,14 @@ async fn invalid_configuration_exits_2_naming_the_key() {
         (
             {
                 let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_outboxd"));
+                c.arg("--config").arg(&numeric_password);
+                c
+            },
+            "database.password: invalid value (not shown",
+        ),
+        (
+            {
+                let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_outboxd"));
                 c.arg("--config").arg(dir.join("missing.toml"));
                 c
             },
@@ -220,6 +230,7 @@ async fn invalid_configuration_exits_2_naming_the_key() {
         assert_eq!(ran.code, Some(2), "{want}: {ran:?}");
         assert!(ran.stderr.contains(want), "want {want:?} in: {ran:?}");
         assert!(!ran.stderr.contains("hunter2"), "secret leaked: {ran:?}");
+        assert!(!ran.stderr.contains("87654321"), "secret leaked: {ran:?}");
     }
 }
 
@@ -251,6 +262,20 @@ async fn a_password_file_is_read_and_never_printed() {
         ran.stderr.contains("database.password_file: cannot read"),
         "{ran:?}"
     );
+}
+
+#[tokio::test]
+async fn a_numeric_password_in_the_environment_is_taken_as_text() {
+    // Through figment's Env parsing, 12345678 would become a number, be
+    // refused as one, and be printed in the error.
+    let db = TestDb::new().await;
+    let ran = run(db
+        .outboxd()
+        .env("OUTBOXD_DATABASE__PASSWORD", "12345678")
+        .arg("check"))
+    .await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    assert!(!ran.stdout.contains("12345678") && !ran.stderr.contains("12345678"));
 }
 
 #[tokio::test]

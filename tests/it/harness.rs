@@ -249,6 +249,8 @@ impl Drop for TempDir {
 pub struct Daemon {
     child: tokio::process::Child,
     lines: tokio::sync::watch::Receiver<Vec<String>>,
+    /// `http://127.0.0.1:PORT` of its admin server (/metrics, /readyz).
+    pub admin: String,
 }
 
 impl Daemon {
@@ -256,13 +258,21 @@ impl Daemon {
     /// waits until it is delivering and listening.
     pub async fn start(db: &TestDb, env: &[(&str, &str)]) -> Daemon {
         let mut cmd = db.outboxd();
-        cmd.arg("run")
-            .env("RUST_LOG", "outboxd=debug,info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
+        cmd.env("RUST_LOG", "outboxd=debug,info");
         for (key, value) in env {
             cmd.env(key, value);
         }
+        Daemon::spawn(cmd).await
+    }
+
+    /// Runs `cmd` with `run` appended (an `outboxd` command with its config
+    /// and database chosen) and waits until it is delivering and listening.
+    pub async fn spawn(mut cmd: tokio::process::Command) -> Daemon {
+        cmd.arg("run")
+            // Tests run side by side: each admin server on a port of its own.
+            .env("OUTBOXD_METRICS__LISTEN", "127.0.0.1:0")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
         let mut child = cmd.spawn().expect("starting outboxd run");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = tokio::sync::watch::channel(Vec::new());
@@ -276,10 +286,26 @@ impl Daemon {
                 tx.send_modify(|lines| lines.push(line));
             }
         });
-        let daemon = Daemon { child, lines: rx };
+        let mut daemon = Daemon {
+            child,
+            lines: rx,
+            admin: String::new(),
+        };
         daemon
             .wait_for_log("listening for NOTIFY", std::time::Duration::from_secs(20))
             .await;
+        if let Some(line) = daemon
+            .log()
+            .iter()
+            .find(|l| l.contains("admin HTTP listening"))
+        {
+            let start = line.find("http://").expect("a URL in the admin line");
+            let url: String = line[start..]
+                .chars()
+                .take_while(|c| !c.is_whitespace() && *c != '"')
+                .collect();
+            daemon.admin = url;
+        }
         daemon
     }
 
@@ -343,6 +369,23 @@ impl Daemon {
         self.signal(libc::SIGTERM);
         self.wait(std::time::Duration::from_secs(30)).await
     }
+}
+
+/// GET `url`; returns the status and body.
+pub async fn http_get(url: &str) -> (u16, String) {
+    use http_body_util::{BodyExt, Empty};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<bytes::Bytes>>();
+    let response = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        client.get(url.parse().unwrap()),
+    )
+    .await
+    .expect("GET timed out")
+    .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Re-checks `condition` every 20 ms until it holds; panics after `timeout`

@@ -9,6 +9,8 @@ mod cli;
 mod delivery;
 mod harness;
 mod notify;
+mod ops;
+mod proxy;
 mod receiver;
 mod smtp;
 mod sql_contract;

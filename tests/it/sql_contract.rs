@@ -414,6 +414,27 @@ async fn bad_endpoint_rows_fail_with_a_message_naming_the_problem_and_no_secret(
             "a secret leaked: {everything}"
         );
     }
+    // NOT NULL columns are checked by the trigger too, before PostgreSQL's
+    // own NOT NULL error could print the row with its secret.
+    let err = client
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url, auth_type, token, enabled, created_at)
+             VALUES (9, 'https://x.example/h', 'bearer', 'tok-SECRET', NULL, NULL)",
+        )
+        .await
+        .unwrap_err();
+    let dberr = err.as_db_error().unwrap();
+    assert_eq!(dberr.code(), &SqlState::NOT_NULL_VIOLATION);
+    assert!(dberr.message().contains("enabled must be true or false"));
+    assert!(!format!("{dberr:?}").contains("SECRET"), "{dberr:?}");
+    client
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url, auth_type, token, created_at)
+             VALUES (9, 'https://x.example/h', 'bearer', 'tok-SECRET', NULL);
+             DELETE FROM outbox.endpoints WHERE company_id = 9;",
+        )
+        .await
+        .unwrap();
     // An update is checked the same way.
     client
         .batch_execute(

@@ -1,0 +1,83 @@
+//! Periodic upkeep outside the delivery path. For now: the queue gauges,
+//! refreshed by one cheap query every `metrics.refresh_interval` (not per
+//! delivery), and the exporter's own upkeep.
+//!
+//! Shape shared by maintenance services: `run_once()` does one round and
+//! returns what it found (what tests call); `run()` only ticks.
+
+use std::time::Duration;
+
+use metrics::gauge;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{EVENTS_LEASED, EVENTS_PENDING, NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE};
+
+const QUEUE_SQL: &str = include_str!("../sql/queries/queue_stats.sql");
+
+/// The queue as one query saw it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueueStats {
+    pub pending: i64,
+    pub leased: i64,
+    /// Age since enqueue of the oldest event due now, 0 when none is.
+    pub oldest_due_age: Duration,
+    pub emails_queued: i64,
+}
+
+pub struct Maintenance {
+    pool: deadpool_postgres::Pool,
+    metrics: Option<PrometheusHandle>,
+    interval: Duration,
+}
+
+impl Maintenance {
+    pub fn new(
+        pool: deadpool_postgres::Pool,
+        metrics: Option<PrometheusHandle>,
+        interval: Duration,
+    ) -> Maintenance {
+        Maintenance {
+            pool,
+            metrics,
+            interval,
+        }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            if let Err(e) = self.run_once().await {
+                crate::metrics::database_error("maintenance");
+                tracing::warn!(error = %e, "refreshing queue metrics");
+            }
+            if let Some(handle) = &self.metrics {
+                handle.run_upkeep();
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+        }
+    }
+
+    /// Reads the queue and sets the gauges.
+    pub async fn run_once(&self) -> Result<QueueStats, String> {
+        let client = self.pool.get().await.map_err(|e| e.to_string())?;
+        let row = client
+            .query_one(QUEUE_SQL, &[])
+            .await
+            .map_err(|e| crate::db::describe(&e))?;
+        let age_ms: i64 = row.get("oldest_due_age_ms");
+        let stats = QueueStats {
+            pending: row.get("pending"),
+            leased: row.get("leased"),
+            oldest_due_age: Duration::from_millis(age_ms.max(0) as u64),
+            emails_queued: row.get("emails_queued"),
+        };
+        gauge!(EVENTS_PENDING).set(stats.pending as f64);
+        gauge!(EVENTS_LEASED).set(stats.leased as f64);
+        gauge!(OLDEST_DUE_AGE).set(stats.oldest_due_age.as_secs_f64());
+        gauge!(NOTIFICATIONS_QUEUED).set(stats.emails_queued as f64);
+        Ok(stats)
+    }
+}

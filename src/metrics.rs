@@ -1,0 +1,204 @@
+//! Prometheus metrics: the names (a public interface: dashboards and alerts
+//! depend on them), their help texts and buckets, and the recorder.
+//!
+//! Labels are bounded: event type, outcome, state, wake-up source, the
+//! database operation. Never a company id, URL or payment: those would make
+//! one time series per tenant.
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const DELIVERY_ATTEMPTS: &str = "outboxd_delivery_attempts_total";
+pub const EVENTS_COMPLETED: &str = "outboxd_events_completed_total";
+pub const EVENTS_RETRIED: &str = "outboxd_events_retried_total";
+pub const DELIVERY_DURATION: &str = "outboxd_delivery_duration_seconds";
+pub const DELIVERY_LAG: &str = "outboxd_delivery_lag_seconds";
+pub const EVENTS_PENDING: &str = "outboxd_events_pending";
+pub const EVENTS_LEASED: &str = "outboxd_events_leased";
+pub const OLDEST_DUE_AGE: &str = "outboxd_oldest_due_event_age_seconds";
+pub const LEASES_EXPIRED: &str = "outboxd_leases_expired_total";
+pub const OUTCOMES_FENCED: &str = "outboxd_outcomes_fenced_total";
+pub const CLAIM_BATCHES: &str = "outboxd_claim_batches_total";
+pub const CLAIM_BATCH_SIZE: &str = "outboxd_claim_batch_size";
+pub const LISTEN_RECONNECTS: &str = "outboxd_listen_reconnects_total";
+pub const LISTEN_CONNECTED: &str = "outboxd_listen_connected";
+pub const WAKEUPS: &str = "outboxd_wakeups_total";
+pub const NOTIFICATIONS_SENT: &str = "outboxd_notification_emails_sent_total";
+pub const NOTIFICATIONS_FAILED: &str = "outboxd_notification_emails_failed_total";
+pub const NOTIFICATIONS_QUEUED: &str = "outboxd_notification_emails_queued";
+pub const NOTIFICATION_RECIPIENTS_REFUSED: &str = "outboxd_notification_recipients_refused_total";
+pub const DATABASE_ERRORS: &str = "outboxd_database_errors_total";
+pub const BUILD_INFO: &str = "outboxd_build_info";
+
+/// Webhook round trips: most receivers answer in tens of milliseconds; the
+/// top buckets catch the slow ones up to the 10 s default timeout.
+const DURATION_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Commit to delivered: milliseconds when all is well, up to hours while
+/// retries wait out a receiver's outage.
+const LAG_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+    3600.0, 14400.0, 86400.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0];
+
+/// Installs the process-wide recorder and returns the handle that renders
+/// `/metrics`. Call once, from the daemon.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(DELIVERY_DURATION.into()), DURATION_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(DELIVERY_LAG.into()), LAG_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(CLAIM_BATCH_SIZE.into()), BATCH_BUCKETS)
+        })
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    describe();
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Series that exist from the start, so rate() sees the first increment
+    // after a restart instead of the series appearing at 1.
+    for operation in ["claim", "record", "listen", "mailer", "maintenance"] {
+        counter!(DATABASE_ERRORS, "operation" => operation).absolute(0);
+    }
+    for source in ["notify", "poll"] {
+        counter!(WAKEUPS, "source" => source).absolute(0);
+    }
+    for name in [
+        LEASES_EXPIRED,
+        OUTCOMES_FENCED,
+        CLAIM_BATCHES,
+        LISTEN_RECONNECTS,
+        NOTIFICATIONS_SENT,
+        NOTIFICATIONS_FAILED,
+        NOTIFICATION_RECIPIENTS_REFUSED,
+    ] {
+        counter!(name).absolute(0);
+    }
+    gauge!(LISTEN_CONNECTED).set(0.0);
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(
+        DELIVERY_ATTEMPTS,
+        "Delivery attempts by event type and outcome (success, rejected, retryable, permanent, no_endpoint)."
+    );
+    describe_counter!(
+        EVENTS_COMPLETED,
+        "Events that reached a final state, by event type and state (delivered, failed)."
+    );
+    describe_counter!(
+        EVENTS_RETRIED,
+        "Failed attempts that were scheduled for a retry, by event type."
+    );
+    describe_histogram!(
+        DELIVERY_DURATION,
+        metrics::Unit::Seconds,
+        "Duration of one HTTP delivery attempt, by event type and outcome."
+    );
+    describe_histogram!(
+        DELIVERY_LAG,
+        metrics::Unit::Seconds,
+        "Time from enqueue to delivered, by event type."
+    );
+    describe_gauge!(
+        EVENTS_PENDING,
+        "Events waiting for their first attempt or a retry (refreshed on a timer)."
+    );
+    describe_gauge!(
+        EVENTS_LEASED,
+        "Events being delivered right now, all instances."
+    );
+    describe_gauge!(
+        OLDEST_DUE_AGE,
+        metrics::Unit::Seconds,
+        "Age since enqueue of the oldest event that is due now (0 when none is)."
+    );
+    describe_counter!(
+        LEASES_EXPIRED,
+        "Events claimed again after their lease ran out (a daemon died or stalled mid-delivery)."
+    );
+    describe_counter!(
+        OUTCOMES_FENCED,
+        "Outcomes discarded because the lease had been taken over by another claim."
+    );
+    describe_counter!(
+        CLAIM_BATCHES,
+        "Claim statements that returned at least one event."
+    );
+    describe_histogram!(CLAIM_BATCH_SIZE, "Events per non-empty claim.");
+    describe_counter!(
+        LISTEN_RECONNECTS,
+        "LISTEN connections re-established after a loss."
+    );
+    describe_counter!(WAKEUPS, "Delivery loop wake-ups by source (notify, poll).");
+    describe_counter!(
+        NOTIFICATIONS_SENT,
+        "Error-notification emails finished (every recipient accepted or refused)."
+    );
+    describe_counter!(
+        NOTIFICATIONS_FAILED,
+        "Error-notification email sends that left recipients for a retry (SMTP down, mailbox busy)."
+    );
+    describe_gauge!(
+        NOTIFICATIONS_QUEUED,
+        "Error-notification emails not sent yet, plus failures waiting to be gathered into one."
+    );
+    describe_counter!(
+        NOTIFICATION_RECIPIENTS_REFUSED,
+        "Notification recipients refused for good by the SMTP server."
+    );
+    describe_counter!(
+        DATABASE_ERRORS,
+        "Failed database operations by operation (claim, record, listen, mailer, maintenance)."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which outboxd runs."
+    );
+}
+
+/// One finished delivery attempt.
+pub fn attempt(event_type: &str, outcome: &'static str, duration: Option<Duration>) {
+    counter!(DELIVERY_ATTEMPTS, "event_type" => event_type.to_string(), "outcome" => outcome)
+        .increment(1);
+    if let Some(d) = duration {
+        histogram!(DELIVERY_DURATION, "event_type" => event_type.to_string(), "outcome" => outcome)
+            .record(d.as_secs_f64());
+    }
+}
+
+pub fn completed(event_type: &str, state: &'static str) {
+    counter!(EVENTS_COMPLETED, "event_type" => event_type.to_string(), "state" => state)
+        .increment(1);
+}
+
+pub fn retried(event_type: &str) {
+    counter!(EVENTS_RETRIED, "event_type" => event_type.to_string()).increment(1);
+}
+
+pub fn lag(event_type: &str, lag: Duration) {
+    histogram!(DELIVERY_LAG, "event_type" => event_type.to_string()).record(lag.as_secs_f64());
+}
+
+pub fn database_error(operation: &'static str) {
+    counter!(DATABASE_ERRORS, "operation" => operation).increment(1);
+}
+
+pub fn wakeup(source: &'static str) {
+    counter!(WAKEUPS, "source" => source).increment(1);
+}
+
+pub fn claimed(batch: usize, expired: usize) {
+    if batch > 0 {
+        counter!(CLAIM_BATCHES).increment(1);
+        histogram!(CLAIM_BATCH_SIZE).record(batch as f64);
+    }
+    if expired > 0 {
+        counter!(LEASES_EXPIRED).increment(expired as u64);
+    }
+}

@@ -1,0 +1,376 @@
+//! What SREs and systemd see: /metrics, /readyz, the notify protocol, and
+//! the checks on the shipped unit files and alert rules.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{Daemon, TempDir, TestDb, eventually, http_get, repo_root, url_with_dbname};
+use crate::proxy::Proxy;
+use crate::receiver::{Receiver, Reply};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Parses a text exposition into `name{sorted labels}` -> value.
+fn samples(exposition: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in exposition.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let key = match series.split_once('{') {
+            Some((name, labels)) => {
+                let mut labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                labels.sort();
+                format!("{name}{{{}}}", labels.join(","))
+            }
+            None => series.to_string(),
+        };
+        out.insert(key, value.parse().unwrap());
+    }
+    out
+}
+
+fn sample(all: &BTreeMap<String, f64>, key: &str) -> f64 {
+    *all.get(key)
+        .unwrap_or_else(|| panic!("no sample {key}; have:\n{:#?}", all.keys()))
+}
+
+/// Runs `promtool` with `args`, feeding `stdin`; returns (success, output).
+fn promtool(args: &[&str], stdin: &str) -> (bool, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(repo_root())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/test installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_what_was_delivered_failed_and_retried() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start(|req, nth| match req.path.as_str() {
+        "/reject" => Reply::Json(200, json!({"status": "0", "error": "no such payment"})),
+        "/flaky" if nth == 1 => Reply::Json(503, json!({"status": "0", "error": "busy"})),
+        _ => Reply::Json(200, json!({"status": "1", "message": "ok"})),
+    })
+    .await;
+    for (company, path) in [(1_i64, "/ok"), (2, "/reject"), (3, "/flaky")] {
+        client
+            .execute(
+                "INSERT INTO outbox.endpoints (company_id, url) VALUES ($1, $2)",
+                &[&company, &receiver.url(path)],
+            )
+            .await
+            .unwrap();
+    }
+    let daemon = Daemon::start(
+        &db,
+        &[
+            ("OUTBOXD_RETRY__BASE_DELAY", "100ms"),
+            ("OUTBOXD_RETRY__JITTER", "0"),
+            ("OUTBOXD_METRICS__REFRESH_INTERVAL", "100ms"),
+        ],
+    )
+    .await;
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, 1, '1');
+             SELECT outbox.enqueue_payment_cancellation(2, 2, '2');
+             SELECT outbox.enqueue_payment_cancellation(3, 3, '3');",
+        )
+        .await
+        .unwrap();
+    let metrics_url = format!("{}/metrics", daemon.admin);
+    eventually("the metrics to show all three events final", SECS(15), || async {
+        let all = samples(&http_get(&metrics_url).await.1);
+        all.get("outboxd_events_completed_total{event_type=\"payment.cancellation\",state=\"delivered\"}")
+            == Some(&2.0)
+            && all.get("outboxd_events_completed_total{event_type=\"payment.cancellation\",state=\"failed\"}")
+                == Some(&1.0)
+            && all.get("outboxd_events_pending") == Some(&0.0)
+    })
+    .await;
+    let (status, exposition) = http_get(&metrics_url).await;
+    assert_eq!(status, 200);
+    let all = samples(&exposition);
+    let pc = "event_type=\"payment.cancellation\"";
+    assert_eq!(
+        sample(&all, &format!("outboxd_events_retried_total{{{pc}}}")),
+        1.0
+    );
+    for (outcome, n) in [("success", 2.0), ("rejected", 1.0), ("retryable", 1.0)] {
+        assert_eq!(
+            sample(
+                &all,
+                &format!("outboxd_delivery_attempts_total{{{pc},outcome=\"{outcome}\"}}")
+            ),
+            n,
+            "{outcome}"
+        );
+    }
+    assert_eq!(
+        sample(&all, &format!("outboxd_delivery_lag_seconds_count{{{pc}}}")),
+        2.0
+    );
+    assert_eq!(sample(&all, "outboxd_oldest_due_event_age_seconds"), 0.0);
+    assert!(sample(&all, "outboxd_wakeups_total{source=\"notify\"}") >= 1.0);
+    assert_eq!(
+        sample(
+            &all,
+            &format!(
+                "outboxd_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
+    // Bounded labels: nothing per company or URL.
+    assert!(!exposition.contains("company"), "{exposition}");
+    assert!(!exposition.contains("127.0.0.1"), "{exposition}");
+
+    let (ok, out) = promtool(&["check", "metrics"], &exposition);
+    assert!(ok, "promtool check metrics:\n{out}");
+
+    let (status, body) = http_get(&format!("{}/healthz", daemon.admin)).await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_fails_while_the_database_is_unreachable_and_recovers() {
+    let db = TestDb::new().await;
+    let pg: tokio_postgres::Config = db.url.parse().unwrap();
+    let host = match &pg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("this test needs a TCP DATABASE_URL, not {other:?}"),
+    };
+    let upstream = tokio::net::lookup_host((host.as_str(), pg.get_ports()[0]))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start(upstream).await;
+    let via_proxy = url_with_dbname(
+        &format!("postgres://{}@{}", pg.get_user().unwrap(), proxy.addr),
+        &db.name,
+    );
+    let daemon = Daemon::start(
+        &db,
+        &[
+            ("OUTBOXD_DATABASE__URL", via_proxy.as_str()),
+            ("OUTBOXD_DATABASE__CONNECT_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    let readyz = format!("{}/readyz", daemon.admin);
+    assert_eq!(http_get(&readyz).await.0, 200);
+
+    proxy.cut();
+    eventually("/readyz to report the outage", SECS(15), || async {
+        let (status, body) = http_get(&readyz).await;
+        status == 503 && body.contains("not ready")
+    })
+    .await;
+    let (_, body) = http_get(&readyz).await;
+    assert!(
+        body.contains("database") || body.contains("LISTEN"),
+        "{body}"
+    );
+    // Alive all the same.
+    assert_eq!(http_get(&format!("{}/healthz", daemon.admin)).await.0, 200);
+
+    proxy.restore().await;
+    eventually("/readyz to recover", SECS(30), || async {
+        http_get(&readyz).await.0 == 200
+    })
+    .await;
+    // And it delivers again.
+    let receiver = Receiver::ok().await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO outbox.endpoints (company_id, url) VALUES (1, $1)",
+            &[&receiver.url("/")],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, 1, '1')")
+        .await
+        .unwrap();
+    receiver.wait_for(1, SECS(15)).await;
+    assert!(daemon.stop().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_gets_ready_watchdog_pings_and_stopping() {
+    let db = TestDb::new().await;
+    let dir = TempDir::new("notify-socket");
+    let path = dir.join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&path).unwrap();
+    let socket_path = path.to_str().unwrap().to_string();
+    let mut daemon = Daemon::start(
+        &db,
+        &[
+            ("NOTIFY_SOCKET", socket_path.as_str()),
+            // 2 s: pings every 500 ms.
+            ("WATCHDOG_USEC", "2000000"),
+        ],
+    )
+    .await;
+    let mut buf = vec![0u8; 4096];
+    let mut recv = async || -> String {
+        let n = tokio::time::timeout(SECS(10), socket.recv(&mut buf))
+            .await
+            .expect("no message from outboxd within 10 s")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let mut messages = Vec::new();
+    while messages
+        .iter()
+        .filter(|m: &&String| m.contains("WATCHDOG=1"))
+        .count()
+        < 3
+    {
+        messages.push(recv().await);
+    }
+    assert!(
+        messages.iter().position(|m| m.contains("READY=1"))
+            < messages.iter().position(|m| m.contains("WATCHDOG=1")),
+        "READY=1 first: {messages:?}"
+    );
+    daemon.signal(libc::SIGTERM);
+    loop {
+        let m = recv().await;
+        if m.contains("STOPPING=1") {
+            break;
+        }
+    }
+    assert!(daemon.wait(SECS(20)).await.success());
+}
+
+#[test]
+fn the_unit_files_pass_systemd_analyze_verify() {
+    // systemd-analyze checks that ExecStart= exists, so the units are
+    // checked with the path of the binary this test built.
+    let dir = TempDir::new("units");
+    for unit in ["outboxd.service", "outboxd-migrate.service"] {
+        let text = std::fs::read_to_string(repo_root().join("systemd").join(unit)).unwrap();
+        std::fs::write(
+            dir.join(unit),
+            text.replace("/usr/bin/outboxd", env!("CARGO_BIN_EXE_outboxd")),
+        )
+        .unwrap();
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "outboxd.service", "outboxd-migrate.service"])
+        .current_dir(&dir.0)
+        .output()
+        .expect("systemd-analyze (Debian package systemd)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+    let unit = std::fs::read_to_string(repo_root().join("systemd/outboxd.service")).unwrap();
+    for want in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+    ] {
+        assert!(unit.contains(want), "{want}");
+    }
+}
+
+#[test]
+fn the_alert_rules_pass_promtool() {
+    let (ok, out) = promtool(&["check", "rules", "dashboards/alerts.yml"], "");
+    assert!(ok, "{out}");
+    let (ok, out) = promtool(&["test", "rules", "dashboards/alerts_test.yml"], "");
+    assert!(ok, "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_reloads_the_log_level_and_keeps_it_on_a_bad_file() {
+    let db = TestDb::new().await;
+    let dir = TempDir::new("sighup");
+    let file = dir.join("config.toml");
+    let config = |level: &str| {
+        format!(
+            "[database]\nurl = \"{}\"\n[log]\nlevel = \"{level}\"\n",
+            db.url
+        )
+    };
+    std::fs::write(&file, config("info")).unwrap();
+    // No RUST_LOG here: it would take precedence over log.level.
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_outboxd"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("OUTBOXD_") || key == "RUST_LOG" {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.arg("--config").arg(&file).kill_on_drop(true);
+    let daemon = Daemon::spawn(cmd).await;
+    let receiver = Receiver::ok().await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO outbox.endpoints (company_id, url) VALUES (1, $1)",
+            &[&receiver.url("/")],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, 1, '1')")
+        .await
+        .unwrap();
+    receiver.wait_for(1, SECS(10)).await;
+    assert!(
+        !daemon.log().iter().any(|l| l.contains("DEBUG")),
+        "debug lines at level info"
+    );
+
+    std::fs::write(&file, config("debug")).unwrap();
+    daemon.signal(libc::SIGHUP);
+    daemon
+        .wait_for_log("SIGHUP: reloaded log.level", SECS(10))
+        .await;
+    client
+        .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, 2, '2')")
+        .await
+        .unwrap();
+    daemon.wait_for_log("claimed due events", SECS(10)).await;
+
+    std::fs::write(&file, "[log]\nlevel = \"outboxd=loud\"\n").unwrap();
+    daemon.signal(libc::SIGHUP);
+    daemon
+        .wait_for_log("keeping the current settings", SECS(10))
+        .await;
+    assert!(
+        daemon.stop().await.success(),
+        "SIGHUP must not stop the daemon"
+    );
+}

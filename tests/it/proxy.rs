@@ -1,0 +1,81 @@
+//! A TCP proxy on 127.0.0.1 in front of PostgreSQL, to take the database
+//! away from a running daemon and give it back: real connections, really
+//! cut, with no change to the server other tests share.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+pub struct Proxy {
+    pub addr: SocketAddr,
+    upstream: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Default)]
+struct State {
+    accept: Option<JoinHandle<()>>,
+    connections: Vec<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts forwarding a free local port to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let proxy = Proxy {
+            addr,
+            upstream,
+            state: Arc::new(Mutex::new(State::default())),
+        };
+        proxy.serve(listener);
+        proxy
+    }
+
+    fn serve(&self, listener: TcpListener) {
+        let state = self.state.clone();
+        let upstream = self.upstream;
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                state.lock().unwrap().connections.push(task);
+            }
+        });
+        self.state.lock().unwrap().accept = Some(accept);
+    }
+
+    /// The database is gone: open connections are cut and new ones refused.
+    pub fn cut(&self) {
+        let mut state = self.state.lock().unwrap();
+        if let Some(accept) = state.accept.take() {
+            accept.abort(); // drops the listener: connects are refused
+        }
+        for task in state.connections.drain(..) {
+            task.abort(); // drops both sockets
+        }
+    }
+
+    /// The database is back on the same address.
+    pub async fn restore(&self) {
+        // The aborted accept task may take a moment to drop its listener.
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(_) => tokio::task::yield_now().await,
+            }
+        };
+        self.serve(listener);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
