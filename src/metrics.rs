@@ -131,6 +131,10 @@ fn describe() {
         "Claim statements that returned at least one event."
     );
     describe_histogram!(CLAIM_BATCH_SIZE, "Events per non-empty claim.");
+    describe_gauge!(
+        LISTEN_CONNECTED,
+        "1 while the LISTEN connection is up, else 0 (polling goes on either way)."
+    );
     describe_counter!(
         LISTEN_RECONNECTS,
         "LISTEN connections re-established after a loss."
