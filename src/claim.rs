@@ -21,7 +21,10 @@ pub struct ClaimedEvent {
     pub payload: String,
     /// This delivery's attempt number (1 for the first). Fences the record.
     pub attempt: i32,
-    /// Time since the event was enqueued, by the database's clock.
+    /// Attempts counted against the retry budget: since the last replay.
+    pub budget_attempt: i32,
+    /// Time since the event was enqueued (or last replayed), by the
+    /// database's clock.
     pub age: Duration,
     /// The event was leased before and its lease ran out: a daemon died or
     /// stalled while delivering it, so the receiver may have it already.
@@ -84,6 +87,7 @@ fn from_row(row: &tokio_postgres::Row) -> ClaimedEvent {
         company_id: row.get("company_id"),
         payload: row.get("payload"),
         attempt: row.get("attempts"),
+        budget_attempt: row.get("attempts_since_replay"),
         age: Duration::from_millis(age_ms.max(0) as u64),
         lease_expired: row.get("lease_expired"),
         endpoint,

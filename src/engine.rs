@@ -358,13 +358,13 @@ async fn deliver_one(event: ClaimedEvent, shared: Arc<Shared>, slot: OwnedSemaph
 async fn attempt(event: &ClaimedEvent, shared: &Shared) -> Outcome {
     // Claims count attempts, so an event whose deliveries keep dying with
     // their daemon (leases running out) stops here instead of looping.
-    if event.attempt as u32 > shared.retry.max_attempts {
+    if event.budget_attempt.max(0) as u32 > shared.retry.max_attempts {
         return record::not_sent(
             event,
             AttemptKind::Permanent,
             format!(
                 "gave up after {} attempts without a recorded outcome (leases ran out)",
-                event.attempt - 1
+                event.budget_attempt - 1
             ),
         );
     }

@@ -32,6 +32,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "notifications",
         sql: include_str!("../sql/migrations/0002_notifications.sql"),
     },
+    Migration {
+        version: 3,
+        name: "replay",
+        sql: include_str!("../sql/migrations/0003_replay.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

@@ -132,7 +132,7 @@ pub fn decide(
             message,
             retry_after,
         } => {
-            let attempts = event.attempt.max(1) as u32;
+            let attempts = event.budget_attempt.max(1) as u32;
             match policy.next(attempts, event.age, retry_after, unit) {
                 Next::RetryIn(delay) => (
                     NextState::Retry(delay),
@@ -382,6 +382,7 @@ mod tests {
             company_id: 1,
             payload: "{}".into(),
             attempt,
+            budget_attempt: attempt,
             age,
             lease_expired: false,
             endpoint: None,

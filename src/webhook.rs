@@ -182,6 +182,7 @@ mod tests {
             company_id,
             payload: payload.into(),
             attempt: 1,
+            budget_attempt: 1,
             age: Duration::ZERO,
             lease_expired: false,
             endpoint: None,

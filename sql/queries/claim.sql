@@ -24,10 +24,13 @@ WITH due AS (
       FROM due
      WHERE e.id = due.id
  RETURNING e.id, e.event_type, e.company_id, e.payload::text AS payload, e.attempts,
-           (extract(epoch FROM now() - e.created_at) * 1000)::bigint AS age_ms,
+           e.attempts - e.attempts_at_replay AS attempts_since_replay,
+           -- The retry policy's clock starts at the last replay, if any.
+           (extract(epoch FROM now() - coalesce(e.replayed_at, e.created_at)) * 1000)::bigint AS age_ms,
            due.lease_expired
 )
-SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.age_ms, c.lease_expired,
+SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,
+       c.age_ms, c.lease_expired,
        ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled
   FROM claimed AS c
   LEFT JOIN outbox.endpoints AS ep

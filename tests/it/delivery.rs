@@ -702,3 +702,56 @@ async fn run_refuses_to_start_on_an_unmigrated_database() {
     assert_eq!(ran.code, Some(3), "{ran:?}");
     assert!(ran.stderr.contains("outboxd migrate"), "{ran:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_event_gets_a_fresh_retry_budget_and_keeps_its_key_and_history() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start(|_, nth| {
+        if nth <= 2 {
+            Reply::Json(503, json!({"status": "0", "error": "down"}))
+        } else {
+            Reply::Json(200, json!({"status": "1", "message": "finally"}))
+        }
+    })
+    .await;
+    set_endpoint(&client, 6316, &receiver.url("/"), "none").await;
+    let mut env = FAST_RETRY.to_vec();
+    env.push(("OUTBOXD_RETRY__MAX_ATTEMPTS", "2"));
+    let daemon = Daemon::start(&db, &env).await;
+    let id = enqueue(&client, 6316, 222125, "2271", None).await;
+    wait_state(&client, id, "failed", SECS(10)).await;
+    assert!(
+        event_row(&client, id)
+            .await
+            .3
+            .unwrap()
+            .contains("gave up after 2 attempts")
+    );
+
+    // What a replay does (the operator CLI's `events retry`).
+    client
+        .execute(
+            "UPDATE outbox.events SET state = 'pending', next_attempt_at = now(), replayed_at = now(),
+                    attempts_at_replay = attempts, last_error = NULL
+              WHERE id = $1 AND state = 'failed'",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    wait_state(&client, id, "delivered", SECS(10)).await;
+    let (_, attempts, message, _) = event_row(&client, id).await;
+    assert_eq!((attempts, message.as_deref()), (3, Some("finally")));
+    assert_eq!(
+        attempt_rows(&client, id).await.len(),
+        3,
+        "earlier attempts kept"
+    );
+    let keys: Vec<_> = receiver
+        .received()
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap().to_string())
+        .collect();
+    assert_eq!(keys, vec![id.to_string(); 3]);
+    daemon.stop().await;
+}
