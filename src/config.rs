@@ -59,7 +59,23 @@ pub struct Config {
     pub retry: RetryPolicy,
     pub notify: NotifyConfig,
     pub metrics: MetricsConfig,
+    pub retention: RetentionConfig,
     pub log: LogConfig,
+}
+
+/// How long finished rows are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionConfig {
+    /// Delivered events (with their attempts), counted from delivery.
+    pub delivered: Duration,
+    /// Failed events, counted from creation or the last replay.
+    pub failed: Duration,
+    /// Sent notification emails.
+    pub emails: Duration,
+    /// How often the cleanup runs.
+    pub interval: Duration,
+    /// Rows deleted per statement.
+    pub batch_size: i64,
 }
 
 /// The admin HTTP server: /metrics, /healthz, /readyz.
@@ -136,6 +152,11 @@ pub struct DeliveryConfig {
     pub max_response_bytes: usize,
     /// On SIGTERM, how long in-flight deliveries may take to finish.
     pub drain_timeout: Duration,
+    /// Special-purpose ranges (loopback, private, …) that endpoints may
+    /// reach all the same.
+    pub allowed_networks: Vec<ipnet::IpNet>,
+    /// Refuse plain http:// endpoints.
+    pub require_https: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +189,8 @@ pub struct RawConfig {
     pub notify: RawNotify,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub retention: RawRetention,
     #[serde(default)]
     pub log: RawLog,
 }
@@ -206,6 +229,8 @@ pub struct RawDelivery {
     pub lease: Option<String>,
     pub max_response_bytes: Option<u64>,
     pub drain_timeout: Option<String>,
+    pub allowed_networks: Option<Vec<String>>,
+    pub require_https: Option<bool>,
 }
 
 #[derive(Default, Deserialize)]
@@ -236,6 +261,16 @@ impl fmt::Debug for RawSmtp {
             .field("timeout", &self.timeout)
             .finish()
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetention {
+    pub delivered: Option<String>,
+    pub failed: Option<String>,
+    pub emails: Option<String>,
+    pub interval: Option<String>,
+    pub batch_size: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -393,8 +428,11 @@ impl RawConfig {
         let smtp = self.smtp.validate(&mut problems);
         let notify = self.notify.validate(&mut problems);
         let metrics = self.metrics.validate(&mut problems);
+        let retention = self.retention.validate(&mut problems);
         let log = self.log.validate(&mut problems);
-        match (database, delivery, retry, smtp, notify, metrics, log) {
+        match (
+            database, delivery, retry, smtp, notify, metrics, retention, log,
+        ) {
             (
                 Some(database),
                 Some(delivery),
@@ -402,6 +440,7 @@ impl RawConfig {
                 Some(smtp),
                 Some(notify),
                 Some(metrics),
+                Some(retention),
                 Some(log),
             ) if problems.is_empty() => Ok(Config {
                 source: None,
@@ -410,6 +449,7 @@ impl RawConfig {
                 retry,
                 notify: NotifyConfig { smtp, ..notify },
                 metrics,
+                retention,
                 log,
             }),
             _ => Err(ConfigError::Invalid(problems)),
@@ -565,7 +605,24 @@ impl RawDelivery {
                 );
             }
         }
+        let mut allowed_networks = Vec::new();
+        for (i, text) in self.allowed_networks.unwrap_or_default().iter().enumerate() {
+            match text.trim().parse::<ipnet::IpNet>() {
+                Ok(net) => allowed_networks.push(net),
+                // A bare address means just that address.
+                Err(_) => match text.trim().parse::<std::net::IpAddr>() {
+                    Ok(ip) => allowed_networks.push(ipnet::IpNet::from(ip)),
+                    Err(_) => problem(
+                        problems,
+                        &format!("delivery.allowed_networks[{i}]"),
+                        format!("{text:?} is not a network like \"10.20.0.0/16\" or an address"),
+                    ),
+                },
+            }
+        }
         Some(DeliveryConfig {
+            allowed_networks,
+            require_https: self.require_https.unwrap_or(false),
             concurrency: concurrency? as usize,
             poll_interval: poll_interval?,
             connect_timeout: connect_timeout?,
@@ -679,6 +736,55 @@ fn is_plain_address(text: &str) -> bool {
         && !domain.ends_with('.')
         && !text.contains(|c: char| c.is_whitespace() || "<>(),;:\"[]".contains(c))
         && !domain.contains('@')
+}
+
+impl RawRetention {
+    fn validate(self, problems: &mut Vec<Problem>) -> Option<RetentionConfig> {
+        // Keeping rows for years is a legitimate choice here, unlike the
+        // timeouts the 30-day cap is meant for.
+        const TEN_YEARS: Duration = Duration::from_secs(10 * 366 * 24 * 3600);
+        let mut long = |key: &str, value: Option<&str>, default: &str| {
+            let text = value.unwrap_or(default);
+            match humantime::parse_duration(text) {
+                Ok(d) if d.is_zero() || d > TEN_YEARS => {
+                    problem(problems, key, "must be between 1s and 10 years");
+                    None
+                }
+                Ok(d) => Some(d),
+                Err(e) => {
+                    problem(
+                        problems,
+                        key,
+                        format!("{text:?} is not a duration ({e}); write it like \"7days\""),
+                    );
+                    None
+                }
+            }
+        };
+        let delivered = long("retention.delivered", self.delivered.as_deref(), "7days");
+        let failed = long("retention.failed", self.failed.as_deref(), "30days");
+        let emails = long("retention.emails", self.emails.as_deref(), "30days");
+        let interval = duration(
+            problems,
+            "retention.interval",
+            self.interval.as_deref(),
+            "1m",
+        );
+        let batch_size = in_range(
+            problems,
+            "retention.batch_size",
+            self.batch_size.unwrap_or(1000),
+            1,
+            100_000,
+        );
+        Some(RetentionConfig {
+            delivered: delivered?,
+            failed: failed?,
+            emails: emails?,
+            interval: interval?,
+            batch_size: batch_size? as i64,
+        })
+    }
 }
 
 impl RawMetrics {
@@ -1060,6 +1166,17 @@ mod tests {
             ("[smtp]\nfrom = \"not checked without a host\"", &[]),
             ("[notify]\nwindow = \"soon\"", &["notify.window"]),
             ("[metrics]\nlisten = \"localhost\"", &["metrics.listen"]),
+            ("[retention]\ndelivered = \"400days\"", &[]),
+            ("[retention]\nfailed = \"forever\"", &["retention.failed"]),
+            ("[retention]\nbatch_size = 0", &["retention.batch_size"]),
+            (
+                "[delivery]\nallowed_networks = [\"127.0.0.0/8\", \"::1\"]",
+                &[],
+            ),
+            (
+                "[delivery]\nallowed_networks = [\"10.0.0.0/8\", \"intranet\"]",
+                &["delivery.allowed_networks[1]"],
+            ),
             ("[metrics]\nlisten = \"off\"", &[]),
             ("[metrics]\nlisten = \"[::1]:9187\"", &[]),
             ("[log]\nlevel = \"outboxd=loud\"", &["log.level"]),

@@ -15,10 +15,10 @@ use hyper::Request;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, RETRY_AFTER, USER_AGENT};
 use hyper_tls::HttpsConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::DeliveryConfig;
+use crate::guard::{self, GuardedConnector, Policy};
 use crate::webhook::{self, Webhook};
 
 /// Idle keep-alive connections are closed after this long. Receivers behind
@@ -47,24 +47,38 @@ pub struct HttpAnswer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportError {
     pub reason: String,
+    /// Retrying cannot help: the destination is not allowed.
+    pub permanent: bool,
+}
+
+impl TransportError {
+    fn retryable(reason: String) -> TransportError {
+        TransportError {
+            reason,
+            permanent: false,
+        }
+    }
 }
 
 /// The shared HTTP client.
 #[derive(Clone)]
 pub struct Deliverer {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<GuardedConnector>, Full<Bytes>>,
     request_timeout: Duration,
     max_response_bytes: usize,
+    require_https: bool,
 }
 
 impl Deliverer {
     pub fn new(config: &DeliveryConfig) -> Deliverer {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(config.connect_timeout));
-        http.set_nodelay(true);
-        // Let the TLS layer see https:// URIs (the plain connector refuses
-        // them otherwise).
-        http.enforce_http(false);
+        let policy = Policy::new(config.allowed_networks.clone());
+        let http = GuardedConnector::new(policy, |http| {
+            http.set_connect_timeout(Some(config.connect_timeout));
+            http.set_nodelay(true);
+            // Let the TLS layer see https:// URIs (the plain connector
+            // refuses them otherwise).
+            http.enforce_http(false);
+        });
         let https = HttpsConnector::new_with_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
@@ -75,6 +89,7 @@ impl Deliverer {
             client,
             request_timeout: config.request_timeout,
             max_response_bytes: config.max_response_bytes,
+            require_https: config.require_https,
         }
     }
 
@@ -84,15 +99,20 @@ impl Deliverer {
         let clock = Instant::now();
         // One deadline around everything: the connector's timeout covers the
         // TCP connect only, not TLS, the response head or a dripping body.
-        let result = match tokio::time::timeout(self.request_timeout, self.exchange(webhook)).await
-        {
-            Ok(result) => result,
-            Err(_) => Err(TransportError {
-                reason: format!(
+        let result = if self.require_https && webhook.uri.scheme_str() == Some("http") {
+            Err(TransportError {
+                reason: "plain http:// is not allowed (delivery.require_https); use https://"
+                    .to_string(),
+                permanent: true,
+            })
+        } else {
+            match tokio::time::timeout(self.request_timeout, self.exchange(webhook)).await {
+                Ok(result) => result,
+                Err(_) => Err(TransportError::retryable(format!(
                     "timed out after {}",
                     humantime::format_duration(self.request_timeout)
-                ),
-            }),
+                ))),
+            }
         };
         Sent {
             started_at,
@@ -118,13 +138,20 @@ impl Deliverer {
                 .body(Full::new(webhook.body.clone()))
                 .map_err(|e| TransportError {
                     reason: format!("building the request: {e}"),
+                    permanent: true,
                 })?;
 
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| TransportError { reason: chain(&e) })?;
+        let response =
+            self.client
+                .request(request)
+                .await
+                .map_err(|e| match guard::refusal_in(&e) {
+                    Some(refused) => TransportError {
+                        reason: refused.to_string(),
+                        permanent: true,
+                    },
+                    None => TransportError::retryable(chain(&e)),
+                })?;
         let status = response.status().as_u16();
         let retry_after = response
             .headers()
@@ -133,8 +160,8 @@ impl Deliverer {
             .map(str::to_string);
         let (body, truncated) = read_capped(response.into_body(), self.max_response_bytes)
             .await
-            .map_err(|e| TransportError {
-                reason: format!("reading the response body: {}", chain(&e)),
+            .map_err(|e| {
+                TransportError::retryable(format!("reading the response body: {}", chain(&e)))
             })?;
         Ok(HttpAnswer {
             status,

@@ -26,7 +26,7 @@ use crate::claim::{self, ClaimedEvent};
 use crate::classify::{self, Answer, Verdict};
 use crate::config::Config;
 use crate::deliver::Deliverer;
-use crate::maintenance::Maintenance;
+use crate::maintenance::{Maintenance, Retention};
 use crate::migrate::{self, SchemaState};
 use crate::notify::Mailer;
 use crate::record::{self, AttemptKind, Outcome};
@@ -120,6 +120,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
             config.metrics.refresh_interval,
         )
         .run(background_stop.clone()),
+    ));
+    background.push(tokio::spawn(
+        Retention::new(pool.clone(), config.retention.clone()).run(background_stop.clone()),
     ));
     let listener_stop = CancellationToken::new();
     let listener = tokio::spawn(listen::run(
@@ -405,6 +408,13 @@ async fn attempt(event: &ClaimedEvent, shared: &Shared) -> Outcome {
                 SystemTime::now(),
             ),
             Some(answer.status),
+        ),
+        Err(e) if e.permanent => (
+            Verdict::Permanent {
+                reason: e.reason.clone(),
+                message: None,
+            },
+            None,
         ),
         Err(e) => (
             Verdict::Retry {

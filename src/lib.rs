@@ -11,6 +11,7 @@
 //!   - [`claim`]: leasing due events with `sql/queries/claim.sql`;
 //!   - [`webhook`]: building the request, the exact documented body;
 //!   - [`deliver`]: the HTTP(S) client, deadlines and body cap;
+//!   - [`guard`]: which destinations may be reached (the SSRF guard);
 //!   - [`classify`]: judging the receiver's answer (pure);
 //!   - [`backoff`]: when to retry (pure);
 //!   - [`record`]: the next state of each event, written in fenced batches
@@ -39,6 +40,7 @@ pub mod db;
 pub mod deliver;
 pub mod email;
 pub mod engine;
+pub mod guard;
 pub mod listen;
 pub mod logging;
 pub mod maintenance;

@@ -1,6 +1,7 @@
-//! Periodic upkeep outside the delivery path. For now: the queue gauges,
-//! refreshed by one cheap query every `metrics.refresh_interval` (not per
-//! delivery), and the exporter's own upkeep.
+//! Periodic upkeep outside the delivery path: the queue gauges, refreshed by
+//! one cheap query every `metrics.refresh_interval` (not per delivery) with
+//! the exporter's own upkeep ([`Maintenance`]), and the retention cleanup
+//! ([`Retention`]).
 //!
 //! Shape shared by maintenance services: `run_once()` does one round and
 //! returns what it found (what tests call); `run()` only ticks.
@@ -11,9 +12,11 @@ use metrics::gauge;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::RetentionConfig;
 use crate::metrics::{EVENTS_LEASED, EVENTS_PENDING, NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE};
 
 const QUEUE_SQL: &str = include_str!("../sql/queries/queue_stats.sql");
+const RETENTION_SQL: &str = include_str!("../sql/queries/retention.sql");
 
 /// The queue as one query saw it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -79,5 +82,87 @@ impl Maintenance {
         gauge!(OLDEST_DUE_AGE).set(stats.oldest_due_age.as_secs_f64());
         gauge!(NOTIFICATIONS_QUEUED).set(stats.emails_queued as f64);
         Ok(stats)
+    }
+}
+
+/// Rows one retention round deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Deleted {
+    pub events: i64,
+    pub emails: i64,
+}
+
+/// Deletes finished rows past their retention, in batches.
+pub struct Retention {
+    pool: deadpool_postgres::Pool,
+    config: RetentionConfig,
+}
+
+impl Retention {
+    pub fn new(pool: deadpool_postgres::Pool, config: RetentionConfig) -> Retention {
+        Retention { pool, config }
+    }
+
+    /// Every `retention.interval`: delete batch after batch until a batch
+    /// comes back short, so a backlog is cleared in one round without one
+    /// huge transaction.
+    pub async fn run(self, shutdown: CancellationToken) {
+        loop {
+            let mut total = Deleted::default();
+            loop {
+                match self.run_once().await {
+                    Ok(deleted) => {
+                        total.events += deleted.events;
+                        total.emails += deleted.emails;
+                        if deleted.events < self.config.batch_size
+                            && deleted.emails < self.config.batch_size
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        crate::metrics::database_error("maintenance");
+                        tracing::warn!(error = %e, "retention cleanup");
+                        break;
+                    }
+                }
+                if shutdown.is_cancelled() {
+                    return;
+                }
+            }
+            if total != Deleted::default() {
+                tracing::info!(
+                    events = total.events,
+                    emails = total.emails,
+                    "retention: deleted old rows"
+                );
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.interval) => {}
+            }
+        }
+    }
+
+    /// One batch.
+    pub async fn run_once(&self) -> Result<Deleted, String> {
+        let client = self.pool.get().await.map_err(|e| e.to_string())?;
+        let ms = |d: Duration| d.as_millis() as i64;
+        let row = client
+            .query_one(
+                RETENTION_SQL,
+                &[
+                    &ms(self.config.delivered),
+                    &ms(self.config.failed),
+                    &ms(self.config.emails),
+                    &self.config.batch_size,
+                ],
+            )
+            .await
+            .map_err(|e| crate::db::describe(&e))?;
+        Ok(Deleted {
+            events: row.get("events"),
+            emails: row.get("emails"),
+        })
     }
 }

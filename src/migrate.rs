@@ -37,6 +37,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "replay",
         sql: include_str!("../sql/migrations/0003_replay.sql"),
     },
+    Migration {
+        version: 4,
+        name: "retention",
+        sql: include_str!("../sql/migrations/0004_retention.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

@@ -755,3 +755,55 @@ async fn a_replayed_event_gets_a_fresh_retry_budget_and_keeps_its_key_and_histor
     assert_eq!(keys, vec![id.to_string(); 3]);
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn private_and_loopback_destinations_are_refused_unless_allow_listed() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    // 167772161 is 10.0.0.1 written as one number: not an IP literal to
+    // the URL parser, so it goes through name resolution, which turns it
+    // into 10.0.0.1 (the classic way around a literal-only check).
+    for (company, url) in [
+        (1_i64, receiver.url("/hook")),
+        (2, "http://169.254.169.254/latest/meta-data/".to_string()),
+        (3, "http://167772161/hook".to_string()),
+        (4, "http://[::ffff:127.0.0.1]/hook".to_string()),
+    ] {
+        set_endpoint(&client, company, &url, "none").await;
+    }
+    let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__ALLOWED_NETWORKS", "[]")]).await;
+    let mut ids = Vec::new();
+    for company in 1..=4 {
+        ids.push((company, enqueue(&client, company, company, "1", None).await));
+    }
+    for (company, id) in &ids {
+        wait_state(&client, *id, "failed", SECS(10)).await;
+        let (_, attempts, _, error) = event_row(&client, *id).await;
+        let error = error.unwrap();
+        assert_eq!(attempts, 1, "company {company}: not retried");
+        assert!(
+            error.contains("is not allowed"),
+            "company {company}: {error}"
+        );
+        assert!(
+            error.contains("delivery.allowed_networks"),
+            "company {company}: {error}"
+        );
+        assert_eq!(attempt_rows(&client, *id).await[0].2, "permanent");
+    }
+    for (company, want) in [
+        (1, "loopback"),
+        (2, "link-local"),
+        (3, "10.0.0.1"),
+        (4, "loopback"),
+    ] {
+        let error = event_row(&client, ids[company - 1].1).await.3.unwrap();
+        assert!(error.contains(want), "company {company}: {error}");
+    }
+    assert!(
+        receiver.received().is_empty(),
+        "nothing reached the receiver"
+    );
+    daemon.stop().await;
+}

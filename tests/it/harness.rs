@@ -259,20 +259,29 @@ impl Daemon {
     pub async fn start(db: &TestDb, env: &[(&str, &str)]) -> Daemon {
         let mut cmd = db.outboxd();
         cmd.env("RUST_LOG", "outboxd=debug,info");
-        for (key, value) in env {
-            cmd.env(key, value);
-        }
-        Daemon::spawn(cmd).await
+        Daemon::spawn_with(cmd, env).await
     }
 
     /// Runs `cmd` with `run` appended (an `outboxd` command with its config
     /// and database chosen) and waits until it is delivering and listening.
-    pub async fn spawn(mut cmd: tokio::process::Command) -> Daemon {
+    pub async fn spawn(cmd: tokio::process::Command) -> Daemon {
+        Daemon::spawn_with(cmd, &[]).await
+    }
+
+    /// Like [`Daemon::spawn`], with `env` set last (it wins over the test
+    /// defaults).
+    pub async fn spawn_with(mut cmd: tokio::process::Command, env: &[(&str, &str)]) -> Daemon {
         cmd.arg("run")
             // Tests run side by side: each admin server on a port of its own.
             .env("OUTBOXD_METRICS__LISTEN", "127.0.0.1:0")
+            // The receivers live on loopback, which the SSRF guard refuses
+            // by default. (A test's own env entry replaces this one.)
+            .env("OUTBOXD_DELIVERY__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
         let mut child = cmd.spawn().expect("starting outboxd run");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = tokio::sync::watch::channel(Vec::new());

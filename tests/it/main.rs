@@ -8,6 +8,7 @@
 mod cli;
 mod delivery;
 mod harness;
+mod maintenance;
 mod notify;
 mod ops;
 mod proxy;
