@@ -157,6 +157,10 @@ pub struct DeliveryConfig {
     pub allowed_networks: Vec<ipnet::IpNet>,
     /// Refuse plain http:// endpoints.
     pub require_https: bool,
+    /// Extra root certificates (PEM) trusted for https endpoints, on top of
+    /// the system's: for receivers with a private CA or a self-signed
+    /// certificate.
+    pub tls_ca_pem: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,6 +235,7 @@ pub struct RawDelivery {
     pub drain_timeout: Option<String>,
     pub allowed_networks: Option<Vec<String>>,
     pub require_https: Option<bool>,
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Default, Deserialize)]
@@ -620,9 +625,34 @@ impl RawDelivery {
                 },
             }
         }
+        let tls_ca_pem = match &self.tls_ca_file {
+            None => Some(None),
+            Some(path) => match std::fs::read(path) {
+                Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => {
+                    Some(Some(pem))
+                }
+                Ok(_) => {
+                    problem(
+                        problems,
+                        "delivery.tls_ca_file",
+                        format!("{} holds no PEM certificate", path.display()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    problem(
+                        problems,
+                        "delivery.tls_ca_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    );
+                    None
+                }
+            },
+        };
         Some(DeliveryConfig {
             allowed_networks,
             require_https: self.require_https.unwrap_or(false),
+            tls_ca_pem: tls_ca_pem?,
             concurrency: concurrency? as usize,
             poll_interval: poll_interval?,
             connect_timeout: connect_timeout?,

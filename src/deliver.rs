@@ -70,7 +70,8 @@ pub struct Deliverer {
 }
 
 impl Deliverer {
-    pub fn new(config: &DeliveryConfig) -> Deliverer {
+    /// Fails only on a CA file that is not usable certificates.
+    pub fn new(config: &DeliveryConfig) -> Result<Deliverer, String> {
         let policy = Policy::new(config.allowed_networks.clone());
         let http = GuardedConnector::new(policy, |http| {
             http.set_connect_timeout(Some(config.connect_timeout));
@@ -79,18 +80,18 @@ impl Deliverer {
             // refuses them otherwise).
             http.enforce_http(false);
         });
-        let https = HttpsConnector::new_with_connector(http);
+        let https = HttpsConnector::from((http, tls_connector(config)?.into()));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(config.concurrency)
             .build(https);
-        Deliverer {
+        Ok(Deliverer {
             client,
             request_timeout: config.request_timeout,
             max_response_bytes: config.max_response_bytes,
             require_https: config.require_https,
-        }
+        })
     }
 
     /// Sends `webhook` once. Never fails: every problem is in the result.
@@ -170,6 +171,26 @@ impl Deliverer {
             truncated,
         })
     }
+}
+
+/// The system's trusted roots, plus `delivery.tls_ca_file`'s certificates.
+/// Certificates are always verified, hostname and expiry included: a
+/// receiver with a self-signed certificate is trusted by adding it here,
+/// never by turning verification off.
+fn tls_connector(config: &DeliveryConfig) -> Result<native_tls::TlsConnector, String> {
+    let mut builder = native_tls::TlsConnector::builder();
+    if let Some(pem) = &config.tls_ca_pem {
+        let text = String::from_utf8_lossy(pem);
+        const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
+        for block in text.split(BEGIN).skip(1) {
+            let cert = native_tls::Certificate::from_pem(format!("{BEGIN}{block}").as_bytes())
+                .map_err(|e| format!("delivery.tls_ca_file: not a usable certificate: {e}"))?;
+            builder.add_root_certificate(cert);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| format!("setting up TLS for deliveries: {e}"))
 }
 
 /// Reads at most `cap` bytes of a body. When more comes, stops reading and

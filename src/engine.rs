@@ -141,8 +141,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     let mailer = tokio::spawn(
         Mailer::new(pool.clone(), owner.clone(), config.notify.clone()).run(mailer_stop.clone()),
     );
+    let deliverer = Deliverer::new(&config.delivery).map_err(EngineError::Startup)?;
     let shared = Arc::new(Shared {
-        deliverer: Deliverer::new(&config.delivery),
+        deliverer,
         retry: config.retry.clone(),
         outcomes: outcomes_tx,
     });
