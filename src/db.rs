@@ -94,7 +94,8 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 /// Server-side limits for pooled sessions: no statement runs over 30 s and
 /// no lock is waited on for over 10 s (a DBA's `LOCK TABLE` must not stall
 /// deliveries silently).
-const POOLED_SESSION_OPTIONS: &str = "-c statement_timeout=30s -c lock_timeout=10s";
+const POOLED_SESSION_OPTIONS: &str =
+    "-c statement_timeout=30s -c lock_timeout=10s -c synchronous_commit=off";
 
 /// The connection pool for claiming and recording. Connections are opened
 /// lazily, so building it never fails on an unreachable database; the first

@@ -298,7 +298,7 @@ async fn claim_batch(
         .get()
         .await
         .map_err(|e| format!("no database connection: {e}"))?;
-    claim::claim(&**client, wanted, owner, lease)
+    claim::claim(&client, wanted, owner, lease)
         .await
         .map_err(|e| e.to_string())
 }

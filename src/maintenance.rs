@@ -66,8 +66,12 @@ impl Maintenance {
     /// Reads the queue and sets the gauges.
     pub async fn run_once(&self) -> Result<QueueStats, String> {
         let client = self.pool.get().await.map_err(|e| e.to_string())?;
+        let statement = client
+            .prepare_cached(QUEUE_SQL)
+            .await
+            .map_err(|e| crate::db::describe(&e))?;
         let row = client
-            .query_one(QUEUE_SQL, &[])
+            .query_one(&statement, &[])
             .await
             .map_err(|e| crate::db::describe(&e))?;
         let age_ms: i64 = row.get("oldest_due_age_ms");
@@ -148,9 +152,13 @@ impl Retention {
     pub async fn run_once(&self) -> Result<Deleted, String> {
         let client = self.pool.get().await.map_err(|e| e.to_string())?;
         let ms = |d: Duration| d.as_millis() as i64;
+        let statement = client
+            .prepare_cached(RETENTION_SQL)
+            .await
+            .map_err(|e| crate::db::describe(&e))?;
         let row = client
             .query_one(
-                RETENTION_SQL,
+                &statement,
                 &[
                     &ms(self.config.delivered),
                     &ms(self.config.failed),

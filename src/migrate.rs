@@ -105,6 +105,10 @@ pub async fn migrate(client: &mut Client) -> Result<Report, MigrateError> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await
         .map_err(step("taking the migration lock"))?;
+    // "schema already exists, skipping" and the like are expected here.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")
+        .await
+        .map_err(step("starting the migration transaction"))?;
     tx.batch_execute(BOOTSTRAP)
         .await
         .map_err(step("creating outbox.schema_migrations"))?;

@@ -118,17 +118,21 @@ impl Mailer {
     /// One tick: gather, then send what is due.
     pub async fn run_once(&self) -> Result<Report, NotifyError> {
         let mut report = Report::default();
-        let mut client = self.pool.get().await.map_err(|e| NotifyError {
+        let client = self.pool.get().await.map_err(|e| NotifyError {
             step: "connecting",
             reason: e.to_string(),
         })?;
-        report.gathered = self.gather(&mut client).await?;
+        report.gathered = self.gather(&client).await?;
         let Some(smtp) = &self.config.smtp else {
             return Ok(report);
         };
         let lease_ms = self.lease(smtp).as_millis() as i64;
+        let claim = client
+            .prepare_cached(CLAIM_SQL)
+            .await
+            .map_err(step("claiming due emails"))?;
         let claimed = client
-            .query(CLAIM_SQL, &[&EMAILS_PER_TICK, &self.owner, &lease_ms])
+            .query(&claim, &[&EMAILS_PER_TICK, &self.owner, &lease_ms])
             .await
             .map_err(step("claiming due emails"))?;
         for row in claimed {
@@ -144,26 +148,19 @@ impl Mailer {
         Ok(report)
     }
 
-    async fn gather(&self, client: &mut deadpool_postgres::Client) -> Result<u64, NotifyError> {
-        let tx = client
-            .transaction()
-            .await
-            .map_err(step("gathering notifications"))?;
-        let locked: bool = tx
-            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&GATHER_LOCK_KEY])
-            .await
-            .map_err(step("gathering notifications"))?
-            .get(0);
-        if !locked {
-            return Ok(0); // another instance is gathering right now
-        }
+    async fn gather(&self, client: &deadpool_postgres::Client) -> Result<u64, NotifyError> {
         let gather_ms = self.config.gather.as_millis() as i64;
         let window_ms = self.config.window.as_millis() as i64;
-        let created = tx
-            .query(GATHER_SQL, &[&gather_ms, &window_ms])
+        // Prepared once per connection: an idle mailer costs one statement
+        // per tick.
+        let statement = client
+            .prepare_cached(GATHER_SQL)
             .await
             .map_err(step("gathering notifications"))?;
-        tx.commit().await.map_err(step("gathering notifications"))?;
+        let created = client
+            .query(&statement, &[&gather_ms, &window_ms, &GATHER_LOCK_KEY])
+            .await
+            .map_err(step("gathering notifications"))?;
         for row in &created {
             let id: i64 = row.get("id");
             let n: i64 = row.get("notifications");

@@ -5,7 +5,6 @@
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
-use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
 use crate::backoff::{GiveUpReason, Next, RetryPolicy};
@@ -198,11 +197,15 @@ impl From<tokio_postgres::Error> for RecordError {
 
 /// Writes `outcomes` in one statement. Returns the ids whose rows were
 /// marked; the others had lost their lease and were left alone.
+/// `again`: this same group was written before and the reply was lost, so
+/// outcomes already applied are reported as marked rather than as fenced.
 pub async fn write(
-    client: &impl GenericClient,
+    client: &deadpool_postgres::Client,
     owner: &str,
     outcomes: &[Outcome],
+    again: bool,
 ) -> Result<Vec<Uuid>, RecordError> {
+    let statement = client.prepare_cached(RECORD_SQL).await?;
     let n = outcomes.len();
     let mut ids = Vec::with_capacity(n);
     let mut attempts = Vec::with_capacity(n);
@@ -237,7 +240,7 @@ pub async fn write(
     }
     let rows = client
         .query(
-            RECORD_SQL,
+            &statement,
             &[
                 &ids,
                 &attempts,
@@ -252,6 +255,7 @@ pub async fn write(
                 &attempt_messages,
                 &owner,
                 &notify,
+                &again,
             ],
         )
         .await?;
@@ -273,8 +277,9 @@ pub async fn run(
     let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
     while outcomes.recv_many(&mut batch, MAX_RECORD_BATCH).await > 0 {
         let mut delay = Duration::from_secs(1);
+        let mut again = false;
         loop {
-            match write_pooled(&pool, &owner, &batch).await {
+            match write_pooled(&pool, &owner, &batch, again).await {
                 Ok(marked) => {
                     count_marked(&batch, &marked);
                     break;
@@ -288,6 +293,7 @@ pub async fn run(
                     break;
                 }
                 Err(e) => {
+                    again = true;
                     metrics::database_error("record");
                     tracing::warn!(error = %e, pending = batch.len(), retry_in = ?delay, "recording failed; will retry");
                     tokio::time::sleep(delay).await;
@@ -306,7 +312,7 @@ pub async fn run(
 async fn write_one_by_one(pool: &deadpool_postgres::Pool, owner: &str, batch: &[Outcome]) {
     for outcome in batch {
         let single = std::slice::from_ref(outcome);
-        match write_pooled(pool, owner, single).await {
+        match write_pooled(pool, owner, single, true).await {
             Ok(marked) => count_marked(single, &marked),
             Err(e) => {
                 let fallback = Outcome {
@@ -321,7 +327,7 @@ async fn write_one_by_one(pool: &deadpool_postgres::Pool, owner: &str, batch: &[
                     notify: false,
                     ..outcome.clone()
                 };
-                match write_pooled(pool, owner, std::slice::from_ref(&fallback)).await {
+                match write_pooled(pool, owner, std::slice::from_ref(&fallback), true).await {
                     Ok(marked) => count_marked(std::slice::from_ref(&fallback), &marked),
                     Err(e) => tracing::error!(
                         event_id = %outcome.event_id,
@@ -363,12 +369,13 @@ async fn write_pooled(
     pool: &deadpool_postgres::Pool,
     owner: &str,
     batch: &[Outcome],
+    again: bool,
 ) -> Result<Vec<Uuid>, RecordError> {
     let client = pool.get().await.map_err(|e| RecordError {
         message: format!("no database connection: {e}"),
         bad_data: false,
     })?;
-    write(&**client, owner, batch).await
+    write(&client, owner, batch, again).await
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@
 -- $11 text[]        attempt message: the external message, else the error
 -- $12 text          this instance's name
 -- $13 bool[]        notify the endpoint's notify_emails (it failed for good after a real attempt)
+-- $14 bool          this group was sent before and its reply lost (see the end)
 WITH outcome AS (
     SELECT *
       FROM unnest($1::uuid[], $2::int[], $3::text[], $4::bigint[], $5::text[], $6::text[],
@@ -69,7 +70,8 @@ SELECT id FROM marked
 UNION ALL
 -- Already in the state this outcome sets, at this attempt: a retry of a
 -- group whose commit succeeded but whose reply was lost. Not a lost lease.
+-- Only looked up on such a retry ($14), not on every group.
 SELECT o.id
   FROM outcome AS o
   JOIN outbox.events AS e ON e.id = o.id
- WHERE e.attempts = o.attempt AND e.state = o.state AND e.lease_owner IS NULL
+ WHERE $14 AND e.attempts = o.attempt AND e.state = o.state AND e.lease_owner IS NULL

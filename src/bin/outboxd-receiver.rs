@@ -75,6 +75,11 @@ struct Args {
     /// Do not log each request (for benchmarks).
     #[arg(long)]
     quiet: bool,
+
+    /// Print `arrived <idempotency-key> <unix-time-ns>` for each request as
+    /// its head arrives (the benchmark's latency measurement reads these).
+    #[arg(long)]
+    arrivals: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -174,6 +179,7 @@ fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
 struct State {
     auth: Auth,
     quiet: bool,
+    arrivals: bool,
 }
 
 fn main() -> ExitCode {
@@ -185,6 +191,7 @@ fn main() -> ExitCode {
     let state = Arc::new(State {
         auth,
         quiet: args.quiet,
+        arrivals: args.arrivals,
     });
     // One worker thread per core: benchmarks push many concurrent
     // keep-alive connections through this.
@@ -289,6 +296,17 @@ async fn handle(
     state: Arc<State>,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if state.arrivals {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let key = request
+            .headers()
+            .get("idempotency-key")
+            .and_then(|k| k.to_str().ok())
+            .unwrap_or("-");
+        let _ = writeln!(std::io::stdout().lock(), "arrived {key} {at}");
+    }
     // Kept for the log line only; a HeaderValue clone is a reference count.
     let key = (!state.quiet)
         .then(|| request.headers().get("idempotency-key").cloned())

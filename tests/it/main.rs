@@ -13,5 +13,6 @@ mod notify;
 mod ops;
 mod proxy;
 mod receiver;
+mod record;
 mod smtp;
 mod sql_contract;

@@ -1,0 +1,147 @@
+//! The fenced record statement, driven directly: the guarantees the daemon
+//! relies on, without HTTP in the way.
+
+use std::time::{Duration, SystemTime};
+
+use outboxd::claim;
+use outboxd::config::{RawConfig, RawDatabase};
+use outboxd::record::{self, AttemptKind, NextState, Outcome};
+
+use crate::harness::TestDb;
+
+fn pool(db: &TestDb) -> deadpool_postgres::Pool {
+    let config = RawConfig {
+        database: RawDatabase {
+            url: Some(db.url.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .validate()
+    .unwrap();
+    outboxd::db::pool(&config.database)
+}
+
+fn delivered(e: &claim::ClaimedEvent) -> Outcome {
+    Outcome {
+        event_id: e.id,
+        event_type: e.event_type.clone(),
+        age: e.age,
+        attempt: e.attempt,
+        next: NextState::Delivered,
+        kind: AttemptKind::Success,
+        response_message: Some("ok".into()),
+        error: None,
+        started_at: SystemTime::now(),
+        duration: Duration::from_millis(3),
+        http_status: Some(200),
+        notify: false,
+    }
+}
+
+#[tokio::test]
+async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim() {
+    let db = TestDb::new().await;
+    let pool = pool(&db);
+    let client = pool.get().await.unwrap();
+    client
+        .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, 1, '1')")
+        .await
+        .unwrap();
+    // Instance A claims with a lease that is already over; B claims again.
+    let a = claim::claim(&client, 10, "a", Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await; // let A's 1 ms lease lapse
+    let b = claim::claim(&client, 10, "b", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        (a[0].attempt, b[0].attempt, b[0].lease_expired),
+        (1, 2, true)
+    );
+
+    // B fails it for good; then A's late success arrives.
+    let mut failed = delivered(&b[0]);
+    failed.next = NextState::Failed;
+    failed.kind = AttemptKind::Rejected;
+    failed.error = Some("rejected".into());
+    assert_eq!(
+        record::write(&client, "b", &[failed], false)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let late = record::write(&client, "a", &[delivered(&a[0])], false)
+        .await
+        .unwrap();
+    assert!(late.is_empty(), "fenced out");
+
+    let row = client
+        .query_one(
+            "SELECT state, attempts, delivered_at IS NULL FROM outbox.events",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, String>(0),
+            row.get::<_, i32>(1),
+            row.get::<_, bool>(2)
+        ),
+        ("failed".to_string(), 2, true)
+    );
+    let logged: i64 = client
+        .query_one("SELECT count(*) FROM outbox.attempts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(logged, 2, "both attempts were made, both are logged");
+}
+
+#[tokio::test]
+async fn a_group_written_again_after_a_lost_reply_reads_as_marked_not_fenced() {
+    let db = TestDb::new().await;
+    let pool = pool(&db);
+    let client = pool.get().await.unwrap();
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, g, 'P' || g) FROM generate_series(1, 3) g",
+        )
+        .await
+        .unwrap();
+    let events = claim::claim(&client, 10, "a", Duration::from_secs(60))
+        .await
+        .unwrap();
+    let outcomes: Vec<Outcome> = events.iter().map(delivered).collect();
+    assert_eq!(
+        record::write(&client, "a", &outcomes, false)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    // The same group once more, as the recorder does after an error whose
+    // commit may have gone through.
+    assert_eq!(
+        record::write(&client, "a", &outcomes, true)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert!(
+        record::write(&client, "a", &outcomes, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let attempts: i64 = client
+        .query_one("SELECT count(*) FROM outbox.attempts", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(attempts, 3, "no attempt logged twice");
+}
