@@ -1,0 +1,191 @@
+//! Table-driven tests of loading and validating the configuration.
+
+use super::*;
+
+fn raw_from_toml(text: &str) -> Result<RawConfig, Box<figment::Error>> {
+    Figment::new()
+        .merge(Toml::string(text))
+        .extract()
+        .map_err(Box::new)
+}
+
+fn problems_of(text: &str) -> Vec<String> {
+    match raw_from_toml(text).map(RawConfig::validate) {
+        Err(e) => vec![format!("extract: {e}")],
+        Ok(Ok(_)) => vec![],
+        Ok(Err(ConfigError::Invalid(problems))) => problems.into_iter().map(|p| p.key).collect(),
+        Ok(Err(e)) => vec![format!("other: {e}")],
+    }
+}
+
+#[test]
+fn empty_config_uses_the_defaults() {
+    let config = RawConfig::default().validate().unwrap();
+    assert_eq!(config.database.pg.get_dbname(), Some("postgres"));
+    assert_eq!(config.database.pg.get_user(), Some("postgres"));
+    assert_eq!(config.database.connect_timeout, Duration::from_secs(5));
+    assert_eq!(config.database.pg.get_application_name(), Some("outboxd"));
+    assert_eq!(config.log.level, "info");
+    assert_eq!(config.log.format, LogFormat::Text);
+}
+
+#[test]
+fn the_reference_config_is_valid_and_states_the_defaults() {
+    let reference = raw_from_toml(include_str!("../../config.toml"))
+        .unwrap()
+        .validate()
+        .unwrap();
+    let defaults = RawConfig::default().validate().unwrap();
+    assert_eq!(format!("{reference:?}"), format!("{defaults:?}"));
+}
+
+#[test]
+fn each_bad_value_is_reported_under_its_key() {
+    let cases: &[(&str, &[&str])] = &[
+        ("", &[]),
+        ("[database]\nconnect_timeout = \"2s\"", &[]),
+        (
+            "[database]\nconnect_timeout = \"soon\"",
+            &["database.connect_timeout"],
+        ),
+        (
+            "[database]\nconnect_timeout = \"0s\"",
+            &["database.connect_timeout"],
+        ),
+        (
+            "[database]\nurl = \"postgres://h/db?sslmode=bogus\"",
+            &["database.url"],
+        ),
+        (
+            "[database]\nurl = \"postgres://h/db?sslmode=require\"",
+            &["database.url"],
+        ),
+        (
+            "[database]\nurl = \"postgres://h:notaport/db\"",
+            &["database.url"],
+        ),
+        ("[database]\nurl = \"postgres://h\"", &["database.url"]),
+        (
+            "[database]\npassword = \"a\"\npassword_file = \"/x\"",
+            &["database.password"],
+        ),
+        (
+            "[database]\npassword_file = \"/nonexistent/outboxd-secret\"",
+            &["database.password_file"],
+        ),
+        ("[log]\nformat = \"xml\"", &["log.format"]),
+        ("[delivery]\nconcurrency = 0", &["delivery.concurrency"]),
+        ("[delivery]\nrequest_timeout = \"30s\"", &["delivery.lease"]),
+        (
+            "[delivery]\nrequest_timeout = \"30s\"\nlease = \"70s\"",
+            &[],
+        ),
+        (
+            "[delivery]\nconnect_timeout = \"20s\"",
+            &["delivery.connect_timeout"],
+        ),
+        (
+            "[delivery]\nmax_response_bytes = 10",
+            &["delivery.max_response_bytes"],
+        ),
+        ("[retry]\nmax_attempts = 0", &["retry.max_attempts"]),
+        ("[retry]\njitter = 1.5", &["retry.jitter"]),
+        ("[retry]\nbase_delay = \"2h\"", &["retry.base_delay"]),
+        ("[retry]\nmax_age = \"400days\"", &["retry.max_age"]),
+        ("[smtp]\nhost = \"mail.example.com\"", &["smtp.from"]),
+        (
+            "[smtp]\nhost = \"h\"\nfrom = \"Ops <ops@x.com>\"",
+            &["smtp.from"],
+        ),
+        (
+            "[smtp]\nhost = \"h\"\nfrom = \"o@x.com\"\ntls = \"ssl\"",
+            &["smtp.tls"],
+        ),
+        (
+            "[smtp]\nhost = \"h\"\nfrom = \"o@x.com\"\nusername = \"u\"",
+            &["smtp.username"],
+        ),
+        (
+            "[smtp]\nhost = \"h\"\nfrom = \"o@x.com\"\nusername = \"u\"\npassword = \"p\"",
+            &[],
+        ),
+        ("[smtp]\nfrom = \"not checked without a host\"", &[]),
+        ("[notify]\nwindow = \"soon\"", &["notify.window"]),
+        ("[metrics]\nlisten = \"localhost\"", &["metrics.listen"]),
+        ("[retention]\ndelivered = \"400days\"", &[]),
+        ("[retention]\nfailed = \"forever\"", &["retention.failed"]),
+        ("[retention]\nbatch_size = 0", &["retention.batch_size"]),
+        (
+            "[delivery]\nallowed_networks = [\"127.0.0.0/8\", \"::1\"]",
+            &[],
+        ),
+        (
+            "[delivery]\nallowed_networks = [\"10.0.0.0/8\", \"intranet\"]",
+            &["delivery.allowed_networks[1]"],
+        ),
+        ("[metrics]\nlisten = \"off\"", &[]),
+        ("[metrics]\nlisten = \"[::1]:9187\"", &[]),
+        ("[log]\nlevel = \"outboxd=loud\"", &["log.level"]),
+        ("[log]\nlevel = \"debug\"\nformat = \"json\"", &[]),
+        (
+            "[database]\nconnect_timeout = \"x\"\n[log]\nformat = \"xml\"",
+            &["database.connect_timeout", "log.format"],
+        ),
+    ];
+    for (text, want) in cases {
+        assert_eq!(problems_of(text), *want, "config:\n{text}");
+    }
+}
+
+#[test]
+fn smtp_port_follows_the_tls_mode() {
+    for (tls, port) in [("starttls", 587), ("implicit", 465), ("none", 25)] {
+        let text = format!("[smtp]\nhost = \"h\"\nfrom = \"o@x.com\"\ntls = \"{tls}\"");
+        let config = raw_from_toml(&text).unwrap().validate().unwrap();
+        assert_eq!(config.notify.smtp.unwrap().port, port, "{tls}");
+    }
+    let config = RawConfig::default().validate().unwrap();
+    assert_eq!(config.notify.smtp, None);
+}
+
+#[test]
+fn unknown_keys_and_wrong_types_name_the_key() {
+    let err = raw_from_toml("[database]\npasword = \"x\"").unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("pasword"), "{text}");
+
+    let err = raw_from_toml("[database]\nconnect_timeout = 5").unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("database.connect_timeout"), "{text}");
+}
+
+#[test]
+fn password_file_is_read_and_trimmed_of_one_newline() {
+    let dir = std::env::temp_dir().join(format!("outboxd-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pw");
+    std::fs::write(&path, "s3cret\n").unwrap();
+    let text = format!(
+        "[database]\npassword_file = {:?}",
+        path.display().to_string()
+    );
+    let config = raw_from_toml(&text).unwrap().validate().unwrap();
+    assert_eq!(config.database.pg.get_password(), Some(&b"s3cret"[..]));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn secrets_do_not_show_in_debug_output() {
+    let text = "[database]\nurl = \"postgres://u:urlpw@h/db\"\npassword = \"filepw\"\n\
+                [smtp]\nhost = \"h\"\nfrom = \"o@x.com\"\nusername = \"u\"\npassword = \"smtppw\"";
+    let raw = raw_from_toml(text).unwrap();
+    let raw_debug = format!("{raw:?}");
+    let config = raw.validate().unwrap();
+    let debug = format!("{config:?}");
+    for shown in [raw_debug, debug, format!("{:?}", Secret::new("tok"))] {
+        assert!(!shown.contains("urlpw"), "{shown}");
+        assert!(!shown.contains("filepw"), "{shown}");
+        assert!(!shown.contains("smtppw"), "{shown}");
+        assert!(!shown.contains("tok\""), "{shown}");
+    }
+}
