@@ -113,6 +113,9 @@ impl Deliverer {
         if let Some(auth) = &webhook.authorization {
             request = request.header(AUTHORIZATION, auth.clone());
         }
+        if webhook.test {
+            request = request.header(webhook::TEST_HEADER, HeaderValue::from_static("1"));
+        }
         let request =
             request
                 .body(Full::new(webhook.body.clone()))
