@@ -2,7 +2,10 @@
 //!
 //! Output meant for the operator goes to stdout; logs go to stderr. Exit
 //! codes are part of the interface (scripts and systemd's `ExecStartPre=`
-//! branch on them), see [`Exit`].
+//! branch on them), see [`Exit`]. [`generate`] prints completions and man
+//! pages, needing neither config nor database.
+
+mod generate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,6 +19,8 @@ use crate::db;
 use crate::engine::{self, EngineError};
 use crate::logging::LogHandle;
 use crate::migrate::{self, MigrateError, SchemaState};
+
+pub use generate::run_without_config;
 
 /// Delivers webhooks from a PostgreSQL transactional outbox.
 ///
@@ -87,6 +92,35 @@ pub enum Command {
     ///
     ///   $ OUTBOXD_DATABASE__URL=postgres://outboxd@db.internal/sales outboxd run
     Run,
+
+    /// Print a shell completion script
+    ///
+    /// Needs no configuration and no database. See the README for where each
+    /// shell looks for completion scripts.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd completions bash > /usr/share/bash-completion/completions/outboxd
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page (roff), or write one page per subcommand
+    ///
+    /// Without --out-dir, prints outboxd(1) to stdout. With it, writes
+    /// outboxd.1 and a page per subcommand (outboxd-migrate.1, …) into
+    /// that directory. Needs no configuration and no database.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd man --out-dir /usr/local/share/man/man1
+    Man {
+        /// Write every page into this directory instead of printing one
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// Process exit codes.
@@ -120,6 +154,9 @@ pub async fn run(
         Command::Migrate => run_migrate(&config).await,
         Command::Check => run_check(&config).await,
         Command::Run => run_daemon(config, config_path, log).await,
+        Command::Completions { .. } | Command::Man { .. } => {
+            run_without_config(&command).unwrap_or(Exit::Ok)
+        }
     }
 }
 

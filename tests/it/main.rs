@@ -10,6 +10,7 @@ mod delivery;
 mod harness;
 mod notify;
 mod ops;
+mod ops_cli;
 mod proxy;
 mod receiver;
 mod smtp;
