@@ -1,17 +1,28 @@
 //! The command line: what each subcommand is, and what it does.
 //!
-//! Output meant for the operator goes to stdout; logs go to stderr. Exit
-//! codes are part of the interface (scripts and systemd's `ExecStartPre=`
-//! branch on them), see [`Exit`]. [`generate`] prints completions and man
-//! pages, needing neither config nor database.
+//! Output meant for the operator goes to stdout; logs and errors go to
+//! stderr. Exit codes are part of the interface (scripts and systemd's
+//! `ExecStartPre=` branch on them), see [`Exit`].
+//!
+//! The daemon's subcommands (`migrate`, `check`, `run`) are implemented
+//! here. The operator's live one role per file beside it, each with its
+//! flags: `endpoint` ([`endpoint`]; `set`'s checks in [`settings`]).
+//! [`rules`] checks input the way the schema would; [`table`] lays out
+//! columns; [`generate`] prints completions and man pages, needing neither
+//! config nor database.
 
+mod endpoint;
 mod generate;
+pub mod rules;
+mod settings;
+mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -93,6 +104,21 @@ pub enum Command {
     ///   $ OUTBOXD_DATABASE__URL=postgres://outboxd@db.internal/sales outboxd run
     Run,
 
+    /// Configure the webhook endpoint of a company: URL, auth, notify emails
+    ///
+    /// One endpoint per company and event type, stored in outbox.endpoints
+    /// (what the sales application's settings screen writes too). `set`
+    /// checks everything before it writes; passwords and tokens are read
+    /// from files and never printed back.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint set --company 6316 --url https://erp.example.com/hooks --auth bearer --token-file /run/secrets/erp-token --notify ops@example.com
+    Endpoint {
+        #[command(subcommand)]
+        command: endpoint::EndpointCommand,
+    },
+
     /// Print a shell completion script
     ///
     /// Needs no configuration and no database. See the README for where each
@@ -150,13 +176,103 @@ pub async fn run(
     config_path: Option<PathBuf>,
     log: LogHandle,
 ) -> Exit {
-    match command {
-        Command::Migrate => run_migrate(&config).await,
-        Command::Check => run_check(&config).await,
-        Command::Run => run_daemon(config, config_path, log).await,
+    let result = match command {
+        Command::Migrate => return run_migrate(&config).await,
+        Command::Check => return run_check(&config).await,
+        Command::Run => return run_daemon(config, config_path, log).await,
+        Command::Endpoint { command } => endpoint::run(command, &config).await,
         Command::Completions { .. } | Command::Man { .. } => {
-            run_without_config(&command).unwrap_or(Exit::Ok)
+            return run_without_config(&command).unwrap_or(Exit::Ok);
         }
+    };
+    report(result)
+}
+
+/// Why an operator subcommand stopped early. Each variant maps to one exit
+/// code; its text (one problem per line) goes to stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The input is invalid (flags, or values the database refused): exit 2,
+    /// nothing changed.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+    /// Something failed at run time: exit 1.
+    #[error("{0}")]
+    Failed(String),
+    /// The schema is missing, older or newer than this binary: exit 3.
+    #[error("{0}")]
+    Schema(String),
+}
+
+impl CliError {
+    pub fn invalid(problem: impl Into<String>) -> CliError {
+        CliError::Invalid(vec![problem.into()])
+    }
+
+    /// A failed statement, `step` naming what was being done. A value the
+    /// database refused through a check (a constraint, a trigger, an enqueue
+    /// function's argument check) is the operator's input, hence `Invalid`:
+    /// its message names the problem.
+    pub fn database(step: &str, e: &tokio_postgres::Error) -> CliError {
+        use tokio_postgres::error::SqlState;
+        let refused = e.code().is_some_and(|code| {
+            [
+                SqlState::CHECK_VIOLATION,
+                SqlState::NOT_NULL_VIOLATION,
+                SqlState::INVALID_PARAMETER_VALUE,
+            ]
+            .contains(code)
+        });
+        if refused {
+            CliError::invalid(format!("the database refused it: {}", db::describe(e)))
+        } else {
+            CliError::Failed(format!("{step}: {}", db::describe(e)))
+        }
+    }
+}
+
+/// Prints an operator subcommand's error, every line prefixed with
+/// `outboxd: `, and picks the exit code.
+fn report(result: Result<(), CliError>) -> Exit {
+    let Err(e) = result else {
+        return Exit::Ok;
+    };
+    for line in e.to_string().lines() {
+        eprintln!("outboxd: {line}");
+    }
+    match e {
+        CliError::Invalid(_) => Exit::Usage,
+        CliError::Failed(_) => Exit::Failure,
+        CliError::Schema(_) => Exit::Schema,
+    }
+}
+
+/// One connection for an operator subcommand, after checking that the
+/// schema is exactly what this binary expects: reading or writing outbox
+/// tables of another version could misread them.
+async fn connect_current(config: &Config) -> Result<Client, CliError> {
+    let client = db::connect(&config.database)
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    match migrate::status(&client).await {
+        Ok(SchemaState::Current { .. }) => Ok(client),
+        Ok(SchemaState::Behind { database, binary }) => {
+            Err(CliError::Schema(schema_behind(database, binary)))
+        }
+        Err(e @ MigrateError::Database { .. }) => Err(CliError::Failed(e.to_string())),
+        Err(e) => Err(CliError::Schema(e.to_string())),
+    }
+}
+
+/// What to say about a schema older than this binary (0: none at all).
+fn schema_behind(database: i32, binary: i32) -> String {
+    if database == 0 {
+        "the outbox schema is missing; run `outboxd migrate`".to_string()
+    } else {
+        format!(
+            "the outbox schema is at version {database}, this binary needs {binary}; \
+             run `outboxd migrate`"
+        )
     }
 }
 
@@ -281,15 +397,8 @@ async fn run_check(config: &Config) -> Exit {
             println!("schema: ok (version {version})");
             check_smtp(config).await
         }
-        Ok(SchemaState::Behind { database: 0, .. }) => {
-            eprintln!("outboxd: the outbox schema is missing; run `outboxd migrate`");
-            Exit::Schema
-        }
         Ok(SchemaState::Behind { database, binary }) => {
-            eprintln!(
-                "outboxd: the outbox schema is at version {database}, this binary needs {binary}; \
-                 run `outboxd migrate`"
-            );
+            eprintln!("outboxd: {}", schema_behind(database, binary));
             Exit::Schema
         }
         Err(e) => migrate_failed(&e),
