@@ -6,13 +6,15 @@
 //!
 //! The daemon's subcommands (`migrate`, `check`, `run`) are implemented
 //! here. The operator's live one role per file beside it, each with its
-//! flags: `endpoint` ([`endpoint`]; `set`'s checks in [`settings`]).
+//! flags: `endpoint` ([`endpoint`]; `set`'s checks in [`settings`],
+//! `endpoint test` in [`probe`]).
 //! [`rules`] checks input the way the schema would; [`table`] lays out
 //! columns; [`generate`] prints completions and man pages, needing neither
 //! config nor database.
 
 mod endpoint;
 mod generate;
+mod probe;
 pub mod rules;
 mod settings;
 mod table;
@@ -109,7 +111,8 @@ pub enum Command {
     /// One endpoint per company and event type, stored in outbox.endpoints
     /// (what the sales application's settings screen writes too). `set`
     /// checks everything before it writes; passwords and tokens are read
-    /// from files and never printed back.
+    /// from files and never printed back. `test` sends one marked test
+    /// request and shows how its answer would be judged.
     ///
     /// Example:
     ///

@@ -1,5 +1,6 @@
 //! `outboxd endpoint …`: a company's webhook settings in outbox.endpoints,
 //! the product's "Step two": set, list, show, enable, disable, remove.
+//! (`endpoint test` sends a request; it lives in [`super::probe`].)
 //!
 //! `set` saves what [`super::settings`] checked, in one upsert
 //! (`sql/queries/endpoint_upsert.sql`). Passwords and tokens are written,
@@ -13,7 +14,7 @@ use tokio_postgres::Row;
 
 use super::settings::{SetArgs, Settings};
 use super::table::{self, Table};
-use super::{CliError, connect_current, rules};
+use super::{CliError, connect_current, probe, rules};
 use crate::claim::Auth;
 use crate::config::Config;
 use crate::webhook::PAYMENT_CANCELLATION;
@@ -84,6 +85,20 @@ pub enum EndpointCommand {
     ///
     ///   $ outboxd endpoint remove --company 6316 --event invoice.created
     Remove(EndpointKey),
+
+    /// Send one test request to an endpoint and judge the answer
+    ///
+    /// POSTs a sample body with the endpoint's auth and the header
+    /// `Outboxd-Test: 1` (receivers can recognise it) under a fresh random
+    /// event id, then prints the HTTP status, the verdict a real event would
+    /// get and the receiver's message. Writes nothing to the outbox. Exits 0
+    /// when the receiver answered success (status 1), 1 otherwise. A disabled
+    /// endpoint is tested too.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint test --company 6316
+    Test(EndpointKey),
 }
 
 /// Which endpoint: company and event type.
@@ -110,6 +125,7 @@ pub async fn run(command: EndpointCommand, config: &Config) -> Result<(), CliErr
         EndpointCommand::Enable(key) => set_enabled(&key, true, config).await,
         EndpointCommand::Disable(key) => set_enabled(&key, false, config).await,
         EndpointCommand::Remove(key) => remove(&key, config).await,
+        EndpointCommand::Test(key) => probe::run(&key, config).await,
     }
 }
 
@@ -247,7 +263,7 @@ async fn remove(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
     Ok(())
 }
 
-fn not_found(key: &EndpointKey) -> CliError {
+pub(super) fn not_found(key: &EndpointKey) -> CliError {
     CliError::Failed(format!(
         "no endpoint for company {} and event type {}; create one with `outboxd endpoint set`",
         key.company, key.event

@@ -1,12 +1,18 @@
 //! The operator CLI run as real processes against real databases: endpoint
-//! settings, the schema check, completions and the man page. Invalid input
-//! (exit 2, the problem named, nothing changed) is in `ops_cli/invalid.rs`.
+//! settings and test requests, the schema check, completions and the man
+//! page. Invalid input (exit 2, the problem named, nothing changed) is in
+//! `ops_cli/invalid.rs`.
 
 mod invalid;
 
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::harness::{Ran, TempDir, TestDb, run};
+use crate::receiver::{Receiver, Reply};
 
 /// Runs `outboxd` against `db` with `line` split at whitespace (no quoting:
 /// tests pass arguments with spaces through `run` directly).
@@ -228,7 +234,7 @@ async fn endpoint_enable_disable_and_remove() {
     expect(&gone, 0, &["removed the endpoint of company 5"]);
     assert_eq!(enabled().await, None);
 
-    for verb in ["remove", "enable", "disable", "show"] {
+    for verb in ["remove", "enable", "disable", "show", "test"] {
         let missing = outboxd(&db, &format!("endpoint {verb} --company 5")).await;
         assert_eq!(missing.code, Some(1), "{verb}: {missing:?}");
         assert!(
@@ -238,6 +244,97 @@ async fn endpoint_enable_disable_and_remove() {
             "{verb}: {missing:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoint_test_sends_one_marked_request_with_the_endpoint_auth_and_writes_nothing() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let dir = TempDir::new("endpoint-test");
+    let password = file(&dir, "password", "basic-SECRET-pw\n");
+    let token = file(&dir, "token", "bearer-SECRET-token\n");
+    let ok = Receiver::ok().await;
+    let refusing = Receiver::start(|_, _| {
+        Reply::Json(200, json!({"status": "0", "error": "unknown company"}))
+    })
+    .await;
+    let url = ok.url("/hooks/pc");
+    let basic = outboxd(
+        &db,
+        &format!(
+            "endpoint set --company 6316 --url {url} --auth basic --username sales \
+             --password-file {password}"
+        ),
+    )
+    .await;
+    expect(&basic, 0, &[]);
+    let url = refusing.url("/inv");
+    let bearer = outboxd(
+        &db,
+        &format!(
+            "endpoint set --company 6316 --event invoice.created --url {url} --auth bearer \
+             --token-file {token} --disabled"
+        ),
+    )
+    .await;
+    expect(&bearer, 0, &[]);
+    let before = snapshot(&client).await;
+
+    let tested = outboxd(&db, "endpoint test --company 6316").await;
+    expect(
+        &tested,
+        0,
+        &["answer:  HTTP 200", "verdict: success", "message: received"],
+    );
+    let got = ok.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(got.len(), 1);
+    let request = &got[0];
+    assert_eq!(request.path, "/hooks/pc");
+    assert_eq!(request.header("outboxd-test"), Some("1"));
+    let credentials = base64::engine::general_purpose::STANDARD.encode("sales:basic-SECRET-pw");
+    let authorization = format!("Basic {credentials}");
+    assert_eq!(
+        request.header("authorization"),
+        Some(authorization.as_str())
+    );
+    assert_eq!(
+        request.json(),
+        json!({"companyId": 6316, "paymentId": 1, "paymentNumber": "OUTBOXD-TEST"})
+    );
+    let key = request.header("idempotency-key").unwrap();
+    assert_eq!(request.header("webhook-id"), Some(key));
+    assert!(
+        tested.stdout.contains(key),
+        "the test id is shown: {tested:?}"
+    );
+    assert_no_secret(&tested, &["SECRET", &credentials]);
+
+    // A refusal is reported, another event type gets the generic body, and
+    // a disabled endpoint is tested all the same.
+    let refused = outboxd(&db, "endpoint test --company 6316 --event invoice.created").await;
+    expect(
+        &refused,
+        1,
+        &["disabled", "verdict: rejected", "message: unknown company"],
+    );
+    assert!(
+        refused.stderr.contains("did not accept the test request"),
+        "{refused:?}"
+    );
+    let got = refusing.wait_for(1, Duration::from_secs(5)).await;
+    assert_eq!(got[0].header("outboxd-test"), Some("1"));
+    assert_eq!(
+        got[0].header("authorization"),
+        Some("Bearer bearer-SECRET-token")
+    );
+    assert_eq!(got[0].json(), json!({"test": true}));
+    assert_no_secret(&refused, &["SECRET"]);
+
+    assert_eq!(
+        snapshot(&client).await,
+        before,
+        "a test request writes nothing"
+    );
 }
 
 #[tokio::test]
