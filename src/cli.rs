@@ -7,12 +7,13 @@
 //! The daemon's subcommands (`migrate`, `check`, `run`) are implemented
 //! here. The operator's live one role per file beside it, each with its
 //! flags: `endpoint` ([`endpoint`]; `set`'s checks in [`settings`],
-//! `endpoint test` in [`probe`]).
+//! `endpoint test` in [`probe`]) and `enqueue` ([`enqueue`]).
 //! [`rules`] checks input the way the schema would; [`table`] lays out
 //! columns; [`generate`] prints completions and man pages, needing neither
 //! config nor database.
 
 mod endpoint;
+mod enqueue;
 mod generate;
 mod probe;
 pub mod rules;
@@ -122,6 +123,19 @@ pub enum Command {
         command: endpoint::EndpointCommand,
     },
 
+    /// Write an event into the outbox the way the sales application does
+    ///
+    /// Calls the same SQL function as the application, in a transaction of
+    /// its own, and prints the new event id. A running daemon delivers it.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd enqueue payment-cancellation --company 6316 --payment 222125 --number 2271 --orders 17899,17900
+    Enqueue {
+        #[command(subcommand)]
+        command: enqueue::EnqueueCommand,
+    },
+
     /// Print a shell completion script
     ///
     /// Needs no configuration and no database. See the README for where each
@@ -184,6 +198,7 @@ pub async fn run(
         Command::Check => return run_check(&config).await,
         Command::Run => return run_daemon(config, config_path, log).await,
         Command::Endpoint { command } => endpoint::run(command, &config).await,
+        Command::Enqueue { command } => enqueue::run(command, &config).await,
         Command::Completions { .. } | Command::Man { .. } => {
             return run_without_config(&command).unwrap_or(Exit::Ok);
         }

@@ -160,6 +160,26 @@ pub fn webhook_url(url: &str) -> Result<(), String> {
     })
 }
 
+/// `--orders 17899,17900`: positive integers, comma-separated, none twice
+/// (what `outbox.enqueue_payment_cancellation` accepts).
+pub fn order_ids(text: &str) -> Result<Vec<i64>, String> {
+    let mut ids: Vec<i64> = Vec::new();
+    for item in text.split(',').map(str::trim) {
+        let id = item
+            .parse::<i64>()
+            .ok()
+            .filter(|id| *id > 0 && !item.starts_with('+'))
+            .ok_or_else(|| {
+                format!("{item:?} is not an order id (positive integers joined by commas)")
+            })?;
+        if ids.contains(&id) {
+            return Err(format!("order id {id} is given twice"));
+        }
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,6 +286,26 @@ mod tests {
             let got = webhook_url(url).expect_err(url);
             assert!(got.contains(want), "{url}: {got}");
             assert!(!got.contains("pw@"), "never echo credentials: {got}");
+        }
+    }
+
+    #[test]
+    fn order_id_lists() {
+        assert_eq!(order_ids("17899,17900"), Ok(vec![17899, 17900]));
+        assert_eq!(order_ids(" 5 , 6"), Ok(vec![5, 6]));
+        for (bad, want) in [
+            ("17899,x", "\"x\" is not an order id"),
+            ("0", "\"0\" is not an order id"),
+            ("-3", "\"-3\" is not an order id"),
+            ("1,,2", "\"\" is not an order id"),
+            ("", "\"\" is not an order id"),
+            ("4,4", "order id 4 is given twice"),
+        ] {
+            assert_eq!(
+                order_ids(bad).unwrap_err().split(" (").next().unwrap(),
+                want.split(" (").next().unwrap(),
+                "{bad}"
+            );
         }
     }
 }

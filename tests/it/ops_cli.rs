@@ -1,6 +1,6 @@
 //! The operator CLI run as real processes against real databases: endpoint
-//! settings and test requests, the schema check, completions and the man
-//! page. Invalid input (exit 2, the problem named, nothing changed) is in
+//! settings and test requests, enqueue, the schema check, completions and the
+//! man page. Invalid input (exit 2, the problem named, nothing changed) is in
 //! `ops_cli/invalid.rs`.
 
 mod invalid;
@@ -338,11 +338,61 @@ async fn endpoint_test_sends_one_marked_request_with_the_endpoint_auth_and_write
 }
 
 #[tokio::test]
+async fn enqueue_calls_the_sql_function_and_prints_the_event_id() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let with_orders = outboxd(
+        &db,
+        "enqueue payment-cancellation --company 6316 --payment 222125 --number 2271 \
+         --orders 17899,17900",
+    )
+    .await;
+    let without = outboxd(
+        &db,
+        "enqueue payment-cancellation --company 6316 --payment 222126 --number 2272",
+    )
+    .await;
+    for (ran, payload) in [
+        (
+            &with_orders,
+            json!({"companyId": 6316, "paymentId": 222125, "paymentNumber": "2271",
+                   "orderIds": "17899,17900"}),
+        ),
+        (
+            &without,
+            json!({"companyId": 6316, "paymentId": 222126, "paymentNumber": "2272"}),
+        ),
+    ] {
+        expect(ran, 0, &[]);
+        let id: uuid::Uuid = ran.stdout.trim().parse().expect("only the event id");
+        let row = client
+            .query_one(
+                "SELECT event_type, company_id, payload, state FROM outbox.events WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        let got: (String, i64, serde_json::Value, String) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!(
+            got,
+            (
+                "payment.cancellation".into(),
+                6316,
+                payload,
+                "pending".into()
+            )
+        );
+    }
+}
+
+#[tokio::test]
 async fn operator_commands_refuse_an_unmigrated_database() {
     let db = TestDb::empty().await;
     for line in [
         "endpoint list",
         "endpoint set --company 1 --url https://erp.example.com/",
+        "enqueue payment-cancellation --company 1 --payment 1 --number 1",
     ] {
         let ran = outboxd(&db, line).await;
         assert_eq!(ran.code, Some(3), "{line}: {ran:?}");

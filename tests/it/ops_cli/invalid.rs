@@ -3,7 +3,7 @@
 //! CLI's own email and URL rules checked against the schema's functions.
 
 use super::{assert_no_secret, expect, file, outboxd, snapshot};
-use crate::harness::{TempDir, TestDb};
+use crate::harness::{TempDir, TestDb, run};
 
 #[tokio::test]
 async fn invalid_input_exits_2_names_the_problem_and_changes_nothing() {
@@ -87,6 +87,16 @@ async fn invalid_input_exits_2_names_the_problem_and_changes_nothing() {
             "endpoint show --company 6316 --event payment".into(),
             "\"payment\" is not an event type",
         ),
+        (
+            "enqueue payment-cancellation --company 6316 --payment 2 --number 2 --orders 17899,x"
+                .into(),
+            "'17899,x' for '--orders <IDS>': \"x\" is not an order id",
+        ),
+        (
+            "enqueue payment-cancellation --company 6316 --payment 2 --number 2 --orders 5,5"
+                .into(),
+            "order id 5 is given twice",
+        ),
     ];
     for (line, want) in &cases {
         let ran = outboxd(&db, line).await;
@@ -102,6 +112,25 @@ async fn invalid_input_exits_2_names_the_problem_and_changes_nothing() {
             "{line} changed the database"
         );
     }
+
+    // A value the database function refuses: its message, exit 2.
+    let blank = run(db.outboxd().args([
+        "enqueue",
+        "payment-cancellation",
+        "--company=6316",
+        "--payment=2",
+        "--number= ",
+    ]))
+    .await;
+    assert_eq!(blank.code, Some(2), "{blank:?}");
+    assert!(
+        blank.stderr.contains(
+            "outboxd: the database refused it: outbox.enqueue_payment_cancellation: \
+             payment_number must not be blank"
+        ),
+        "{blank:?}"
+    );
+    assert_eq!(snapshot(&client).await, before);
 
     // Every problem at once, each on its own line naming its flag.
     let all = outboxd(
