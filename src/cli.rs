@@ -7,15 +7,18 @@
 //! The daemon's subcommands (`migrate`, `check`, `run`) are implemented
 //! here. The operator's live one role per file beside it, each with its
 //! flags: `endpoint` ([`endpoint`]; `set`'s checks in [`settings`],
-//! `endpoint test` in [`probe`]) and `enqueue` ([`enqueue`]).
+//! `endpoint test` in [`probe`]), `events` ([`events`]; `events retry` in
+//! [`replay`]) and `enqueue` ([`enqueue`]).
 //! [`rules`] checks input the way the schema would; [`table`] lays out
 //! columns; [`generate`] prints completions and man pages, needing neither
 //! config nor database.
 
 mod endpoint;
 mod enqueue;
+mod events;
 mod generate;
 mod probe;
+mod replay;
 pub mod rules;
 mod settings;
 mod table;
@@ -123,6 +126,21 @@ pub enum Command {
         command: endpoint::EndpointCommand,
     },
 
+    /// Look at events and their attempts, and send failed events again
+    ///
+    /// `list` and `show` read outbox.events and outbox.attempts (`--json`
+    /// for scripts); `retry` puts failed events back to pending with the
+    /// same event id, so the receiver sees the same Idempotency-Key, and
+    /// keeps their earlier attempts.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd events list --company 6316 --state failed --since 2h
+    Events {
+        #[command(subcommand)]
+        command: events::EventsCommand,
+    },
+
     /// Write an event into the outbox the way the sales application does
     ///
     /// Calls the same SQL function as the application, in a transaction of
@@ -198,6 +216,7 @@ pub async fn run(
         Command::Check => return run_check(&config).await,
         Command::Run => return run_daemon(config, config_path, log).await,
         Command::Endpoint { command } => endpoint::run(command, &config).await,
+        Command::Events { command } => events::run(command, &config).await,
         Command::Enqueue { command } => enqueue::run(command, &config).await,
         Command::Completions { .. } | Command::Man { .. } => {
             return run_without_config(&command).unwrap_or(Exit::Ok);

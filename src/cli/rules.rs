@@ -7,6 +7,10 @@
 //! name the flag. Each function is pure and returns the problem as text
 //! meant to follow the flag's name (`--url: …`).
 
+use std::time::{Duration, SystemTime};
+
+use uuid::Uuid;
+
 /// The schema's limit on notification addresses per endpoint.
 pub const MAX_NOTIFY_EMAILS: usize = 5;
 
@@ -160,6 +164,58 @@ pub fn webhook_url(url: &str) -> Result<(), String> {
     })
 }
 
+/// A `--since` value: a duration back from `now` ("2h", "3days", "1h 30m"),
+/// or a point in time, RFC 3339 (`2026-11-27T17:00:00Z`,
+/// `2026-11-27T18:00:00+01:00`, also with a space for the `T` and without
+/// seconds' fraction) or a date (`2026-11-27`, midnight UTC).
+pub fn since(text: &str, now: SystemTime) -> Result<SystemTime, String> {
+    let text = text.trim();
+    if let Ok(back) = humantime::parse_duration(text) {
+        return now
+            .checked_sub(back)
+            .ok_or_else(|| format!("{text:?} reaches back before 1970; give a shorter duration"));
+    }
+    timestamp(text).ok_or_else(|| {
+        format!(
+            "{text:?} is neither a duration (\"2h\", \"3days\") nor a time \
+             (\"2026-11-27T17:00:00Z\", \"2026-11-27\")"
+        )
+    })
+}
+
+/// RFC 3339 with `Z` or a numeric offset, or a bare date.
+fn timestamp(text: &str) -> Option<SystemTime> {
+    if text.len() == 10 {
+        return humantime::parse_rfc3339_weak(&format!("{text}T00:00:00Z")).ok();
+    }
+    // humantime reads UTC only: take a trailing ±HH:MM off and apply it.
+    let (local, offset) = match text.len().checked_sub(6).map(|at| text.split_at(at)) {
+        Some((local, off))
+            if (off.starts_with('+') || off.starts_with('-')) && off.as_bytes()[3] == b':' =>
+        {
+            let hours: u64 = off[1..3].parse().ok()?;
+            let minutes: u64 = off[4..6].parse().ok()?;
+            let seconds = Duration::from_secs(hours * 3600 + minutes * 60);
+            (local, Some((off.starts_with('+'), seconds)))
+        }
+        _ => (text, None),
+    };
+    let t = humantime::parse_rfc3339_weak(local).ok()?;
+    match offset {
+        // 18:00+01:00 is 17:00Z.
+        Some((true, off)) => t.checked_sub(off),
+        Some((false, off)) => t.checked_add(off),
+        None => Some(t),
+    }
+}
+
+/// An event id on the command line.
+pub fn event_id(text: &str) -> Result<Uuid, String> {
+    Uuid::parse_str(text.trim()).map_err(|_| {
+        format!("{text:?} is not an event id (a UUID such as 01a21df3-926e-7d08-a910-945c0efd0520)")
+    })
+}
+
 /// `--orders 17899,17900`: positive integers, comma-separated, none twice
 /// (what `outbox.enqueue_payment_cancellation` accepts).
 pub fn order_ids(text: &str) -> Result<Vec<i64>, String> {
@@ -290,6 +346,32 @@ mod tests {
     }
 
     #[test]
+    fn since_takes_durations_and_times() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(since("2h", now), Ok(now - Duration::from_secs(7200)));
+        assert_eq!(
+            since("3days", now),
+            Ok(now - Duration::from_secs(3 * 86400))
+        );
+        let at = humantime::parse_rfc3339("2026-11-27T17:00:00Z").unwrap();
+        for text in [
+            "2026-11-27T17:00:00Z",
+            "2026-11-27 17:00:00Z",
+            "2026-11-27T18:00:00+01:00",
+            "2026-11-27T15:30:00-01:30",
+        ] {
+            assert_eq!(since(text, now), Ok(at), "{text}");
+        }
+        assert_eq!(
+            since("2026-11-27", now),
+            Ok(humantime::parse_rfc3339("2026-11-27T00:00:00Z").unwrap())
+        );
+        for bad in ["yesterday", "2h ago", "2026-13-01", ""] {
+            assert!(since(bad, now).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn order_id_lists() {
         assert_eq!(order_ids("17899,17900"), Ok(vec![17899, 17900]));
         assert_eq!(order_ids(" 5 , 6"), Ok(vec![5, 6]));
@@ -307,5 +389,12 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn event_ids() {
+        let id = "01a21df3-926e-7d08-a910-945c0efd0520";
+        assert_eq!(event_id(id).unwrap().to_string(), id);
+        assert!(event_id("1234").unwrap_err().contains("not an event id"));
     }
 }

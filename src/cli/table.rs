@@ -64,6 +64,17 @@ pub fn time(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// A timestamp for JSON output and detail views: UTC with microseconds,
+/// PostgreSQL's precision.
+pub fn precise_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+/// An optional value, `-` when absent.
+pub fn or_dash<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,5 +95,6 @@ mod tests {
     fn times_are_utc() {
         let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_500_000);
         assert_eq!(time(t), "1970-01-01T00:00:01Z");
+        assert_eq!(precise_time(t), "1970-01-01T00:00:01.500000Z");
     }
 }

@@ -88,6 +88,28 @@ async fn invalid_input_exits_2_names_the_problem_and_changes_nothing() {
             "\"payment\" is not an event type",
         ),
         (
+            "events list --state done".into(),
+            "'done' for '--state <STATE>'",
+        ),
+        (
+            "events list --since yesterday".into(),
+            "\"yesterday\" is neither a duration",
+        ),
+        (
+            "events list --limit 10001".into(),
+            "'10001' for '--limit <LIMIT>'",
+        ),
+        (
+            "events show not-a-uuid".into(),
+            "\"not-a-uuid\" is not an event id",
+        ),
+        ("events retry 1234".into(), "\"1234\" is not an event id"),
+        ("events retry --company 6316".into(), "--state <STATE>"),
+        (
+            "events retry --company 6316 --state pending".into(),
+            "'pending' for '--state <STATE>'",
+        ),
+        (
             "enqueue payment-cancellation --company 6316 --payment 2 --number 2 --orders 17899,x"
                 .into(),
             "'17899,x' for '--orders <IDS>': \"x\" is not an order id",
