@@ -8,7 +8,7 @@
 //! here. The operator's live one role per file beside it, each with its
 //! flags: `endpoint` ([`endpoint`]; `set`'s checks in [`settings`],
 //! `endpoint test` in [`probe`]), `events` ([`events`]; `events retry` in
-//! [`replay`]) and `enqueue` ([`enqueue`]).
+//! [`replay`]), `status` ([`status`]) and `enqueue` ([`enqueue`]).
 //! [`rules`] checks input the way the schema would; [`table`] lays out
 //! columns; [`generate`] prints completions and man pages, needing neither
 //! config nor database.
@@ -21,6 +21,7 @@ mod probe;
 mod replay;
 pub mod rules;
 mod settings;
+mod status;
 mod table;
 
 use std::path::PathBuf;
@@ -141,6 +142,18 @@ pub enum Command {
         command: events::EventsCommand,
     },
 
+    /// Summarise the outbox: states, backlog age, failures, failing endpoints
+    ///
+    /// Counts events by state, the age of the oldest event due now, the
+    /// share of events that failed for good among those finished in the last
+    /// hour, and the five endpoints with the most failed events in the last
+    /// 24 hours. Reads only.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd status --json
+    Status(status::StatusArgs),
+
     /// Write an event into the outbox the way the sales application does
     ///
     /// Calls the same SQL function as the application, in a transaction of
@@ -217,6 +230,7 @@ pub async fn run(
         Command::Run => return run_daemon(config, config_path, log).await,
         Command::Endpoint { command } => endpoint::run(command, &config).await,
         Command::Events { command } => events::run(command, &config).await,
+        Command::Status(args) => status::run(args, &config).await,
         Command::Enqueue { command } => enqueue::run(command, &config).await,
         Command::Completions { .. } | Command::Man { .. } => {
             return run_without_config(&command).unwrap_or(Exit::Ok);

@@ -1,7 +1,7 @@
 //! The operator CLI run as real processes against real databases: endpoint
 //! settings and test requests, enqueue, the schema check, completions and the
-//! man page. Events are in `ops_cli/events.rs`. Invalid input (exit 2, the
-//! problem named, nothing changed) is in `ops_cli/invalid.rs`.
+//! man page. Events and status are in `ops_cli/events.rs`. Invalid input
+//! (exit 2, the problem named, nothing changed) is in `ops_cli/invalid.rs`.
 
 mod events;
 mod invalid;
@@ -391,6 +391,7 @@ async fn enqueue_calls_the_sql_function_and_prints_the_event_id() {
 async fn operator_commands_refuse_an_unmigrated_database() {
     let db = TestDb::empty().await;
     for line in [
+        "status",
         "events list",
         "endpoint list",
         "endpoint set --company 1 --url https://erp.example.com/",

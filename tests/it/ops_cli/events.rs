@@ -1,4 +1,4 @@
-//! `outboxd events list/show/retry` as real processes:
+//! `outboxd events list/show/retry` and `outboxd status` as real processes:
 //! what they print (tables and JSON), and that a retried event is delivered
 //! again by a running daemon under the same Idempotency-Key.
 
@@ -400,4 +400,72 @@ async fn retry_by_company_takes_its_failed_events_and_reports_ids_it_could_not_r
     );
     assert_eq!(state_of(&client, elsewhere).await, "pending");
     assert_eq!(state_of(&client, pending).await, "pending");
+}
+
+#[tokio::test]
+async fn status_counts_states_and_names_the_failing_endpoints() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO outbox.endpoints (company_id, url) VALUES (1, 'https://one.example.com/')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let delivered = enqueue(&client, 1, 1).await;
+    let rejected = enqueue(&client, 1, 2).await;
+    let exhausted = enqueue(&client, 1, 3).await;
+    let retrying = enqueue(&client, 1, 4).await;
+    let due = enqueue(&client, 1, 5).await;
+    let long_ago = enqueue(&client, 1, 6).await;
+    let no_endpoint = enqueue(&client, 2, 7).await;
+    attempt(&client, delivered, "delivered", "success", "10 minutes").await;
+    attempt(&client, rejected, "failed", "rejected", "10 minutes").await;
+    attempt(&client, exhausted, "failed", "retryable", "10 minutes").await;
+    attempt(&client, retrying, "pending", "retryable", "10 minutes").await;
+    attempt(&client, long_ago, "failed", "permanent", "2 days").await;
+    attempt(&client, no_endpoint, "failed", "no_endpoint", "10 minutes").await;
+    client
+        .execute(
+            "UPDATE outbox.events SET created_at = now() - interval '5 minutes' WHERE id = $1",
+            &[&due],
+        )
+        .await
+        .unwrap();
+
+    let status = json_of(&outboxd(&db, "status --json").await);
+    assert_eq!(
+        status["events"],
+        json!({"pending": 2, "leased": 0, "delivered": 1, "failed": 4})
+    );
+    let age = status["oldest_due_age_seconds"].as_f64().unwrap();
+    assert!((300.0..400.0).contains(&age), "{age}");
+    assert_eq!(
+        status["last_hour"],
+        json!({"finished": 4, "failed": 3, "failure_ratio": 0.75}),
+        "the retry still to come counts neither way"
+    );
+    assert_eq!(
+        status["failing_endpoints"],
+        json!([
+            {"company_id": 1, "event_type": "payment.cancellation",
+             "url": "https://one.example.com/", "failed_events": 2},
+            {"company_id": 2, "event_type": "payment.cancellation", "url": null, "failed_events": 1},
+        ])
+    );
+    assert_eq!(status["emails_queued"], 0);
+
+    let text = outboxd(&db, "status").await;
+    assert_eq!(text.code, Some(0), "{text:?}");
+    for want in [
+        "events:      2 pending, 0 leased, 1 delivered, 4 failed",
+        "oldest due:  5m",
+        "last hour:   3 of 4 finished events failed (75.0%)",
+        "failing endpoints (last 24 h):",
+        "https://one.example.com/",
+        "(no endpoint)",
+    ] {
+        assert!(text.stdout.contains(want), "{want:?} missing: {text:?}");
+    }
 }
