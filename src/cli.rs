@@ -5,13 +5,12 @@
 //! `ExecStartPre=` branch on them), see [`Exit`].
 //!
 //! The daemon's subcommands (`migrate`, `check`, `run`) are implemented
-//! here. The operator's live one role per file beside it, each with its
-//! flags: `endpoint` ([`endpoint`]; `set`'s checks in [`settings`],
-//! `endpoint test` in [`probe`]), `events` ([`events`]; `events retry` in
-//! [`replay`]), `status` ([`status`]) and `enqueue` ([`enqueue`]).
-//! [`rules`] checks input the way the schema would; [`table`] lays out
-//! columns; [`generate`] prints completions and man pages, needing neither
-//! config nor database.
+//! here. The operator's live one role per file in `src/cli/`, each with its
+//! flags: `endpoint.rs` (`set`'s checks in `settings.rs`, `endpoint test` in
+//! `probe.rs`), `events.rs` (`events retry` in `replay.rs`), `status.rs` and
+//! `enqueue.rs`. [`rules`] checks input the way the schema would; `table.rs`
+//! lays out columns; `generate.rs` prints completions and man pages,
+//! needing neither config nor database.
 
 mod endpoint;
 mod enqueue;
