@@ -18,6 +18,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::classify::{self, Answer, Verdict};
 use crate::config::DeliveryConfig;
 use crate::webhook::{self, Webhook};
 
@@ -32,6 +33,35 @@ pub struct Sent {
     pub started_at: SystemTime,
     pub duration: Duration,
     pub result: Result<HttpAnswer, TransportError>,
+}
+
+impl Sent {
+    /// The judgement on this attempt: the answer as [`classify::classify`]
+    /// sees it (`now`: when it arrived), or, when no answer came at all, a
+    /// retryable failure with the transport's reason.
+    pub fn verdict(&self, now: SystemTime) -> Verdict {
+        match &self.result {
+            Ok(answer) => classify::classify(
+                &Answer {
+                    status: answer.status,
+                    retry_after: answer.retry_after.as_deref(),
+                    body: &answer.body,
+                    body_truncated: answer.truncated,
+                },
+                now,
+            ),
+            Err(e) => Verdict::Retry {
+                reason: e.reason.clone(),
+                message: None,
+                retry_after: None,
+            },
+        }
+    }
+
+    /// The HTTP status, if an answer came.
+    pub fn http_status(&self) -> Option<u16> {
+        self.result.as_ref().ok().map(|answer| answer.status)
+    }
 }
 
 /// An HTTP response, its body read up to the cap.

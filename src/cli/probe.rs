@@ -1,6 +1,6 @@
 //! `outboxd endpoint test`: one marked test request to a company's endpoint,
 //! sent and judged exactly as the daemon sends and judges events
-//! ([`crate::webhook::build_test`], [`Deliverer`], [`classify`]), so an
+//! ([`crate::webhook::build_test`], [`Deliverer`], `Sent::verdict`), so an
 //! admin sees what a real event would get. It reads the endpoint and writes
 //! nothing: no event, no attempt, no notification.
 
@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use super::endpoint::{EndpointKey, not_found};
 use super::{CliError, connect_current};
 use crate::claim::{Endpoint, auth_from};
-use crate::classify::{self, Answer, Verdict};
+use crate::classify::Verdict;
 use crate::config::Config;
 use crate::deliver::Deliverer;
 use crate::webhook;
@@ -55,28 +55,11 @@ pub async fn run(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
 
     let sent = Deliverer::new(&config.delivery).send(&request).await;
     let took = sent.duration.as_millis();
-    let verdict = match &sent.result {
-        Ok(answer) => {
-            println!("answer:  HTTP {} after {took} ms", answer.status);
-            classify::classify(
-                &Answer {
-                    status: answer.status,
-                    retry_after: answer.retry_after.as_deref(),
-                    body: &answer.body,
-                    body_truncated: answer.truncated,
-                },
-                SystemTime::now(),
-            )
-        }
-        Err(e) => {
-            println!("answer:  none after {took} ms");
-            Verdict::Retry {
-                reason: e.reason.clone(),
-                message: None,
-                retry_after: None,
-            }
-        }
-    };
+    match sent.http_status() {
+        Some(status) => println!("answer:  HTTP {status} after {took} ms"),
+        None => println!("answer:  none after {took} ms"),
+    }
+    let verdict = sent.verdict(SystemTime::now());
     let delivered = matches!(verdict, Verdict::Delivered { .. });
     let (outcome, meaning, reason, message) = match verdict {
         Verdict::Delivered { message } => (
