@@ -19,16 +19,16 @@ pub async fn run(args: RetryArgs, config: &Config) -> Result<(), CliError> {
     let mut client = connect_current(config).await?;
     let step = |e| CliError::database("retrying events", &e);
     let tx = client.transaction().await.map_err(step)?;
-    let given = !args.ids.is_empty();
+    // clap lets through either ids or --company, never both.
     let ids: Vec<Uuid> = match args.company {
-        Some(company) if !given => tx
+        Some(company) => tx
             .query(FAILED_SQL, &[&company, &args.since])
             .await
             .map_err(step)?
             .iter()
             .map(|row| row.get(0))
             .collect(),
-        _ => dedup(args.ids),
+        None => dedup(args.ids),
     };
     let replayed: HashSet<Uuid> = tx
         .query(REPLAY_SQL, &[&ids])
@@ -58,7 +58,7 @@ pub async fn run(args: RetryArgs, config: &Config) -> Result<(), CliError> {
     tx.commit().await.map_err(step)?;
 
     match (done.len(), args.company) {
-        (0, Some(company)) if !given => {
+        (0, Some(company)) => {
             println!("no failed events of company {company} to retry");
         }
         (0, _) => {}
