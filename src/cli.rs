@@ -297,6 +297,14 @@ fn report(result: Result<(), CliError>) -> Exit {
     }
 }
 
+/// `--json` output: pretty-printed, one document.
+fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::Failed(format!("writing JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
 /// One connection for an operator subcommand, after checking that the
 /// schema is exactly what this binary expects: reading or writing outbox
 /// tables of another version could misread them.

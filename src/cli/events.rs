@@ -12,7 +12,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::table::{self, Table, or_dash};
-use super::{CliError, connect_current, replay, rules};
+use super::{CliError, connect_current, print_json, replay, rules};
 use crate::classify::truncate_chars;
 use crate::config::Config;
 
@@ -223,13 +223,6 @@ async fn show(id: Uuid, json: bool, config: &Config) -> Result<(), CliError> {
         print!("{}", detail.text());
         Ok(())
     }
-}
-
-fn print_json(value: &impl Serialize) -> Result<(), CliError> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| CliError::Failed(format!("writing JSON: {e}")))?;
-    println!("{text}");
-    Ok(())
 }
 
 /// One event, every column; times RFC 3339 UTC with microseconds.

@@ -11,7 +11,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::table::Table;
-use super::{CliError, connect_current};
+use super::{CliError, connect_current, print_json};
 use crate::config::Config;
 use crate::maintenance;
 
@@ -107,13 +107,11 @@ pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
         failing_endpoints,
     };
     if args.json {
-        let text = serde_json::to_string_pretty(&status)
-            .map_err(|e| CliError::Failed(format!("writing JSON: {e}")))?;
-        println!("{text}");
+        print_json(&status)
     } else {
         print!("{}", status.text());
+        Ok(())
     }
-    Ok(())
 }
 
 impl Status {
