@@ -99,7 +99,7 @@ fn from_row(row: &tokio_postgres::Row) -> ClaimedEvent {
 /// The schema guarantees basic has both secrets and bearer a token (checked
 /// on write), so missing pieces only appear if someone bypassed it; they then
 /// become empty credentials that the receiver refuses, recorded as such.
-fn auth_from(
+pub(crate) fn auth_from(
     auth_type: String,
     username: Option<String>,
     password: Option<String>,

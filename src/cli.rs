@@ -1,14 +1,34 @@
 //! The command line: what each subcommand is, and what it does.
 //!
-//! Output meant for the operator goes to stdout; logs go to stderr. Exit
-//! codes are part of the interface (scripts and systemd's `ExecStartPre=`
-//! branch on them), see [`Exit`].
+//! Output meant for the operator goes to stdout; logs and errors go to
+//! stderr. Exit codes are part of the interface (scripts and systemd's
+//! `ExecStartPre=` branch on them), see [`Exit`].
+//!
+//! The daemon's subcommands (`migrate`, `check`, `run`) are implemented
+//! here. The operator's live one role per file in `src/cli/`, each with its
+//! flags: `endpoint.rs` (`set`'s checks in `settings.rs`, `endpoint test` in
+//! `probe.rs`), `events.rs` (`events retry` in `replay.rs`), `status.rs` and
+//! `enqueue.rs`. [`rules`] checks input the way the schema would; `table.rs`
+//! lays out columns; `generate.rs` prints completions and man pages,
+//! needing neither config nor database.
+
+mod endpoint;
+mod enqueue;
+mod events;
+mod generate;
+mod probe;
+mod replay;
+pub mod rules;
+mod settings;
+mod status;
+mod table;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -16,6 +36,8 @@ use crate::db;
 use crate::engine::{self, EngineError};
 use crate::logging::LogHandle;
 use crate::migrate::{self, MigrateError, SchemaState};
+
+pub use generate::run_without_config;
 
 /// Delivers webhooks from a PostgreSQL transactional outbox.
 ///
@@ -87,6 +109,91 @@ pub enum Command {
     ///
     ///   $ OUTBOXD_DATABASE__URL=postgres://outboxd@db.internal/sales outboxd run
     Run,
+
+    /// Configure the webhook endpoint of a company: URL, auth, notify emails
+    ///
+    /// One endpoint per company and event type, stored in outbox.endpoints
+    /// (what the sales application's settings screen writes too). `set`
+    /// checks everything before it writes; passwords and tokens are read
+    /// from files and never printed back. `test` sends one marked test
+    /// request and shows how its answer would be judged.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint set --company 6316 --url https://erp.example.com/hooks --auth bearer --token-file /run/secrets/erp-token --notify ops@example.com
+    Endpoint {
+        #[command(subcommand)]
+        command: endpoint::EndpointCommand,
+    },
+
+    /// Look at events and their attempts, and send failed events again
+    ///
+    /// `list` and `show` read outbox.events and outbox.attempts (`--json`
+    /// for scripts); `retry` puts failed events back to pending with the
+    /// same event id, so the receiver sees the same Idempotency-Key, and
+    /// keeps their earlier attempts.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd events list --company 6316 --state failed --since 2h
+    Events {
+        #[command(subcommand)]
+        command: events::EventsCommand,
+    },
+
+    /// Summarise the outbox: states, backlog age, failures, failing endpoints
+    ///
+    /// Counts events by state, the age of the oldest event due now, the
+    /// share of events that failed for good among those finished in the last
+    /// hour, and the five endpoints with the most failed events in the last
+    /// 24 hours. Reads only.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd status --json
+    Status(status::StatusArgs),
+
+    /// Write an event into the outbox the way the sales application does
+    ///
+    /// Calls the same SQL function as the application, in a transaction of
+    /// its own, and prints the new event id. A running daemon delivers it.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd enqueue payment-cancellation --company 6316 --payment 222125 --number 2271 --orders 17899,17900
+    Enqueue {
+        #[command(subcommand)]
+        command: enqueue::EnqueueCommand,
+    },
+
+    /// Print a shell completion script
+    ///
+    /// Needs no configuration and no database. See the README for where each
+    /// shell looks for completion scripts.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd completions bash > /usr/share/bash-completion/completions/outboxd
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+
+    /// Print the man page (roff), or write one page per subcommand
+    ///
+    /// Without --out-dir, prints outboxd(1) to stdout. With it, writes
+    /// outboxd.1 and a page per subcommand (outboxd-migrate.1, …) into
+    /// that directory. Needs no configuration and no database.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd man --out-dir /usr/local/share/man/man1
+    Man {
+        /// Write every page into this directory instead of printing one
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 /// Process exit codes.
@@ -116,10 +223,114 @@ pub async fn run(
     config_path: Option<PathBuf>,
     log: LogHandle,
 ) -> Exit {
-    match command {
-        Command::Migrate => run_migrate(&config).await,
-        Command::Check => run_check(&config).await,
-        Command::Run => run_daemon(config, config_path, log).await,
+    let result = match command {
+        Command::Migrate => return run_migrate(&config).await,
+        Command::Check => return run_check(&config).await,
+        Command::Run => return run_daemon(config, config_path, log).await,
+        Command::Endpoint { command } => endpoint::run(command, &config).await,
+        Command::Events { command } => events::run(command, &config).await,
+        Command::Status(args) => status::run(args, &config).await,
+        Command::Enqueue { command } => enqueue::run(command, &config).await,
+        Command::Completions { .. } | Command::Man { .. } => {
+            return run_without_config(&command).unwrap_or(Exit::Ok);
+        }
+    };
+    report(result)
+}
+
+/// Why an operator subcommand stopped early. Each variant maps to one exit
+/// code; its text (one problem per line) goes to stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The input is invalid (flags, or values the database refused): exit 2,
+    /// nothing changed.
+    #[error("{}", .0.join("\n"))]
+    Invalid(Vec<String>),
+    /// Something failed at run time: exit 1.
+    #[error("{0}")]
+    Failed(String),
+    /// The schema is missing, older or newer than this binary: exit 3.
+    #[error("{0}")]
+    Schema(String),
+}
+
+impl CliError {
+    pub fn invalid(problem: impl Into<String>) -> CliError {
+        CliError::Invalid(vec![problem.into()])
+    }
+
+    /// A failed statement, `step` naming what was being done. A value the
+    /// database refused through a check (a constraint, a trigger, an enqueue
+    /// function's argument check) is the operator's input, hence `Invalid`:
+    /// its message names the problem.
+    pub fn database(step: &str, e: &tokio_postgres::Error) -> CliError {
+        use tokio_postgres::error::SqlState;
+        let refused = e.code().is_some_and(|code| {
+            [
+                SqlState::CHECK_VIOLATION,
+                SqlState::NOT_NULL_VIOLATION,
+                SqlState::INVALID_PARAMETER_VALUE,
+            ]
+            .contains(code)
+        });
+        if refused {
+            CliError::invalid(format!("the database refused it: {}", db::describe(e)))
+        } else {
+            CliError::Failed(format!("{step}: {}", db::describe(e)))
+        }
+    }
+}
+
+/// Prints an operator subcommand's error, every line prefixed with
+/// `outboxd: `, and picks the exit code.
+fn report(result: Result<(), CliError>) -> Exit {
+    let Err(e) = result else {
+        return Exit::Ok;
+    };
+    for line in e.to_string().lines() {
+        eprintln!("outboxd: {line}");
+    }
+    match e {
+        CliError::Invalid(_) => Exit::Usage,
+        CliError::Failed(_) => Exit::Failure,
+        CliError::Schema(_) => Exit::Schema,
+    }
+}
+
+/// `--json` output: pretty-printed, one document.
+fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|e| CliError::Failed(format!("writing JSON: {e}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// One connection for an operator subcommand, after checking that the
+/// schema is exactly what this binary expects: reading or writing outbox
+/// tables of another version could misread them.
+async fn connect_current(config: &Config) -> Result<Client, CliError> {
+    let client = db::connect(&config.database)
+        .await
+        .map_err(|e| CliError::Failed(e.to_string()))?;
+    match migrate::status(&client).await {
+        Ok(SchemaState::Current { .. }) => Ok(client),
+        Ok(SchemaState::Behind { database, binary }) => {
+            Err(CliError::Schema(schema_behind(database, binary)))
+        }
+        Err(e @ MigrateError::Database { .. }) => Err(CliError::Failed(e.to_string())),
+        Err(e) => Err(CliError::Schema(e.to_string())),
+    }
+}
+
+/// What to say about a schema older than this binary (0: none at all).
+fn schema_behind(database: i32, binary: i32) -> String {
+    if database == 0 {
+        "the outbox schema is missing; run `outboxd migrate`".to_string()
+    } else {
+        format!(
+            "the outbox schema is at version {database}, this binary needs {binary}; \
+             run `outboxd migrate`"
+        )
     }
 }
 
@@ -244,15 +455,8 @@ async fn run_check(config: &Config) -> Exit {
             println!("schema: ok (version {version})");
             check_smtp(config).await
         }
-        Ok(SchemaState::Behind { database: 0, .. }) => {
-            eprintln!("outboxd: the outbox schema is missing; run `outboxd migrate`");
-            Exit::Schema
-        }
         Ok(SchemaState::Behind { database, binary }) => {
-            eprintln!(
-                "outboxd: the outbox schema is at version {database}, this binary needs {binary}; \
-                 run `outboxd migrate`"
-            );
+            eprintln!("outboxd: {}", schema_behind(database, binary));
             Exit::Schema
         }
         Err(e) => migrate_failed(&e),

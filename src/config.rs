@@ -466,3 +466,4 @@ mod sections;
 mod tests;
 
 pub use sections::min_lease;
+pub(crate) use sections::secret_file;

@@ -17,6 +17,7 @@ use hyper_tls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::classify::{self, Answer, Verdict};
 use crate::config::DeliveryConfig;
 use crate::guard::{self, GuardedConnector, Policy};
 use crate::webhook::{self, Webhook};
@@ -32,6 +33,40 @@ pub struct Sent {
     pub started_at: SystemTime,
     pub duration: Duration,
     pub result: Result<HttpAnswer, TransportError>,
+}
+
+impl Sent {
+    /// The judgement on this attempt: the answer as [`classify::classify`]
+    /// sees it (`now`: when it arrived), or, when no answer came at all, a
+    /// retryable failure with the transport's reason.
+    pub fn verdict(&self, now: SystemTime) -> Verdict {
+        match &self.result {
+            Ok(answer) => classify::classify(
+                &Answer {
+                    status: answer.status,
+                    retry_after: answer.retry_after.as_deref(),
+                    body: &answer.body,
+                    body_truncated: answer.truncated,
+                },
+                now,
+            ),
+            // The destination guard's refusal: no retry can change it.
+            Err(e) if e.permanent => Verdict::Permanent {
+                reason: e.reason.clone(),
+                message: None,
+            },
+            Err(e) => Verdict::Retry {
+                reason: e.reason.clone(),
+                message: None,
+                retry_after: None,
+            },
+        }
+    }
+
+    /// The HTTP status, if an answer came.
+    pub fn http_status(&self) -> Option<u16> {
+        self.result.as_ref().ok().map(|answer| answer.status)
+    }
 }
 
 /// An HTTP response, its body read up to the cap.
@@ -133,6 +168,9 @@ impl Deliverer {
             .header("webhook-id", id);
         if let Some(auth) = &webhook.authorization {
             request = request.header(AUTHORIZATION, auth.clone());
+        }
+        if webhook.test {
+            request = request.header(webhook::TEST_HEADER, HeaderValue::from_static("1"));
         }
         let request =
             request

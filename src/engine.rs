@@ -23,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::RetryPolicy;
 use crate::claim::{self, ClaimedEvent};
-use crate::classify::{self, Answer, Verdict};
 use crate::config::Config;
 use crate::deliver::Deliverer;
 use crate::maintenance::{Maintenance, Retention};
@@ -397,41 +396,12 @@ async fn attempt(event: &ClaimedEvent, shared: &Shared) -> Outcome {
         Err(e) => return record::not_sent(event, AttemptKind::Permanent, e.to_string()),
     };
     let sent = shared.deliverer.send(&request).await;
-    let (verdict, status) = match &sent.result {
-        Ok(answer) => (
-            classify::classify(
-                &Answer {
-                    status: answer.status,
-                    retry_after: answer.retry_after.as_deref(),
-                    body: &answer.body,
-                    body_truncated: answer.truncated,
-                },
-                SystemTime::now(),
-            ),
-            Some(answer.status),
-        ),
-        Err(e) if e.permanent => (
-            Verdict::Permanent {
-                reason: e.reason.clone(),
-                message: None,
-            },
-            None,
-        ),
-        Err(e) => (
-            Verdict::Retry {
-                reason: e.reason.clone(),
-                message: None,
-                retry_after: None,
-            },
-            None,
-        ),
-    };
     record::decide(
         event,
-        verdict,
+        sent.verdict(SystemTime::now()),
         sent.started_at,
         sent.duration,
-        status,
+        sent.http_status(),
         &shared.retry,
         fastrand::f64(),
     )

@@ -2,7 +2,9 @@
 //!
 //! Map of the crate:
 //!
-//! - [`cli`]: the subcommands and their exit codes.
+//! - [`cli`]: the subcommands and their exit codes: the daemon's (`migrate`,
+//!   `check`, `run`) and the operator's (`endpoint`, `events`, `status`,
+//!   `enqueue`, `completions`, `man`), one file each under `src/cli/`.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`metrics`] names every
 //!   metric; [`maintenance`] refreshes the queue gauges; [`service`] speaks
 //!   systemd's notify protocol (READY, STOPPING, WATCHDOG).

@@ -1,5 +1,6 @@
 //! The `outboxd` binary: parse the command line, load the configuration,
-//! start logging, hand over to the library.
+//! start logging, hand over to the library. `completions` and `man` are
+//! answered before the configuration is loaded: they need none.
 
 use std::process::ExitCode;
 
@@ -9,6 +10,9 @@ use outboxd::{config, logging};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(exit) = cli::run_without_config(&cli.command) {
+        return exit.into();
+    }
     let config = match config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {

@@ -66,27 +66,30 @@ impl Maintenance {
     /// Reads the queue and sets the gauges.
     pub async fn run_once(&self) -> Result<QueueStats, String> {
         let client = self.pool.get().await.map_err(|e| e.to_string())?;
-        let statement = client
-            .prepare_cached(QUEUE_SQL)
+        let stats = queue_stats(&client)
             .await
             .map_err(|e| crate::db::describe(&e))?;
-        let row = client
-            .query_one(&statement, &[])
-            .await
-            .map_err(|e| crate::db::describe(&e))?;
-        let age_ms: i64 = row.get("oldest_due_age_ms");
-        let stats = QueueStats {
-            pending: row.get("pending"),
-            leased: row.get("leased"),
-            oldest_due_age: Duration::from_millis(age_ms.max(0) as u64),
-            emails_queued: row.get("emails_queued"),
-        };
         gauge!(EVENTS_PENDING).set(stats.pending as f64);
         gauge!(EVENTS_LEASED).set(stats.leased as f64);
         gauge!(OLDEST_DUE_AGE).set(stats.oldest_due_age.as_secs_f64());
         gauge!(NOTIFICATIONS_QUEUED).set(stats.emails_queued as f64);
         Ok(stats)
     }
+}
+
+/// Reads the queue in one statement (`sql/queries/queue_stats.sql`); also
+/// what `outboxd status` shows.
+pub async fn queue_stats(
+    client: &tokio_postgres::Client,
+) -> Result<QueueStats, tokio_postgres::Error> {
+    let row = client.query_one(QUEUE_SQL, &[]).await?;
+    let age_ms: i64 = row.get("oldest_due_age_ms");
+    Ok(QueueStats {
+        pending: row.get("pending"),
+        leased: row.get("leased"),
+        oldest_due_age: Duration::from_millis(age_ms.max(0) as u64),
+        emails_queued: row.get("emails_queued"),
+    })
 }
 
 /// Rows one retention round deleted.

@@ -21,6 +21,14 @@ pub const PAYMENT_CANCELLATION: &str = "payment.cancellation";
 /// `User-Agent` of every request.
 pub const USER_AGENT: &str = concat!("outboxd/", env!("CARGO_PKG_VERSION"));
 
+/// The header that marks a test request (`outboxd endpoint test`), with the
+/// value `1`. Documented for receivers, so they can answer it without acting
+/// on the sample body. Real events never carry it.
+pub const TEST_HEADER: &str = "outboxd-test";
+
+/// The payment number of the sample body in a test request.
+pub const TEST_PAYMENT_NUMBER: &str = "OUTBOXD-TEST";
+
 /// A request ready to send.
 #[derive(Debug, Clone)]
 pub struct Webhook {
@@ -30,6 +38,8 @@ pub struct Webhook {
     pub authorization: Option<HeaderValue>,
     /// The stable event id: `Idempotency-Key` and `webhook-id`.
     pub event_id: Uuid,
+    /// A test request, not an event: sent with [`TEST_HEADER`].
+    pub test: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +62,36 @@ pub fn build(event: &ClaimedEvent, endpoint: &Endpoint) -> Result<Webhook, Build
         body,
         authorization,
         event_id: event.id,
+        test: false,
+    })
+}
+
+/// A test request to `endpoint`, as `outboxd endpoint test` sends it: a
+/// sample body (for payment.cancellation the payment `OUTBOXD-TEST` with id
+/// 1, for other event types `{"test": true}`), the endpoint's auth, a fresh
+/// random event id that no event has, and [`TEST_HEADER`].
+pub fn build_test(
+    event_type: &str,
+    company_id: i64,
+    endpoint: &Endpoint,
+) -> Result<Webhook, BuildError> {
+    let body = if event_type == PAYMENT_CANCELLATION {
+        PaymentCancellation {
+            company_id,
+            payment_id: 1,
+            payment_number: TEST_PAYMENT_NUMBER.into(),
+            order_ids: None,
+        }
+        .render()
+    } else {
+        r#"{"test": true}"#.to_string()
+    };
+    Ok(Webhook {
+        uri: parse_url(&endpoint.url)?,
+        body: Bytes::from(body),
+        authorization: authorization(&endpoint.auth)?,
+        event_id: uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid(),
+        test: true,
     })
 }
 
@@ -300,5 +340,30 @@ mod tests {
         for bad in ["ftp://x/", "/relative", "https://", "not a url"] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn test_requests_carry_a_sample_body_a_fresh_id_and_the_mark() {
+        let endpoint = Endpoint {
+            url: "http://127.0.0.1:8808/hook".into(),
+            auth: Auth::Bearer {
+                token: Secret::new("tok-123"),
+            },
+            enabled: true,
+        };
+        let first = build_test(PAYMENT_CANCELLATION, 6316, &endpoint).unwrap();
+        assert!(first.test);
+        assert_eq!(
+            first.body,
+            r#"{"companyId": 6316, "paymentId": 1, "paymentNumber": "OUTBOXD-TEST"}"#.as_bytes()
+        );
+        assert_eq!(
+            first.authorization.as_ref().unwrap().to_str().unwrap(),
+            "Bearer tok-123"
+        );
+        let second = build_test("invoice.created", 6316, &endpoint).unwrap();
+        assert_eq!(second.body, r#"{"test": true}"#.as_bytes());
+        assert_ne!(first.event_id, second.event_id);
+        assert_eq!(first.event_id.get_version_num(), 4);
     }
 }

@@ -601,7 +601,7 @@ fn duration(
 
 /// Reads a secret from a file, as systemd's `LoadCredential=` provides it.
 /// One trailing newline is dropped (what `echo secret > file` leaves).
-fn secret_file(problems: &mut Vec<Problem>, key: &str, path: &Path) -> Option<String> {
+pub(crate) fn secret_file(problems: &mut Vec<Problem>, key: &str, path: &Path) -> Option<String> {
     match std::fs::read_to_string(path) {
         Ok(text) => {
             let text = text

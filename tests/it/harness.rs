@@ -118,7 +118,10 @@ impl TestDb {
     /// repository's reference config.
     pub fn outboxd(&self) -> tokio::process::Command {
         let mut cmd = outboxd_command();
-        cmd.env("OUTBOXD_DATABASE__URL", &self.url);
+        cmd.env("OUTBOXD_DATABASE__URL", &self.url)
+            // The test receivers live on loopback, which the SSRF guard
+            // refuses by default (`endpoint test`, `run`).
+            .env("OUTBOXD_DELIVERY__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#);
         cmd
     }
 }

@@ -11,6 +11,7 @@ mod harness;
 mod maintenance;
 mod notify;
 mod ops;
+mod ops_cli;
 mod proxy;
 mod receiver;
 mod record;

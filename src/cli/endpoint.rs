@@ -1,0 +1,345 @@
+//! `outboxd endpoint …`: a company's webhook settings in outbox.endpoints,
+//! the product's "Step two": set, list, show, enable, disable, remove.
+//! (`endpoint test` sends a request; it lives in [`super::probe`].)
+//!
+//! `set` saves what [`super::settings`] checked, in one upsert
+//! (`sql/queries/endpoint_upsert.sql`). Passwords and tokens are written,
+//! never read back: list and show select only whether each is set
+//! (`sql/queries/endpoints.sql`).
+
+use std::time::SystemTime;
+
+use clap::{Args, Subcommand};
+use tokio_postgres::Row;
+
+use super::settings::{SetArgs, Settings};
+use super::table::{self, Table};
+use super::{CliError, connect_current, probe, rules};
+use crate::claim::Auth;
+use crate::config::Config;
+use crate::webhook::PAYMENT_CANCELLATION;
+
+const ENDPOINTS_SQL: &str = include_str!("../../sql/queries/endpoints.sql");
+const UPSERT_SQL: &str = include_str!("../../sql/queries/endpoint_upsert.sql");
+
+#[derive(Debug, Subcommand)]
+pub enum EndpointCommand {
+    /// Create or replace the endpoint of a company for one event type
+    ///
+    /// Replaces the whole endpoint: a flag left out takes its default (no
+    /// auth, no notification emails, enabled), and secrets the chosen auth
+    /// type does not use are removed. Every flag is checked first, and every
+    /// problem reported (exit 2) before anything is written. Secrets are read
+    /// from files, one trailing newline dropped, so they stay out of shell
+    /// history and process lists; they are never printed.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint set --company 6316 --url https://erp.example.com/hooks/payment-cancelled --auth basic --username sales --password-file /run/secrets/erp-password --notify ops@example.com,finance@example.com
+    Set(SetArgs),
+
+    /// List endpoints, secrets shown only as set or not set
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint list --company 6316
+    List {
+        /// Only this company's endpoints
+        #[arg(long, value_name = "ID", value_parser = clap::value_parser!(i64).range(1..))]
+        company: Option<i64>,
+    },
+
+    /// Show one endpoint, secrets shown only as set or not set
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint show --company 6316
+    Show(EndpointKey),
+
+    /// Resume deliveries to an endpoint
+    ///
+    /// Events that failed while it was disabled stay failed; put them back
+    /// with `outboxd events retry --company ID --state failed`.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint enable --company 6316
+    Enable(EndpointKey),
+
+    /// Stop deliveries to an endpoint, keeping its settings
+    ///
+    /// While it is disabled, its events are not sent: each fails at once
+    /// (outcome no_endpoint, no email). Retry them after enabling it.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint disable --company 6316
+    Disable(EndpointKey),
+
+    /// Delete an endpoint and its settings
+    ///
+    /// Its events then fail at once (no_endpoint) until an endpoint is set
+    /// again. The events and their attempts are kept.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint remove --company 6316 --event invoice.created
+    Remove(EndpointKey),
+
+    /// Send one test request to an endpoint and judge the answer
+    ///
+    /// POSTs a sample body with the endpoint's auth and the header
+    /// `Outboxd-Test: 1` (receivers can recognise it) under a fresh random
+    /// event id, then prints the HTTP status, the verdict a real event would
+    /// get and the receiver's message. Writes nothing to the outbox. Exits 0
+    /// when the receiver answered success (status 1), 1 otherwise. A disabled
+    /// endpoint is tested too.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint test --company 6316
+    Test(EndpointKey),
+}
+
+/// Which endpoint: company and event type.
+#[derive(Debug, Args)]
+pub struct EndpointKey {
+    /// The company's id
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(i64).range(1..))]
+    pub company: i64,
+
+    /// The event type
+    #[arg(long, value_name = "TYPE", default_value = PAYMENT_CANCELLATION, value_parser = event_type_arg)]
+    pub event: String,
+}
+
+fn event_type_arg(text: &str) -> Result<String, String> {
+    rules::event_type(text).map(|()| text.to_string())
+}
+
+pub async fn run(command: EndpointCommand, config: &Config) -> Result<(), CliError> {
+    match command {
+        EndpointCommand::Set(args) => set(args.validate()?, config).await,
+        EndpointCommand::List { company } => list(company, config).await,
+        EndpointCommand::Show(key) => show(&key, config).await,
+        EndpointCommand::Enable(key) => set_enabled(&key, true, config).await,
+        EndpointCommand::Disable(key) => set_enabled(&key, false, config).await,
+        EndpointCommand::Remove(key) => remove(&key, config).await,
+        EndpointCommand::Test(key) => probe::run(&key, config).await,
+    }
+}
+
+async fn set(settings: Settings, config: &Config) -> Result<(), CliError> {
+    let client = connect_current(config).await?;
+    let (auth_type, username, password, token) = match &settings.auth {
+        Auth::None => ("none", None, None, None),
+        Auth::Basic { username, password } => (
+            "basic",
+            Some(username.as_str()),
+            Some(password.expose()),
+            None,
+        ),
+        Auth::Bearer { token } => ("bearer", None, None, Some(token.expose())),
+    };
+    let row = client
+        .query_one(
+            UPSERT_SQL,
+            &[
+                &settings.company,
+                &settings.event,
+                &settings.url,
+                &auth_type,
+                &username,
+                &password,
+                &token,
+                &settings.notify,
+                &settings.enabled,
+            ],
+        )
+        .await
+        .map_err(|e| CliError::database("saving the endpoint", &e))?;
+    let inserted: bool = row.get("inserted");
+    let view = View::from_row(&row);
+    println!(
+        "{} the endpoint of company {} for {}",
+        if inserted { "created" } else { "replaced" },
+        view.company_id,
+        view.event_type
+    );
+    print!("{}", view.details(false));
+    Ok(())
+}
+
+async fn list(company: Option<i64>, config: &Config) -> Result<(), CliError> {
+    let client = connect_current(config).await?;
+    let rows = client
+        .query(ENDPOINTS_SQL, &[&company, &None::<String>])
+        .await
+        .map_err(|e| CliError::database("reading endpoints", &e))?;
+    if rows.is_empty() {
+        match company {
+            Some(company) => println!("no endpoints for company {company}"),
+            None => println!("no endpoints"),
+        }
+        return Ok(());
+    }
+    let mut out = Table::new(&[
+        "company",
+        "event type",
+        "url",
+        "auth",
+        "notify",
+        "enabled",
+        "updated",
+    ]);
+    for view in rows.iter().map(View::from_row) {
+        out.row(vec![
+            view.company_id.to_string(),
+            view.event_type.clone(),
+            view.url.clone(),
+            view.auth(),
+            view.notify_emails.join(", "),
+            yes_no(view.enabled).into(),
+            table::time(view.updated_at),
+        ]);
+    }
+    print!("{out}");
+    Ok(())
+}
+
+async fn show(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
+    let client = connect_current(config).await?;
+    let row = client
+        .query_opt(ENDPOINTS_SQL, &[&Some(key.company), &Some(&key.event)])
+        .await
+        .map_err(|e| CliError::database("reading the endpoint", &e))?
+        .ok_or_else(|| not_found(key))?;
+    let view = View::from_row(&row);
+    println!(
+        "endpoint of company {} for {}",
+        view.company_id, view.event_type
+    );
+    print!("{}", view.details(true));
+    Ok(())
+}
+
+async fn set_enabled(key: &EndpointKey, enabled: bool, config: &Config) -> Result<(), CliError> {
+    let client = connect_current(config).await?;
+    let changed = client
+        .execute(
+            "UPDATE outbox.endpoints SET enabled = $3 WHERE company_id = $1 AND event_type = $2",
+            &[&key.company, &key.event, &enabled],
+        )
+        .await
+        .map_err(|e| CliError::database("updating the endpoint", &e))?;
+    if changed == 0 {
+        return Err(not_found(key));
+    }
+    println!(
+        "{} the endpoint of company {} for {}",
+        if enabled { "enabled" } else { "disabled" },
+        key.company,
+        key.event
+    );
+    Ok(())
+}
+
+async fn remove(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
+    let client = connect_current(config).await?;
+    let removed = client
+        .execute(
+            "DELETE FROM outbox.endpoints WHERE company_id = $1 AND event_type = $2",
+            &[&key.company, &key.event],
+        )
+        .await
+        .map_err(|e| CliError::database("removing the endpoint", &e))?;
+    if removed == 0 {
+        return Err(not_found(key));
+    }
+    println!(
+        "removed the endpoint of company {} for {}",
+        key.company, key.event
+    );
+    Ok(())
+}
+
+pub(super) fn not_found(key: &EndpointKey) -> CliError {
+    CliError::Failed(format!(
+        "no endpoint for company {} and event type {}; create one with `outboxd endpoint set`",
+        key.company, key.event
+    ))
+}
+
+/// An endpoint as printed: secrets only as set / not set.
+struct View {
+    company_id: i64,
+    event_type: String,
+    url: String,
+    auth_type: String,
+    username: Option<String>,
+    password_set: bool,
+    token_set: bool,
+    notify_emails: Vec<String>,
+    enabled: bool,
+    created_at: SystemTime,
+    updated_at: SystemTime,
+}
+
+impl View {
+    fn from_row(row: &Row) -> View {
+        View {
+            company_id: row.get("company_id"),
+            event_type: row.get("event_type"),
+            url: row.get("url"),
+            auth_type: row.get("auth_type"),
+            username: row.get("username"),
+            password_set: row.get("password_set"),
+            token_set: row.get("token_set"),
+            notify_emails: row.get("notify_emails"),
+            enabled: row.get("enabled"),
+            created_at: row.get("created_at"),
+            updated_at: row.get("updated_at"),
+        }
+    }
+
+    /// `basic (user sales, password set)`, `bearer (token set)`, `none`.
+    fn auth(&self) -> String {
+        let set = |is: bool| if is { "set" } else { "not set" };
+        match self.auth_type.as_str() {
+            "basic" => format!(
+                "basic (user {}, password {})",
+                self.username.as_deref().unwrap_or("-"),
+                set(self.password_set)
+            ),
+            "bearer" => format!("bearer (token {})", set(self.token_set)),
+            other => other.to_string(),
+        }
+    }
+
+    /// Indented `key: value` lines; with the timestamps when `times`.
+    fn details(&self, times: bool) -> String {
+        let notify = if self.notify_emails.is_empty() {
+            "(none)".to_string()
+        } else {
+            self.notify_emails.join(", ")
+        };
+        let mut out = format!(
+            "  url:     {}\n  auth:    {}\n  notify:  {notify}\n  enabled: {}\n",
+            self.url,
+            self.auth(),
+            yes_no(self.enabled)
+        );
+        if times {
+            out.push_str(&format!(
+                "  created: {}\n  updated: {}\n",
+                table::time(self.created_at),
+                table::time(self.updated_at)
+            ));
+        }
+        out
+    }
+}
+
+fn yes_no(value: bool) -> &'static str {
+    if value { "yes" } else { "no" }
+}

@@ -1,0 +1,167 @@
+//! `outboxd status`: the outbox at a glance, for a person on call or a
+//! script (`--json`). Events per state, the age of the oldest event due now
+//! (the same figure as the `outboxd_oldest_due_event_age_seconds` gauge),
+//! how many of the events finished in the last hour failed, the emails
+//! waiting, and the endpoints with the most failed events in the last day.
+//! Reads only.
+
+use std::time::Duration;
+
+use clap::Args;
+use serde::Serialize;
+
+use super::table::Table;
+use super::{CliError, connect_current, print_json};
+use crate::config::Config;
+use crate::maintenance;
+
+const COUNTS_SQL: &str = include_str!("../../sql/queries/event_counts.sql");
+const RATIO_SQL: &str = include_str!("../../sql/queries/failure_ratio.sql");
+const FAILING_SQL: &str = include_str!("../../sql/queries/failing_endpoints.sql");
+
+/// How many failing endpoints are listed.
+const FAILING_ENDPOINTS: i64 = 5;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Status {
+    events: Counts,
+    /// Since it was enqueued, to the millisecond; 0 when nothing is due.
+    oldest_due_age_seconds: f64,
+    last_hour: LastHour,
+    emails_queued: i64,
+    failing_endpoints: Vec<FailingEndpoint>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Counts {
+    pending: i64,
+    leased: i64,
+    delivered: i64,
+    failed: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct LastHour {
+    /// Events whose final attempt started in the last hour.
+    finished: i64,
+    /// Of those, the ones that failed.
+    failed: i64,
+    /// failed / finished; None when nothing finished.
+    failure_ratio: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct FailingEndpoint {
+    company_id: i64,
+    event_type: String,
+    /// None: no endpoint is configured (its events fail as no_endpoint).
+    url: Option<String>,
+    failed_events: i64,
+}
+
+pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
+    let client = connect_current(config).await?;
+    let step = |e| CliError::database("reading the outbox status", &e);
+    let mut events = Counts::default();
+    for row in client.query(COUNTS_SQL, &[]).await.map_err(step)? {
+        let n: i64 = row.get("events");
+        match row.get::<_, &str>("state") {
+            "pending" => events.pending = n,
+            "leased" => events.leased = n,
+            "delivered" => events.delivered = n,
+            "failed" => events.failed = n,
+            _ => {} // the schema allows no other state
+        }
+    }
+    let queue = maintenance::queue_stats(&client).await.map_err(step)?;
+    let ratio = client.query_one(RATIO_SQL, &[]).await.map_err(step)?;
+    let (finished, failed): (i64, i64) = (ratio.get("finished"), ratio.get("failed"));
+    let failing_endpoints = client
+        .query(FAILING_SQL, &[&FAILING_ENDPOINTS])
+        .await
+        .map_err(step)?
+        .iter()
+        .map(|row| FailingEndpoint {
+            company_id: row.get("company_id"),
+            event_type: row.get("event_type"),
+            url: row.get("url"),
+            failed_events: row.get("failed"),
+        })
+        .collect();
+    let status = Status {
+        events,
+        oldest_due_age_seconds: queue.oldest_due_age.as_millis() as f64 / 1000.0,
+        last_hour: LastHour {
+            finished,
+            failed,
+            failure_ratio: (finished > 0).then(|| failed as f64 / finished as f64),
+        },
+        emails_queued: queue.emails_queued,
+        failing_endpoints,
+    };
+    if args.json {
+        print_json(&status)
+    } else {
+        print!("{}", status.text());
+        Ok(())
+    }
+}
+
+impl Status {
+    fn text(&self) -> String {
+        let e = &self.events;
+        let oldest = if self.oldest_due_age_seconds > 0.0 {
+            // Whole seconds past a minute; "350ms" is worth showing below it.
+            let age = Duration::from_secs_f64(self.oldest_due_age_seconds);
+            let age = if age >= Duration::from_secs(60) {
+                Duration::from_secs(age.as_secs())
+            } else {
+                Duration::from_millis(age.as_millis() as u64)
+            };
+            format!("{} since it was enqueued", humantime::format_duration(age))
+        } else {
+            "none (no event is due now)".to_string()
+        };
+        let hour = match self.last_hour.failure_ratio {
+            None => "no events finished".to_string(),
+            Some(ratio) => format!(
+                "{} of {} finished events failed ({:.1}%)",
+                self.last_hour.failed,
+                self.last_hour.finished,
+                ratio * 100.0
+            ),
+        };
+        let mut text = format!(
+            "events:      {} pending, {} leased, {} delivered, {} failed\n\
+             oldest due:  {oldest}\n\
+             last hour:   {hour}\n\
+             emails:      {} queued\n",
+            e.pending, e.leased, e.delivered, e.failed, self.emails_queued
+        );
+        if self.failing_endpoints.is_empty() {
+            text.push_str("failing endpoints (last 24 h): none\n");
+        } else {
+            text.push_str("failing endpoints (last 24 h):\n");
+            let mut out = Table::new(&["company", "event type", "url", "failed events"]);
+            for f in &self.failing_endpoints {
+                out.row(vec![
+                    f.company_id.to_string(),
+                    f.event_type.clone(),
+                    f.url.clone().unwrap_or_else(|| "(no endpoint)".into()),
+                    f.failed_events.to_string(),
+                ]);
+            }
+            for line in out.to_string().lines() {
+                text.push_str(&format!("  {line}\n"));
+            }
+        }
+        text
+    }
+}
