@@ -893,7 +893,15 @@ async fn poison_rows_fail_with_the_reason_without_stalling_or_crash_looping() {
             1_i64,
             "[1, 2]",
             "permanent",
-            "invalid payload: not a payment cancellation (invalid length 2",
+            "invalid payload: the payload is not a JSON object",
+        ),
+        (
+            "payload an array of the fields in order",
+            "payment.cancellation",
+            1,
+            r#"[1, 7, "7"]"#,
+            "permanent",
+            "invalid payload: the payload is not a JSON object",
         ),
         (
             "payload JSON null",
@@ -901,7 +909,7 @@ async fn poison_rows_fail_with_the_reason_without_stalling_or_crash_looping() {
             1,
             "null",
             "permanent",
-            "invalid payload: not a payment cancellation",
+            "invalid payload: the payload is not a JSON object",
         ),
         (
             "missing fields",
