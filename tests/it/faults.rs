@@ -1030,3 +1030,34 @@ async fn poison_rows_fail_with_the_reason_without_stalling_or_crash_looping() {
     assert_no_panic(&daemon);
     assert!(daemon.stop().await.success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_with_an_infinite_created_at_do_not_stall_the_queue() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    endpoint(&client, 1, "payment.cancellation", &receiver.url("/")).await;
+    // timestamptz takes 'infinity' and '-infinity'; a raw INSERT (or a
+    // restore) can put them where the enqueue functions never would.
+    client
+        .batch_execute(
+            r#"INSERT INTO outbox.events (company_id, payload, created_at) VALUES
+                 (1, '{"companyId": 1, "paymentId": 1, "paymentNumber": "1"}', '-infinity'),
+                 (1, '{"companyId": 1, "paymentId": 2, "paymentNumber": "2"}', 'infinity');
+               SELECT outbox.enqueue_payment_cancellation(1, g, 'P' || g) FROM generate_series(3, 5) g;"#,
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(&db, QUICK).await;
+    eventually("all five delivered", SECS(15), || async {
+        delivered(&client).await == 5
+    })
+    .await;
+    assert_eq!(receiver.received().len(), 5);
+    assert!(
+        !daemon.log().iter().any(|l| l.contains("claim failed")),
+        "every claim worked"
+    );
+    assert_no_panic(&daemon);
+    assert!(daemon.stop().await.success());
+}
