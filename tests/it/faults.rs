@@ -275,6 +275,95 @@ async fn sigkill_five_times_during_a_5000_event_drain_loses_nothing_and_marks_ea
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_frozen_past_its_lease_cannot_overwrite_the_outcome_of_the_one_that_took_over() {
+    const EVENTS: usize = 8;
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // The first request for each event is answered late (the frozen daemon
+    // never reads it in time); the second at once.
+    let receiver = Receiver::start(|_, nth| {
+        let answer = Reply::Json(
+            200,
+            json!({"status": "1", "message": format!("answer {nth}")}),
+        );
+        if nth == 1 {
+            Reply::Delayed(Duration::from_millis(500), Box::new(answer))
+        } else {
+            answer
+        }
+    })
+    .await;
+    endpoint(&client, 1, "payment.cancellation", &receiver.url("/")).await;
+    enqueue_many(&client, EVENTS as i64, 1, EVENTS as i64).await;
+    let env = quick(&[("OUTBOXD_DELIVERY__CONCURRENCY", "8")]);
+    let frozen = Daemon::start(&db, &env).await;
+    receiver.wait_for(EVENTS, SECS(10)).await;
+    frozen.signal(libc::SIGSTOP);
+
+    // Another instance takes over once the 12 s leases run out.
+    let other = Daemon::start(&db, &env).await;
+    eventually("the other instance to deliver all", SECS(30), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE state = 'delivered' AND attempts = 2",
+        )
+        .await
+            == EVENTS as i64
+    })
+    .await;
+    let thawed_at: std::time::SystemTime =
+        client.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    frozen.signal(libc::SIGCONT);
+    // One warning per late outcome.
+    eventually(
+        "every late outcome refused by the fence",
+        SECS(20),
+        || async {
+            frozen
+                .log()
+                .iter()
+                .filter(|l| l.contains("outcome not recorded: the lease ran out"))
+                .count()
+                == EVENTS
+        },
+    )
+    .await;
+
+    // The rows say what the instance that took over recorded, untouched.
+    let rows = client
+        .query(
+            "SELECT e.state, e.attempts, e.response_message, e.delivered_at < $1,
+                    (SELECT count(*) FROM outbox.attempts a WHERE a.event_id = e.id)
+               FROM outbox.events e",
+            &[&thawed_at],
+        )
+        .await
+        .unwrap();
+    for row in &rows {
+        let got: (String, i32, Option<String>, bool, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+        assert_eq!(
+            got,
+            ("delivered".into(), 2, Some("answer 2".into()), true, 2),
+            "(state, attempts, message, marked before the thaw, attempt rows)"
+        );
+    }
+    let mut keys: Vec<String> = receiver
+        .received()
+        .iter()
+        .map(|r| r.header("idempotency-key").unwrap().to_string())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), EVENTS, "two requests per event, one key each");
+    assert_eq!(receiver.received().len(), 2 * EVENTS);
+    for daemon in [frozen, other] {
+        assert_no_panic(&daemon);
+        assert!(daemon.stop().await.success());
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Database faults
 // ---------------------------------------------------------------------------
