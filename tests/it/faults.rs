@@ -220,13 +220,14 @@ async fn sigkill_five_times_during_a_5000_event_drain_loses_nothing_and_marks_ea
         let status = daemon.wait(SECS(10)).await;
         assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
         assert_no_panic(&daemon);
-        // A statement the dead daemon had sent may still be running in its
-        // backend; count its leases once none is.
-        eventually("the dead daemon's statements to finish", SECS(10), || async {
+        // A statement the dead daemon sent just before dying may still run
+        // in its backend (or not have started yet): count its leases once
+        // all its sessions have ended.
+        eventually("the dead daemon's sessions to end", SECS(10), || async {
             count(
                 &client,
                 "SELECT count(*) FROM pg_stat_activity
-                  WHERE datname = current_database() AND pid <> pg_backend_pid() AND state = 'active'",
+                  WHERE datname = current_database() AND pid <> pg_backend_pid()",
             )
             .await
                 == 0
@@ -439,7 +440,10 @@ async fn terminated_database_connections_mid_drain_are_recovered_without_loss() 
         .find_map(|l| l.strip_prefix("outboxd_listen_reconnects_total "))
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
-    assert!(reconnects >= 1.0, "LISTEN reconnected: {reconnects}");
+    assert!(
+        reconnects >= 3.0,
+        "LISTEN reconnected after each cut: {reconnects}"
+    );
     assert_no_panic(&daemon);
     assert!(daemon.stop().await.success());
     let (claimed_again, duplicated) =
@@ -484,10 +488,12 @@ async fn a_database_restart_mid_drain_shows_in_readyz_and_loses_nothing() {
     let during = receiver.received().len();
 
     pg.restart().await;
+    let back = std::time::Instant::now();
     eventually("/readyz to recover", SECS(45), || async {
         http_get(&readyz).await.0 == 200
     })
     .await;
+    let ready_after = back.elapsed();
     let client = db.client().await; // the old session died with the server
     eventually("all delivered after the restart", SECS(60), || async {
         delivered(&client).await == EVENTS
@@ -509,7 +515,8 @@ async fn a_database_restart_mid_drain_shows_in_readyz_and_loses_nothing() {
     let (claimed_again, duplicated) =
         assert_delivered_and_marked_once(&client, &receiver, EVENTS).await;
     eprintln!(
-        "postgres restart: {during} requests before the outage ended, claimed twice {claimed_again}, duplicates {duplicated}"
+        "postgres restart: {during} requests before the server came back, /readyz 200 again {ready_after:?} after it did, \
+         claimed twice {claimed_again}, duplicates {duplicated}"
     );
 }
 
