@@ -128,6 +128,15 @@ impl PaymentCancellation {
     /// have; `company_id` is the event's own column, which the payload must
     /// match so one tenant's event never reaches another tenant's endpoint.
     pub fn parse(payload: &str, company_id: i64) -> Result<Self, BuildError> {
+        // serde also reads a struct from a JSON array of its fields in
+        // order, so `[6316, 1, "1"]` would pass and go out re-rendered as an
+        // object. The contract's payload is an object; anything else is a
+        // row written around the enqueue functions.
+        if !payload.trim_start().starts_with('{') {
+            return Err(BuildError::Payload(
+                "the payload is not a JSON object".into(),
+            ));
+        }
         let p: PaymentCancellation = serde_json::from_str(payload)
             .map_err(|e| BuildError::Payload(format!("not a payment cancellation ({e})")))?;
         if p.company_id <= 0 {
@@ -247,7 +256,10 @@ mod tests {
                 r#"{"companyId": 6316, "paymentId": 1, "paymentNumber": "A \"quoted\" \\ no"}"#,
                 Ok(r#"{"companyId": 6316, "paymentId": 1, "paymentNumber": "A \"quoted\" \\ no"}"#),
             ),
-            (r#"[1, 2]"#, Err("not a payment cancellation")),
+            (r#"[1, 2]"#, Err("not a JSON object")),
+            (r#"[6316, 1, "1"]"#, Err("not a JSON object")),
+            (r#"[6316, 1, "1", "2,3"]"#, Err("not a JSON object")),
+            ("null", Err("not a JSON object")),
             (r#"{"companyId": 6316}"#, Err("missing field `paymentId`")),
             (
                 r#"{"companyId": 6316, "paymentId": 1, "paymentNumber": "1", "extra": 1}"#,

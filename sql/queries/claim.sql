@@ -26,7 +26,14 @@ WITH due AS (
  RETURNING e.id, e.event_type, e.company_id, e.payload::text AS payload, e.attempts,
            e.attempts - e.attempts_at_replay AS attempts_since_replay,
            -- The retry policy's clock starts at the last replay, if any.
-           (extract(epoch FROM now() - coalesce(e.replayed_at, e.created_at)) * 1000)::bigint AS age_ms,
+           -- timestamptz also holds 'infinity' and '-infinity' (a row written
+           -- by hand or restored may carry them), which cannot be subtracted:
+           -- an error here would fail every claim and stall the whole queue.
+           -- '-infinity' counts as older than anything, 'infinity' as new.
+           CASE WHEN isfinite(coalesce(e.replayed_at, e.created_at))
+                THEN (extract(epoch FROM now() - coalesce(e.replayed_at, e.created_at)) * 1000)::bigint
+                WHEN coalesce(e.replayed_at, e.created_at) < now() THEN 9223372036854775807
+                ELSE 0 END AS age_ms,
            due.lease_expired
 )
 SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,

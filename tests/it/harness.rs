@@ -49,12 +49,21 @@ async fn connect_url(url: &str) -> Client {
 pub struct TestDb {
     pub name: String,
     pub url: String,
+    /// The server's maintenance database, where it was created and where
+    /// it is dropped from.
+    admin: String,
 }
 
 impl TestDb {
     /// A fresh database with the outbox schema migrated.
     pub async fn new() -> TestDb {
-        let db = TestDb::empty().await;
+        TestDb::new_on(&admin_url()).await
+    }
+
+    /// A fresh migrated database on the server of `admin` (a URL of an
+    /// existing database there), e.g. a test's private cluster.
+    pub async fn new_on(admin: &str) -> TestDb {
+        let db = TestDb::empty_on(admin).await;
         let mut client = db.client().await;
         outboxd::migrate::migrate(&mut client)
             .await
@@ -64,13 +73,17 @@ impl TestDb {
 
     /// A fresh database with nothing in it.
     pub async fn empty() -> TestDb {
+        TestDb::empty_on(&admin_url()).await
+    }
+
+    async fn empty_on(admin_url: &str) -> TestDb {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "outboxd_test_{}_{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let admin = connect_url(&admin_url()).await;
+        let admin = connect_url(admin_url).await;
         // Two statements: CREATE DATABASE cannot run inside the implicit
         // transaction of a multi-statement string.
         for sql in [
@@ -83,8 +96,9 @@ impl TestDb {
                 .unwrap_or_else(|e| panic!("{sql}: {}", outboxd::db::describe(&e)));
         }
         TestDb {
-            url: url_with_dbname(&admin_url(), &name),
+            url: url_with_dbname(admin_url, &name),
             name,
+            admin: admin_url.to_string(),
         }
     }
 
@@ -131,14 +145,14 @@ impl Drop for TestDb {
         // Drop runs outside async context (and maybe while panicking), so the
         // cleanup gets a small runtime of its own on a plain thread.
         let name = self.name.clone();
+        let admin = self.admin.clone();
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                if let Ok((client, connection)) = tokio_postgres::connect(&admin_url(), NoTls).await
-                {
+                if let Ok((client, connection)) = tokio_postgres::connect(&admin, NoTls).await {
                     tokio::spawn(connection);
                     let _ = client
                         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -319,6 +333,11 @@ impl Daemon {
             daemon.admin = url;
         }
         daemon
+    }
+
+    /// True while the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     pub fn pid(&self) -> i32 {

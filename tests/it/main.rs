@@ -5,13 +5,16 @@
 //! postgres://postgres@127.0.0.1:5432/postgres) with rights to create
 //! databases; `scripts/test` provides one when none answers.
 
+mod bad_receiver;
 mod cli;
 mod delivery;
+mod faults;
 mod harness;
 mod maintenance;
 mod notify;
 mod ops;
 mod ops_cli;
+mod private_pg;
 mod proxy;
 mod receiver;
 mod record;

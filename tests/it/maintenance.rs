@@ -1,9 +1,11 @@
 //! Retention: old finished rows go, in batches, with their attempts; what is
-//! recent or still in flight stays. Run in-process against a real database,
-//! the way the daemon's maintenance task calls it.
+//! recent or still in flight stays. The queue gauges. Run in-process against
+//! a real database, the way the daemon's maintenance task calls it.
 
 use outboxd::config::{RawConfig, RawDatabase, RawRetention};
-use outboxd::maintenance::{Deleted, Retention};
+use std::time::Duration;
+
+use outboxd::maintenance::{Deleted, Maintenance, Retention};
 
 use crate::harness::TestDb;
 
@@ -143,4 +145,57 @@ async fn two_instances_clean_up_side_by_side_without_errors_or_double_counting()
         .unwrap()
         .get(0);
     assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn queue_gauges_survive_infinite_timestamps() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let config = RawConfig {
+        database: RawDatabase {
+            url: Some(db.url.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+    .validate()
+    .unwrap();
+    let gauges = Maintenance::new(
+        outboxd::db::pool(&config.database),
+        None,
+        Duration::from_secs(60),
+    );
+    // Only a row from the future is due: nothing old is waiting.
+    client
+        .batch_execute(
+            "INSERT INTO outbox.events (company_id, payload, created_at) VALUES (1, '{}', 'infinity')",
+        )
+        .await
+        .unwrap();
+    let stats = gauges.run_once().await.unwrap();
+    assert_eq!((stats.pending, stats.oldest_due_age), (1, Duration::ZERO));
+    // A row from '-infinity' is as old as can be.
+    client
+        .batch_execute(
+            "INSERT INTO outbox.events (company_id, payload, created_at)
+             VALUES (1, '{}', '-infinity'), (1, '{}', now() - interval '1 hour')",
+        )
+        .await
+        .unwrap();
+    let stats = gauges.run_once().await.unwrap();
+    assert_eq!(stats.pending, 3);
+    assert!(
+        stats.oldest_due_age > Duration::from_secs(1000 * 365 * 24 * 3600),
+        "{stats:?}"
+    );
+    // Finite ages as before.
+    client
+        .batch_execute("DELETE FROM outbox.events WHERE NOT isfinite(created_at)")
+        .await
+        .unwrap();
+    let age = gauges.run_once().await.unwrap().oldest_due_age;
+    assert!(
+        age >= Duration::from_secs(3600) && age < Duration::from_secs(3700),
+        "{age:?}"
+    );
 }

@@ -1,0 +1,181 @@
+//! A private PostgreSQL cluster for one test: initdb into a temp dir, a free
+//! port on 127.0.0.1, fsync off. The test may stop and start it at will
+//! (which the server the other tests share must never be); it is stopped and
+//! its files removed when dropped.
+//!
+//! initdb and pg_ctl refuse to run as root, so as root they run as the
+//! `postgres` OS user (Debian's server package creates it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::harness::TempDir;
+
+pub struct PrivatePg {
+    bin: PathBuf,
+    /// The data directory; its socket and log live inside it too.
+    data: PathBuf,
+    pub port: u16,
+    // Last: removed after the server is stopped in Drop.
+    _dir: TempDir,
+}
+
+impl PrivatePg {
+    /// initdb and start a new cluster; panics with the reason if it cannot.
+    pub async fn start() -> PrivatePg {
+        let bin = server_bin_dir();
+        let dir = TempDir::new("pg");
+        let data = dir.join("data");
+        std::fs::create_dir(&data).unwrap();
+        if is_root() {
+            for path in [&dir.0, &data] {
+                let out = Command::new("chown")
+                    .arg("postgres:")
+                    .arg(path)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "chown postgres: {out:?}");
+            }
+        }
+        let ran = tokio::task::spawn_blocking({
+            let initdb = bin.join("initdb");
+            let data = data.clone();
+            move || {
+                as_postgres(&initdb)
+                    .args(["--auth=trust", "-U", "postgres", "-E", "UTF8"])
+                    .args(["--locale=C.UTF-8", "--no-sync", "-D"])
+                    .arg(&data)
+                    .output()
+                    .unwrap()
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            ran.status.success(),
+            "initdb failed: {}{}",
+            String::from_utf8_lossy(&ran.stdout),
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        let mut pg = PrivatePg {
+            bin,
+            data,
+            port: 0,
+            _dir: dir,
+        };
+        // The free port is found by binding and closing it; another process
+        // may take it in between, so try a few.
+        for _ in 0..5 {
+            pg.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            if pg.try_start().await {
+                return pg;
+            }
+        }
+        panic!("the private PostgreSQL did not start; log:\n{}", pg.log());
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Stops the server (`-m fast`: sessions are terminated, as on a
+    /// restart); waits until it is down.
+    pub async fn stop(&self) {
+        let out = self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "30"]).await;
+        assert!(out.status.success(), "pg_ctl stop: {out:?}\n{}", self.log());
+    }
+
+    /// Starts the stopped server again on the same port; waits until it
+    /// accepts connections.
+    pub async fn restart(&self) {
+        assert!(
+            self.try_start().await,
+            "pg_ctl start failed; log:\n{}",
+            self.log()
+        );
+    }
+
+    async fn try_start(&self) -> bool {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c full_page_writes=off",
+            self.port,
+            self.data.display()
+        );
+        let log = self.data.join("postgres.log");
+        let log = log.to_str().unwrap().to_string();
+        self.pg_ctl(&["start", "-w", "-t", "30", "-l", &log, "-o", &options])
+            .await
+            .status
+            .success()
+    }
+
+    async fn pg_ctl(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = as_postgres(&self.bin.join("pg_ctl"));
+        cmd.args(args)
+            .arg("-D")
+            .arg(&self.data)
+            // The server must not hold our pipes open.
+            .stdin(std::process::Stdio::null());
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// The server's log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data.join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        if self.data.join("postmaster.pid").exists() {
+            let _ = as_postgres(&self.bin.join("pg_ctl"))
+                .args(["stop", "-m", "immediate", "-w", "-t", "30", "-D"])
+                .arg(&self.data)
+                .stdin(std::process::Stdio::null())
+                .output();
+        }
+    }
+}
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `program` as the postgres OS user when we are root, from `/` (our working
+/// directory may not be readable for that user).
+fn as_postgres(program: &Path) -> Command {
+    let mut cmd = if is_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--"]).arg(program);
+        cmd
+    } else {
+        Command::new(program)
+    };
+    cmd.current_dir("/");
+    cmd
+}
+
+/// The newest installed server's bin directory (/usr/lib/postgresql/N/bin).
+fn server_bin_dir() -> PathBuf {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let major = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("pg_ctl").exists().then_some((major, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin).expect(
+        "no PostgreSQL server binaries in /usr/lib/postgresql/*/bin (scripts/test installs them)",
+    )
+}
