@@ -10,7 +10,12 @@ ALTER TABLE outbox.events
     ADD COLUMN replayed_at        timestamptz,
     ADD COLUMN attempts_at_replay integer NOT NULL DEFAULT 0,
     ADD CONSTRAINT events_attempts_at_replay_in_range
-        CHECK (attempts_at_replay >= 0 AND attempts_at_replay <= attempts);
+        CHECK (attempts_at_replay >= 0 AND attempts_at_replay <= attempts),
+    -- A claim adds one to attempts. A row written by hand near the integer
+    -- limit would make every claim fail with "integer out of range" and stop
+    -- all deliveries; no real event gets anywhere near a million attempts
+    -- (at most retry.max_attempts, at most 1,000, per replay).
+    ADD CONSTRAINT events_attempts_bounded CHECK (attempts <= 1000000);
 
 COMMENT ON COLUMN outbox.events.replayed_at IS
     'When the event was last put back to pending by a replay (NULL: never).';

@@ -45,7 +45,16 @@ WITH outcome AS (
            last_error = o.last_error
       FROM outcome AS o
      WHERE e.id = o.id
-       AND e.state = 'leased'
+       -- The fence: still leased by this instance at the attempt number it
+       -- claimed. lease_owner is set exactly while a row is leased, so this
+       -- is "state = 'leased'" without naming state: a condition on state
+       -- would let the planner answer it from the events_due partial index,
+       -- which it thinks tiny (few rows are leased when ANALYZE looks) but
+       -- which holds the whole backlog and, until vacuum, the dead entries
+       -- of every recent delivery: measured, each group's update then slowed
+       -- to tens of milliseconds. Written this way it is one primary-key
+       -- probe per outcome.
+       AND e.lease_owner = $12
        AND e.attempts = o.attempt
  RETURNING e.id, e.attempts, e.company_id, e.event_type
 ), notified AS (

@@ -548,3 +548,17 @@ async fn the_documented_grants_are_enough_for_the_application() {
     result.unwrap();
     assert_eq!(event_count(&admin).await, 2);
 }
+
+#[tokio::test]
+async fn attempts_near_the_integer_limit_are_refused() {
+    // Such a row would make every claim overflow and stop all deliveries.
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let (code, _, _) = error_of(
+        &client,
+        "INSERT INTO outbox.events (company_id, payload, attempts) VALUES (1, '{}', 2147483647)",
+    )
+    .await;
+    assert_eq!(code, SqlState::CHECK_VIOLATION);
+    assert_eq!(event_count(&client).await, 0);
+}
