@@ -23,7 +23,17 @@ pub async fn connect(config: &DatabaseConfig) -> Result<Client, ConnectError> {
     // connect_timeout in the config bounds each TCP connect; this bounds the
     // whole start-up exchange too, which a stalled server could otherwise hold
     // open forever.
-    let attempt = tokio::time::timeout(config.connect_timeout * 2, config.pg.connect(NoTls));
+    // One-off sessions (migrate, check, the operator CLI): no lock is waited
+    // on for more than 30 s and no statement runs for more than 10 minutes
+    // (room for a migration building an index on a large table), so a
+    // command never hangs on a busy database without saying so.
+    let mut pg = config.pg.clone();
+    let options = match pg.get_options() {
+        Some(own) if !own.trim().is_empty() => format!("{ONE_OFF_SESSION_OPTIONS} {own}"),
+        _ => ONE_OFF_SESSION_OPTIONS.to_string(),
+    };
+    pg.options(options);
+    let attempt = tokio::time::timeout(config.connect_timeout * 2, pg.connect(NoTls));
     let (client, connection) = match attempt.await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => {
@@ -90,6 +100,8 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         None => e.to_string(),
     }
 }
+
+const ONE_OFF_SESSION_OPTIONS: &str = "-c lock_timeout=30s -c statement_timeout=10min";
 
 /// Settings for pooled sessions (claims, records, the mailer, maintenance):
 /// - no statement runs over 30 s and no lock is waited on for over 10 s, so
