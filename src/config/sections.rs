@@ -57,21 +57,7 @@ impl RawDatabase {
             1000,
         );
 
-        let password = match (self.password, self.password_file) {
-            (Some(_), Some(_)) => {
-                problem(
-                    problems,
-                    "database.password",
-                    "give either password or password_file, not both",
-                );
-                None
-            }
-            (Some(p), None) => Some(Secret::new(p)),
-            (None, Some(path)) => {
-                secret_file(problems, "database.password_file", &path).map(Secret::new)
-            }
-            (None, None) => None,
-        };
+        let password = password_setting(problems, "database", self.password, self.password_file);
 
         let mut pg = pg.take()?;
         if let Some(password) = password {
@@ -266,21 +252,7 @@ impl RawSmtp {
                 None
             }
         };
-        let password = match (self.password, self.password_file) {
-            (Some(_), Some(_)) => {
-                problem(
-                    problems,
-                    "smtp.password",
-                    "give either password or password_file, not both",
-                );
-                None
-            }
-            (Some(p), None) => Some(Secret::new(p)),
-            (None, Some(path)) => {
-                secret_file(problems, "smtp.password_file", &path).map(Secret::new)
-            }
-            (None, None) => None,
-        };
+        let password = password_setting(problems, "smtp", self.password, self.password_file);
         if self.username.is_some() != password.is_some() {
             problem(
                 problems,
@@ -596,6 +568,30 @@ fn duration(
             );
             None
         }
+    }
+}
+
+/// A section's `password` or `password_file` (never both).
+fn password_setting(
+    problems: &mut Vec<Problem>,
+    section: &str,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+) -> Option<Secret> {
+    match (password, password_file) {
+        (Some(_), Some(_)) => {
+            problem(
+                problems,
+                &format!("{section}.password"),
+                "give either password or password_file, not both",
+            );
+            None
+        }
+        (Some(p), None) => Some(Secret::new(p)),
+        (None, Some(path)) => {
+            secret_file(problems, &format!("{section}.password_file"), &path).map(Secret::new)
+        }
+        (None, None) => None,
     }
 }
 
