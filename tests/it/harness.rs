@@ -102,6 +102,29 @@ impl TestDb {
         }
     }
 
+    /// The configuration the daemon would have for this database, with
+    /// `edit` applied to the raw form first.
+    pub fn config_with(
+        &self,
+        edit: impl FnOnce(&mut outboxd::config::RawConfig),
+    ) -> outboxd::config::Config {
+        let mut raw = outboxd::config::RawConfig {
+            database: outboxd::config::RawDatabase {
+                url: Some(self.url.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        edit(&mut raw);
+        raw.validate().expect("a valid test configuration")
+    }
+
+    /// The daemon's connection pool for this database (its session settings
+    /// included), for tests that drive the library directly.
+    pub fn pool(&self) -> deadpool_postgres::Pool {
+        outboxd::db::pool(&self.config_with(|_| {}).database)
+    }
+
     /// A new connection to this database.
     pub async fn client(&self) -> Client {
         connect_url(&self.url).await

@@ -2,7 +2,7 @@
 //! recent or still in flight stays. The queue gauges. Run in-process against
 //! a real database, the way the daemon's maintenance task calls it.
 
-use outboxd::config::{RawConfig, RawDatabase, RawRetention};
+use outboxd::config::RawRetention;
 use std::time::Duration;
 
 use outboxd::maintenance::{Deleted, Maintenance, Retention};
@@ -10,19 +10,12 @@ use outboxd::maintenance::{Deleted, Maintenance, Retention};
 use crate::harness::TestDb;
 
 fn retention(db: &TestDb, batch_size: u32) -> Retention {
-    let config = RawConfig {
-        database: RawDatabase {
-            url: Some(db.url.clone()),
-            ..Default::default()
-        },
-        retention: RawRetention {
+    let config = db.config_with(|raw| {
+        raw.retention = RawRetention {
             batch_size: Some(batch_size),
             ..Default::default()
-        },
-        ..Default::default()
-    }
-    .validate()
-    .unwrap();
+        }
+    });
     Retention::new(outboxd::db::pool(&config.database), config.retention)
 }
 
@@ -151,20 +144,7 @@ async fn two_instances_clean_up_side_by_side_without_errors_or_double_counting()
 async fn queue_gauges_survive_infinite_timestamps() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let config = RawConfig {
-        database: RawDatabase {
-            url: Some(db.url.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-    .validate()
-    .unwrap();
-    let gauges = Maintenance::new(
-        outboxd::db::pool(&config.database),
-        None,
-        Duration::from_secs(60),
-    );
+    let gauges = Maintenance::new(db.pool(), None, Duration::from_secs(60));
     // Only a row from the future is due: nothing old is waiting.
     client
         .batch_execute(

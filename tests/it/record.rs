@@ -4,23 +4,9 @@
 use std::time::{Duration, SystemTime};
 
 use outboxd::claim;
-use outboxd::config::{RawConfig, RawDatabase};
 use outboxd::record::{self, AttemptKind, NextState, Outcome};
 
 use crate::harness::TestDb;
-
-fn pool(db: &TestDb) -> deadpool_postgres::Pool {
-    let config = RawConfig {
-        database: RawDatabase {
-            url: Some(db.url.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-    .validate()
-    .unwrap();
-    outboxd::db::pool(&config.database)
-}
 
 fn delivered(e: &claim::ClaimedEvent) -> Outcome {
     Outcome {
@@ -42,7 +28,7 @@ fn delivered(e: &claim::ClaimedEvent) -> Outcome {
 #[tokio::test]
 async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim() {
     let db = TestDb::new().await;
-    let pool = pool(&db);
+    let pool = db.pool();
     let client = pool.get().await.unwrap();
     client
         .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, 1, '1')")
@@ -104,7 +90,7 @@ async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim()
 #[tokio::test]
 async fn a_group_written_again_after_a_lost_reply_reads_as_marked_not_fenced() {
     let db = TestDb::new().await;
-    let pool = pool(&db);
+    let pool = db.pool();
     let client = pool.get().await.unwrap();
     client
         .batch_execute(
