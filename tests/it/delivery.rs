@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio_postgres::Client;
 
+use crate::harness::count;
 use crate::harness::{Daemon, TestDb, eventually};
 use crate::receiver::{Receiver, Reply};
 
@@ -453,14 +454,11 @@ async fn two_daemons_deliver_2000_events_each_once() {
     }
     let got = receiver.wait_for(2000, SECS(60)).await;
     eventually("all 2000 delivered", SECS(30), || async {
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let n = count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+        )
+        .await;
         n == 2000
     })
     .await;
@@ -552,14 +550,11 @@ async fn sigterm_mid_batch_drains_in_flight_deliveries_and_exits_0() {
     // A new daemon delivers the rest.
     let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__CONCURRENCY", "64")]).await;
     eventually("the rest delivered", SECS(30), || async {
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let n = count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+        )
+        .await;
         n == 200
     })
     .await;
@@ -597,14 +592,11 @@ async fn sigkill_mid_batch_leased_rows_are_delivered_after_the_lease_with_the_sa
     daemon.signal(libc::SIGKILL);
     daemon.wait(SECS(10)).await;
     first_life.store(false, std::sync::atomic::Ordering::SeqCst);
-    let leased: i64 = client
-        .query_one(
-            "SELECT count(*) FROM outbox.events WHERE state = 'leased'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let leased = count(
+        &client,
+        "SELECT count(*) FROM outbox.events WHERE state = 'leased'",
+    )
+    .await;
     assert_eq!(leased, 4, "killed with all four leased");
 
     let killed_at = std::time::Instant::now();
@@ -629,14 +621,11 @@ async fn sigkill_mid_batch_leased_rows_are_delivered_after_the_lease_with_the_sa
         "re-delivered with the original idempotency keys"
     );
     eventually("all delivered", SECS(10), || async {
-        let n: i64 = client
-            .query_one(
-                "SELECT count(*) FROM outbox.events WHERE state = 'delivered' AND attempts = 2",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let n = count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE state = 'delivered' AND attempts = 2",
+        )
+        .await;
         n == 4
     })
     .await;

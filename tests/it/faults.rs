@@ -15,6 +15,7 @@ use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::bad_receiver::{BadReceiver, Fault, http_200, refused_port};
+use crate::harness::count;
 use crate::harness::{Daemon, TempDir, TestDb, eventually, http_get};
 use crate::private_pg::PrivatePg;
 use crate::receiver::{Receiver, Reply};
@@ -47,10 +48,6 @@ async fn endpoint(client: &Client, company: i64, event_type: &str, url: &str) {
         )
         .await
         .unwrap();
-}
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 async fn delivered(client: &Client) -> i64 {

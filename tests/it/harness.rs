@@ -442,6 +442,11 @@ pub async fn http_get(url: &str) -> (u16, String) {
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The single integer a query returns (a count, mostly).
+pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 /// Re-checks `condition` every 20 ms until it holds; panics after `timeout`
 /// with `what`. For database states that nothing signals (rows marked by
 /// another process).

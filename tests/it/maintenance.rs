@@ -8,6 +8,7 @@ use std::time::Duration;
 use outboxd::maintenance::{Deleted, Maintenance, Retention};
 
 use crate::harness::TestDb;
+use crate::harness::count;
 
 fn retention(db: &TestDb, batch_size: u32) -> Retention {
     let config = db.config_with(|raw| {
@@ -88,21 +89,14 @@ async fn old_finished_events_are_deleted_in_batches_with_their_attempts() {
         vec![2, 4, 5, 6],
         "recent, in-flight and replayed rows stay"
     );
-    let orphans: i64 = client
-        .query_one(
-            "SELECT count(*) FROM outbox.attempts a
+    let orphans = count(
+        &client,
+        "SELECT count(*) FROM outbox.attempts a
               WHERE NOT EXISTS (SELECT 1 FROM outbox.events e WHERE e.id = a.event_id)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    )
+    .await;
     assert_eq!(orphans, 0);
-    let attempts: i64 = client
-        .query_one("SELECT count(*) FROM outbox.attempts", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let attempts = count(&client, "SELECT count(*) FROM outbox.attempts").await;
     assert_eq!(attempts, 4, "attempt rows went with their events");
 }
 
@@ -132,11 +126,7 @@ async fn two_instances_clean_up_side_by_side_without_errors_or_double_counting()
     };
     let (na, nb) = tokio::join!(drain(a), drain(b));
     assert_eq!(na + nb, 3000);
-    let left: i64 = client
-        .query_one("SELECT count(*) FROM outbox.events", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let left = count(&client, "SELECT count(*) FROM outbox.events").await;
     assert_eq!(left, 0);
 }
 

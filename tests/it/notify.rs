@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio_postgres::Client;
 
+use crate::harness::count;
 use crate::harness::{Daemon, TestDb, eventually};
 use crate::receiver::{Receiver, Reply};
 use crate::smtp::{SmtpServer, free_port};
@@ -64,10 +65,6 @@ async fn endpoint(client: &Client, company: i64, url: &str, emails: &[&str]) {
         )
         .await
         .unwrap();
-}
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,6 +7,7 @@ use outboxd::claim;
 use outboxd::record::{self, AttemptKind, NextState, Outcome};
 
 use crate::harness::TestDb;
+use crate::harness::count;
 
 fn delivered(e: &claim::ClaimedEvent) -> Outcome {
     Outcome {
@@ -79,11 +80,7 @@ async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim()
         ),
         ("failed".to_string(), 2, true)
     );
-    let logged: i64 = client
-        .query_one("SELECT count(*) FROM outbox.attempts", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let logged = count(&client, "SELECT count(*) FROM outbox.attempts").await;
     assert_eq!(logged, 2, "both attempts were made, both are logged");
 }
 
@@ -124,10 +121,6 @@ async fn a_group_written_again_after_a_lost_reply_reads_as_marked_not_fenced() {
             .unwrap()
             .is_empty()
     );
-    let attempts: i64 = client
-        .query_one("SELECT count(*) FROM outbox.attempts", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let attempts = count(&client, "SELECT count(*) FROM outbox.attempts").await;
     assert_eq!(attempts, 3, "no attempt logged twice");
 }

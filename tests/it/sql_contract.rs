@@ -6,6 +6,7 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use crate::harness::TestDb;
+use crate::harness::count;
 
 async fn event_count(client: &Client) -> i64 {
     client
@@ -449,11 +450,7 @@ async fn bad_endpoint_rows_fail_with_a_message_naming_the_problem_and_no_secret(
     .await;
     assert_eq!(code, SqlState::CHECK_VIOLATION);
     assert!(message.contains("http:// or https://"), "{message}");
-    let count: i64 = client
-        .query_one("SELECT count(*) FROM outbox.endpoints", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let count = count(&client, "SELECT count(*) FROM outbox.endpoints").await;
     assert_eq!(count, 1);
 }
 

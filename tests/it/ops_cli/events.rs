@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use super::outboxd;
-use crate::harness::{Daemon, TestDb, eventually};
+use crate::harness::{Daemon, TestDb, count, eventually};
 use crate::receiver::{Receiver, Reply};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -87,16 +87,9 @@ async fn events_list_and_show_print_tables_and_json() {
         )
         .await
         .unwrap();
-    let email_id: i64 = client
-        .query_one(
-            "INSERT INTO outbox.emails (company_id, event_type, recipients, sent_to, state, sent_at)
+    let email_id = count(&client, "INSERT INTO outbox.emails (company_id, event_type, recipients, sent_to, state, sent_at)
              VALUES (6316, 'payment.cancellation', ARRAY['ops@example.com'], ARRAY['ops@example.com'],
-                     'sent', now()) RETURNING id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+                     'sent', now()) RETURNING id").await;
     client
         .execute(
             "INSERT INTO outbox.notifications (event_id, company_id, event_type, endpoint_url, email_id)
