@@ -55,6 +55,9 @@ struct Opts {
     /// Run only the latency and idle phase (for quick re-measurement).
     #[arg(long)]
     latency_only: bool,
+    /// Run only the drains (10k, --events, and 1M with --large).
+    #[arg(long, conflicts_with = "latency_only")]
+    drain_only: bool,
     // cargo bench passes --bench; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -531,9 +534,12 @@ fn main() {
         } else {
             None
         };
-        eprintln!("sql-only: claiming and recording {} events", opts.events);
-        let sql = sql_only(&opts).await;
-        let (lat, idle_qps, idle_cpu) = latency(&opts).await;
+        let (sql, latency) = if opts.drain_only {
+            (None, None)
+        } else {
+            eprintln!("sql-only: claiming and recording {} events", opts.events);
+            (Some(sql_only(&opts).await), Some(latency(&opts).await))
+        };
 
         println!();
         println!("outboxd benchmark ({} cores; concurrency {}; {} companies)", num_cpus(), opts.concurrency, opts.companies);
@@ -548,14 +554,16 @@ fn main() {
                 d.events, d.per_second, d.peak_rss_mib, d.cpu_per_1000
             );
         }
-        println!(
-            "| SQL-only limit ({} events, batch {}) | {:.0} events/s; the {}-event drain reached {:.0}% of it |",
-            opts.events,
-            opts.concurrency,
-            sql,
-            main.events,
-            main.per_second / sql * 100.0
-        );
+        if let Some(sql) = sql {
+            println!(
+                "| SQL-only limit ({} events, batch {}) | {:.0} events/s; the {}-event drain reached {:.0}% of it |",
+                opts.events,
+                opts.concurrency,
+                sql,
+                main.events,
+                main.per_second / sql * 100.0
+            );
+        }
         println!(
             "| backlog scaling | {}: {:.0}% of the 10k drain's throughput, RSS {:+.0}% |",
             large.as_ref().map_or(main.events, |l| l.events),
@@ -564,7 +572,9 @@ fn main() {
                 - 1.0)
                 * 100.0
         );
-        print_latency(&opts, &lat, idle_qps, idle_cpu);
+        if let Some((lat, idle_qps, idle_cpu)) = latency {
+            print_latency(&opts, &lat, idle_qps, idle_cpu);
+        }
     });
 }
 

@@ -112,13 +112,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         tracing::info!(url = %format!("http://{bound}"), "admin HTTP listening (/metrics, /healthz, /readyz)");
         background.push(task);
     }
+    if let Some(handle) = metrics_handle {
+        background.push(tokio::spawn(metrics::upkeep(
+            handle,
+            background_stop.clone(),
+        )));
+    }
     background.push(tokio::spawn(
-        Maintenance::new(
-            pool.clone(),
-            metrics_handle,
-            config.metrics.refresh_interval,
-        )
-        .run(background_stop.clone()),
+        Maintenance::new(pool.clone(), config.metrics.refresh_interval)
+            .run(background_stop.clone()),
     ));
     background.push(tokio::spawn(
         Retention::new(pool.clone(), config.retention.clone()).run(background_stop.clone()),

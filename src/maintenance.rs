@@ -1,7 +1,6 @@
 //! Periodic upkeep outside the delivery path: the queue gauges, refreshed by
-//! one cheap query every `metrics.refresh_interval` (not per delivery) with
-//! the exporter's own upkeep ([`Maintenance`]), and the retention cleanup
-//! ([`Retention`]).
+//! one cheap query every `metrics.refresh_interval` (not per delivery)
+//! ([`Maintenance`]), and the retention cleanup ([`Retention`]).
 //!
 //! Shape shared by maintenance services: `run_once()` does one round and
 //! returns what it found (what tests call); `run()` only ticks.
@@ -9,7 +8,6 @@
 use std::time::Duration;
 
 use metrics::gauge;
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionConfig;
@@ -30,21 +28,12 @@ pub struct QueueStats {
 
 pub struct Maintenance {
     pool: deadpool_postgres::Pool,
-    metrics: Option<PrometheusHandle>,
     interval: Duration,
 }
 
 impl Maintenance {
-    pub fn new(
-        pool: deadpool_postgres::Pool,
-        metrics: Option<PrometheusHandle>,
-        interval: Duration,
-    ) -> Maintenance {
-        Maintenance {
-            pool,
-            metrics,
-            interval,
-        }
+    pub fn new(pool: deadpool_postgres::Pool, interval: Duration) -> Maintenance {
+        Maintenance { pool, interval }
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -52,9 +41,6 @@ impl Maintenance {
             if let Err(e) = self.run_once().await {
                 crate::metrics::database_error("maintenance");
                 tracing::warn!(error = %e, "refreshing queue metrics");
-            }
-            if let Some(handle) = &self.metrics {
-                handle.run_upkeep();
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
