@@ -5,6 +5,7 @@
 //! cargo bench --bench outboxd                     # 100k events, 100 companies
 //! cargo bench --bench outboxd -- --large          # also a 1M backlog
 //! cargo bench --bench outboxd -- --events 20000 --latency-seconds 10
+//! cargo bench --bench outboxd -- --only drain      # or sql, latency
 //! ```
 //!
 //! Phases, each on a fresh database (`DATABASE_URL`, default the local
@@ -52,15 +53,29 @@ struct Opts {
     /// The daemon's delivery.concurrency (also the SQL-only batch size).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
-    /// Run only the latency and idle phase (for quick re-measurement).
-    #[arg(long)]
-    latency_only: bool,
-    /// Run only the drains (10k, --events, and 1M with --large).
-    #[arg(long, conflicts_with = "latency_only")]
-    drain_only: bool,
+    /// Run only these phases (for quick re-measurement), e.g.
+    /// `--only drain` or `--only sql,latency`.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Phase>,
     // cargo bench passes --bench; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// The drains: 10k, --events, and 1M with --large.
+    Drain,
+    /// The SQL-only limit.
+    Sql,
+    /// Latency at a steady rate, then idle.
+    Latency,
+}
+
+impl Opts {
+    fn runs(&self, phase: Phase) -> bool {
+        self.only.is_empty() || self.only.contains(&phase)
+    }
 }
 
 fn admin_url() -> String {
@@ -213,18 +228,49 @@ impl Daemon {
 
     /// User + system CPU seconds so far.
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        // Fields after the command name, which is in parentheses.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        ticks / 100.0 // USER_HZ is 100 on Linux
+        process_cpu_seconds(self.pid())
     }
 
     async fn stop(mut self) {
         unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
         let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
     }
+}
+
+/// A process's command name and its CPU ticks from /proc/PID/stat: user,
+/// system, and those of its waited-for children that have exited.
+fn proc_stat(pid: u32) -> Option<(String, [f64; 4])> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    // Fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    let ticks = [tick(11)?, tick(12)?, tick(13)?, tick(14)?];
+    Some((stat[open + 1..close].to_string(), ticks))
+}
+
+const USER_HZ: f64 = 100.0;
+
+/// User + system CPU seconds of one process so far.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    proc_stat(pid).map_or(0.0, |(_, t)| (t[0] + t[1]) / USER_HZ)
+}
+
+/// CPU seconds used so far by the processes called `postgres` (the server,
+/// its backends and background workers). Backends of closed connections are
+/// gone from /proc; their time is in the postmaster's children time, so it
+/// is counted too.
+fn postgres_cpu_seconds() -> f64 {
+    let ticks: f64 = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(proc_stat)
+        .filter(|(name, _)| name == "postgres")
+        .map(|(_, t)| t.iter().sum::<f64>())
+        .sum();
+    ticks / USER_HZ
 }
 
 /// One endpoint per company, all pointing at the receiver; then `n`
@@ -265,18 +311,22 @@ async fn preload(client: &Client, n: usize, companies: usize, receiver_url: &str
         .unwrap();
 }
 
+/// Waits until no event is pending or leased. The check reads one entry
+/// of the daemon's own `events_due` index: counting the backlog instead
+/// took PostgreSQL tens of milliseconds per check at 1M rows, CPU the drain
+/// being measured then lacked.
 async fn wait_drained(client: &Client, limit: Duration) {
     let started = Instant::now();
     loop {
-        let left: i64 = client
-            .query_one(
-                "SELECT count(*) FROM outbox.events WHERE state IN ('pending', 'leased')",
+        let left = client
+            .query_opt(
+                "SELECT 1 FROM outbox.events WHERE state IN ('pending', 'leased')
+                  ORDER BY next_attempt_at LIMIT 1",
                 &[],
             )
             .await
-            .unwrap()
-            .get(0);
-        if left == 0 {
+            .unwrap();
+        if left.is_none() {
             return;
         }
         assert!(started.elapsed() < limit, "not drained within {limit:?}");
@@ -288,7 +338,9 @@ struct Drain {
     events: usize,
     per_second: f64,
     peak_rss_mib: f64,
-    cpu_per_1000: f64,
+    /// CPU microseconds per event from the daemon's start to the drain's
+    /// end: the daemon, the receiver, PostgreSQL.
+    cpu_us: [f64; 3],
 }
 
 async fn drain(opts: &Opts, events: usize) -> Drain {
@@ -299,8 +351,16 @@ async fn drain(opts: &Opts, events: usize) -> Drain {
     eprintln!("drain: preloading {events} events");
     preload(&client, events, opts.companies, &receiver.url).await;
     eprintln!("drain: delivering");
+    let receiver_before = process_cpu_seconds(receiver.child.id().unwrap());
+    let postgres_before = postgres_cpu_seconds();
     let daemon = Daemon::start(&url, opts.concurrency).await;
     wait_drained(&client, Duration::from_secs(3600)).await;
+    let per_event = |seconds: f64| seconds / events as f64 * 1e6;
+    let cpu_us = [
+        per_event(daemon.cpu_seconds()),
+        per_event(process_cpu_seconds(receiver.child.id().unwrap()) - receiver_before),
+        per_event(postgres_cpu_seconds() - postgres_before),
+    ];
     let seconds: f64 = client
         .query_one(
             "SELECT extract(epoch FROM (SELECT max(delivered_at) FROM outbox.events)
@@ -323,7 +383,7 @@ async fn drain(opts: &Opts, events: usize) -> Drain {
         events,
         per_second: events as f64 / seconds,
         peak_rss_mib: daemon.peak_rss_mib(),
-        cpu_per_1000: daemon.cpu_seconds() / events as f64 * 1000.0,
+        cpu_us,
     };
     daemon.stop().await;
     drop(receiver);
@@ -335,7 +395,13 @@ async fn drain(opts: &Opts, events: usize) -> Drain {
 /// The claim and record statements alone: a claimer leases batches of the
 /// daemon's size and hands them to a recorder that marks them delivered, on
 /// two connections, as the daemon's loop and recorder do.
-async fn sql_only(opts: &Opts) -> f64 {
+struct SqlOnly {
+    per_second: f64,
+    /// PostgreSQL CPU microseconds per event.
+    postgres_us: f64,
+}
+
+async fn sql_only(opts: &Opts) -> SqlOnly {
     let db = "outboxd_bench_sql";
     let url = fresh_db(db).await;
     let client = connect(&url).await;
@@ -352,6 +418,7 @@ async fn sql_only(opts: &Opts) -> f64 {
     let claimer = pool.get().await.unwrap();
     let recorder = pool.get().await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<claim::ClaimedEvent>>(4);
+    let postgres_before = postgres_cpu_seconds();
     let started = Instant::now();
     let batch = opts.concurrency;
     let claiming = tokio::spawn(async move {
@@ -390,10 +457,13 @@ async fn sql_only(opts: &Opts) -> f64 {
         n += outcomes.len();
     }
     claiming.await.unwrap();
-    let per_second = n as f64 / started.elapsed().as_secs_f64();
+    let result = SqlOnly {
+        per_second: n as f64 / started.elapsed().as_secs_f64(),
+        postgres_us: (postgres_cpu_seconds() - postgres_before) / n as f64 * 1e6,
+    };
     drop(client);
     drop_db(db).await;
-    per_second
+    result
 }
 
 struct Latency {
@@ -522,60 +592,83 @@ fn main() {
     let opts = Opts::parse();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        if opts.latency_only {
-            let (lat, idle_qps, idle_cpu) = latency(&opts).await;
-            print_latency(&opts, &lat, idle_qps, idle_cpu);
-            return;
-        }
-        let small = drain(&opts, 10_000).await;
-        let main = drain(&opts, opts.events).await;
-        let large = if opts.large {
-            Some(drain(&opts, 1_000_000).await)
+        let drains = if opts.runs(Phase::Drain) {
+            let mut sizes = vec![10_000, opts.events];
+            if opts.large {
+                sizes.push(1_000_000);
+            }
+            let mut drains = Vec::new();
+            for events in sizes {
+                drains.push(drain(&opts, events).await);
+            }
+            drains
+        } else {
+            Vec::new()
+        };
+        let sql = if opts.runs(Phase::Sql) {
+            eprintln!("sql-only: claiming and recording {} events", opts.events);
+            Some(sql_only(&opts).await)
         } else {
             None
         };
-        let (sql, latency) = if opts.drain_only {
-            (None, None)
+        let latency = if opts.runs(Phase::Latency) {
+            Some(latency(&opts).await)
         } else {
-            eprintln!("sql-only: claiming and recording {} events", opts.events);
-            (Some(sql_only(&opts).await), Some(latency(&opts).await))
+            None
         };
 
         println!();
-        println!("outboxd benchmark ({} cores; concurrency {}; {} companies)", num_cpus(), opts.concurrency, opts.companies);
+        println!(
+            "outboxd benchmark ({} cores; concurrency {}; {} companies; PostgreSQL autovacuum {})",
+            num_cpus(),
+            opts.concurrency,
+            opts.companies,
+            autovacuum().await
+        );
         println!("| measure | value |");
         println!("|---|---|");
-        for d in std::iter::once(&small)
-            .chain(std::iter::once(&main))
-            .chain(large.iter())
-        {
+        for d in &drains {
+            let [daemon, receiver, postgres] = d.cpu_us;
             println!(
-                "| drain {:>9} events | {:>8.0} events/s, peak RSS {:.1} MiB, {:.3} CPU s per 1,000 events |",
-                d.events, d.per_second, d.peak_rss_mib, d.cpu_per_1000
+                "| drain {:>9} events | {:>8.0} events/s, peak RSS {:.1} MiB; CPU per event: daemon {daemon:.0} µs, receiver {receiver:.0} µs, PostgreSQL {postgres:.0} µs |",
+                d.events, d.per_second, d.peak_rss_mib
             );
         }
-        if let Some(sql) = sql {
+        if let Some(sql) = &sql {
+            let main = drains.get(1).map_or(String::new(), |main| {
+                format!(
+                    "; the {}-event drain reached {:.0}% of it",
+                    main.events,
+                    main.per_second / sql.per_second * 100.0
+                )
+            });
             println!(
-                "| SQL-only limit ({} events, batch {}) | {:.0} events/s; the {}-event drain reached {:.0}% of it |",
-                opts.events,
-                opts.concurrency,
-                sql,
-                main.events,
-                main.per_second / sql * 100.0
+                "| SQL-only limit ({} events, batch {}) | {:.0} events/s, PostgreSQL {:.0} µs CPU per event{main} |",
+                opts.events, opts.concurrency, sql.per_second, sql.postgres_us
             );
         }
-        println!(
-            "| backlog scaling | {}: {:.0}% of the 10k drain's throughput, RSS {:+.0}% |",
-            large.as_ref().map_or(main.events, |l| l.events),
-            large.as_ref().map_or(main.per_second, |l| l.per_second) / small.per_second * 100.0,
-            (large.as_ref().map_or(main.peak_rss_mib, |l| l.peak_rss_mib) / small.peak_rss_mib
-                - 1.0)
-                * 100.0
-        );
+        if let (Some(small), Some(last)) = (drains.first(), drains.last()) {
+            println!(
+                "| backlog scaling, 10k -> {} | throughput {:.0}% of the 10k drain's, peak RSS {:+.0}% |",
+                last.events,
+                last.per_second / small.per_second * 100.0,
+                (last.peak_rss_mib / small.peak_rss_mib - 1.0) * 100.0
+            );
+        }
         if let Some((lat, idle_qps, idle_cpu)) = latency {
             print_latency(&opts, &lat, idle_qps, idle_cpu);
         }
     });
+}
+
+/// The server's autovacuum setting: with it off, nothing reclaims the dead
+/// row versions a drain leaves, which the figures reflect.
+async fn autovacuum() -> String {
+    connect(&admin_url())
+        .await
+        .query_one("SHOW autovacuum", &[])
+        .await
+        .map_or_else(|e| e.to_string(), |row| row.get(0))
 }
 
 fn print_latency(opts: &Opts, lat: &Latency, idle_qps: f64, idle_cpu: f64) {
