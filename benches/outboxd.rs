@@ -341,6 +341,9 @@ struct Drain {
     /// CPU microseconds per event from the daemon's start to the drain's
     /// end: the daemon, the receiver, PostgreSQL.
     cpu_us: [f64; 3],
+    /// Transactions in the drain's database per event: claims, record
+    /// groups, and the little else the daemon and this check do.
+    transactions_per_event: f64,
 }
 
 async fn drain(opts: &Opts, events: usize) -> Drain {
@@ -353,6 +356,7 @@ async fn drain(opts: &Opts, events: usize) -> Drain {
     eprintln!("drain: delivering");
     let receiver_before = process_cpu_seconds(receiver.child.id().unwrap());
     let postgres_before = postgres_cpu_seconds();
+    let transactions_before = commits(&client, db).await;
     let daemon = Daemon::start(&url, opts.concurrency).await;
     wait_drained(&client, Duration::from_secs(3600)).await;
     let per_event = |seconds: f64| seconds / events as f64 * 1e6;
@@ -384,8 +388,20 @@ async fn drain(opts: &Opts, events: usize) -> Drain {
         per_second: events as f64 / seconds,
         peak_rss_mib: daemon.peak_rss_mib(),
         cpu_us,
+        transactions_per_event: 0.0,
     };
     daemon.stop().await;
+    // Backends report their counts when they exit, or every second or so.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    client
+        .batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .unwrap();
+    let result = Drain {
+        transactions_per_event: (commits(&client, db).await - transactions_before) as f64
+            / events as f64,
+        ..result
+    };
     drop(receiver);
     drop(client);
     drop_db(db).await;
@@ -630,8 +646,8 @@ fn main() {
         for d in &drains {
             let [daemon, receiver, postgres] = d.cpu_us;
             println!(
-                "| drain {:>9} events | {:>8.0} events/s, peak RSS {:.1} MiB; CPU per event: daemon {daemon:.0} µs, receiver {receiver:.0} µs, PostgreSQL {postgres:.0} µs |",
-                d.events, d.per_second, d.peak_rss_mib
+                "| drain {:>9} events | {:>8.0} events/s, peak RSS {:.1} MiB; CPU per event: daemon {daemon:.0} µs, receiver {receiver:.0} µs, PostgreSQL {postgres:.0} µs; {:.0} events per transaction |",
+                d.events, d.per_second, d.peak_rss_mib, 1.0 / d.transactions_per_event
             );
         }
         if let Some(sql) = &sql {

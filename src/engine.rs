@@ -37,6 +37,16 @@ use crate::{admin, db, listen, metrics, webhook};
 /// longer than several smaller claims.
 const MAX_CLAIM_BATCH: usize = 500;
 
+/// With a backlog (the last claim filled every free slot), the next claim
+/// waits until this share of the slots is free, or [`CLAIM_GATHER_WAIT`] has
+/// passed, instead of claiming the first one or two that free up. Claims
+/// averaged about 32 events at concurrency 64 without it; a statement's fixed
+/// cost dominates small ones (see `record::RECORD_GATHER_WAIT` for the
+/// figures). Without a backlog a claim goes out at once, so latency is
+/// unchanged.
+const CLAIM_GATHER_SHARE: f64 = 0.75;
+const CLAIM_GATHER_WAIT: Duration = Duration::from_millis(2);
+
 /// Wait after a failed claim before the next, so a database outage does not
 /// turn into a tight error loop.
 const CLAIM_ERROR_BACKOFF: Duration = Duration::from_secs(1);
@@ -137,7 +147,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     // recorder writes the previous group, and beyond that they wait, which
     // holds back new claims while the database is slow.
     let (outcomes_tx, outcomes_rx) = mpsc::channel(config.delivery.concurrency * 2);
-    let recorder = tokio::spawn(record::run(pool.clone(), owner.clone(), outcomes_rx));
+    let recorder = tokio::spawn(record::run(
+        pool.clone(),
+        owner.clone(),
+        outcomes_rx,
+        config.delivery.concurrency,
+    ));
     let mailer_stop = CancellationToken::new();
     let mailer = tokio::spawn(
         Mailer::new(pool.clone(), owner.clone(), config.notify.clone()).run(mailer_stop.clone()),
@@ -161,6 +176,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     service::ready();
     let mut watchdog = Watchdog::from_env();
     let mut recorder_died = false;
+    let gather_when_busy =
+        ((config.delivery.concurrency as f64 * CLAIM_GATHER_SHARE) as usize).max(1);
+    // Slots the next claim waits for: 1 unless the last claim came back full.
+    let mut gather = 1;
     'serve: loop {
         watchdog.ping();
         if recorder.is_finished() {
@@ -177,7 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
             reap(&mut tasks);
             let permits = tokio::select! {
                 _ = shutdown.cancelled() => break 'serve,
-                permits = free_slots(&slots) => permits,
+                permits = free_slots(&slots, gather) => permits,
                 // Every slot busy (slow receivers): still alive, say so.
                 _ = tokio::time::sleep(config.delivery.poll_interval) => {
                     watchdog.ping();
@@ -212,8 +231,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
             }
             drop(permits);
             if got < wanted {
+                gather = 1;
                 break;
             }
+            gather = gather_when_busy;
         }
 
         let poll = jittered(config.delivery.poll_interval);
@@ -315,10 +336,17 @@ async fn check_schema(pool: &deadpool_postgres::Pool) -> Result<(), EngineError>
     }
 }
 
-/// Waits for at least one free slot, then takes every free one (up to
+/// Waits for at least one free slot, and for `gather` of them for up to
+/// [`CLAIM_GATHER_WAIT`], then takes every free one (up to
 /// [`MAX_CLAIM_BATCH`]). Only the loop acquires, so what it saw free stays
 /// free until it takes it.
-async fn free_slots(slots: &Arc<Semaphore>) -> OwnedSemaphorePermit {
+async fn free_slots(slots: &Arc<Semaphore>, gather: usize) -> OwnedSemaphorePermit {
+    if gather > 1 && slots.available_permits() < gather {
+        let wanted = gather.min(MAX_CLAIM_BATCH) as u32;
+        // Held only to learn that enough are free; given back at once.
+        let _ =
+            tokio::time::timeout(CLAIM_GATHER_WAIT, slots.clone().acquire_many_owned(wanted)).await;
+    }
     let free = slots.available_permits().clamp(1, MAX_CLAIM_BATCH);
     slots
         .clone()
@@ -452,4 +480,38 @@ pub fn instance_name() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "localhost".to_string());
     format!("{host}:{}:{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    // Paused clock: a wait shows as time advanced, none as zero.
+
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_after_a_full_one_waits_briefly_for_enough_free_slots() {
+        let slots = Arc::new(Semaphore::new(4));
+        let busy = slots.clone().acquire_many_owned(3).await.unwrap();
+        // Nothing frees up: after the short wait it takes the one free slot.
+        let started = Instant::now();
+        let taken = free_slots(&slots, 3).await;
+        assert_eq!(taken.num_permits(), 1);
+        assert_eq!(started.elapsed(), CLAIM_GATHER_WAIT);
+        drop(taken);
+        // Deliveries finish while it waits: it takes them all, at once.
+        let started = Instant::now();
+        tokio::spawn(async move { drop(busy) });
+        assert_eq!(free_slots(&slots, 3).await.num_permits(), 4);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_backlog_a_claim_takes_what_is_free_at_once() {
+        let slots = Arc::new(Semaphore::new(4));
+        let _busy = slots.clone().acquire_many_owned(3).await.unwrap();
+        let started = Instant::now();
+        assert_eq!(free_slots(&slots, 1).await.num_permits(), 1);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
 }
