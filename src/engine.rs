@@ -38,13 +38,12 @@ use crate::{admin, db, listen, metrics, webhook};
 const MAX_CLAIM_BATCH: usize = 500;
 
 /// With a backlog (the last claim filled every free slot), the next claim
-/// waits until this share of the slots is free, or [`CLAIM_GATHER_WAIT`] has
-/// passed, instead of claiming the first one or two that free up. Claims
-/// averaged about 32 events at concurrency 64 without it; a statement's fixed
-/// cost dominates small ones (see `record::RECORD_GATHER_WAIT` for the
-/// figures). Without a backlog a claim goes out at once, so latency is
-/// unchanged.
-const CLAIM_GATHER_SHARE: f64 = 0.75;
+/// waits, once a first slot is free, up to [`CLAIM_GATHER_WAIT`] for three
+/// quarters of the slots to be free, instead of claiming the first one or
+/// two. A statement's fixed cost dominates small claims (see
+/// `record::RECORD_GATHER_WAIT` for the figures). A slot so waits at most
+/// 2 ms per delivery; without a backlog a claim goes out at once, so latency
+/// is unchanged.
 const CLAIM_GATHER_WAIT: Duration = Duration::from_millis(2);
 
 /// Wait after a failed claim before the next, so a database outage does not
@@ -176,8 +175,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     service::ready();
     let mut watchdog = Watchdog::from_env();
     let mut recorder_died = false;
-    let gather_when_busy =
-        ((config.delivery.concurrency as f64 * CLAIM_GATHER_SHARE) as usize).max(1);
+    let gather_when_busy = (config.delivery.concurrency * 3 / 4).clamp(1, MAX_CLAIM_BATCH);
     // Slots the next claim waits for: 1 unless the last claim came back full.
     let mut gather = 1;
     'serve: loop {
@@ -216,6 +214,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
                     metrics::database_error("claim");
                     tracing::warn!(error = %e, "claim failed");
                     pause(&shutdown, CLAIM_ERROR_BACKOFF).await;
+                    gather = 1;
                     break;
                 }
             };
@@ -336,23 +335,30 @@ async fn check_schema(pool: &deadpool_postgres::Pool) -> Result<(), EngineError>
     }
 }
 
-/// Waits for at least one free slot, and for `gather` of them for up to
-/// [`CLAIM_GATHER_WAIT`], then takes every free one (up to
-/// [`MAX_CLAIM_BATCH`]). Only the loop acquires, so what it saw free stays
-/// free until it takes it.
+/// Waits for a free slot; then, if `gather` is more than one, up to
+/// [`CLAIM_GATHER_WAIT`] for `gather` of them in all; then takes every free
+/// one (up to [`MAX_CLAIM_BATCH`]). Only the loop acquires, so what it saw
+/// free stays free until it takes it.
 async fn free_slots(slots: &Arc<Semaphore>, gather: usize) -> OwnedSemaphorePermit {
-    if gather > 1 && slots.available_permits() < gather {
-        let wanted = gather.min(MAX_CLAIM_BATCH) as u32;
+    const OPEN: &str = "the semaphore is never closed";
+    let mut taken = slots.clone().acquire_owned().await.expect(OPEN);
+    let gather = gather.min(MAX_CLAIM_BATCH);
+    if gather > 1 && slots.available_permits() + 1 < gather {
         // Held only to learn that enough are free; given back at once.
+        let rest = (gather - 1) as u32;
         let _ =
-            tokio::time::timeout(CLAIM_GATHER_WAIT, slots.clone().acquire_many_owned(wanted)).await;
+            tokio::time::timeout(CLAIM_GATHER_WAIT, slots.clone().acquire_many_owned(rest)).await;
     }
-    let free = slots.available_permits().clamp(1, MAX_CLAIM_BATCH);
-    slots
-        .clone()
-        .acquire_many_owned(free as u32)
-        .await
-        .expect("the semaphore is never closed")
+    let more = slots.available_permits().min(MAX_CLAIM_BATCH - 1);
+    if more > 0 {
+        taken.merge(
+            slots
+                .clone()
+                .try_acquire_many_owned(more as u32)
+                .expect(OPEN),
+        );
+    }
+    taken
 }
 
 async fn pause(shutdown: &CancellationToken, how_long: Duration) {
@@ -485,31 +491,63 @@ pub fn instance_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::time::Instant;
+    use tokio::time::{Instant, sleep};
 
-    // Paused clock: a wait shows as time advanced, none as zero.
+    // Paused clock: a wait shows as time advanced, none as zero; sleeps
+    // end in order without real time passing.
+
+    /// Frees one held slot at each of the given moments.
+    fn finish_at(slots: &Arc<Semaphore>, moments: &[u64]) -> Vec<tokio::task::JoinHandle<()>> {
+        moments
+            .iter()
+            .map(|&ms| {
+                let slots = slots.clone();
+                let held = slots.try_acquire_owned().expect("a free slot to hold");
+                tokio::spawn(async move {
+                    sleep(Duration::from_millis(ms)).await;
+                    drop(held);
+                })
+            })
+            .collect()
+    }
 
     #[tokio::test(start_paused = true)]
-    async fn a_claim_after_a_full_one_waits_briefly_for_enough_free_slots() {
+    async fn after_a_full_claim_it_waits_briefly_from_the_first_free_slot_for_more() {
         let slots = Arc::new(Semaphore::new(4));
-        let busy = slots.clone().acquire_many_owned(3).await.unwrap();
-        // Nothing frees up: after the short wait it takes the one free slot.
+        // Every slot busy: two deliveries end at 50 ms, one at 51, one at 60.
+        finish_at(&slots, &[50, 50, 51, 60]);
+        let started = Instant::now();
+        let taken = free_slots(&slots, 3).await;
+        assert_eq!(taken.num_permits(), 3);
+        assert_eq!(started.elapsed(), Duration::from_millis(51));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_more_slots_is_bounded() {
+        let slots = Arc::new(Semaphore::new(4));
+        finish_at(&slots, &[50, 100, 100, 100]);
         let started = Instant::now();
         let taken = free_slots(&slots, 3).await;
         assert_eq!(taken.num_permits(), 1);
-        assert_eq!(started.elapsed(), CLAIM_GATHER_WAIT);
-        drop(taken);
-        // Deliveries finish while it waits: it takes them all, at once.
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(50) + CLAIM_GATHER_WAIT
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn enough_free_slots_are_taken_at_once() {
+        let slots = Arc::new(Semaphore::new(4));
+        finish_at(&slots, &[100]);
         let started = Instant::now();
-        tokio::spawn(async move { drop(busy) });
-        assert_eq!(free_slots(&slots, 3).await.num_permits(), 4);
+        assert_eq!(free_slots(&slots, 3).await.num_permits(), 3);
         assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
     async fn without_a_backlog_a_claim_takes_what_is_free_at_once() {
         let slots = Arc::new(Semaphore::new(4));
-        let _busy = slots.clone().acquire_many_owned(3).await.unwrap();
+        finish_at(&slots, &[100, 100, 100]);
         let started = Instant::now();
         assert_eq!(free_slots(&slots, 1).await.num_permits(), 1);
         assert_eq!(started.elapsed(), Duration::ZERO);

@@ -262,15 +262,43 @@ pub async fn write(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// How long the recorder waits after a group's first outcome for more to
-/// arrive, up to `gather` of them. A statement's fixed cost dominates small
-/// groups: the SQL-only benchmark used 95 µs of PostgreSQL CPU per event in
-/// groups of 16 and 50 µs in groups of 64. Writing as soon as anything had
-/// queued gave groups of about 17 in the 100,000-event drain; gathering for
-/// up to 2 ms, about 30, and PostgreSQL went from 70-73 to 60-64 µs per
-/// event. Delivery is not delayed: a slot is freed once its outcome is
-/// queued, and the mark follows at most this much later.
+/// Under load (several outcomes queued at once), how long the recorder waits
+/// for more before writing, up to `gather` of them. A statement's fixed cost
+/// dominates small groups: the SQL-only benchmark used 90-95 µs of
+/// PostgreSQL CPU per event in groups of 16 and 49-51 µs in groups of 64.
+/// Claiming and writing as soon as anything was there gave about 17 events
+/// per transaction (claims and record groups) in the 100,000-event drain;
+/// with this and the claim's gathering (`engine::CLAIM_GATHER_WAIT`), about
+/// 30, and PostgreSQL's CPU per event went from 70-73 to 56-66 µs. Delivery
+/// is not delayed: a slot is freed once its outcome is queued, and the mark
+/// follows at most this much later. A lone outcome is written at once.
 pub const RECORD_GATHER_WAIT: Duration = Duration::from_millis(2);
+
+/// Waits for outcomes and moves what has queued into `group`; when that was
+/// more than one (deliveries finishing together), waits up to
+/// [`RECORD_GATHER_WAIT`] for `gather` in all. False once the channel is
+/// closed and empty.
+async fn next_group<T>(
+    outcomes: &mut mpsc::Receiver<T>,
+    group: &mut Vec<T>,
+    gather: usize,
+) -> bool {
+    let gather = gather.clamp(1, MAX_RECORD_BATCH);
+    match outcomes.recv_many(group, MAX_RECORD_BATCH).await {
+        0 => return false,
+        1 => return true,
+        _ => {}
+    }
+    let deadline = tokio::time::Instant::now() + RECORD_GATHER_WAIT;
+    while group.len() < gather {
+        let room = MAX_RECORD_BATCH - group.len();
+        match tokio::time::timeout_at(deadline, outcomes.recv_many(group, room)).await {
+            Ok(0) | Err(_) => break, // closed, or waited long enough
+            Ok(_) => {}
+        }
+    }
+    true
+}
 
 /// The recorder task: takes finished deliveries from `outcomes` and writes
 /// them in groups (see [`RECORD_GATHER_WAIT`]; `gather` is the group size
@@ -287,17 +315,8 @@ pub async fn run(
     mut outcomes: mpsc::Receiver<Outcome>,
     gather: usize,
 ) {
-    let gather = gather.clamp(1, MAX_RECORD_BATCH);
     let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
-    while outcomes.recv_many(&mut batch, MAX_RECORD_BATCH).await > 0 {
-        let deadline = tokio::time::Instant::now() + RECORD_GATHER_WAIT;
-        while batch.len() < gather {
-            let room = MAX_RECORD_BATCH - batch.len();
-            match tokio::time::timeout_at(deadline, outcomes.recv_many(&mut batch, room)).await {
-                Ok(0) | Err(_) => break, // closed, or waited long enough
-                Ok(_) => {}
-            }
-        }
+    while next_group(&mut outcomes, &mut batch, gather).await {
         let mut delay = Duration::from_secs(1);
         let mut again = false;
         loop {
@@ -403,6 +422,81 @@ async fn write_pooled(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    mod gathering {
+        use super::*;
+        use tokio::time::{Instant, sleep};
+
+        // Paused clock: a wait shows as time advanced, none as zero.
+
+        /// Sends each value at its moment (ms from now).
+        fn send_at(tx: &mpsc::Sender<u32>, at: &[(u64, u32)]) {
+            for &(ms, value) in at {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    sleep(Duration::from_millis(ms)).await;
+                    tx.send(value).await.unwrap();
+                });
+            }
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_lone_outcome_is_written_at_once() {
+            let (tx, mut rx) = mpsc::channel(16);
+            tx.send(1).await.unwrap();
+            send_at(&tx, &[(1, 2)]);
+            let mut group = Vec::new();
+            let started = Instant::now();
+            assert!(next_group(&mut rx, &mut group, 8).await);
+            assert_eq!((group, started.elapsed()), (vec![1], Duration::ZERO));
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn under_load_it_waits_briefly_for_a_larger_group() {
+            let (tx, mut rx) = mpsc::channel(16);
+            tx.send(1).await.unwrap();
+            tx.send(2).await.unwrap();
+            send_at(&tx, &[(1, 3), (1, 4), (5, 5)]);
+            let mut group = Vec::new();
+            let started = Instant::now();
+            assert!(next_group(&mut rx, &mut group, 8).await);
+            // 5 comes after the wait and goes into the next group.
+            assert_eq!(group, vec![1, 2, 3, 4]);
+            assert_eq!(started.elapsed(), RECORD_GATHER_WAIT);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_full_group_goes_without_waiting_out_the_time() {
+            let (tx, mut rx) = mpsc::channel(16);
+            tx.send(1).await.unwrap();
+            tx.send(2).await.unwrap();
+            send_at(&tx, &[(1, 3)]);
+            let mut group = Vec::new();
+            let started = Instant::now();
+            assert!(next_group(&mut rx, &mut group, 3).await);
+            assert_eq!(
+                (group, started.elapsed()),
+                (vec![1, 2, 3], Duration::from_millis(1))
+            );
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_closed_channel_ends_the_wait_and_then_the_recorder() {
+            let (tx, mut rx) = mpsc::channel(16);
+            tx.send(1).await.unwrap();
+            tx.send(2).await.unwrap();
+            drop(tx);
+            let mut group = Vec::new();
+            let started = Instant::now();
+            assert!(next_group(&mut rx, &mut group, 8).await);
+            assert_eq!(
+                (group.clone(), started.elapsed()),
+                (vec![1, 2], Duration::ZERO)
+            );
+            group.clear();
+            assert!(!next_group(&mut rx, &mut group, 8).await);
+        }
+    }
 
     fn event(attempt: i32, age: Duration) -> ClaimedEvent {
         ClaimedEvent {
