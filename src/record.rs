@@ -269,7 +269,7 @@ pub async fn write(
 /// Claiming and writing as soon as anything was there gave about 17 events
 /// per transaction (claims and record groups) in the 100,000-event drain;
 /// with this and the claim's gathering (`engine::CLAIM_GATHER_WAIT`), about
-/// 30, and PostgreSQL's CPU per event went from 70-73 to 56-66 µs. Delivery
+/// 30, and PostgreSQL's CPU per event went from 70-73 to 54-58 µs. Delivery
 /// is not delayed: a slot is freed once its outcome is queued, and the mark
 /// follows at most this much later. A lone outcome is written at once.
 pub const RECORD_GATHER_WAIT: Duration = Duration::from_millis(2);
