@@ -170,3 +170,16 @@ pub fn pool(config: &DatabaseConfig) -> deadpool_postgres::Pool {
         .build()
         .expect("a pool with a runtime and timeouts builds")
 }
+
+/// Whether the server's autovacuum runs (it needs `track_counts` too). Every
+/// claim and mark leaves a dead row version in `outbox.events`; without
+/// vacuum nothing reclaims them.
+pub async fn autovacuum_runs(client: &Client) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('autovacuum')::bool AND current_setting('track_counts')::bool",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}

@@ -98,7 +98,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         }
     };
     let pool = db::pool(&config.database);
-    check_schema(&pool).await?;
+    check_database(&pool).await?;
 
     let wake = Arc::new(Notify::new());
     let listening = Arc::new(AtomicBool::new(false));
@@ -324,15 +324,29 @@ async fn claim_batch(
         .map_err(|e| e.to_string())
 }
 
-async fn check_schema(pool: &deadpool_postgres::Pool) -> Result<(), EngineError> {
+/// Refuses to start on a schema older than this binary's; warns when the
+/// server does not vacuum.
+async fn check_database(pool: &deadpool_postgres::Pool) -> Result<(), EngineError> {
     let client = pool
         .get()
         .await
         .map_err(|e| EngineError::Startup(e.to_string()))?;
     match migrate::status(&client).await? {
-        SchemaState::Current { .. } => Ok(()),
-        SchemaState::Behind { database, binary } => Err(EngineError::Schema { database, binary }),
+        SchemaState::Current { .. } => {}
+        SchemaState::Behind { database, binary } => {
+            return Err(EngineError::Schema { database, binary });
+        }
     }
+    // Delivers all the same, but the operator should know: see
+    // docs/BENCHMARKS.md for what a 1M backlog cost without autovacuum.
+    if let Ok(false) = db::autovacuum_runs(&client).await {
+        tracing::warn!(
+            "PostgreSQL's autovacuum is off: the dead row versions every delivery leaves in \
+             outbox.events are not reclaimed, so the table and its indexes grow and claims slow \
+             down; turn autovacuum on, or VACUUM the outbox tables regularly"
+        );
+    }
+    Ok(())
 }
 
 /// Waits for a free slot; then, if `gather` is more than one, up to

@@ -374,3 +374,26 @@ async fn sighup_reloads_the_log_level_and_keeps_it_on_a_bad_file() {
         "SIGHUP must not stop the daemon"
     );
 }
+
+/// The server this suite runs on decides which side is checked: the
+/// development VM's PostgreSQL runs without autovacuum, a private cluster
+/// with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_warns_at_start_when_autovacuum_is_off() {
+    let db = TestDb::new().await;
+    let off = !outboxd::db::autovacuum_runs(&db.client().await)
+        .await
+        .unwrap();
+    let daemon = Daemon::start(&db, &[]).await;
+    let warned = daemon
+        .log()
+        .iter()
+        .any(|l| l.contains("WARN") && l.contains("autovacuum is off"));
+    assert_eq!(
+        warned,
+        off,
+        "autovacuum off: {off}; log:\n{}",
+        daemon.log().join("\n")
+    );
+    daemon.stop().await;
+}
