@@ -511,18 +511,17 @@ mod tests {
     // end in order without real time passing.
 
     /// Frees one held slot at each of the given moments.
-    fn finish_at(slots: &Arc<Semaphore>, moments: &[u64]) -> Vec<tokio::task::JoinHandle<()>> {
-        moments
-            .iter()
-            .map(|&ms| {
-                let slots = slots.clone();
-                let held = slots.try_acquire_owned().expect("a free slot to hold");
-                tokio::spawn(async move {
-                    sleep(Duration::from_millis(ms)).await;
-                    drop(held);
-                })
-            })
-            .collect()
+    fn finish_at(slots: &Arc<Semaphore>, moments: &[u64]) {
+        for &ms in moments {
+            let held = slots
+                .clone()
+                .try_acquire_owned()
+                .expect("a free slot to hold");
+            tokio::spawn(async move {
+                sleep(Duration::from_millis(ms)).await;
+                drop(held);
+            });
+        }
     }
 
     #[tokio::test(start_paused = true)]
