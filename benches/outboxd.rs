@@ -31,7 +31,8 @@ use tokio::process::{Child, Command};
 use tokio_postgres::{Client, NoTls};
 
 use outboxd::claim;
-use outboxd::record::{self, AttemptKind, NextState, Outcome};
+use outboxd::classify::Verdict;
+use outboxd::record::{self, Outcome};
 
 #[derive(Parser, Debug)]
 struct Opts {
@@ -462,23 +463,26 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
             tx.send(events).await.unwrap();
         }
     });
+    let policy = outboxd::backoff::RetryPolicy::default();
     let mut n = 0;
     while let Some(events) = rx.recv().await {
         let outcomes: Vec<Outcome> = events
             .iter()
-            .map(|e| Outcome {
-                event_id: e.id,
-                event_type: e.event_type.clone(),
-                age: e.age,
-                attempt: e.attempt,
-                next: NextState::Delivered,
-                kind: AttemptKind::Success,
-                response_message: Some("ok".into()),
-                error: None,
-                started_at: SystemTime::now(),
-                duration: Duration::from_millis(1),
-                http_status: Some(200),
-                notify: false,
+            .map(|e| {
+                // What the daemon makes of a 200 with status "1".
+                let verdict = Verdict::Delivered {
+                    message: Some("ok".into()),
+                };
+                let duration = Duration::from_millis(1);
+                record::decide(
+                    e,
+                    verdict,
+                    SystemTime::now(),
+                    duration,
+                    Some(200),
+                    &policy,
+                    0.0,
+                )
             })
             .collect();
         record::write(&recorder, "bench", &outcomes, false)

@@ -7,7 +7,7 @@ use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::harness::count;
-use crate::harness::{Daemon, TestDb, eventually};
+use crate::harness::{Daemon, TestDb, eventually, eventually_count};
 use crate::receiver::{Receiver, Reply};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -453,14 +453,13 @@ async fn two_daemons_deliver_2000_events_each_once() {
             .unwrap();
     }
     let got = receiver.wait_for(2000, SECS(60)).await;
-    eventually("all 2000 delivered", SECS(30), || async {
-        let n = count(
-            &client,
-            "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
-        )
-        .await;
-        n == 2000
-    })
+    eventually_count(
+        &client,
+        "all 2000 delivered",
+        SECS(30),
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+        2000,
+    )
     .await;
     let a_exit = a.stop().await;
     let b_exit = b.stop().await;
@@ -549,14 +548,13 @@ async fn sigterm_mid_batch_drains_in_flight_deliveries_and_exits_0() {
 
     // A new daemon delivers the rest.
     let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__CONCURRENCY", "64")]).await;
-    eventually("the rest delivered", SECS(30), || async {
-        let n = count(
-            &client,
-            "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
-        )
-        .await;
-        n == 200
-    })
+    eventually_count(
+        &client,
+        "the rest delivered",
+        SECS(30),
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+        200,
+    )
     .await;
     daemon.stop().await;
 }
@@ -620,14 +618,13 @@ async fn sigkill_mid_batch_leased_rows_are_delivered_after_the_lease_with_the_sa
         first, second,
         "re-delivered with the original idempotency keys"
     );
-    eventually("all delivered", SECS(10), || async {
-        let n = count(
-            &client,
-            "SELECT count(*) FROM outbox.events WHERE state = 'delivered' AND attempts = 2",
-        )
-        .await;
-        n == 4
-    })
+    eventually_count(
+        &client,
+        "all delivered",
+        SECS(10),
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered' AND attempts = 2",
+        4,
+    )
     .await;
     daemon.stop().await;
 }

@@ -16,7 +16,7 @@ use tokio_postgres::Client;
 
 use crate::bad_receiver::{BadReceiver, Fault, http_200, refused_port};
 use crate::harness::count;
-use crate::harness::{Daemon, TempDir, TestDb, eventually, http_get};
+use crate::harness::{Daemon, TempDir, TestDb, eventually, eventually_count, http_get};
 use crate::private_pg::PrivatePg;
 use crate::receiver::{Receiver, Reply};
 
@@ -220,15 +220,14 @@ async fn sigkill_five_times_during_a_5000_event_drain_loses_nothing_and_marks_ea
         // A statement the dead daemon sent just before dying may still run
         // in its backend (or not have started yet): count its leases once
         // all its sessions have ended.
-        eventually("the dead daemon's sessions to end", SECS(10), || async {
-            count(
-                &client,
-                "SELECT count(*) FROM pg_stat_activity
+        eventually_count(
+            &client,
+            "the dead daemon's sessions to end",
+            SECS(10),
+            "SELECT count(*) FROM pg_stat_activity
                   WHERE datname = current_database() AND pid <> pg_backend_pid()",
-            )
-            .await
-                == 0
-        })
+            0,
+        )
         .await;
         let left: i64 = client
             .query_one(
@@ -301,14 +300,13 @@ async fn a_daemon_frozen_past_its_lease_cannot_overwrite_the_outcome_of_the_one_
 
     // Another instance takes over once the 12 s leases run out.
     let other = Daemon::start(&db, &env).await;
-    eventually("the other instance to deliver all", SECS(30), || async {
-        count(
-            &client,
-            "SELECT count(*) FROM outbox.events WHERE state = 'delivered' AND attempts = 2",
-        )
-        .await
-            == EVENTS as i64
-    })
+    eventually_count(
+        &client,
+        "the other instance to deliver all",
+        SECS(30),
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered' AND attempts = 2",
+        EVENTS as i64,
+    )
     .await;
     let thawed_at: std::time::SystemTime =
         client.query_one("SELECT now()", &[]).await.unwrap().get(0);

@@ -447,6 +447,21 @@ pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// [`eventually`] for the common case: until the count `sql` returns is
+/// `expected`.
+pub async fn eventually_count(
+    client: &tokio_postgres::Client,
+    what: &str,
+    timeout: std::time::Duration,
+    sql: &str,
+    expected: i64,
+) {
+    eventually(what, timeout, || async {
+        count(client, sql).await == expected
+    })
+    .await
+}
+
 /// Re-checks `condition` every 20 ms until it holds; panics after `timeout`
 /// with `what`. For database states that nothing signals (rows marked by
 /// another process).

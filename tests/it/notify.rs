@@ -7,7 +7,7 @@ use serde_json::json;
 use tokio_postgres::Client;
 
 use crate::harness::count;
-use crate::harness::{Daemon, TestDb, eventually};
+use crate::harness::{Daemon, TestDb, eventually_count};
 use crate::receiver::{Receiver, Reply};
 use crate::smtp::{SmtpServer, free_port};
 
@@ -132,14 +132,13 @@ async fn a_rejected_event_sends_one_email_to_exactly_the_configured_recipients()
     }
 
     // Exactly once: the email is marked sent and no more arrive.
-    eventually("the email marked sent", SECS(10), || async {
-        count(
-            &client,
-            "SELECT count(*) FROM outbox.emails WHERE state = 'sent'",
-        )
-        .await
-            == 1
-    })
+    eventually_count(
+        &client,
+        "the email marked sent",
+        SECS(10),
+        "SELECT count(*) FROM outbox.emails WHERE state = 'sent'",
+        1,
+    )
     .await;
     let log = daemon.log();
     assert!(daemon.stop().await.success());
@@ -198,9 +197,13 @@ async fn fifty_failures_in_one_window_make_one_digest_listing_all() {
         )
         .await
         .unwrap();
-    eventually("the late failure queued", SECS(10), || async {
-        count(&client, "SELECT count(*) FROM outbox.notifications").await == 51
-    })
+    eventually_count(
+        &client,
+        "the late failure queued",
+        SECS(10),
+        "SELECT count(*) FROM outbox.notifications",
+        51,
+    )
     .await;
     daemon.stop().await;
     assert_eq!(
@@ -243,27 +246,18 @@ async fn notifications_made_while_smtp_is_down_are_all_sent_once_it_is_up() {
         .await
         .unwrap();
     // Every email has been tried and deferred at least once.
-    eventually("three emails tried against the dead server", SECS(20), || async {
-        count(
-            &client,
-            "SELECT count(*) FROM outbox.emails WHERE attempts >= 1 AND state = 'pending' AND last_error IS NOT NULL",
-        )
-        .await
-            == 3
-    })
-    .await;
+    eventually_count(&client, "three emails tried against the dead server", SECS(20), "SELECT count(*) FROM outbox.emails WHERE attempts >= 1 AND state = 'pending' AND last_error IS NOT NULL", 3).await;
     assert!(daemon.log().iter().any(|l| l.contains("will retry")));
 
     let smtp = SmtpServer::start(port, &[]).await;
     smtp.wait_for(6, SECS(30)).await;
-    eventually("all three emails sent", SECS(10), || async {
-        count(
-            &client,
-            "SELECT count(*) FROM outbox.emails WHERE state = 'sent'",
-        )
-        .await
-            == 3
-    })
+    eventually_count(
+        &client,
+        "all three emails sent",
+        SECS(10),
+        "SELECT count(*) FROM outbox.emails WHERE state = 'sent'",
+        3,
+    )
     .await;
     daemon.stop().await;
     let mails = smtp.mails();
@@ -311,16 +305,15 @@ async fn a_refused_recipient_does_not_block_the_others() {
     let mails = smtp.wait_for(1, SECS(20)).await;
     assert_eq!(mails[0].rcpt_tos, ["ops@example.com"]);
     // The refused address is given up on; the deferred one is retried.
-    eventually("a retry for the busy mailbox", SECS(10), || async {
-        count(
-            &client,
-            "SELECT count(*) FROM outbox.emails
+    eventually_count(
+        &client,
+        "a retry for the busy mailbox",
+        SECS(10),
+        "SELECT count(*) FROM outbox.emails
               WHERE sent_to = ARRAY['ops@example.com'] AND refused = ARRAY['gone@example.com']
                 AND state = 'pending' AND attempts >= 2",
-        )
-        .await
-            == 1
-    })
+        1,
+    )
     .await;
     daemon.stop().await;
     assert_eq!(
@@ -352,14 +345,13 @@ async fn without_smtp_notifications_stay_queued() {
         )
         .await
         .unwrap();
-    eventually("the email queued", SECS(10), || async {
-        count(
-            &client,
-            "SELECT count(*) FROM outbox.emails WHERE state = 'pending' AND attempts = 0",
-        )
-        .await
-            == 1
-    })
+    eventually_count(
+        &client,
+        "the email queued",
+        SECS(10),
+        "SELECT count(*) FROM outbox.emails WHERE state = 'pending' AND attempts = 0",
+        1,
+    )
     .await;
     daemon.stop().await;
 
@@ -384,14 +376,13 @@ async fn no_email_for_a_missing_endpoint_or_a_delivered_event() {
         )
         .await
         .unwrap();
-    eventually("both events final", SECS(10), || async {
-        count(
-            &client,
-            "SELECT count(*) FROM outbox.events WHERE state IN ('delivered', 'failed')",
-        )
-        .await
-            == 2
-    })
+    eventually_count(
+        &client,
+        "both events final",
+        SECS(10),
+        "SELECT count(*) FROM outbox.events WHERE state IN ('delivered', 'failed')",
+        2,
+    )
     .await;
     daemon.stop().await;
     assert_eq!(

@@ -12,6 +12,22 @@ use crate::receiver::{Receiver, Reply};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
+/// Points company 1 at `receiver` and enqueues one payment cancellation.
+async fn send_one_event_to(db: &TestDb, receiver: &Receiver) {
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO outbox.endpoints (company_id, url) VALUES (1, $1)",
+            &[&receiver.url("/")],
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, 1, '1')")
+        .await
+        .unwrap();
+}
+
 /// Parses a text exposition into `name{sorted labels}` -> value.
 fn samples(exposition: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
@@ -206,18 +222,7 @@ async fn readyz_fails_while_the_database_is_unreachable_and_recovers() {
     .await;
     // And it delivers again.
     let receiver = Receiver::ok().await;
-    let client = db.client().await;
-    client
-        .execute(
-            "INSERT INTO outbox.endpoints (company_id, url) VALUES (1, $1)",
-            &[&receiver.url("/")],
-        )
-        .await
-        .unwrap();
-    client
-        .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, 1, '1')")
-        .await
-        .unwrap();
+    send_one_event_to(&db, &receiver).await;
     receiver.wait_for(1, SECS(15)).await;
     assert!(daemon.stop().await.success());
 }
@@ -335,18 +340,7 @@ async fn sighup_reloads_the_log_level_and_keeps_it_on_a_bad_file() {
     cmd.arg("--config").arg(&file).kill_on_drop(true);
     let daemon = Daemon::spawn(cmd).await;
     let receiver = Receiver::ok().await;
-    let client = db.client().await;
-    client
-        .execute(
-            "INSERT INTO outbox.endpoints (company_id, url) VALUES (1, $1)",
-            &[&receiver.url("/")],
-        )
-        .await
-        .unwrap();
-    client
-        .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, 1, '1')")
-        .await
-        .unwrap();
+    send_one_event_to(&db, &receiver).await;
     receiver.wait_for(1, SECS(10)).await;
     assert!(
         !daemon.log().iter().any(|l| l.contains("DEBUG")),
@@ -358,7 +352,8 @@ async fn sighup_reloads_the_log_level_and_keeps_it_on_a_bad_file() {
     daemon
         .wait_for_log("SIGHUP: reloaded log.level", SECS(10))
         .await;
-    client
+    db.client()
+        .await
         .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, 2, '2')")
         .await
         .unwrap();

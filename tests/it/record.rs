@@ -3,27 +3,27 @@
 
 use std::time::{Duration, SystemTime};
 
+use outboxd::backoff::RetryPolicy;
 use outboxd::claim;
+use outboxd::classify::Verdict;
 use outboxd::record::{self, AttemptKind, NextState, Outcome};
 
 use crate::harness::TestDb;
 use crate::harness::count;
 
+/// What the daemon makes of a 200 with status "1" for `e`.
 fn delivered(e: &claim::ClaimedEvent) -> Outcome {
-    Outcome {
-        event_id: e.id,
-        event_type: e.event_type.clone(),
-        age: e.age,
-        attempt: e.attempt,
-        next: NextState::Delivered,
-        kind: AttemptKind::Success,
-        response_message: Some("ok".into()),
-        error: None,
-        started_at: SystemTime::now(),
-        duration: Duration::from_millis(3),
-        http_status: Some(200),
-        notify: false,
-    }
+    record::decide(
+        e,
+        Verdict::Delivered {
+            message: Some("ok".into()),
+        },
+        SystemTime::now(),
+        Duration::from_millis(3),
+        Some(200),
+        &RetryPolicy::default(),
+        0.0,
+    )
 }
 
 #[tokio::test]
