@@ -25,12 +25,12 @@ use crate::backoff::RetryPolicy;
 use crate::claim::{self, ClaimedEvent};
 use crate::config::Config;
 use crate::deliver::Deliverer;
+use crate::mailer::Mailer;
 use crate::maintenance::{Maintenance, Retention};
 use crate::migrate::{self, SchemaState};
-use crate::notify::Mailer;
 use crate::record::{self, AttemptKind, Outcome};
-use crate::service::{self, Watchdog};
-use crate::{admin, db, listen, metrics, webhook};
+use crate::systemd::{self, Watchdog};
+use crate::{admin, db, listen, telemetry, webhook};
 
 /// Largest claim, whatever the concurrency: one statement locking thousands
 /// of rows would hold its locks (and other instances' SKIP LOCKED scans) for
@@ -90,7 +90,7 @@ struct Shared {
 /// Runs until `shutdown` is cancelled, then drains.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary, EngineError> {
     let owner = instance_name();
-    let metrics_handle = match crate::metrics::install() {
+    let metrics_handle = match crate::telemetry::install() {
         Ok(handle) => Some(handle),
         Err(e) => {
             tracing::warn!(error = %e, "metrics are not recorded");
@@ -122,7 +122,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         background.push(task);
     }
     if let Some(handle) = metrics_handle {
-        background.push(tokio::spawn(metrics::upkeep(
+        background.push(tokio::spawn(telemetry::upkeep(
             handle,
             background_stop.clone(),
         )));
@@ -172,7 +172,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     );
 
     // The schema is checked and the database answers: tell systemd.
-    service::ready();
+    systemd::ready();
     let mut watchdog = Watchdog::from_env();
     let mut recorder_died = false;
     let gather_when_busy = (config.delivery.concurrency * 3 / 4).clamp(1, MAX_CLAIM_BATCH);
@@ -211,7 +211,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
             let events = match claimed {
                 Ok(events) => events,
                 Err(e) => {
-                    metrics::database_error("claim");
+                    telemetry::database_error("claim");
                     tracing::warn!(error = %e, "claim failed");
                     pause(&shutdown, CLAIM_ERROR_BACKOFF).await;
                     gather = 1;
@@ -222,7 +222,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
             if got > 0 {
                 tracing::debug!(claimed = got, wanted, "claimed due events");
             }
-            metrics::claimed(got, events.iter().filter(|e| e.lease_expired).count());
+            telemetry::claimed(got, events.iter().filter(|e| e.lease_expired).count());
             let mut permits = permits;
             for event in events {
                 let permit = permits.split(1).expect("one permit per claimed event");
@@ -239,13 +239,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         let poll = jittered(config.delivery.poll_interval);
         tokio::select! {
             _ = shutdown.cancelled() => break 'serve,
-            _ = wake.notified() => metrics::wakeup("notify"),
-            _ = tokio::time::sleep(poll) => metrics::wakeup("poll"),
+            _ = wake.notified() => telemetry::wakeup("notify"),
+            _ = tokio::time::sleep(poll) => telemetry::wakeup("poll"),
         }
     }
 
     // Phase two: no more claims; let what runs finish.
-    service::stopping();
+    systemd::stopping();
     listener_stop.cancel();
     reap(&mut tasks);
     let in_flight = tasks.len();
@@ -397,7 +397,7 @@ async fn deliver_one(event: ClaimedEvent, shared: Arc<Shared>, slot: OwnedSemaph
     // A request went out when there is a status, or when it failed in
     // transport (retryable without one); otherwise it was never sent.
     let sent = outcome.http_status.is_some() || outcome.kind == AttemptKind::Retryable;
-    metrics::attempt(
+    telemetry::attempt(
         &event.event_type,
         outcome.kind.as_str(),
         sent.then_some(outcome.duration),

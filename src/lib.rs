@@ -5,8 +5,8 @@
 //! - [`cli`]: the subcommands and their exit codes: the daemon's (`migrate`,
 //!   `check`, `run`) and the operator's (`endpoint`, `events`, `status`,
 //!   `enqueue`, `completions`, `man`), one file each under `src/cli/`.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`metrics`] names every
-//!   metric; [`maintenance`] refreshes the queue gauges; [`service`] speaks
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`telemetry`] names every
+//!   metric; [`maintenance`] refreshes the queue gauges; [`systemd`] speaks
 //!   systemd's notify protocol (READY, STOPPING, WATCHDOG).
 //! - [`engine`]: `outboxd run`, the loop that ties the delivery roles together:
 //!   - [`listen`]: LISTEN/NOTIFY wake-ups (a hint; polling is the truth);
@@ -19,7 +19,7 @@
 //!   - [`record`]: the next state of each event, written in fenced batches
 //!     with `sql/queries/record.sql`, queueing a notification for each final
 //!     failure in the same statement.
-//! - [`notify`]: the mailer: gathers notifications into throttled emails and
+//! - [`mailer`]: the mailer: gathers notifications into throttled emails and
 //!   sends them, with [`email`] (what an email says, pure) and [`smtp`]
 //!   (mail-send, one SMTP transaction per recipient).
 //! - [`config`]: figment loading and validation of `config.toml` and
@@ -45,11 +45,11 @@ pub mod engine;
 pub mod guard;
 pub mod listen;
 pub mod logging;
+pub mod mailer;
 pub mod maintenance;
-pub mod metrics;
 pub mod migrate;
-pub mod notify;
 pub mod record;
-pub mod service;
 pub mod smtp;
+pub mod systemd;
+pub mod telemetry;
 pub mod webhook;

@@ -50,8 +50,8 @@ pub async fn run(
             Ok(()) => return, // shut down
             Err(lost) => {
                 connected.store(false, Ordering::Relaxed);
-                ::metrics::gauge!(crate::metrics::LISTEN_CONNECTED).set(0.0);
-                crate::metrics::database_error("listen");
+                ::metrics::gauge!(crate::telemetry::LISTEN_CONNECTED).set(0.0);
+                crate::telemetry::database_error("listen");
                 if lost.was_listening {
                     // It worked for a while: a blip, not an outage.
                     delay = FIRST_RECONNECT_DELAY;
@@ -123,10 +123,10 @@ async fn listen_once(
         }
     }
     if reconnect {
-        ::metrics::counter!(crate::metrics::LISTEN_RECONNECTS).increment(1);
+        ::metrics::counter!(crate::telemetry::LISTEN_RECONNECTS).increment(1);
     }
     connected.store(true, Ordering::Relaxed);
-    ::metrics::gauge!(crate::metrics::LISTEN_CONNECTED).set(1.0);
+    ::metrics::gauge!(crate::telemetry::LISTEN_CONNECTED).set(1.0);
     tracing::info!(channel = CHANNEL, "listening for NOTIFY");
     // Whatever was notified while we were not listening: poll now.
     wake.notify_one();

@@ -11,7 +11,7 @@ use metrics::gauge;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionConfig;
-use crate::metrics::{EVENTS_LEASED, EVENTS_PENDING, NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE};
+use crate::telemetry::{EVENTS_LEASED, EVENTS_PENDING, NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE};
 
 const QUEUE_SQL: &str = include_str!("../sql/queries/queue_stats.sql");
 const RETENTION_SQL: &str = include_str!("../sql/queries/retention.sql");
@@ -39,7 +39,7 @@ impl Maintenance {
     pub async fn run(self, shutdown: CancellationToken) {
         loop {
             if let Err(e) = self.run_once().await {
-                crate::metrics::database_error("maintenance");
+                crate::telemetry::database_error("maintenance");
                 tracing::warn!(error = %e, "refreshing queue metrics");
             }
             tokio::select! {
@@ -114,7 +114,7 @@ impl Retention {
                         }
                     }
                     Err(e) => {
-                        crate::metrics::database_error("maintenance");
+                        crate::telemetry::database_error("maintenance");
                         tracing::warn!(error = %e, "retention cleanup");
                         break;
                     }

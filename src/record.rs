@@ -10,7 +10,7 @@ use uuid::Uuid;
 use crate::backoff::{GiveUpReason, Next, RetryPolicy};
 use crate::claim::ClaimedEvent;
 use crate::classify::{MAX_MESSAGE_CHARS, Verdict, truncate_chars};
-use crate::{db, metrics};
+use crate::{db, telemetry};
 
 const RECORD_SQL: &str = include_str!("../sql/queries/record.sql");
 
@@ -328,14 +328,14 @@ pub async fn run(
                 Err(e) if e.bad_data => {
                     // One outcome poisons the group: write them one by one
                     // so the others land, and record the bad one as failed.
-                    metrics::database_error("record");
+                    telemetry::database_error("record");
                     tracing::error!(error = %e, "a group of outcomes was refused; recording them one by one");
                     write_one_by_one(&pool, &owner, &batch).await;
                     break;
                 }
                 Err(e) => {
                     again = true;
-                    metrics::database_error("record");
+                    telemetry::database_error("record");
                     tracing::warn!(error = %e, pending = batch.len(), retry_in = ?delay, "recording failed; will retry");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(30));
@@ -387,7 +387,7 @@ fn count_marked(batch: &[Outcome], marked: &[Uuid]) {
     let marked: std::collections::HashSet<&Uuid> = marked.iter().collect();
     for o in batch {
         if !marked.contains(&o.event_id) {
-            ::metrics::counter!(crate::metrics::OUTCOMES_FENCED).increment(1);
+            ::metrics::counter!(crate::telemetry::OUTCOMES_FENCED).increment(1);
             tracing::warn!(
                 event_id = %o.event_id,
                 attempt = o.attempt,
@@ -397,11 +397,11 @@ fn count_marked(batch: &[Outcome], marked: &[Uuid]) {
         }
         match o.next {
             NextState::Delivered => {
-                metrics::completed(&o.event_type, "delivered");
-                metrics::lag(&o.event_type, o.age);
+                telemetry::completed(&o.event_type, "delivered");
+                telemetry::lag(&o.event_type, o.age);
             }
-            NextState::Failed => metrics::completed(&o.event_type, "failed"),
-            NextState::Retry(_) => metrics::retried(&o.event_type),
+            NextState::Failed => telemetry::completed(&o.event_type, "failed"),
+            NextState::Retry(_) => telemetry::retried(&o.event_type),
         }
     }
 }

@@ -104,7 +104,7 @@ impl Mailer {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    crate::metrics::database_error("mailer");
+                    crate::telemetry::database_error("mailer");
                     tracing::warn!(error = %e, "notification mailer");
                 }
             }
@@ -203,7 +203,7 @@ impl Mailer {
             sent_to.extend(outcome.accepted.iter().cloned());
             refused.extend(outcome.refused.iter().map(|(r, _)| r.clone()));
             report.refused += outcome.refused.len() as u64;
-            ::metrics::counter!(crate::metrics::NOTIFICATION_RECIPIENTS_REFUSED)
+            ::metrics::counter!(crate::telemetry::NOTIFICATION_RECIPIENTS_REFUSED)
                 .increment(outcome.refused.len() as u64);
             if let Some((_, reason)) = outcome.deferred.first() {
                 error = Some(reason.clone());
@@ -230,11 +230,11 @@ impl Mailer {
         match state.as_deref() {
             Some("sent") => {
                 report.sent += 1;
-                ::metrics::counter!(crate::metrics::NOTIFICATIONS_SENT).increment(1);
+                ::metrics::counter!(crate::telemetry::NOTIFICATIONS_SENT).increment(1);
             }
             Some(_) => {
                 report.deferred += 1;
-                ::metrics::counter!(crate::metrics::NOTIFICATIONS_FAILED).increment(1);
+                ::metrics::counter!(crate::telemetry::NOTIFICATIONS_FAILED).increment(1);
                 tracing::warn!(
                     email_id = email.id,
                     attempt = email.attempt,
