@@ -102,7 +102,11 @@ async fn route(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
 
 async fn ready(state: &State) -> Result<(), String> {
     let check = async {
-        let client = state.pool.get().await.map_err(|e| e.to_string())?;
+        let client = state
+            .pool
+            .get()
+            .await
+            .map_err(|e| crate::db::describe_pool(&e))?;
         client
             .simple_query("SELECT 1")
             .await

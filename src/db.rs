@@ -101,6 +101,18 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Why no pooled connection could be had, as one readable line: the
+/// connection error's cause (refused, reset, authentication) rather than
+/// deadpool's "error occurred while creating a new object" alone.
+pub fn describe_pool(e: &deadpool_postgres::PoolError) -> String {
+    use deadpool_postgres::PoolError;
+    match e {
+        PoolError::Backend(e) => describe(e),
+        PoolError::Timeout(_) => format!("no connection within the pool's timeout ({e})"),
+        other => other.to_string(),
+    }
+}
+
 const ONE_OFF_SESSION_OPTIONS: &str = "-c lock_timeout=30s -c statement_timeout=10min";
 
 /// Settings for pooled sessions (claims, records, the mailer, maintenance):
@@ -133,6 +145,19 @@ const ONE_OFF_SESSION_OPTIONS: &str = "-c lock_timeout=30s -c statement_timeout=
 const POOLED_SESSION_OPTIONS: &str = "-c statement_timeout=30s -c lock_timeout=10s \
      -c synchronous_commit=off -c plan_cache_mode=force_custom_plan \
      -c enable_seqscan=off -c enable_bitmapscan=off";
+
+/// `statement_timeout` of pooled sessions (in [`POOLED_SESSION_OPTIONS`]).
+pub const POOLED_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The longest one pooled round trip may take, connection included: waiting
+/// for a pooled connection and opening one (each bounded by twice
+/// `database.connect_timeout`), the statement (its timeout, which the server
+/// enforces; `tcp_user_timeout` covers a dead network path), and 5 s for
+/// the reply to travel. Callers wrap their round trips in it, so that no
+/// loop waits on the database without a deadline, whatever the server does.
+pub fn round_trip_limit(config: &DatabaseConfig) -> Duration {
+    config.connect_timeout * 4 + POOLED_STATEMENT_TIMEOUT + Duration::from_secs(5)
+}
 
 /// The connection pool for claiming and recording. Connections are opened
 /// lazily, so building it never fails on an unreachable database; the first

@@ -1,21 +1,47 @@
-//! `outboxd run`: the delivery loop that ties the pieces together.
+//! `outboxd run`: start the services, run the claim loop (the producer),
+//! drain, stop the services in order.
 //!
 //! ```text
-//! LISTEN/poll ─► claim (batch ≤ free slots, lease) ─► deliver (one task per event)
-//!                                                        │ judge, decide
+//! LISTEN/poll ─► claim (batch ≤ free slots, lease) ─► deliver (one task per event,
+//!                                                        │   src/attempt.rs)
 //!                        record (batched, fenced) ◄──────┘ bounded channel
 //! ```
 //!
-//! The loop claims only as many events as it has free delivery slots, so a
-//! claimed event starts at once and never waits out its lease in a queue.
-//! Shutdown has two phases: stop claiming, then let in-flight deliveries
-//! finish and be recorded within `delivery.drain_timeout`. What is still
-//! running then is abandoned; its lease expires and an instance delivers it
-//! again, with the same idempotency key.
+//! Phases:
+//! 0. **Start**: the admin server (so /healthz and /readyz answer), READY=1
+//!    to systemd with STATUS= "waiting for the database", then the database
+//!    is awaited with capped backoff (1 s doubling to 5 s), each failure
+//!    logged, for as long as it takes: an outage, or a host that boots
+//!    before its database, never needs an operator. A schema that is not
+//!    current ends the process (exit 3) instead; so does a bad configuration
+//!    (exit 2) before any of this. READY comes first because waiting before
+//!    it would run into the unit's `TimeoutStartSec`, and the restarts after
+//!    that into its start limit, after which systemd gives up.
+//! 1. **Serve**: the claim loop claims only as many events as it has free
+//!    delivery slots, so a claimed event starts at once and never waits out
+//!    its lease in a queue. The mailer, the queue gauges, retention, the
+//!    metrics upkeep and the listener run beside it as [`service`]s. The
+//!    claim loop and the recorder feed heartbeats; systemd's watchdog is
+//!    pinged while they keep their promises ([`crate::service`] says why).
+//! 2. **Stop** (SIGTERM), every step with a deadline, so that the process
+//!    exits 0 within the unit's `TimeoutStopSec` (40 s) whatever is down:
+//!    - claiming stops at once; the listener, the mailer and retention are
+//!      told to stop at the same moment and finish beside the drain, within
+//!      their grace (mailer 5 s, others 1 s);
+//!    - in-flight deliveries get `delivery.drain_timeout` (default 20 s);
+//!      what still runs then is abandoned, its lease expires and an
+//!      instance delivers it again, with the same idempotency key;
+//!    - the last outcomes get [`FINAL_RECORD_TIMEOUT`] (5 s) to be written;
+//!    - the gauges, the metrics upkeep and the admin server stop (each
+//!      within 1 s, together);
+//!    - `main` gives the runtime's blocking threads (DNS lookups) 1 s.
+//!
+//!    Worst case with the defaults: 20 + 5 + 1 + 1 = 27 s. systemd/outboxd.service
+//!    says the same next to its `TimeoutStopSec`; raise both together.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::task::JoinSet;
@@ -25,12 +51,14 @@ use crate::backoff::RetryPolicy;
 use crate::claim::{self, ClaimedEvent};
 use crate::config::Config;
 use crate::deliver::Deliverer;
+use crate::listen::Listener;
 use crate::mailer::Mailer;
 use crate::maintenance::{Maintenance, Retention};
-use crate::migrate::{self, SchemaState};
-use crate::record::{self, AttemptKind, Outcome};
-use crate::systemd::{self, Watchdog};
-use crate::{admin, db, listen, telemetry, webhook};
+use crate::migrate::{self, MigrateError, SchemaState};
+use crate::record::{self, Outcome};
+use crate::service::{self, Heartbeat, Liveness};
+use crate::telemetry::Upkeep;
+use crate::{admin, attempt, db, systemd, telemetry};
 
 /// Largest claim, whatever the concurrency: one statement locking thousands
 /// of rows would hold its locks (and other instances' SKIP LOCKED scans) for
@@ -50,12 +78,35 @@ const CLAIM_GATHER_WAIT: Duration = Duration::from_millis(2);
 /// turn into a tight error loop.
 const CLAIM_ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
+/// Waits between tries to reach the database at start: doubling from the
+/// first to the last. 5 s at most, so deliveries start within 5 s of the
+/// database coming up, at the cost of one connection attempt per 5 s.
+const FIRST_START_RETRY: Duration = Duration::from_secs(1);
+const MAX_START_RETRY: Duration = Duration::from_secs(5);
+
 /// Time allowed for the last outcomes to be written after the drain.
-const FINAL_RECORD_TIMEOUT: Duration = Duration::from_secs(10);
+pub const FINAL_RECORD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time allowed for the admin server to stop.
+const ADMIN_STOP: Duration = Duration::from_secs(1);
+
+/// What `main` gives the runtime's blocking threads at exit.
+pub const RUNTIME_STOP: Duration = Duration::from_secs(1);
+
+/// The longest a stop can take with `config`, SIGTERM to exit (the module
+/// comment lists the steps): the drain and the last outcomes, or the
+/// services winding down beside them if that takes longer, then the
+/// remaining services and the admin server together, then the runtime.
+/// systemd's `TimeoutStopSec` must stay above it.
+pub fn stop_budget(config: &Config) -> Duration {
+    let drain = config.delivery.drain_timeout + FINAL_RECORD_TIMEOUT;
+    let beside = crate::mailer::STOP_GRACE.max(service::DEFAULT_STOP_GRACE);
+    drain.max(beside) + service::DEFAULT_STOP_GRACE.max(ADMIN_STOP) + RUNTIME_STOP
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("checking the database schema at start-up: {0}")]
+    #[error("starting the delivery engine: {0}")]
     Startup(String),
     #[error(
         "the outbox schema is at version {database}, this binary needs {binary}; run `outboxd migrate`"
@@ -87,82 +138,112 @@ struct Shared {
     outcomes: mpsc::Sender<Outcome>,
 }
 
-/// Runs until `shutdown` is cancelled, then drains.
+/// Runs until `shutdown` is cancelled, then drains; systemd's watchdog is
+/// fed from READY to the end while the loops that matter turn.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary, EngineError> {
+    serve(config, shutdown, &Liveness::new()).await
+}
+
+async fn serve(
+    config: Config,
+    shutdown: CancellationToken,
+    liveness: &Liveness,
+) -> Result<Summary, EngineError> {
     let owner = instance_name();
-    let metrics_handle = match crate::telemetry::install() {
+    let metrics_handle = match telemetry::install() {
         Ok(handle) => Some(handle),
         Err(e) => {
             tracing::warn!(error = %e, "metrics are not recorded");
             None
         }
     };
+    let deliverer = Deliverer::new(&config.delivery).map_err(EngineError::Startup)?;
     let pool = db::pool(&config.database);
-    check_database(&pool).await?;
-
-    let wake = Arc::new(Notify::new());
+    let db_limit = db::round_trip_limit(&config.database);
     let listening = Arc::new(AtomicBool::new(false));
-    // Admin server and maintenance run until the very end, so /readyz and
-    // /metrics answer during the drain too.
-    let background_stop = CancellationToken::new();
-    let mut background = Vec::new();
+
+    // Phase zero. The admin server answers from here to the very end, so
+    // /readyz says why the daemon is not ready while it waits, and /metrics
+    // answers during the drain.
+    let admin_stop = CancellationToken::new();
+    let mut admin_task = None;
     if let (Some(addr), Some(handle)) = (config.metrics.listen, metrics_handle.clone()) {
         let state = admin::State {
             metrics: handle,
             pool: pool.clone(),
             listening: listening.clone(),
         };
-        let (bound, task) = admin::start(addr, state, background_stop.clone())
+        let (bound, task) = admin::start(addr, state, admin_stop.clone())
             .await
             .map_err(|e| EngineError::Admin {
                 addr,
                 reason: e.to_string(),
             })?;
         tracing::info!(url = %format!("http://{bound}"), "admin HTTP listening (/metrics, /healthz, /readyz)");
-        background.push(task);
+        admin_task = Some(task);
     }
-    if let Some(handle) = metrics_handle {
-        background.push(tokio::spawn(telemetry::upkeep(
-            handle,
-            background_stop.clone(),
-        )));
+    let stop_admin = || async {
+        admin_stop.cancel();
+        if let Some(task) = admin_task {
+            let _ = tokio::time::timeout(ADMIN_STOP, task).await;
+        }
+    };
+    systemd::ready("waiting for the database");
+    // Pings from here on; it stops when this function returns, however.
+    let watchdog_stop = CancellationToken::new();
+    tokio::spawn(systemd::watchdog(liveness.clone(), watchdog_stop.clone()));
+    let _watchdog = watchdog_stop.drop_guard();
+    let reached =
+        wait_for_database(&pool, db_limit, &shutdown, liveness.register("start-up")).await;
+    match reached {
+        Ok(true) => {}
+        Ok(false) => {
+            tracing::info!("stopped before the database could be reached");
+            stop_admin().await;
+            return Ok(Summary { abandoned: 0 });
+        }
+        Err(e) => {
+            stop_admin().await;
+            return Err(e);
+        }
     }
-    background.push(tokio::spawn(
-        Maintenance::new(pool.clone(), config.metrics.refresh_interval)
-            .run(background_stop.clone()),
-    ));
-    background.push(tokio::spawn(
-        Retention::new(pool.clone(), config.retention.clone()).run(background_stop.clone()),
-    ));
-    let listener_stop = CancellationToken::new();
-    let listener = tokio::spawn(listen::run(
-        config.database.pg.clone(),
-        wake.clone(),
-        listening.clone(),
-        listener_stop.clone(),
-    ));
 
+    // Phase one.
+    let upkeep = metrics_handle.map(|handle| service::spawn(Upkeep(handle), liveness));
+    let gauges = service::spawn(
+        Maintenance::new(pool.clone(), config.metrics.refresh_interval, db_limit),
+        liveness,
+    );
+    let retention = service::spawn(
+        Retention::new(pool.clone(), config.retention.clone(), db_limit),
+        liveness,
+    );
+    let wake = Arc::new(Notify::new());
+    let listener = service::spawn(
+        Listener::new(config.database.pg.clone(), wake.clone(), listening.clone()),
+        liveness,
+    );
+    let mailer = service::spawn(
+        Mailer::new(pool.clone(), owner.clone(), config.notify.clone(), db_limit),
+        liveness,
+    );
     // Twice the slots: deliveries finishing together queue briefly while the
     // recorder writes the previous group, and beyond that they wait, which
     // holds back new claims while the database is slow.
     let (outcomes_tx, outcomes_rx) = mpsc::channel(config.delivery.concurrency * 2);
-    let recorder = tokio::spawn(record::run(
+    let mut recorder = tokio::spawn(record::run(
         pool.clone(),
         owner.clone(),
         outcomes_rx,
         config.delivery.concurrency,
+        db_limit,
+        liveness.register("recorder"),
     ));
-    let mailer_stop = CancellationToken::new();
-    let mailer = tokio::spawn(
-        Mailer::new(pool.clone(), owner.clone(), config.notify.clone()).run(mailer_stop.clone()),
-    );
-    let deliverer = Deliverer::new(&config.delivery).map_err(EngineError::Startup)?;
     let shared = Arc::new(Shared {
         deliverer,
         retry: config.retry.clone(),
         outcomes: outcomes_tx,
     });
-    let slots = Arc::new(Semaphore::new(config.delivery.concurrency));
     let mut tasks = JoinSet::new();
     tracing::info!(
         owner,
@@ -170,122 +251,58 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         poll_interval = ?config.delivery.poll_interval,
         "outboxd is delivering"
     );
-
-    // The schema is checked and the database answers: tell systemd.
-    systemd::ready();
-    let mut watchdog = Watchdog::from_env();
-    let mut recorder_died = false;
-    let gather_when_busy = (config.delivery.concurrency * 3 / 4).clamp(1, MAX_CLAIM_BATCH);
-    // Slots the next claim waits for: 1 unless the last claim came back full.
-    let mut gather = 1;
-    'serve: loop {
-        watchdog.ping();
-        if recorder.is_finished() {
-            // Without a recorder every outcome would be lost and every event
-            // re-sent after its lease, forever: stop instead, and let the
-            // service manager restart the daemon.
-            tracing::error!("the recorder stopped; shutting down");
-            recorder_died = true;
-            break 'serve;
-        }
-        // Claim until a claim comes back short (nothing more is due) or
-        // shutdown; with every slot busy, wait for one to free up.
-        loop {
-            reap(&mut tasks);
-            let permits = tokio::select! {
-                _ = shutdown.cancelled() => break 'serve,
-                permits = free_slots(&slots, gather) => permits,
-                // Every slot busy (slow receivers): still alive, say so.
-                _ = tokio::time::sleep(config.delivery.poll_interval) => {
-                    watchdog.ping();
-                    continue;
-                }
-            };
-            let wanted = permits.num_permits();
-            // Cancelled by shutdown: a claim dropped half-way may still
-            // commit, and then its lease brings the rows back.
-            let claimed = tokio::select! {
-                _ = shutdown.cancelled() => break 'serve,
-                claimed = claim_batch(&pool, wanted, &owner, config.delivery.lease) => claimed,
-            };
-            let events = match claimed {
-                Ok(events) => events,
-                Err(e) => {
-                    telemetry::database_error("claim");
-                    tracing::warn!(error = %e, "claim failed");
-                    pause(&shutdown, CLAIM_ERROR_BACKOFF).await;
-                    gather = 1;
-                    break;
-                }
-            };
-            let got = events.len();
-            if got > 0 {
-                tracing::debug!(claimed = got, wanted, "claimed due events");
-            }
-            telemetry::claimed(got, events.iter().filter(|e| e.lease_expired).count());
-            let mut permits = permits;
-            for event in events {
-                let permit = permits.split(1).expect("one permit per claimed event");
-                tasks.spawn(deliver_one(event, shared.clone(), permit));
-            }
-            drop(permits);
-            if got < wanted {
-                gather = 1;
-                break;
-            }
-            gather = gather_when_busy;
-        }
-
-        let poll = jittered(config.delivery.poll_interval);
-        tokio::select! {
-            _ = shutdown.cancelled() => break 'serve,
-            _ = wake.notified() => telemetry::wakeup("notify"),
-            _ = tokio::time::sleep(poll) => telemetry::wakeup("poll"),
-        }
-    }
-
-    // Phase two: no more claims; let what runs finish.
-    systemd::stopping();
-    listener_stop.cancel();
-    reap(&mut tasks);
-    let in_flight = tasks.len();
-    tracing::info!(in_flight, deadline = ?config.delivery.drain_timeout, "shutting down: finishing in-flight deliveries");
-    let drain_started = Instant::now();
-    let drained = tokio::time::timeout(config.delivery.drain_timeout, async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    let abandoned = if drained.is_err() {
-        let left = tasks.len();
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
-        tracing::warn!(
-            abandoned = left,
-            "drain deadline passed; abandoned deliveries are retried when their leases expire"
-        );
-        left
-    } else {
-        0
+    systemd::status("delivering");
+    let producer = Producer {
+        pool: &pool,
+        owner: &owner,
+        config: &config,
+        claim_limit: db_limit,
+        slots: Arc::new(Semaphore::new(config.delivery.concurrency)),
+        shared: &shared,
+        wake: &wake,
     };
+    let recorder_died = producer
+        .run(
+            &mut tasks,
+            &shutdown,
+            &recorder,
+            liveness.register("claim loop"),
+        )
+        .await;
+
+    // Phase two: no more claims; what runs winds down beside the drain.
+    systemd::stopping();
+    tracing::info!(
+        within = %humantime::format_duration(stop_budget(&config)),
+        "stopping"
+    );
+    listener.stop();
+    mailer.stop();
+    retention.stop();
+    let drain_started = Instant::now();
+    let abandoned = drain(&mut tasks, config.delivery.drain_timeout).await;
     // The channel closes when the last task's sender is gone; the recorder
     // then writes what is queued and stops.
     drop(shared);
-    if tokio::time::timeout(FINAL_RECORD_TIMEOUT, recorder)
+    if tokio::time::timeout(FINAL_RECORD_TIMEOUT, &mut recorder)
         .await
         .is_err()
     {
+        recorder.abort();
         tracing::warn!("could not record the last outcomes in time; their leases will expire");
     }
-    // The listener stops at its next await point; bounded all the same.
-    let _ = tokio::time::timeout(Duration::from_secs(2), listener).await;
-    // The mailer finishes the email it is sending (bounded by the SMTP
-    // timeouts); queued ones wait in the database for the next start.
-    mailer_stop.cancel();
-    let _ = mailer.await;
-    background_stop.cancel();
-    for task in background {
-        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    listener.join().await;
+    mailer.join().await;
+    retention.join().await;
+    gauges.stop();
+    if let Some(upkeep) = &upkeep {
+        upkeep.stop();
     }
+    gauges.join().await;
+    if let Some(upkeep) = upkeep {
+        upkeep.join().await;
+    }
+    stop_admin().await;
     tracing::info!(
         drained_in = ?drain_started.elapsed(),
         abandoned,
@@ -295,6 +312,218 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         return Err(EngineError::Recorder);
     }
     Ok(Summary { abandoned })
+}
+
+/// Why the database cannot be used at start.
+enum Unusable {
+    /// Not reachable now (down, refusing, timing out): wait and try again.
+    Unreachable(String),
+    /// Reached, but this binary must not run on it: stop.
+    Refused(EngineError),
+}
+
+/// Phase zero: until the database answers and its schema is current (true),
+/// or `shutdown` (false). Each failure is logged and shown in systemd's
+/// STATUS=; `heartbeat` promises each try's and each wait's bound.
+async fn wait_for_database(
+    pool: &deadpool_postgres::Pool,
+    limit: Duration,
+    shutdown: &CancellationToken,
+    heartbeat: Heartbeat,
+) -> Result<bool, EngineError> {
+    let mut delay = FIRST_START_RETRY;
+    let result = loop {
+        heartbeat.within(limit);
+        let checked = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(false),
+            checked = tokio::time::timeout(limit, check_database(pool)) => checked
+                .unwrap_or_else(|_| Err(Unusable::Unreachable(format!("no answer within {limit:?}")))),
+        };
+        let reason = match checked {
+            Ok(()) => break Ok(true),
+            Err(Unusable::Refused(e)) => break Err(e),
+            Err(Unusable::Unreachable(reason)) => reason,
+        };
+        tracing::warn!(
+            error = %reason,
+            retry_in = %humantime::format_duration(delay),
+            "waiting for the database"
+        );
+        systemd::status(&format!("waiting for the database: {reason}"));
+        heartbeat.within(delay);
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(false),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(MAX_START_RETRY);
+    };
+    heartbeat.retire();
+    result
+}
+
+/// Refuses a schema that is not this binary's; warns when the server does
+/// not vacuum.
+async fn check_database(pool: &deadpool_postgres::Pool) -> Result<(), Unusable> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| Unusable::Unreachable(db::describe_pool(&e)))?;
+    match migrate::status(&client).await {
+        Ok(SchemaState::Current { .. }) => {}
+        Ok(SchemaState::Behind { database, binary }) => {
+            return Err(Unusable::Refused(EngineError::Schema { database, binary }));
+        }
+        // A statement failed: the connection broke, or the server is
+        // shutting down or in recovery. Try again.
+        Err(MigrateError::Database { step, reason }) => {
+            return Err(Unusable::Unreachable(format!("{step}: {reason}")));
+        }
+        Err(e) => return Err(Unusable::Refused(e.into())),
+    }
+    // Delivers all the same, but the operator should know: see
+    // docs/BENCHMARKS.md for what a 1M backlog cost without autovacuum.
+    if let Ok(false) = db::autovacuum_runs(&client).await {
+        tracing::warn!(
+            "PostgreSQL's autovacuum is off: the dead row versions every delivery leaves in \
+             outbox.events are not reclaimed, so the table and its indexes grow and claims slow \
+             down; turn autovacuum on, or VACUUM the outbox tables regularly"
+        );
+    }
+    Ok(())
+}
+
+/// The claim loop and what it needs.
+struct Producer<'a> {
+    pool: &'a deadpool_postgres::Pool,
+    owner: &'a str,
+    config: &'a Config,
+    /// Bound on one claim, connection included (`db::round_trip_limit`).
+    claim_limit: Duration,
+    /// One per delivery in flight.
+    slots: Arc<Semaphore>,
+    shared: &'a Arc<Shared>,
+    wake: &'a Notify,
+}
+
+impl Producer<'_> {
+    /// Claims and starts deliveries until `shutdown` (false) or the recorder
+    /// is gone (true). Every wait is bounded and promised to `heartbeat`
+    /// first: a free slot or the poll interval, a claim within its limit,
+    /// the pause after a failed one, a wake-up or the poll.
+    async fn run(
+        &self,
+        tasks: &mut JoinSet<()>,
+        shutdown: &CancellationToken,
+        recorder: &tokio::task::JoinHandle<()>,
+        heartbeat: Heartbeat,
+    ) -> bool {
+        let poll_interval = self.config.delivery.poll_interval;
+        let gather_when_busy = (self.config.delivery.concurrency * 3 / 4).clamp(1, MAX_CLAIM_BATCH);
+        // Slots the next claim waits for: 1 unless the last claim came back full.
+        let mut gather = 1;
+        let recorder_died = 'serve: loop {
+            // Claim until a claim comes back short (nothing more is due) or
+            // shutdown; with every slot busy, wait for one to free up.
+            loop {
+                if recorder.is_finished() {
+                    // Without a recorder every outcome would be lost and
+                    // every event re-sent after its lease, forever: stop
+                    // instead, and let the service manager restart the daemon.
+                    tracing::error!("the recorder stopped; shutting down");
+                    break 'serve true;
+                }
+                reap(tasks);
+                heartbeat.within(poll_interval);
+                let permits = tokio::select! {
+                    _ = shutdown.cancelled() => break 'serve false,
+                    permits = free_slots(&self.slots, gather) => permits,
+                    // Every slot busy (slow receivers): look again.
+                    _ = tokio::time::sleep(poll_interval) => continue,
+                };
+                let wanted = permits.num_permits();
+                heartbeat.within(self.claim_limit);
+                // Cancelled by shutdown or its limit: a claim dropped
+                // half-way may still commit, and then its lease brings the
+                // rows back.
+                let claimed = tokio::select! {
+                    _ = shutdown.cancelled() => break 'serve false,
+                    claimed = tokio::time::timeout(self.claim_limit, self.claim(wanted)) => claimed
+                        .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.claim_limit))),
+                };
+                let events = match claimed {
+                    Ok(events) => events,
+                    Err(e) => {
+                        telemetry::database_error("claim");
+                        tracing::warn!(error = %e, "claim failed");
+                        heartbeat.within(CLAIM_ERROR_BACKOFF);
+                        pause(shutdown, CLAIM_ERROR_BACKOFF).await;
+                        gather = 1;
+                        break;
+                    }
+                };
+                let got = events.len();
+                if got > 0 {
+                    tracing::debug!(claimed = got, wanted, "claimed due events");
+                }
+                telemetry::claimed(got, events.iter().filter(|e| e.lease_expired).count());
+                let mut permits = permits;
+                for event in events {
+                    let permit = permits.split(1).expect("one permit per claimed event");
+                    tasks.spawn(deliver_one(event, self.shared.clone(), permit));
+                }
+                drop(permits);
+                if got < wanted {
+                    gather = 1;
+                    break;
+                }
+                gather = gather_when_busy;
+            }
+
+            let poll = jittered(poll_interval);
+            heartbeat.within(poll);
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'serve false,
+                _ = self.wake.notified() => telemetry::wakeup("notify"),
+                _ = tokio::time::sleep(poll) => telemetry::wakeup("poll"),
+            }
+        };
+        heartbeat.retire();
+        recorder_died
+    }
+
+    async fn claim(&self, wanted: usize) -> Result<Vec<ClaimedEvent>, String> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| format!("no database connection: {}", db::describe_pool(&e)))?;
+        claim::claim(&client, wanted, self.owner, self.config.delivery.lease)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Phase two's first step: lets in-flight deliveries finish within
+/// `deadline`; returns how many were abandoned to their leases.
+async fn drain(tasks: &mut JoinSet<()>, deadline: Duration) -> usize {
+    reap(tasks);
+    let in_flight = tasks.len();
+    tracing::info!(in_flight, deadline = ?deadline, "shutting down: finishing in-flight deliveries");
+    let drained = tokio::time::timeout(deadline, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_ok() {
+        return 0;
+    }
+    let left = tasks.len();
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    tracing::warn!(
+        abandoned = left,
+        "drain deadline passed; abandoned deliveries are retried when their leases expire"
+    );
+    left
 }
 
 /// Collects finished delivery tasks. A panic there is a bug; the event's
@@ -307,46 +536,6 @@ fn reap(tasks: &mut JoinSet<()>) {
             }
         }
     }
-}
-
-async fn claim_batch(
-    pool: &deadpool_postgres::Pool,
-    wanted: usize,
-    owner: &str,
-    lease: Duration,
-) -> Result<Vec<ClaimedEvent>, String> {
-    let client = pool
-        .get()
-        .await
-        .map_err(|e| format!("no database connection: {e}"))?;
-    claim::claim(&client, wanted, owner, lease)
-        .await
-        .map_err(|e| e.to_string())
-}
-
-/// Refuses to start on a schema older than this binary's; warns when the
-/// server does not vacuum.
-async fn check_database(pool: &deadpool_postgres::Pool) -> Result<(), EngineError> {
-    let client = pool
-        .get()
-        .await
-        .map_err(|e| EngineError::Startup(e.to_string()))?;
-    match migrate::status(&client).await? {
-        SchemaState::Current { .. } => {}
-        SchemaState::Behind { database, binary } => {
-            return Err(EngineError::Schema { database, binary });
-        }
-    }
-    // Delivers all the same, but the operator should know: see
-    // docs/BENCHMARKS.md for what a 1M backlog cost without autovacuum.
-    if let Ok(false) = db::autovacuum_runs(&client).await {
-        tracing::warn!(
-            "PostgreSQL's autovacuum is off: the dead row versions every delivery leaves in \
-             outbox.events are not reclaimed, so the table and its indexes grow and claims slow \
-             down; turn autovacuum on, or VACUUM the outbox tables regularly"
-        );
-    }
-    Ok(())
 }
 
 /// Waits for a free slot; then, if `gather` is more than one, up to
@@ -388,106 +577,15 @@ fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + fastrand::f64() * 0.2)
 }
 
-/// One event: send it (or find why it cannot be sent), judge the answer,
-/// hand the outcome to the recorder. The slot is released only once the
-/// recorder has accepted the outcome.
+/// One event: the attempt (`src/attempt.rs`), then the outcome to the
+/// recorder. The slot is released only once the recorder has accepted the
+/// outcome.
 async fn deliver_one(event: ClaimedEvent, shared: Arc<Shared>, slot: OwnedSemaphorePermit) {
-    let outcome = attempt(&event, &shared).await;
-    log_outcome(&event, &outcome);
-    // A request went out when there is a status, or when it failed in
-    // transport (retryable without one); otherwise it was never sent.
-    let sent = outcome.http_status.is_some() || outcome.kind == AttemptKind::Retryable;
-    telemetry::attempt(
-        &event.event_type,
-        outcome.kind.as_str(),
-        sent.then_some(outcome.duration),
-    );
+    let outcome = attempt::attempt(&event, &shared.deliverer, &shared.retry).await;
     // Fails only if the recorder is gone, i.e. at the very end of a
     // shutdown; the lease then brings the event back.
     let _ = shared.outcomes.send(outcome).await;
     drop(slot);
-}
-
-async fn attempt(event: &ClaimedEvent, shared: &Shared) -> Outcome {
-    // Claims count attempts, so an event whose deliveries keep dying with
-    // their daemon (leases running out) stops here instead of looping.
-    if event.budget_attempt.max(0) as u32 > shared.retry.max_attempts {
-        return record::not_sent(
-            event,
-            AttemptKind::Permanent,
-            format!(
-                "gave up after {} attempts without a recorded outcome (leases ran out)",
-                event.budget_attempt - 1
-            ),
-        );
-    }
-    let Some(endpoint) = &event.endpoint else {
-        return record::not_sent(
-            event,
-            AttemptKind::NoEndpoint,
-            format!(
-                "no endpoint configured for company {} and event type {}",
-                event.company_id, event.event_type
-            ),
-        );
-    };
-    if !endpoint.enabled {
-        return record::not_sent(
-            event,
-            AttemptKind::NoEndpoint,
-            format!(
-                "the endpoint of company {} for {} is disabled",
-                event.company_id, event.event_type
-            ),
-        );
-    }
-    let request = match webhook::build(event, endpoint) {
-        Ok(request) => request,
-        Err(e) => return record::not_sent(event, AttemptKind::Permanent, e.to_string()),
-    };
-    let sent = shared.deliverer.send(&request).await;
-    record::decide(
-        event,
-        sent.verdict(SystemTime::now()),
-        sent.started_at,
-        sent.duration,
-        sent.http_status(),
-        &shared.retry,
-        fastrand::f64(),
-    )
-}
-
-/// One line per delivery attempt. Successes at debug: at 10,000 a second an
-/// info line each would cost more than the delivery itself and flood the
-/// journal, and the metrics count them anyway. Retries at info, final
-/// failures at warn.
-fn log_outcome(event: &ClaimedEvent, outcome: &Outcome) {
-    let retry_in = match outcome.next {
-        record::NextState::Retry(d) => Some(humantime::format_duration(d).to_string()),
-        _ => None,
-    };
-    macro_rules! line {
-        ($level:ident, $next:literal) => {
-            tracing::$level!(
-                event_id = %event.id,
-                company_id = event.company_id,
-                event_type = %event.event_type,
-                attempt = event.attempt,
-                outcome = outcome.kind.as_str(),
-                next = $next,
-                retry_in,
-                http_status = outcome.http_status,
-                duration_ms = outcome.duration.as_millis() as u64,
-                error = outcome.error.as_deref(),
-                "delivery"
-            )
-        };
-    }
-    match outcome.next {
-        record::NextState::Delivered => line!(debug, "delivered"),
-        record::NextState::Retry(_) => line!(info, "retry"),
-        record::NextState::Failed => line!(warn, "failed"),
-    }
 }
 
 /// `host:pid:xxxx`, stored as `lease_owner` so a DBA can tell which

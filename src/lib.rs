@@ -33,6 +33,7 @@
 //! functions) lives in `sql/migrations/` and is documented in the README.
 
 pub mod admin;
+pub mod attempt;
 pub mod backoff;
 pub mod claim;
 pub mod classify;
@@ -49,6 +50,7 @@ pub mod mailer;
 pub mod maintenance;
 pub mod migrate;
 pub mod record;
+pub mod service;
 pub mod smtp;
 pub mod systemd;
 pub mod telemetry;

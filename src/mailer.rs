@@ -1,14 +1,19 @@
 //! The mailer: turns queued notifications into throttled emails and sends
 //! them, safe with several instances.
 //!
-//! Each tick ([`Mailer::run_once`]):
-//! 1. gather: under an advisory lock (one instance at a time), endpoints whose
-//!    oldest waiting notification has waited `notify.gather` and which had no
-//!    email within `notify.window` get one new email listing all of them
+//! A [`Service`]; each tick ([`Mailer::run_once`]):
+//! 1. gather (unless the tick continues a run of sends): under an advisory
+//!    lock (one instance at a time), endpoints whose oldest waiting
+//!    notification has waited `notify.gather` and which had no email within
+//!    `notify.window` get one new email listing all of them
 //!    (`sql/queries/gather_notifications.sql`);
-//! 2. send: due emails are leased (`claim_emails.sql`), rendered
-//!    ([`crate::email`]), sent one SMTP transaction per recipient
-//!    ([`crate::smtp`]), and marked with a fenced update (`mark_email.sql`).
+//! 2. send one: a due email is leased (`claim_emails.sql`) for as long as
+//!    sending it can take ([`Mailer::lease`]), rendered ([`crate::email`]),
+//!    sent one SMTP transaction per recipient ([`crate::smtp`]), and marked
+//!    with a fenced update (`mark_email.sql`). When one was sent, the next
+//!    tick comes at once. One at a time, because an email leased beside
+//!    others waits for them: ten leased together for one email's time let
+//!    the later ones outlive their lease and a second instance send them too.
 //!    Recipients not reached are retried after `notify.retry_delay`, doubling
 //!    up to 30 minutes, for as long as it takes: a notification is never
 //!    dropped because the SMTP server was down.
@@ -20,10 +25,10 @@ use std::time::{Duration, SystemTime};
 
 use mail_send::mail_builder::MessageBuilder;
 use tokio_postgres::GenericClient;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::{NotifyConfig, SmtpConfig};
 use crate::email::{self, FailedEvent};
+use crate::service::{Next, Service};
 use crate::{db, smtp};
 
 const GATHER_SQL: &str = include_str!("../sql/queries/gather_notifications.sql");
@@ -34,9 +39,14 @@ const MARK_SQL: &str = include_str!("../sql/queries/mark_email.sql");
 /// Advisory lock key for gathering: "ob-notif" as a big-endian integer.
 const GATHER_LOCK_KEY: i64 = 0x6f622d6e6f746966;
 
-/// Emails sent per tick by one instance; the next tick takes more. Small, so
-/// a shutdown never waits on a long queue of SMTP exchanges.
-const EMAILS_PER_TICK: i64 = 10;
+/// Recipients of one email at most: the schema allows 5 notify_emails per
+/// endpoint (`endpoints_at_most_5_notify_emails`).
+const MAX_RECIPIENTS: usize = 5;
+
+/// How long a tick that is sending may go on after the stop signal: enough
+/// for a reply or two from a working server; a silent one is abandoned, and
+/// its email is sent again once its lease has run out.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Longest wait between two tries of one email.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30 * 60);
@@ -52,6 +62,8 @@ pub struct Report {
     pub deferred: u64,
     /// Recipients refused for good by the SMTP server.
     pub refused: u64,
+    /// Emails leased for sending (at most one per tick).
+    pub claimed: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,28 +84,36 @@ pub struct Mailer {
     pool: deadpool_postgres::Pool,
     owner: String,
     config: NotifyConfig,
+    /// One database round trip's bound (`db::round_trip_limit`).
+    db_limit: Duration,
+    /// The last tick sent an email: this one goes on sending, and gathers
+    /// only when the run ends.
+    continuing: bool,
 }
 
-impl Mailer {
-    pub fn new(pool: deadpool_postgres::Pool, owner: String, config: NotifyConfig) -> Mailer {
-        Mailer {
-            pool,
-            owner,
-            config,
-        }
+impl Service for Mailer {
+    const NAME: &'static str = "mailer";
+
+    fn tick_limit(&self) -> Duration {
+        let send = self
+            .config
+            .smtp
+            .as_ref()
+            .map_or(Duration::ZERO, |s| self.lease(s));
+        self.db_limit + send
     }
 
-    /// Ticks every `notify.poll_interval` until `shutdown`. An error is
-    /// logged and the next tick tries again.
-    pub async fn run(self, shutdown: CancellationToken) {
-        if self.config.smtp.is_none() {
-            tracing::warn!(
-                "smtp.host is not set: error notifications are queued in outbox.emails but not sent"
-            );
-        }
-        loop {
-            match self.run_once().await {
-                Ok(report) if report != Report::default() => {
+    fn stop_grace(&self) -> Duration {
+        STOP_GRACE
+    }
+
+    /// A failure is logged and the next tick, a poll interval later, tries
+    /// again.
+    async fn tick(&mut self) -> Next {
+        let report = self.run_once().await;
+        match report {
+            Ok(report) => {
+                if report != Report::default() {
                     tracing::info!(
                         gathered = report.gathered,
                         sent = report.sent,
@@ -102,27 +122,54 @@ impl Mailer {
                         "notification emails"
                     );
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    crate::telemetry::database_error("mailer");
-                    tracing::warn!(error = %e, "notification mailer");
-                }
+                self.continuing = report.claimed > 0;
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(self.config.poll_interval) => {}
+            Err(e) => {
+                crate::telemetry::database_error("mailer");
+                tracing::warn!(error = %e, "notification mailer");
+                self.continuing = false;
             }
+        }
+        if self.continuing {
+            Next::Now
+        } else {
+            Next::After(self.config.poll_interval)
+        }
+    }
+}
+
+impl Mailer {
+    pub fn new(
+        pool: deadpool_postgres::Pool,
+        owner: String,
+        config: NotifyConfig,
+        db_limit: Duration,
+    ) -> Mailer {
+        if config.smtp.is_none() {
+            tracing::warn!(
+                "smtp.host is not set: error notifications are queued in outbox.emails but not sent"
+            );
+        }
+        Mailer {
+            pool,
+            owner,
+            config,
+            db_limit,
+            continuing: false,
         }
     }
 
-    /// One tick: gather, then send what is due.
+    /// One tick: gather (unless continuing a run of sends), then send one
+    /// due email.
     pub async fn run_once(&self) -> Result<Report, NotifyError> {
         let mut report = Report::default();
         let client = self.pool.get().await.map_err(|e| NotifyError {
             step: "connecting",
-            reason: e.to_string(),
+            reason: db::describe_pool(&e),
         })?;
-        report.gathered = self.gather(&client).await?;
+        if !self.continuing {
+            report.gathered = self.gather(&client).await?;
+        }
         let Some(smtp) = &self.config.smtp else {
             return Ok(report);
         };
@@ -130,12 +177,13 @@ impl Mailer {
         let claim = client
             .prepare_cached(CLAIM_SQL)
             .await
-            .map_err(step("claiming due emails"))?;
+            .map_err(step("claiming a due email"))?;
         let claimed = client
-            .query(&claim, &[&EMAILS_PER_TICK, &self.owner, &lease_ms])
+            .query_opt(&claim, &[&self.owner, &lease_ms])
             .await
-            .map_err(step("claiming due emails"))?;
-        for row in claimed {
+            .map_err(step("claiming a due email"))?;
+        if let Some(row) = claimed {
+            report.claimed = 1;
             let email = ClaimedEmail {
                 id: row.get("id"),
                 recipients: row.get("recipients"),
@@ -169,9 +217,14 @@ impl Mailer {
         Ok(created.len() as u64)
     }
 
-    /// Long enough for every recipient's exchange at the SMTP timeout.
+    /// How long one email is leased: loading its content, sending it to
+    /// the most recipients an email can have at the SMTP timeout, and
+    /// marking it, each at its bound, plus 10 s. With the defaults
+    /// (30 s SMTP timeout, 5 s connect timeout) 30 s × 7 + 2 × 55 s + 10 s
+    /// = 5 min 30 s, which is also how long an email whose sender died waits
+    /// before another instance takes it.
     fn lease(&self, smtp: &SmtpConfig) -> Duration {
-        smtp.timeout * 12
+        smtp::send_limit(smtp, MAX_RECIPIENTS) + self.db_limit * 2 + Duration::from_secs(10)
     }
 
     async fn send_one(

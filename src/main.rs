@@ -28,7 +28,10 @@ fn main() -> ExitCode {
             return Exit::Failure.into();
         }
     };
-    runtime
-        .block_on(cli::run(cli.command, config, cli.config, log))
-        .into()
+    let exit = runtime.block_on(cli::run(cli.command, config, cli.config, log));
+    // A DNS lookup runs on a blocking thread that cannot be cancelled;
+    // dropping the runtime would wait for it. The stop budget gives it 1 s
+    // (src/engine.rs).
+    runtime.shutdown_timeout(outboxd::engine::RUNTIME_STOP);
+    exit.into()
 }

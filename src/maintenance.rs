@@ -2,15 +2,15 @@
 //! one cheap query every `metrics.refresh_interval` (not per delivery)
 //! ([`Maintenance`]), and the retention cleanup ([`Retention`]).
 //!
-//! Shape shared by maintenance services: `run_once()` does one round and
-//! returns what it found (what tests call); `run()` only ticks.
+//! Both are [`Service`]s: `run_once()` does one round and returns what it
+//! found (what tests call); the service's tick calls it and logs a failure.
 
 use std::time::Duration;
 
 use metrics::gauge;
-use tokio_util::sync::CancellationToken;
 
 use crate::config::RetentionConfig;
+use crate::service::{Next, Service};
 use crate::telemetry::{EVENTS_LEASED, EVENTS_PENDING, NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE};
 
 const QUEUE_SQL: &str = include_str!("../sql/queries/queue_stats.sql");
@@ -29,29 +29,42 @@ pub struct QueueStats {
 pub struct Maintenance {
     pool: deadpool_postgres::Pool,
     interval: Duration,
+    /// One round trip's bound (`db::round_trip_limit`).
+    limit: Duration,
+}
+
+impl Service for Maintenance {
+    const NAME: &'static str = "queue gauges";
+
+    fn tick_limit(&self) -> Duration {
+        self.limit
+    }
+
+    async fn tick(&mut self) -> Next {
+        if let Err(e) = self.run_once().await {
+            crate::telemetry::database_error("maintenance");
+            tracing::warn!(error = %e, "refreshing queue metrics");
+        }
+        Next::After(self.interval)
+    }
 }
 
 impl Maintenance {
-    pub fn new(pool: deadpool_postgres::Pool, interval: Duration) -> Maintenance {
-        Maintenance { pool, interval }
-    }
-
-    pub async fn run(self, shutdown: CancellationToken) {
-        loop {
-            if let Err(e) = self.run_once().await {
-                crate::telemetry::database_error("maintenance");
-                tracing::warn!(error = %e, "refreshing queue metrics");
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(self.interval) => {}
-            }
+    pub fn new(pool: deadpool_postgres::Pool, interval: Duration, limit: Duration) -> Maintenance {
+        Maintenance {
+            pool,
+            interval,
+            limit,
         }
     }
 
     /// Reads the queue and sets the gauges.
     pub async fn run_once(&self) -> Result<QueueStats, String> {
-        let client = self.pool.get().await.map_err(|e| e.to_string())?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| crate::db::describe_pool(&e))?;
         let stats = queue_stats(&client)
             .await
             .map_err(|e| crate::db::describe(&e))?;
@@ -89,57 +102,71 @@ pub struct Deleted {
 pub struct Retention {
     pool: deadpool_postgres::Pool,
     config: RetentionConfig,
+    /// One round trip's bound (`db::round_trip_limit`).
+    limit: Duration,
+    /// Deleted so far in this round, logged when the round ends.
+    round: Deleted,
+}
+
+/// Every `retention.interval` a round: batch after batch (a tick each) until
+/// a batch comes back short, so a backlog is cleared in one round without
+/// one huge transaction.
+impl Service for Retention {
+    const NAME: &'static str = "retention";
+
+    fn tick_limit(&self) -> Duration {
+        self.limit
+    }
+
+    async fn tick(&mut self) -> Next {
+        match self.run_once().await {
+            Ok(deleted) => {
+                self.round.events += deleted.events;
+                self.round.emails += deleted.emails;
+                if deleted.events >= self.config.batch_size
+                    || deleted.emails >= self.config.batch_size
+                {
+                    return Next::Now;
+                }
+            }
+            Err(e) => {
+                crate::telemetry::database_error("maintenance");
+                tracing::warn!(error = %e, "retention cleanup");
+            }
+        }
+        let round = std::mem::take(&mut self.round);
+        if round != Deleted::default() {
+            tracing::info!(
+                events = round.events,
+                emails = round.emails,
+                "retention: deleted old rows"
+            );
+        }
+        Next::After(self.config.interval)
+    }
 }
 
 impl Retention {
-    pub fn new(pool: deadpool_postgres::Pool, config: RetentionConfig) -> Retention {
-        Retention { pool, config }
-    }
-
-    /// Every `retention.interval`: delete batch after batch until a batch
-    /// comes back short, so a backlog is cleared in one round without one
-    /// huge transaction.
-    pub async fn run(self, shutdown: CancellationToken) {
-        loop {
-            let mut total = Deleted::default();
-            loop {
-                match self.run_once().await {
-                    Ok(deleted) => {
-                        total.events += deleted.events;
-                        total.emails += deleted.emails;
-                        if deleted.events < self.config.batch_size
-                            && deleted.emails < self.config.batch_size
-                        {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        crate::telemetry::database_error("maintenance");
-                        tracing::warn!(error = %e, "retention cleanup");
-                        break;
-                    }
-                }
-                if shutdown.is_cancelled() {
-                    return;
-                }
-            }
-            if total != Deleted::default() {
-                tracing::info!(
-                    events = total.events,
-                    emails = total.emails,
-                    "retention: deleted old rows"
-                );
-            }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(self.config.interval) => {}
-            }
+    pub fn new(
+        pool: deadpool_postgres::Pool,
+        config: RetentionConfig,
+        limit: Duration,
+    ) -> Retention {
+        Retention {
+            pool,
+            config,
+            limit,
+            round: Deleted::default(),
         }
     }
 
     /// One batch.
     pub async fn run_once(&self) -> Result<Deleted, String> {
-        let client = self.pool.get().await.map_err(|e| e.to_string())?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| crate::db::describe_pool(&e))?;
         let ms = |d: Duration| d.as_millis() as i64;
         let statement = client
             .prepare_cached(RETENTION_SQL)

@@ -10,6 +10,8 @@ use uuid::Uuid;
 use crate::backoff::{GiveUpReason, Next, RetryPolicy};
 use crate::claim::ClaimedEvent;
 use crate::classify::{MAX_MESSAGE_CHARS, Verdict, truncate_chars};
+use crate::service::Heartbeat;
+use crate::webhook::Refusal;
 use crate::{db, telemetry};
 
 const RECORD_SQL: &str = include_str!("../sql/queries/record.sql");
@@ -79,10 +81,15 @@ pub struct Outcome {
     pub notify: bool,
 }
 
-/// What a delivery that was never sent means: no usable endpoint, a payload
-/// that cannot be built, retries already spent. Final, so it is not retried
-/// in a loop.
-pub fn not_sent(event: &ClaimedEvent, kind: AttemptKind, error: String) -> Outcome {
+/// What an event refused before sending means (see [`crate::webhook::prepare`]):
+/// failed for good with the reason, so it is not retried in a loop, and no
+/// email, since the company cannot fix it. A missing or disabled endpoint is
+/// `no_endpoint`, the rest `permanent`.
+pub fn refused(event: &ClaimedEvent, refusal: &Refusal) -> Outcome {
+    let kind = match refusal {
+        Refusal::NoEndpoint { .. } | Refusal::Disabled { .. } => AttemptKind::NoEndpoint,
+        Refusal::BudgetSpent { .. } | Refusal::Invalid(_) => AttemptKind::Permanent,
+    };
     Outcome {
         event_id: event.id,
         event_type: event.event_type.clone(),
@@ -91,7 +98,7 @@ pub fn not_sent(event: &ClaimedEvent, kind: AttemptKind, error: String) -> Outco
         next: NextState::Failed,
         kind,
         response_message: None,
-        error: Some(truncate_chars(&error, MAX_MESSAGE_CHARS)),
+        error: Some(truncate_chars(&refusal.to_string(), MAX_MESSAGE_CHARS)),
         started_at: SystemTime::now(),
         duration: Duration::ZERO,
         http_status: None,
@@ -308,19 +315,34 @@ async fn next_group<T>(
 /// A database error does not lose outcomes: the group is retried (1 s,
 /// doubling to 30 s) while the channel's bound holds deliveries back. If the
 /// outage outlasts the leases, other instances claim the events again and the
-/// fence discards these late outcomes.
+/// fence discards these late outcomes. Every write is bounded by `limit`
+/// (`db::round_trip_limit`); one that overruns counts as failed and is
+/// retried. `heartbeat` promises each write's and each pause's bound, and
+/// nothing while there is nothing to write.
 pub async fn run(
     pool: deadpool_postgres::Pool,
     owner: String,
     mut outcomes: mpsc::Receiver<Outcome>,
     gather: usize,
+    limit: Duration,
+    heartbeat: Heartbeat,
 ) {
     let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
-    while next_group(&mut outcomes, &mut batch, gather).await {
+    let writer = Writer {
+        pool: &pool,
+        owner: &owner,
+        limit,
+        heartbeat: &heartbeat,
+    };
+    loop {
+        heartbeat.idle();
+        if !next_group(&mut outcomes, &mut batch, gather).await {
+            break;
+        }
         let mut delay = Duration::from_secs(1);
         let mut again = false;
         loop {
-            match write_pooled(&pool, &owner, &batch, again).await {
+            match writer.write(&batch, again).await {
                 Ok(marked) => {
                     count_marked(&batch, &marked);
                     break;
@@ -330,13 +352,14 @@ pub async fn run(
                     // so the others land, and record the bad one as failed.
                     telemetry::database_error("record");
                     tracing::error!(error = %e, "a group of outcomes was refused; recording them one by one");
-                    write_one_by_one(&pool, &owner, &batch).await;
+                    write_one_by_one(&writer, &batch).await;
                     break;
                 }
                 Err(e) => {
                     again = true;
                     telemetry::database_error("record");
                     tracing::warn!(error = %e, pending = batch.len(), retry_in = ?delay, "recording failed; will retry");
+                    heartbeat.within(delay);
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(30));
                 }
@@ -344,16 +367,43 @@ pub async fn run(
         }
         batch.clear();
     }
+    heartbeat.retire();
+}
+
+/// Writes groups of outcomes, each within a deadline.
+struct Writer<'a> {
+    pool: &'a deadpool_postgres::Pool,
+    owner: &'a str,
+    limit: Duration,
+    heartbeat: &'a Heartbeat,
+}
+
+impl Writer<'_> {
+    async fn write(&self, batch: &[Outcome], again: bool) -> Result<Vec<Uuid>, RecordError> {
+        self.heartbeat.within(self.limit);
+        match tokio::time::timeout(
+            self.limit,
+            write_pooled(self.pool, self.owner, batch, again),
+        )
+        .await
+        {
+            Ok(written) => written,
+            Err(_) => Err(RecordError {
+                message: format!("no answer within {:?}", self.limit),
+                bad_data: false,
+            }),
+        }
+    }
 }
 
 /// Writes each outcome on its own. One the database still refuses becomes a
 /// plain final failure carrying the reason (it has no retry time, message or
 /// status that could be what was refused); if even that is refused, the
 /// event is left to its lease.
-async fn write_one_by_one(pool: &deadpool_postgres::Pool, owner: &str, batch: &[Outcome]) {
+async fn write_one_by_one(writer: &Writer<'_>, batch: &[Outcome]) {
     for outcome in batch {
         let single = std::slice::from_ref(outcome);
-        match write_pooled(pool, owner, single, true).await {
+        match writer.write(single, true).await {
             Ok(marked) => count_marked(single, &marked),
             Err(e) => {
                 let fallback = Outcome {
@@ -368,7 +418,7 @@ async fn write_one_by_one(pool: &deadpool_postgres::Pool, owner: &str, batch: &[
                     notify: false,
                     ..outcome.clone()
                 };
-                match write_pooled(pool, owner, std::slice::from_ref(&fallback), true).await {
+                match writer.write(std::slice::from_ref(&fallback), true).await {
                     Ok(marked) => count_marked(std::slice::from_ref(&fallback), &marked),
                     Err(e) => tracing::error!(
                         event_id = %outcome.event_id,
@@ -413,7 +463,7 @@ async fn write_pooled(
     again: bool,
 ) -> Result<Vec<Uuid>, RecordError> {
     let client = pool.get().await.map_err(|e| RecordError {
-        message: format!("no database connection: {e}"),
+        message: format!("no database connection: {}", db::describe_pool(&e)),
         bad_data: false,
     })?;
     write(&client, owner, batch, again).await

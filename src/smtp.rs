@@ -29,9 +29,7 @@ pub async fn send(config: &SmtpConfig, message: &[u8], recipients: &[String]) ->
         Ok(builder) => builder,
         Err(reason) => return all_deferred(recipients, &reason),
     };
-    // mail-send applies `timeout` to connecting and to each reply; the outer
-    // bound also covers a server that drips a reply line byte by byte.
-    let whole = config.timeout * (recipients.len() as u32 + 2);
+    let whole = send_limit(config, recipients.len());
     let attempt = async {
         match config.tls {
             SmtpTls::None => match builder.connect_plain().await {
@@ -51,6 +49,15 @@ pub async fn send(config: &SmtpConfig, message: &[u8], recipients: &[String]) ->
             &format!("no answer within {}", humantime::format_duration(whole)),
         ),
     }
+}
+
+/// The longest [`send`] takes for `recipients` recipients: mail-send applies
+/// `smtp.timeout` to connecting and to each reply, and this outer bound
+/// (one timeout for the connection and greeting, one per recipient's
+/// transaction, one for the goodbye) also covers a server that drips a reply
+/// line byte by byte.
+pub fn send_limit(config: &SmtpConfig, recipients: usize) -> Duration {
+    config.timeout * (recipients as u32 + 2)
 }
 
 fn builder(config: &SmtpConfig) -> Result<SmtpClientBuilder<String>, String> {

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio_util::sync::CancellationToken;
+
+use crate::service::{Next, Service};
 
 pub const DELIVERY_ATTEMPTS: &str = "outboxd_delivery_attempts_total";
 pub const EVENTS_COMPLETED: &str = "outboxd_events_completed_total";
@@ -173,16 +174,21 @@ fn describe() {
 /// 18.4 to 26.3 MiB; folded every second, to 19.3 MiB.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Folds histogram samples every [`UPKEEP_INTERVAL`] until `shutdown`; no
-/// database, so an idle daemon pays one wake-up a second.
-pub async fn upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => handle.run_upkeep(),
-        }
+/// The exporter's upkeep as a service: folds histogram samples every
+/// [`UPKEEP_INTERVAL`]; no database, so an idle daemon pays one wake-up a
+/// second.
+pub struct Upkeep(pub PrometheusHandle);
+
+impl Service for Upkeep {
+    const NAME: &'static str = "metrics upkeep";
+
+    fn tick_limit(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+
+    async fn tick(&mut self) -> Next {
+        self.0.run_upkeep();
+        Next::After(UPKEEP_INTERVAL)
     }
 }
 

@@ -1,10 +1,13 @@
 //! Building the webhook request for a claimed event: the exact body of the
 //! integrators' documentation and the headers that go with it.
 //!
-//! Everything here is pure. A payload that cannot be turned into a valid
-//! webhook (a row written around the enqueue functions) is a
-//! [`BuildError`], which the engine records as a permanent failure with the
-//! reason instead of sending something the receiver would misread.
+//! Everything here is pure. [`prepare`] is the one place that decides,
+//! before anything is sent, that an event cannot be sent at all (a
+//! [`Refusal`]: its retries spent through expired leases, no endpoint, a
+//! disabled one, or a payload that cannot be turned into a valid webhook,
+//! such as a row written around the enqueue functions); `record::refused`
+//! then marks it failed with the reason instead of sending something the
+//! receiver would misread.
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -50,6 +53,45 @@ pub enum BuildError {
     Url(String),
     #[error("invalid endpoint credentials: {0}")]
     Credentials(&'static str),
+}
+
+/// Why an event is not sent at all.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Claims count attempts, so an event whose deliveries keep dying with
+    /// their daemon (leases running out) stops here instead of looping.
+    #[error("gave up after {attempts} attempts without a recorded outcome (leases ran out)")]
+    BudgetSpent { attempts: i32 },
+    #[error("no endpoint configured for company {company_id} and event type {event_type}")]
+    NoEndpoint { company_id: i64, event_type: String },
+    #[error("the endpoint of company {company_id} for {event_type} is disabled")]
+    Disabled { company_id: i64, event_type: String },
+    #[error(transparent)]
+    Invalid(#[from] BuildError),
+}
+
+/// Everything decided before a request goes out: whether `event` may be
+/// sent at all (its attempts since the last replay within `max_attempts`,
+/// an enabled endpoint, a valid payload), and if so the request.
+pub fn prepare(event: &ClaimedEvent, max_attempts: u32) -> Result<Webhook, Refusal> {
+    if event.budget_attempt.max(0) as u32 > max_attempts {
+        return Err(Refusal::BudgetSpent {
+            attempts: event.budget_attempt - 1,
+        });
+    }
+    let Some(endpoint) = &event.endpoint else {
+        return Err(Refusal::NoEndpoint {
+            company_id: event.company_id,
+            event_type: event.event_type.clone(),
+        });
+    };
+    if !endpoint.enabled {
+        return Err(Refusal::Disabled {
+            company_id: event.company_id,
+            event_type: event.event_type.clone(),
+        });
+    }
+    Ok(build(event, endpoint)?)
 }
 
 /// Builds the request for `event` to `endpoint`.

@@ -17,7 +17,11 @@ fn retention(db: &TestDb, batch_size: u32) -> Retention {
             ..Default::default()
         }
     });
-    Retention::new(outboxd::db::pool(&config.database), config.retention)
+    Retention::new(
+        outboxd::db::pool(&config.database),
+        config.retention,
+        outboxd::db::round_trip_limit(&config.database),
+    )
 }
 
 #[tokio::test]
@@ -134,7 +138,7 @@ async fn two_instances_clean_up_side_by_side_without_errors_or_double_counting()
 async fn queue_gauges_survive_infinite_timestamps() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let gauges = Maintenance::new(db.pool(), Duration::from_secs(60));
+    let gauges = Maintenance::new(db.pool(), Duration::from_secs(60), Duration::from_secs(60));
     // Only a row from the future is due: nothing old is waiting.
     client
         .batch_execute(

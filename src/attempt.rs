@@ -1,0 +1,82 @@
+//! One delivery attempt, in the order it happens:
+//!
+//! 1. prepare: decide whether the event may be sent at all and build the
+//!    request ([`webhook::prepare`], the one place for refusals);
+//! 2. send it ([`Deliverer::send`]: one deadline, a capped body);
+//! 3. judge the answer (`Sent::verdict`, which [`crate::classify`] decides);
+//! 4. decide the event's next state ([`record::decide`], or
+//!    [`record::refused`] when step 1 refused).
+//!
+//! The outcome then goes to the recorder, which writes it (`record::run`).
+
+use std::time::SystemTime;
+
+use crate::backoff::RetryPolicy;
+use crate::claim::ClaimedEvent;
+use crate::deliver::Deliverer;
+use crate::record::{self, AttemptKind, NextState, Outcome};
+use crate::{telemetry, webhook};
+
+/// Runs one attempt of `event` and returns what to record; logs and counts
+/// it on the way.
+pub async fn attempt(event: &ClaimedEvent, deliverer: &Deliverer, retry: &RetryPolicy) -> Outcome {
+    let outcome = match webhook::prepare(event, retry.max_attempts) {
+        Err(refusal) => record::refused(event, &refusal),
+        Ok(request) => {
+            let sent = deliverer.send(&request).await;
+            let verdict = sent.verdict(SystemTime::now());
+            record::decide(
+                event,
+                verdict,
+                sent.started_at,
+                sent.duration,
+                sent.http_status(),
+                retry,
+                fastrand::f64(),
+            )
+        }
+    };
+    log_outcome(event, &outcome);
+    // A request went out when there is a status, or when it failed in
+    // transport (retryable without one); otherwise it was never sent.
+    let sent = outcome.http_status.is_some() || outcome.kind == AttemptKind::Retryable;
+    telemetry::attempt(
+        &event.event_type,
+        outcome.kind.as_str(),
+        sent.then_some(outcome.duration),
+    );
+    outcome
+}
+
+/// One line per delivery attempt. Successes at debug: at 10,000 a second an
+/// info line each would cost more than the delivery itself and flood the
+/// journal, and the metrics count them anyway. Retries at info, final
+/// failures at warn.
+fn log_outcome(event: &ClaimedEvent, outcome: &Outcome) {
+    let retry_in = match outcome.next {
+        NextState::Retry(d) => Some(humantime::format_duration(d).to_string()),
+        _ => None,
+    };
+    macro_rules! line {
+        ($level:ident, $next:literal) => {
+            tracing::$level!(
+                event_id = %event.id,
+                company_id = event.company_id,
+                event_type = %event.event_type,
+                attempt = event.attempt,
+                outcome = outcome.kind.as_str(),
+                next = $next,
+                retry_in,
+                http_status = outcome.http_status,
+                duration_ms = outcome.duration.as_millis() as u64,
+                error = outcome.error.as_deref(),
+                "delivery"
+            )
+        };
+    }
+    match outcome.next {
+        NextState::Delivered => line!(debug, "delivered"),
+        NextState::Retry(_) => line!(info, "retry"),
+        NextState::Failed => line!(warn, "failed"),
+    }
+}
