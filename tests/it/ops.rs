@@ -304,10 +304,34 @@ fn the_unit_files_pass_systemd_analyze_verify() {
         "Type=notify",
         "WatchdogSec=",
         "Restart=on-failure",
+        "RestartPreventExitStatus=2 3",
         "NoNewPrivileges=yes",
     ] {
         assert!(unit.contains(want), "{want}");
     }
+}
+
+/// The unit's stop timeout covers the daemon's worst-case stop with the
+/// shipped configuration, and its comment quotes that budget.
+#[test]
+fn the_unit_stop_timeout_covers_the_stop_budget() {
+    let unit = std::fs::read_to_string(repo_root().join("systemd/outboxd.service")).unwrap();
+    let timeout = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .expect("TimeoutStopSec= in the unit");
+    let timeout = humantime::parse_duration(timeout.trim()).unwrap();
+    let config = outboxd::config::load(Some(&repo_root().join("config.toml"))).unwrap();
+    let budget = outboxd::engine::stop_budget(&config);
+    assert!(
+        budget + SECS(10) <= timeout,
+        "stop budget {budget:?} + 10 s margin exceeds TimeoutStopSec={timeout:?}"
+    );
+    let quoted = format!("at most {}s with the defaults", budget.as_secs());
+    assert!(
+        unit.contains(&quoted),
+        "the unit's comment should say {quoted:?}"
+    );
 }
 
 #[test]
