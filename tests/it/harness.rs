@@ -418,10 +418,41 @@ impl Daemon {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit; `None` if it still
+    /// runs (it is killed when the `Daemon` is dropped).
+    pub async fn wait_up_to(
+        &mut self,
+        timeout: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()
+            .map(|status| status.unwrap())
+    }
+
     /// SIGTERM, then the exit status.
     pub async fn stop(mut self) -> std::process::ExitStatus {
         self.signal(libc::SIGTERM);
         self.wait(std::time::Duration::from_secs(30)).await
+    }
+}
+
+/// `TimeoutStopSec=` of systemd/outboxd.service: how long systemd waits
+/// after SIGTERM before it sends SIGKILL. Read from the unit, so a test of a
+/// bounded stop follows the file. A bare number is seconds (systemd.time(7)).
+pub fn unit_stop_timeout() -> std::time::Duration {
+    let path = repo_root().join("systemd/outboxd.service");
+    let unit = std::fs::read_to_string(&path).unwrap();
+    let value = unit
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("TimeoutStopSec="))
+        .next_back()
+        .unwrap_or_else(|| panic!("no TimeoutStopSec= in {}", path.display()))
+        .trim();
+    match value.parse::<u64>() {
+        Ok(secs) => std::time::Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(value)
+            .unwrap_or_else(|e| panic!("TimeoutStopSec={value} in {}: {e}", path.display())),
     }
 }
 

@@ -10,6 +10,7 @@ mod cli;
 mod delivery;
 mod faults;
 mod harness;
+mod mailer;
 mod maintenance;
 mod notify;
 mod ops;

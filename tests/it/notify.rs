@@ -14,7 +14,7 @@ use crate::smtp::{SmtpServer, free_port};
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 /// Daemon settings for SMTP on `port`, with short timings.
-fn smtp_env(port: u16, extra: &[(&'static str, &'static str)]) -> Vec<(String, String)> {
+pub(crate) fn smtp_env(port: u16, extra: &[(&'static str, &'static str)]) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = [
         ("OUTBOXD_SMTP__HOST", "127.0.0.1".to_string()),
         ("OUTBOXD_SMTP__PORT", port.to_string()),
@@ -35,13 +35,13 @@ fn smtp_env(port: u16, extra: &[(&'static str, &'static str)]) -> Vec<(String, S
     env
 }
 
-async fn start(db: &TestDb, env: &[(String, String)]) -> Daemon {
+pub(crate) async fn start(db: &TestDb, env: &[(String, String)]) -> Daemon {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     Daemon::start(db, &env).await
 }
 
 /// A receiver that rejects everything with status 0.
-async fn rejecting_receiver() -> Receiver {
+pub(crate) async fn rejecting_receiver() -> Receiver {
     Receiver::start(|req, _| {
         let number = req.json()["paymentNumber"]
             .as_str()
@@ -55,7 +55,7 @@ async fn rejecting_receiver() -> Receiver {
     .await
 }
 
-async fn endpoint(client: &Client, company: i64, url: &str, emails: &[&str]) {
+pub(crate) async fn endpoint(client: &Client, company: i64, url: &str, emails: &[&str]) {
     let emails: Vec<String> = emails.iter().map(|e| e.to_string()).collect();
     client
         .execute(

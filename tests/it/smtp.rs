@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::harness::repo_root;
 
@@ -61,7 +63,8 @@ pub fn free_port() -> u16 {
 
 impl SmtpServer {
     /// Starts the server on `port` with extra arguments (`--refuse ADDR`,
-    /// `--defer ADDR`, `--user U --password P`); returns once it listens.
+    /// `--defer ADDR`, `--user U --password P`, `--delay-rcpt SECS`,
+    /// `--delay-data SECS`); returns once it listens.
     pub async fn start(port: u16, args: &[&str]) -> SmtpServer {
         let mut child = tokio::process::Command::new(python())
             .arg(repo_root().join("tests/smtp/server.py"))
@@ -132,5 +135,62 @@ impl SmtpServer {
                 self.mails().len()
             ),
         }
+    }
+}
+
+/// A TCP listener on 127.0.0.1 that accepts connections and never says a
+/// word: no 220 greeting, no reply to anything, the connection held open
+/// until the blackhole is dropped. An SMTP server that hung after `accept`.
+pub struct Blackhole {
+    pub port: u16,
+    accepted: watch::Receiver<usize>,
+    task: JoinHandle<()>,
+}
+
+impl Blackhole {
+    pub async fn start() -> Blackhole {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tx, accepted) = watch::channel(0);
+        let task = tokio::spawn(async move {
+            // Kept, not read: the peer's bytes sit unanswered in the socket.
+            let mut held: Vec<TcpStream> = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+                tx.send_modify(|n| *n += 1);
+            }
+        });
+        Blackhole {
+            port,
+            accepted,
+            task,
+        }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        *self.accepted.borrow()
+    }
+
+    /// Waits until at least `n` connections were accepted; panics after
+    /// `timeout`.
+    pub async fn wait_for_connections(&self, n: usize, timeout: Duration) {
+        let mut rx = self.accepted.clone();
+        if tokio::time::timeout(timeout, rx.wait_for(|&got| got >= n))
+            .await
+            .is_err()
+        {
+            panic!(
+                "expected {n} connections to the blackhole within {timeout:?}, got {}",
+                self.accepted()
+            );
+        }
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        // Drops the listener and every held connection with the task.
+        self.task.abort();
     }
 }

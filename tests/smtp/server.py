@@ -8,9 +8,15 @@ Listens on 127.0.0.1:PORT and prints, one JSON object per line on stdout:
    "content_type": ..., "parts": {...},     package (a real MIME parser), and
    "defects": [...], "raw": ...}            the raw data for secret checks
 Recipients given with --refuse get 550, with --defer 450. With --user and
---password, AUTH (PLAIN or LOGIN) is required and checked.
+--password, AUTH (PLAIN or LOGIN) is required and checked. --delay-rcpt and
+--delay-data SECONDS make a slow server: each answer to RCPT, and each final
+answer to DATA (after the message's closing dot), comes that much later. The
+wait is an asyncio.sleep, so other sessions go on meanwhile; a message is
+printed when its 250 is sent, as a real server would have accepted it then
+(also when the client gave up waiting).
 """
 import argparse
+import asyncio
 import email
 import email.policy
 import json
@@ -23,12 +29,16 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Handler:
-    def __init__(self, refuse, defer):
+    def __init__(self, refuse, defer, delay_rcpt=0.0, delay_data=0.0):
         self.refuse = set(refuse)
         self.defer = set(defer)
+        self.delay_rcpt = delay_rcpt
+        self.delay_data = delay_data
         self.lock = threading.Lock()
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.delay_rcpt > 0:
+            await asyncio.sleep(self.delay_rcpt)
         if address in self.refuse:
             return "550 5.1.1 mailbox unavailable"
         if address in self.defer:
@@ -37,6 +47,8 @@ class Handler:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.delay_data > 0:
+            await asyncio.sleep(self.delay_data)
         raw = envelope.original_content or envelope.content
         msg = email.message_from_bytes(raw, policy=email.policy.default)
         parts = {}
@@ -68,6 +80,8 @@ def main():
     ap.add_argument("--defer", action="append", default=[])
     ap.add_argument("--user")
     ap.add_argument("--password")
+    ap.add_argument("--delay-rcpt", type=float, default=0.0, metavar="SECONDS")
+    ap.add_argument("--delay-data", type=float, default=0.0, metavar="SECONDS")
     args = ap.parse_args()
 
     kwargs = {}
@@ -83,7 +97,8 @@ def main():
         kwargs = {"authenticator": authenticator, "auth_required": True, "auth_require_tls": False}
 
     controller = Controller(
-        Handler(args.refuse, args.defer), hostname="127.0.0.1", port=args.port, **kwargs
+        Handler(args.refuse, args.defer, args.delay_rcpt, args.delay_data),
+        hostname="127.0.0.1", port=args.port, **kwargs
     )
     controller.start()
     print(json.dumps({"ready": args.port}), flush=True)

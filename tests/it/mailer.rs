@@ -1,0 +1,295 @@
+//! The mailer under stress: a stop while an SMTP server hangs, and two
+//! instances sharing a slow one. Real processes throughout: `outboxd run`,
+//! PostgreSQL, the aiosmtpd server (`tests/smtp/server.py`) or a silent TCP
+//! listener.
+//!
+//! Both tests start from emails queued the real way: an endpoint's receiver
+//! rejects an event, the event fails, its notification is gathered into an
+//! email by a daemon without SMTP ([`queue_emails`]). They are all in
+//! outbox.emails before the daemon under test starts, so what it does with a
+//! queue of several emails does not depend on gather ticks.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::harness::{Daemon, TestDb, count, eventually, eventually_count, unit_stop_timeout};
+use crate::notify::{endpoint, rejecting_receiver, smtp_env, start};
+use crate::smtp::{Blackhole, Mail, SmtpServer, free_port};
+
+/// Makes one event fail for each `(company, notify_emails)` and waits until
+/// each has become a pending, never-tried email; the daemon that did it (no
+/// smtp.host, so it sends nothing) is stopped again. The events are numbered
+/// `P-<100 + company>`; each email's subject names its company.
+async fn queue_emails(db: &TestDb, client: &Client, endpoints: &[(i64, Vec<String>)]) {
+    let receiver = rejecting_receiver().await;
+    for (company, emails) in endpoints {
+        let emails: Vec<&str> = emails.iter().map(String::as_str).collect();
+        endpoint(client, *company, &receiver.url("/"), &emails).await;
+    }
+    let daemon = Daemon::start(
+        db,
+        &[
+            ("OUTBOXD_NOTIFY__GATHER", "100ms"),
+            ("OUTBOXD_NOTIFY__POLL_INTERVAL", "100ms"),
+        ],
+    )
+    .await;
+    let companies: Vec<i64> = endpoints.iter().map(|(c, _)| *c).collect();
+    client
+        .execute(
+            "SELECT outbox.enqueue_payment_cancellation(c, c, 'P-' || (100 + c))
+               FROM unnest($1::bigint[]) AS c",
+            &[&companies],
+        )
+        .await
+        .unwrap();
+    eventually_count(
+        client,
+        "one queued email per endpoint",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM outbox.emails WHERE state = 'pending' AND attempts = 0",
+        endpoints.len() as i64,
+    )
+    .await;
+    assert!(daemon.stop().await.success());
+}
+
+/// The smtp.timeout `outboxd run` gets from the reference config.toml (which
+/// the harness passes) when no variable overrides it.
+fn reference_smtp_timeout() -> Duration {
+    use figment::providers::{Format, Toml};
+    let file = crate::harness::repo_root().join("config.toml");
+    let mut raw: outboxd::config::RawConfig = figment::Figment::from(Toml::file_exact(&file))
+        .extract()
+        .expect("config.toml parses");
+    raw.smtp.host = Some("127.0.0.1".into());
+    raw.smtp.from = Some("outboxd@sales.example.com".into());
+    let config = raw.validate().expect("config.toml is valid");
+    config.notify.smtp.expect("smtp configured").timeout
+}
+
+/// Regression: the daemon awaited its mailer without a limit on SIGTERM, so
+/// an SMTP server that accepts and then says nothing held `outboxd run` for
+/// the SMTP timeouts of every queued email, past TimeoutStopSec (then systemd
+/// SIGKILLs it, and the stop counts as a failure). With tls = "none",
+/// mail-send 0.7 reads the 220 greeting without its own timeout, so only
+/// outboxd's bound per email applies: smtp.timeout * (recipients + 2), here
+/// 30 s * 4 = 2 min for the first email alone, and one claim holds all three.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_smtp_blackholed_and_emails_queued_exits_0_within_the_stop_timeout() {
+    let stop_timeout = unit_stop_timeout();
+    let smtp_timeout = reference_smtp_timeout();
+    // Not lowered: a stop bounded only because the SMTP timeout is short
+    // would prove nothing about the default setup.
+    assert_eq!(smtp_timeout, Duration::from_secs(30));
+
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // Three companies, so three emails queue: one being sent, two waiting.
+    let endpoints: Vec<(i64, Vec<String>)> = (1..=3)
+        .map(|c| {
+            (
+                c,
+                vec![
+                    format!("ops@c{c}.example.com"),
+                    format!("finance@c{c}.example.com"),
+                ],
+            )
+        })
+        .collect();
+    queue_emails(&db, &client, &endpoints).await;
+
+    let blackhole = Blackhole::start().await;
+    let mut env = smtp_env(blackhole.port, &[]);
+    // smtp_env shortens smtp.timeout for the notify tests; here the default
+    // (30 s, checked above) applies.
+    env.retain(|(key, _)| key != "OUTBOXD_SMTP__TIMEOUT");
+    let mut daemon = start(&db, &env).await;
+
+    // The mailer has connected: it has claimed an email and waits for a
+    // greeting that never comes.
+    blackhole
+        .wait_for_connections(1, Duration::from_secs(20))
+        .await;
+    // Steady state, not a stop during start-up (the mailer may connect
+    // before the delivery loop runs).
+    daemon
+        .wait_for_log("outboxd is delivering", Duration::from_secs(10))
+        .await;
+    let sending = count(
+        &client,
+        "SELECT count(*) FROM outbox.emails WHERE state = 'sending'",
+    )
+    .await;
+    assert!(
+        sending >= 1,
+        "the mailer connected without claiming an email"
+    );
+
+    daemon.signal(libc::SIGTERM);
+    let sigterm = Instant::now();
+    let status = daemon.wait_up_to(stop_timeout).await;
+    let took = sigterm.elapsed();
+    let Some(status) = status else {
+        let log = daemon.log();
+        let tail = &log[log.len().saturating_sub(15)..];
+        panic!(
+            "outboxd still running {took:?} after SIGTERM, past TimeoutStopSec={stop_timeout:?} \
+             (systemd would SIGKILL it now); the blackhole accepted {} connection(s); last log lines:\n{}",
+            blackhole.accepted(),
+            tail.join("\n")
+        );
+    };
+    eprintln!("outboxd stopped {took:?} after SIGTERM (TimeoutStopSec={stop_timeout:?}), {status}");
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status; log:\n{}",
+        daemon.log().join("\n")
+    );
+    assert!(took < stop_timeout);
+
+    // Nothing was sent and nothing was lost: all three wait for the next start.
+    let rows = client
+        .query(
+            "SELECT id, state, sent_at IS NULL AS unsent, cardinality(sent_to) AS reached
+               FROM outbox.emails ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        let (id, state): (i64, String) = (row.get("id"), row.get("state"));
+        assert!(
+            state != "sent" && row.get::<_, bool>("unsent") && row.get::<_, i32>("reached") == 0,
+            "email {id} is {state}, yet nobody could have received it"
+        );
+    }
+}
+
+/// Counts per recipient of what the SMTP server accepted. Every recipient
+/// address belongs to one endpoint only, so a recipient names an (email,
+/// recipient) pair; the subject is checked to name that email's company.
+fn received_per_recipient(
+    mails: &[Mail],
+    company_of: &BTreeMap<String, i64>,
+) -> BTreeMap<String, usize> {
+    let mut got = BTreeMap::new();
+    for mail in mails {
+        assert_eq!(mail.rcpt_tos.len(), 1, "one transaction per recipient");
+        let rcpt = &mail.rcpt_tos[0];
+        let company = company_of
+            .get(rcpt)
+            .unwrap_or_else(|| panic!("a message for a stranger: {rcpt}"));
+        assert!(
+            mail.subject.contains(&format!("(company {company})")),
+            "{rcpt} got another company's email: {}",
+            mail.subject
+        );
+        *got.entry(rcpt.clone()).or_insert(0) += 1;
+    }
+    got
+}
+
+/// Regression: one claim leased 10 emails for smtp.timeout * 12 and sent them
+/// one after another, so with a slow SMTP server the later ones outlived
+/// their lease while still queued behind the others, and a second instance
+/// claimed and sent them too: the same recipients got the same email twice.
+///
+/// The numbers. T = smtp.timeout = 2 s, so today's lease L = 12 T = 24 s.
+/// The server answers each RCPT and each DATA 0.5 s late (well inside T, so
+/// no reply times out, even on a loaded machine), so one SMTP transaction
+/// takes about 1 s and an email to 5 recipients about S = 5 s. There are 11
+/// emails, queued before both instances start; a claim takes at most 10, so
+/// however the first claims split them, one instance holds k >= 6 emails
+/// and needs k * S >= 30 s > L for them. Its emails are claimable again from
+/// L = 24 s on, and by then the other instance (at most 11 - k <= 5 emails,
+/// <= 25 s) is idle or soon is, polling every 100 ms: it claims the unsent
+/// ones and sends them while the first instance sends them as well. The
+/// first duplicate arrives about 25-26 s after the start. With each email
+/// leased on its own for long enough to reach its recipients at T, the 55
+/// transactions take about 55 s / 2 instances, ~30 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_with_a_slow_smtp_server_send_each_email_once() {
+    const EMAILS: i64 = 11;
+    const RECIPIENTS: usize = 5; // the most an endpoint may have
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let endpoints: Vec<(i64, Vec<String>)> = (1..=EMAILS)
+        .map(|c| {
+            let emails = (1..=RECIPIENTS)
+                .map(|r| format!("r{r}@c{c}.example.com"))
+                .collect();
+            (c, emails)
+        })
+        .collect();
+    let company_of: BTreeMap<String, i64> = endpoints
+        .iter()
+        .flat_map(|(c, emails)| emails.iter().map(move |e| (e.clone(), *c)))
+        .collect();
+    queue_emails(&db, &client, &endpoints).await;
+
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &["--delay-rcpt", "0.5", "--delay-data", "0.5"]).await;
+    let env = smtp_env(port, &[("OUTBOXD_SMTP__TIMEOUT", "2s")]);
+    let started = Instant::now();
+    let (a, b) = tokio::join!(start(&db, &env), start(&db, &env));
+
+    let duplicate = |mails: &[Mail]| {
+        received_per_recipient(mails, &company_of)
+            .into_iter()
+            .any(|(_, n)| n > 1)
+    };
+    // Until every email is marked sent, or a recipient got one twice (that
+    // cannot be undone: no need to wait for the rest).
+    eventually(
+        "every email marked sent (or a duplicate)",
+        Duration::from_secs(70),
+        || async {
+            duplicate(&smtp.mails())
+                || count(
+                    &client,
+                    "SELECT count(*) FROM outbox.emails WHERE state = 'sent'",
+                )
+                .await
+                    == EMAILS
+        },
+    )
+    .await;
+    let twice: Vec<String> = received_per_recipient(&smtp.mails(), &company_of)
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(rcpt, n)| format!("{rcpt} x{n}"))
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "{:?} after the start, recipients that got their email more than once: {}",
+        started.elapsed(),
+        twice.join(", ")
+    );
+    eprintln!("all {EMAILS} emails sent in {:?}", started.elapsed());
+
+    let (a, b) = tokio::join!(a.stop(), b.stop());
+    assert!(a.success() && b.success());
+    // Nothing more arrived while they stopped: every pair exactly once.
+    let got = received_per_recipient(&smtp.mails(), &company_of);
+    for rcpt in company_of.keys() {
+        assert_eq!(got.get(rcpt), Some(&1), "messages received for {rcpt}");
+    }
+    assert_eq!(
+        count(
+            &client,
+            &format!(
+                "SELECT count(*) FROM outbox.emails
+                  WHERE state = 'sent' AND cardinality(sent_to) = {RECIPIENTS}
+                    AND cardinality(refused) = 0"
+            ),
+        )
+        .await,
+        EMAILS,
+        "every email marked sent to all its recipients"
+    );
+}
