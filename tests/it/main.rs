@@ -18,5 +18,6 @@ mod private_pg;
 mod proxy;
 mod receiver;
 mod record;
+mod sd_notify;
 mod smtp;
 mod sql_contract;
