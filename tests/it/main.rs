@@ -10,6 +10,7 @@ mod cli;
 mod delivery;
 mod faults;
 mod harness;
+mod liveness;
 mod maintenance;
 mod notify;
 mod ops;
