@@ -24,7 +24,7 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 /// Short deadlines, the shortest lease they allow (2 x 1 s + 10 s), fast
 /// retries: a stranded lease comes back in 12 s instead of 60.
-const QUICK: &[(&str, &str)] = &[
+pub(crate) const QUICK: &[(&str, &str)] = &[
     ("OUTBOXD_DELIVERY__REQUEST_TIMEOUT", "1s"),
     ("OUTBOXD_DELIVERY__CONNECT_TIMEOUT", "1s"),
     ("OUTBOXD_DELIVERY__LEASE", "12s"),
@@ -33,13 +33,13 @@ const QUICK: &[(&str, &str)] = &[
     ("OUTBOXD_RETRY__JITTER", "0"),
 ];
 
-fn quick(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+pub(crate) fn quick(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
     let mut env = QUICK.to_vec();
     env.extend_from_slice(extra);
     env
 }
 
-async fn endpoint(client: &Client, company: i64, event_type: &str, url: &str) {
+pub(crate) async fn endpoint(client: &Client, company: i64, event_type: &str, url: &str) {
     client
         .execute(
             "INSERT INTO outbox.endpoints (company_id, event_type, url, notify_emails)
@@ -50,7 +50,7 @@ async fn endpoint(client: &Client, company: i64, event_type: &str, url: &str) {
         .unwrap();
 }
 
-async fn delivered(client: &Client) -> i64 {
+pub(crate) async fn delivered(client: &Client) -> i64 {
     count(
         client,
         "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
@@ -60,7 +60,7 @@ async fn delivered(client: &Client) -> i64 {
 
 /// Enqueues `n` payment cancellations spread over companies 1..=companies,
 /// in transactions of `per_tx`, payment ids 1..=n.
-async fn enqueue_many(client: &Client, n: i64, companies: i64, per_tx: i64) {
+pub(crate) async fn enqueue_many(client: &Client, n: i64, companies: i64, per_tx: i64) {
     for start in (0..n).step_by(per_tx as usize) {
         let end = (start + per_tx).min(n);
         client
@@ -75,7 +75,7 @@ async fn enqueue_many(client: &Client, n: i64, companies: i64, per_tx: i64) {
 }
 
 /// The daemon logged no panic (neither the process nor a delivery task).
-fn assert_no_panic(daemon: &Daemon) {
+pub(crate) fn assert_no_panic(daemon: &Daemon) {
     for line in daemon.log() {
         assert!(!line.contains("panicked"), "outboxd panicked: {line}");
     }
@@ -104,7 +104,7 @@ fn peak_rss_kib(pid: i32) -> u64 {
 /// - only events claimed more than once reached the receiver more than once.
 ///
 /// Returns (events claimed more than once, keys the receiver saw more than once).
-async fn assert_delivered_and_marked_once(
+pub(crate) async fn assert_delivered_and_marked_once(
     client: &Client,
     receiver: &Receiver,
     n: i64,
@@ -376,7 +376,7 @@ async fn terminate_others(client: &Client) -> i64 {
     .await
 }
 
-fn slow_ok_receiver(ms: u64) -> impl Fn(&crate::receiver::Received, u32) -> Reply {
+pub(crate) fn slow_ok_receiver(ms: u64) -> impl Fn(&crate::receiver::Received, u32) -> Reply {
     move |_, _| {
         Reply::Delayed(
             Duration::from_millis(ms),

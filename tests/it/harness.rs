@@ -194,10 +194,15 @@ pub fn repo_root() -> PathBuf {
 
 /// The built `outboxd` binary with the reference config and no inherited
 /// OUTBOXD_ variables, so the developer's environment cannot leak in.
+/// Nor systemd's notify variables: a suite run from a unit must not ping
+/// that unit's watchdog (tests that want them pass their own).
 pub fn outboxd_command() -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_outboxd"));
     for (key, _) in std::env::vars() {
-        if key.starts_with("OUTBOXD_") || key == "RUST_LOG" {
+        if key.starts_with("OUTBOXD_")
+            || key == "RUST_LOG"
+            || ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"].contains(&key.as_str())
+        {
             cmd.env_remove(key);
         }
     }
@@ -288,7 +293,8 @@ impl Drop for TempDir {
 /// `outboxd run` as a child process, its stderr collected line by line.
 pub struct Daemon {
     child: tokio::process::Child,
-    lines: tokio::sync::watch::Receiver<Vec<String>>,
+    /// Each line with the instant it was read, for tests that time them.
+    lines: tokio::sync::watch::Receiver<Vec<(std::time::Instant, String)>>,
     /// `http://127.0.0.1:PORT` of its admin server (/metrics, /readyz).
     pub admin: String,
 }
@@ -308,9 +314,29 @@ impl Daemon {
         Daemon::spawn_with(cmd, &[]).await
     }
 
+    /// Like [`Daemon::start`], but waits only for the log line containing
+    /// `needle` (e.g. "admin HTTP listening"): for a daemon that is not
+    /// expected to be delivering yet, such as one started with its database
+    /// down.
+    pub async fn start_until(db: &TestDb, env: &[(&str, &str)], needle: &str) -> Daemon {
+        let mut cmd = db.outboxd();
+        cmd.env("RUST_LOG", "outboxd=debug,info");
+        Daemon::spawn_until(cmd, env, needle).await
+    }
+
     /// Like [`Daemon::spawn`], with `env` set last (it wins over the test
     /// defaults).
-    pub async fn spawn_with(mut cmd: tokio::process::Command, env: &[(&str, &str)]) -> Daemon {
+    pub async fn spawn_with(cmd: tokio::process::Command, env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn_until(cmd, env, "listening for NOTIFY").await
+    }
+
+    /// [`Daemon::spawn_with`], waiting for the line containing `needle`
+    /// instead of "listening for NOTIFY".
+    pub async fn spawn_until(
+        mut cmd: tokio::process::Command,
+        env: &[(&str, &str)],
+        needle: &str,
+    ) -> Daemon {
         cmd.arg("run")
             // Tests run side by side: each admin server on a port of its own.
             .env("OUTBOXD_METRICS__LISTEN", "127.0.0.1:0")
@@ -332,7 +358,8 @@ impl Daemon {
                 if std::env::var_os("OUTBOXD_TEST_ECHO").is_some() {
                     eprintln!("[outboxd] {line}");
                 }
-                tx.send_modify(|lines| lines.push(line));
+                let at = std::time::Instant::now();
+                tx.send_modify(|lines| lines.push((at, line)));
             }
         });
         let mut daemon = Daemon {
@@ -341,7 +368,7 @@ impl Daemon {
             admin: String::new(),
         };
         daemon
-            .wait_for_log("listening for NOTIFY", std::time::Duration::from_secs(20))
+            .wait_for_log(needle, std::time::Duration::from_secs(20))
             .await;
         if let Some(line) = daemon
             .log()
@@ -369,36 +396,65 @@ impl Daemon {
 
     /// Everything the daemon logged so far.
     pub fn log(&self) -> Vec<String> {
-        self.lines.borrow().clone()
+        self.lines.borrow().iter().map(|(_, l)| l.clone()).collect()
+    }
+
+    /// When each line containing `needle` was read: for tests that check
+    /// how far apart the daemon logs something (a retry's backoff).
+    pub fn log_instants(&self, needle: &str) -> Vec<std::time::Instant> {
+        self.lines
+            .borrow()
+            .iter()
+            .filter(|(_, l)| l.contains(needle))
+            .map(|(at, _)| *at)
+            .collect()
     }
 
     /// Waits for a log line containing `needle`; panics with the log after
     /// `timeout`.
     pub async fn wait_for_log(&self, needle: &str, timeout: std::time::Duration) -> String {
+        self.wait_for_logs(needle, 1, timeout).await
+    }
+
+    /// Waits until `n` log lines contain `needle` (a retry logged again and
+    /// again) and returns the `n`th; panics with the log after `timeout`.
+    pub async fn wait_for_logs(
+        &self,
+        needle: &str,
+        n: usize,
+        timeout: std::time::Duration,
+    ) -> String {
         let mut lines = self.lines.clone();
         let found = tokio::time::timeout(timeout, async {
             loop {
-                if let Some(line) = lines
+                if let Some((_, line)) = lines
                     .borrow_and_update()
                     .iter()
-                    .find(|l| l.contains(needle))
+                    .filter(|(_, l)| l.contains(needle))
+                    .nth(n - 1)
                 {
-                    return line.clone();
+                    return Some(line.clone());
                 }
                 if lines.changed().await.is_err() {
                     // stderr closed: the process ended without that line.
-                    return String::new();
+                    return None;
                 }
             }
         })
         .await;
-        match found {
-            Ok(line) if !line.is_empty() => line,
-            _ => panic!(
-                "no log line with {needle:?} within {timeout:?}; log:\n{}",
-                self.log().join("\n")
-            ),
-        }
+        let why = match found {
+            Ok(Some(line)) => return line,
+            Ok(None) => "before outboxd closed its stderr (it exited)".to_string(),
+            Err(_) => format!("within {timeout:?}"),
+        };
+        let wanted = match n {
+            1 => "no log line".to_string(),
+            n => format!("fewer than {n} log lines"),
+        };
+        panic!(
+            "{wanted} with {needle:?} {why}; log:\n{}",
+            self.log().join("\n")
+        )
     }
 
     /// Sends a signal (libc::SIGTERM, SIGKILL, …).
