@@ -192,7 +192,7 @@ async fn serve(
     // Pings from here on; it stops when this function returns, however.
     let watchdog_stop = CancellationToken::new();
     tokio::spawn(systemd::watchdog(liveness.clone(), watchdog_stop.clone()));
-    let _watchdog = watchdog_stop.drop_guard();
+    let _watchdog = watchdog_stop.clone().drop_guard();
     let reached =
         wait_for_database(&pool, db_limit, &shutdown, liveness.register("start-up")).await;
     match reached {
@@ -288,6 +288,8 @@ async fn serve(
         .await
         .is_err()
     {
+        // Aborted on purpose: its heartbeat must not read as a stall.
+        watchdog_stop.cancel();
         recorder.abort();
         tracing::warn!("could not record the last outcomes in time; their leases will expire");
     }

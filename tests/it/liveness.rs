@@ -403,3 +403,47 @@ async fn a_60_second_database_outage_mid_drain_loses_nothing_and_the_process_nev
          claimed twice {claimed_again}, duplicates {duplicated}; {silence}"
     );
 }
+
+/// The stop budget holds with the database gone: deliveries in flight
+/// finish, their outcomes cannot be written, and the daemon still exits 0
+/// within the unit's TimeoutStopSec (the outcomes are then retried after
+/// their leases, with the same key).
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_with_the_database_gone_exits_0_within_the_stop_timeout() {
+    const EVENTS: i64 = 200;
+    let pg = PrivatePg::start().await;
+    let db = TestDb::new_on(&pg.admin_url()).await;
+    let client = db.client().await;
+    // Slow enough that deliveries are in flight when the database goes.
+    let receiver = Receiver::start(slow_ok_receiver(1500)).await;
+    for company in 1..=4 {
+        endpoint(&client, company, "payment.cancellation", &receiver.url("/")).await;
+    }
+    enqueue_many(&client, EVENTS, 4, 100).await;
+    let env = quick(&[("OUTBOXD_DELIVERY__CONCURRENCY", "8")]);
+    let mut daemon = Daemon::start(&db, &env).await;
+    receiver.wait_for(8, SECS(30)).await;
+    pg.stop().await;
+    // The recorder has seen the outage: the last outcomes cannot be written.
+    daemon.wait_for_log("recording failed", SECS(30)).await;
+    let timeout = crate::harness::unit_stop_timeout();
+    let asked = Instant::now();
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait_up_to(timeout).await;
+    let took = asked.elapsed();
+    let Some(status) = status else {
+        panic!(
+            "outboxd still running {took:?} after SIGTERM, past TimeoutStopSec={timeout:?}; log:\n{}",
+            daemon.log().join("\n")
+        );
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(
+        daemon
+            .log()
+            .iter()
+            .any(|l| l.contains("could not record the last outcomes in time")),
+        "the stop gave up on the last outcomes instead of waiting for the database"
+    );
+    eprintln!("stop with the database gone took {took:?} (TimeoutStopSec={timeout:?})");
+}

@@ -316,11 +316,7 @@ fn the_unit_files_pass_systemd_analyze_verify() {
 #[test]
 fn the_unit_stop_timeout_covers_the_stop_budget() {
     let unit = std::fs::read_to_string(repo_root().join("systemd/outboxd.service")).unwrap();
-    let timeout = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
-        .expect("TimeoutStopSec= in the unit");
-    let timeout = humantime::parse_duration(timeout.trim()).unwrap();
+    let timeout = crate::harness::unit_stop_timeout();
     let config = outboxd::config::load(Some(&repo_root().join("config.toml"))).unwrap();
     let budget = outboxd::engine::stop_budget(&config);
     assert!(
