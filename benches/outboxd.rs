@@ -58,6 +58,11 @@ struct Opts {
     /// `--only drain` or `--only sql,latency`.
     #[arg(long, value_enum, value_delimiter = ',')]
     only: Vec<Phase>,
+    /// The `outboxd` binary to run instead of the one built with this
+    /// benchmark, e.g. the previous commit's, to compare two builds in one
+    /// run on the same machine.
+    #[arg(long, value_name = "PATH")]
+    daemon: Option<std::path::PathBuf>,
     // cargo bench passes --bench; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -74,6 +79,12 @@ enum Phase {
 }
 
 impl Opts {
+    fn daemon(&self) -> &std::path::Path {
+        self.daemon
+            .as_deref()
+            .unwrap_or(std::path::Path::new(env!("CARGO_BIN_EXE_outboxd")))
+    }
+
     fn runs(&self, phase: Phase) -> bool {
         self.only.is_empty() || self.only.contains(&phase)
     }
@@ -167,8 +178,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    async fn start(db_url: &str, concurrency: usize) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_outboxd"))
+    async fn start(bin: &std::path::Path, db_url: &str, concurrency: usize) -> Daemon {
+        let mut child = Command::new(bin)
             .arg("--config")
             .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
             .arg("run")
@@ -372,7 +383,7 @@ async fn drain(opts: &Opts, events: usize) -> Drain {
     let receiver_before = process_cpu_seconds(receiver.child.id().unwrap());
     let postgres_before = postgres_cpu_seconds();
     let transactions_before = commits(&client, db).await;
-    let daemon = Daemon::start(&url, opts.concurrency).await;
+    let daemon = Daemon::start(opts.daemon(), &url, opts.concurrency).await;
     wait_drained(&client, Duration::from_secs(3600)).await;
     let per_event = |seconds: f64| seconds / events as f64 * 1e6;
     let cpu_us = [
@@ -515,7 +526,7 @@ async fn latency(opts: &Opts) -> (Latency, f64, f64) {
     let client = connect(&url).await;
     let mut receiver = start_receiver(true).await;
     preload(&client, 0, opts.companies, &receiver.url).await;
-    let daemon = Daemon::start(&url, opts.concurrency).await;
+    let daemon = Daemon::start(opts.daemon(), &url, opts.concurrency).await;
 
     // Idle first: statements per second and CPU with nothing to do, once
     // start-up (each pooled connection preparing its statements) is over.

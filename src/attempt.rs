@@ -7,15 +7,38 @@
 //! 4. decide the event's next state ([`record::decide`], or
 //!    [`record::refused`] when step 1 refused).
 //!
-//! The outcome then goes to the recorder, which writes it (`record::run`).
+//! [`deliver`] runs one on its own task and hands the outcome to the
+//! recorder, which writes it (`record::run`).
 
+use std::sync::Arc;
 use std::time::SystemTime;
+
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use crate::backoff::RetryPolicy;
 use crate::claim::ClaimedEvent;
 use crate::deliver::Deliverer;
 use crate::record::{self, AttemptKind, NextState, Outcome};
 use crate::{telemetry, webhook};
+
+/// What every delivery task shares.
+pub struct Context {
+    pub deliverer: Deliverer,
+    pub retry: RetryPolicy,
+    /// To the recorder.
+    pub outcomes: mpsc::Sender<Outcome>,
+}
+
+/// One event on its own task: the attempt, then the outcome to the
+/// recorder. The delivery slot is released only once the recorder has
+/// accepted the outcome.
+pub async fn deliver(event: ClaimedEvent, context: Arc<Context>, slot: OwnedSemaphorePermit) {
+    let outcome = attempt(&event, &context.deliverer, &context.retry).await;
+    // Fails only if the recorder is gone, i.e. at the very end of a
+    // shutdown; the lease then brings the event back.
+    let _ = context.outcomes.send(outcome).await;
+    drop(slot);
+}
 
 /// Runs one attempt of `event` and returns what to record; logs and counts
 /// it on the way.

@@ -1,12 +1,22 @@
-//! Claiming due events: one statement (`sql/queries/claim.sql`) that leases
-//! a batch to this instance and returns each event with its endpoint.
+//! Claiming due events: the claim loop ([`ClaimLoop`], the engine's
+//! producer), and the one statement (`sql/queries/claim.sql`) that leases a
+//! batch to this instance and returns each event with its endpoint.
+//!
+//! The loop claims only as many events as it has free delivery slots, so a
+//! claimed event starts at once and never waits out its lease in a queue.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::config::Secret;
-use crate::db;
+use crate::attempt;
+use crate::config::{Config, Secret};
+use crate::service::Heartbeat;
+use crate::{db, telemetry};
 
 const CLAIM_SQL: &str = include_str!("../sql/queries/claim.sql");
 
@@ -45,6 +55,186 @@ pub enum Auth {
     None,
     Basic { username: String, password: Secret },
     Bearer { token: Secret },
+}
+
+/// Largest claim, whatever the concurrency: one statement locking thousands
+/// of rows would hold its locks (and other instances' SKIP LOCKED scans) for
+/// longer than several smaller claims.
+const MAX_CLAIM_BATCH: usize = 500;
+
+/// With a backlog (the last claim filled every free slot), the next claim
+/// waits, once a first slot is free, up to [`CLAIM_GATHER_WAIT`] for three
+/// quarters of the slots to be free, instead of claiming the first one or
+/// two. A statement's fixed cost dominates small claims (see
+/// `record::RECORD_GATHER_WAIT` for the figures). A slot so waits at most
+/// 2 ms per delivery; without a backlog a claim goes out at once, so latency
+/// is unchanged.
+const CLAIM_GATHER_WAIT: Duration = Duration::from_millis(2);
+
+/// Wait after a failed claim before the next, so a database outage does not
+/// turn into a tight error loop.
+const CLAIM_ERROR_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The claim loop and what it needs.
+pub struct ClaimLoop<'a> {
+    pub pool: &'a deadpool_postgres::Pool,
+    pub owner: &'a str,
+    pub config: &'a Config,
+    /// Bound on one claim, connection included (`db::round_trip_limit`).
+    pub claim_limit: Duration,
+    /// One per delivery in flight.
+    pub slots: Arc<Semaphore>,
+    pub context: &'a Arc<attempt::Context>,
+    pub wake: &'a Notify,
+}
+
+impl ClaimLoop<'_> {
+    /// Claims and starts deliveries until `shutdown` (false) or the recorder
+    /// is gone (true). Every wait is bounded and promised to `heartbeat`
+    /// first: a free slot or the poll interval, a claim within its limit,
+    /// the pause after a failed one, a wake-up or the poll.
+    pub async fn run(
+        &self,
+        tasks: &mut JoinSet<()>,
+        shutdown: &CancellationToken,
+        recorder: &tokio::task::JoinHandle<()>,
+        heartbeat: Heartbeat,
+    ) -> bool {
+        let poll_interval = self.config.delivery.poll_interval;
+        let gather_when_busy = (self.config.delivery.concurrency * 3 / 4).clamp(1, MAX_CLAIM_BATCH);
+        // Slots the next claim waits for: 1 unless the last claim came back full.
+        let mut gather = 1;
+        let recorder_died = 'serve: loop {
+            // Claim until a claim comes back short (nothing more is due) or
+            // shutdown; with every slot busy, wait for one to free up.
+            loop {
+                if recorder.is_finished() {
+                    // Without a recorder every outcome would be lost and
+                    // every event re-sent after its lease, forever: stop
+                    // instead, and let the service manager restart the daemon.
+                    tracing::error!("the recorder stopped; shutting down");
+                    break 'serve true;
+                }
+                reap(tasks);
+                heartbeat.within(poll_interval);
+                let permits = tokio::select! {
+                    _ = shutdown.cancelled() => break 'serve false,
+                    permits = free_slots(&self.slots, gather) => permits,
+                    // Every slot busy (slow receivers): look again.
+                    _ = tokio::time::sleep(poll_interval) => continue,
+                };
+                let wanted = permits.num_permits();
+                heartbeat.within(self.claim_limit);
+                // Cancelled by shutdown or its limit: a claim dropped
+                // half-way may still commit, and then its lease brings the
+                // rows back.
+                let claimed = tokio::select! {
+                    _ = shutdown.cancelled() => break 'serve false,
+                    claimed = tokio::time::timeout(self.claim_limit, self.claim(wanted)) => claimed
+                        .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.claim_limit))),
+                };
+                let events = match claimed {
+                    Ok(events) => events,
+                    Err(e) => {
+                        telemetry::database_error("claim");
+                        tracing::warn!(error = %e, "claim failed");
+                        heartbeat.within(CLAIM_ERROR_BACKOFF);
+                        pause(shutdown, CLAIM_ERROR_BACKOFF).await;
+                        gather = 1;
+                        break;
+                    }
+                };
+                let got = events.len();
+                if got > 0 {
+                    tracing::debug!(claimed = got, wanted, "claimed due events");
+                }
+                telemetry::claimed(got, events.iter().filter(|e| e.lease_expired).count());
+                let mut permits = permits;
+                for event in events {
+                    let permit = permits.split(1).expect("one permit per claimed event");
+                    tasks.spawn(attempt::deliver(event, self.context.clone(), permit));
+                }
+                drop(permits);
+                if got < wanted {
+                    gather = 1;
+                    break;
+                }
+                gather = gather_when_busy;
+            }
+
+            let poll = jittered(poll_interval);
+            heartbeat.within(poll);
+            tokio::select! {
+                _ = shutdown.cancelled() => break 'serve false,
+                _ = self.wake.notified() => telemetry::wakeup("notify"),
+                _ = tokio::time::sleep(poll) => telemetry::wakeup("poll"),
+            }
+        };
+        heartbeat.retire();
+        recorder_died
+    }
+
+    async fn claim(&self, wanted: usize) -> Result<Vec<ClaimedEvent>, String> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| format!("no database connection: {}", db::describe_pool(&e)))?;
+        claim(&client, wanted, self.owner, self.config.delivery.lease)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Collects finished delivery tasks. A panic there is a bug; the event's
+/// lease brings it back, so the daemon logs it and goes on.
+pub fn reap(tasks: &mut JoinSet<()>) {
+    while let Some(result) = tasks.try_join_next() {
+        if let Err(e) = result {
+            if e.is_panic() {
+                tracing::error!(error = %e, "a delivery task panicked; its event is retried after its lease");
+            }
+        }
+    }
+}
+
+/// Waits for a free slot; then, if `gather` is more than one, up to
+/// [`CLAIM_GATHER_WAIT`] for `gather` of them in all; then takes every free
+/// one (up to [`MAX_CLAIM_BATCH`]). Only the loop acquires, so what it saw
+/// free stays free until it takes it.
+async fn free_slots(slots: &Arc<Semaphore>, gather: usize) -> OwnedSemaphorePermit {
+    const OPEN: &str = "the semaphore is never closed";
+    let mut taken = slots.clone().acquire_owned().await.expect(OPEN);
+    let gather = gather.min(MAX_CLAIM_BATCH);
+    if gather > 1 && slots.available_permits() + 1 < gather {
+        // Held only to learn that enough are free; given back at once.
+        let rest = (gather - 1) as u32;
+        let _ =
+            tokio::time::timeout(CLAIM_GATHER_WAIT, slots.clone().acquire_many_owned(rest)).await;
+    }
+    let more = slots.available_permits().min(MAX_CLAIM_BATCH - 1);
+    if more > 0 {
+        taken.merge(
+            slots
+                .clone()
+                .try_acquire_many_owned(more as u32)
+                .expect(OPEN),
+        );
+    }
+    taken
+}
+
+async fn pause(shutdown: &CancellationToken, how_long: Duration) {
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = tokio::time::sleep(how_long) => {}
+    }
+}
+
+/// The poll interval ±10%, so instances started together do not poll in
+/// lockstep.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.9 + fastrand::f64() * 0.2)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,5 +304,70 @@ pub(crate) fn auth_from(
             token: Secret::new(token.unwrap_or_default()),
         },
         _ => Auth::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::{Instant, sleep};
+
+    // Paused clock: a wait shows as time advanced, none as zero; sleeps
+    // end in order without real time passing.
+
+    /// Frees one held slot at each of the given moments.
+    fn finish_at(slots: &Arc<Semaphore>, moments: &[u64]) {
+        for &ms in moments {
+            let held = slots
+                .clone()
+                .try_acquire_owned()
+                .expect("a free slot to hold");
+            tokio::spawn(async move {
+                sleep(Duration::from_millis(ms)).await;
+                drop(held);
+            });
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_full_claim_it_waits_briefly_from_the_first_free_slot_for_more() {
+        let slots = Arc::new(Semaphore::new(4));
+        // Every slot busy: two deliveries end at 50 ms, one at 51, one at 60.
+        finish_at(&slots, &[50, 50, 51, 60]);
+        let started = Instant::now();
+        let taken = free_slots(&slots, 3).await;
+        assert_eq!(taken.num_permits(), 3);
+        assert_eq!(started.elapsed(), Duration::from_millis(51));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_for_more_slots_is_bounded() {
+        let slots = Arc::new(Semaphore::new(4));
+        finish_at(&slots, &[50, 100, 100, 100]);
+        let started = Instant::now();
+        let taken = free_slots(&slots, 3).await;
+        assert_eq!(taken.num_permits(), 1);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_millis(50) + CLAIM_GATHER_WAIT
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn enough_free_slots_are_taken_at_once() {
+        let slots = Arc::new(Semaphore::new(4));
+        finish_at(&slots, &[100]);
+        let started = Instant::now();
+        assert_eq!(free_slots(&slots, 3).await.num_permits(), 3);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_backlog_a_claim_takes_what_is_free_at_once() {
+        let slots = Arc::new(Semaphore::new(4));
+        finish_at(&slots, &[100, 100, 100]);
+        let started = Instant::now();
+        assert_eq!(free_slots(&slots, 1).await.num_permits(), 1);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }

@@ -146,7 +146,7 @@ const POOLED_SESSION_OPTIONS: &str = "-c statement_timeout=30s -c lock_timeout=1
      -c synchronous_commit=off -c plan_cache_mode=force_custom_plan \
      -c enable_seqscan=off -c enable_bitmapscan=off";
 
-/// `statement_timeout` of pooled sessions (in [`POOLED_SESSION_OPTIONS`]).
+/// `statement_timeout` of pooled sessions (in `POOLED_SESSION_OPTIONS`).
 pub const POOLED_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The longest one pooled round trip may take, connection included: waiting

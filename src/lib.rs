@@ -6,20 +6,29 @@
 //!   `check`, `run`) and the operator's (`endpoint`, `events`, `status`,
 //!   `enqueue`, `completions`, `man`), one file each under `src/cli/`.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`telemetry`] names every
-//!   metric; [`maintenance`] refreshes the queue gauges; [`systemd`] speaks
-//!   systemd's notify protocol (READY, STOPPING, WATCHDOG).
-//! - [`engine`]: `outboxd run`, the loop that ties the delivery roles together:
-//!   - [`listen`]: LISTEN/NOTIFY wake-ups (a hint; polling is the truth);
-//!   - [`claim`]: leasing due events with `sql/queries/claim.sql`;
-//!   - [`webhook`]: building the request, the exact documented body;
-//!   - [`deliver`]: the HTTP(S) client, deadlines and body cap;
-//!   - [`guard`]: which destinations may be reached (the SSRF guard);
-//!   - [`classify`]: judging the receiver's answer (pure);
-//!   - [`backoff`]: when to retry (pure);
-//!   - [`record`]: the next state of each event, written in fenced batches
-//!     with `sql/queries/record.sql`, queueing a notification for each final
-//!     failure in the same statement.
-//! - [`mailer`]: the mailer: gathers notifications into throttled emails and
+//!   metric; [`systemd`] speaks systemd's notify protocol (READY, STATUS,
+//!   STOPPING) and runs the watchdog ticker.
+//! - [`engine`]: `outboxd run` in phases: start (waiting for the database),
+//!   serve, a bounded stop. What it starts:
+//!   - [`service`]: the one shape of the background services, and the
+//!     heartbeats that feed the watchdog;
+//!   - [`listen`]: LISTEN/NOTIFY wake-ups, a service (a hint; polling is the
+//!     truth);
+//!   - [`claim`]: the claim loop, leasing due events with
+//!     `sql/queries/claim.sql`;
+//!   - [`attempt`]: one delivery attempt, in order:
+//!     - [`webhook`]: every refusal before sending, and the request with
+//!       the exact documented body;
+//!     - [`deliver`]: the HTTP(S) client, deadlines and body cap, with
+//!       [`guard`] deciding which destinations may be reached (the SSRF
+//!       guard);
+//!     - [`classify`]: judging the receiver's answer (pure);
+//!     - [`record`]: the next state ([`record::decide`], with [`backoff`]
+//!       saying when to retry), then the recorder writes it in fenced
+//!       batches with `sql/queries/record.sql`, queueing a notification for
+//!       each final failure in the same statement;
+//!   - [`maintenance`]: the queue gauges and retention, both services.
+//! - [`mailer`]: a service: gathers notifications into throttled emails and
 //!   sends them, with [`email`] (what an email says, pure) and [`smtp`]
 //!   (mail-send, one SMTP transaction per recipient).
 //! - [`config`]: figment loading and validation of `config.toml` and

@@ -40,7 +40,7 @@ const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 
 /// The LISTEN connection as a service. Each tick either (re)connects, or
-/// waits for the next notification (at most [`QUIET_TICK`]) and wakes the
+/// waits for the next notification (at most `QUIET_TICK`) and wakes the
 /// engine with `wake.notify_one()`; every (re)connect wakes it too.
 /// `connected` tells whether the listener is up right now.
 pub struct Listener {

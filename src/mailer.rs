@@ -8,7 +8,7 @@
 //!    `notify.window` get one new email listing all of them
 //!    (`sql/queries/gather_notifications.sql`);
 //! 2. send one: a due email is leased (`claim_emails.sql`) for as long as
-//!    sending it can take ([`Mailer::lease`]), rendered ([`crate::email`]),
+//!    sending it can take (`Mailer::lease`), rendered ([`crate::email`]),
 //!    sent one SMTP transaction per recipient ([`crate::smtp`]), and marked
 //!    with a fenced update (`mark_email.sql`). When one was sent, the next
 //!    tick comes at once. One at a time, because an email leased beside

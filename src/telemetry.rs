@@ -175,7 +175,7 @@ fn describe() {
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The exporter's upkeep as a service: folds histogram samples every
-/// [`UPKEEP_INTERVAL`]; no database, so an idle daemon pays one wake-up a
+/// `UPKEEP_INTERVAL`; no database, so an idle daemon pays one wake-up a
 /// second.
 pub struct Upkeep(pub PrometheusHandle);
 
