@@ -175,14 +175,14 @@ impl ClaimLoop<'_> {
     }
 
     async fn claim(&self, wanted: usize) -> Result<Vec<ClaimedEvent>, String> {
-        let client = self
-            .pool
-            .get()
+        let client = db::Checkout::get(self.pool)
             .await
             .map_err(|e| format!("no database connection: {}", db::describe_pool(&e)))?;
-        claim(&client, wanted, self.owner, self.config.delivery.lease)
+        let claimed = claim(&client, wanted, self.owner, self.config.delivery.lease)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        client.done();
+        claimed
     }
 }
 

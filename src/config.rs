@@ -133,6 +133,9 @@ pub struct DatabaseConfig {
     pub connect_timeout: Duration,
     /// Pooled connections for claiming and recording (LISTEN has its own).
     pub pool_size: usize,
+    /// How long `run` waits for `outboxd migrate` when it finds the schema
+    /// older than itself; zero: exit 3 at once.
+    pub schema_wait: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +209,7 @@ pub struct RawDatabase {
     pub password_file: Option<PathBuf>,
     pub connect_timeout: Option<String>,
     pub pool_size: Option<u32>,
+    pub schema_wait: Option<String>,
 }
 
 // Hand-written so that neither the URL (which may carry a password) nor the
@@ -218,6 +222,7 @@ impl fmt::Debug for RawDatabase {
             .field("password_file", &self.password_file)
             .field("connect_timeout", &self.connect_timeout)
             .field("pool_size", &self.pool_size)
+            .field("schema_wait", &self.schema_wait)
             .finish()
     }
 }

@@ -101,6 +101,44 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// A pooled connection for one bounded round trip. If the round trip is
+/// abandoned half-way (its deadline passed, or shutdown cancelled it), the
+/// connection still has a request in flight, and on a dead network path it
+/// would stay broken until the kernel gives up: handed back to the pool it
+/// would cost the next caller its whole deadline too. So unless
+/// [`Checkout::done`] is called, dropping it closes the connection instead.
+pub struct Checkout(Option<deadpool_postgres::Client>);
+
+impl Checkout {
+    pub async fn get(
+        pool: &deadpool_postgres::Pool,
+    ) -> Result<Checkout, deadpool_postgres::PoolError> {
+        Ok(Checkout(Some(pool.get().await?)))
+    }
+
+    /// The round trip finished: back to the pool.
+    pub fn done(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl std::ops::Deref for Checkout {
+    type Target = deadpool_postgres::Client;
+
+    fn deref(&self) -> &deadpool_postgres::Client {
+        self.0.as_ref().expect("used before done()")
+    }
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            // Out of the pool and dropped: the connection closes.
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
 /// Why no pooled connection could be had, as one readable line: the
 /// connection error's cause (refused, reset, authentication) rather than
 /// deadpool's "error occurred while creating a new object" alone.

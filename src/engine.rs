@@ -12,9 +12,11 @@
 //!    to systemd with STATUS= "waiting for the database", then the database
 //!    is awaited with capped backoff (1 s doubling to 5 s), each failure
 //!    logged, for as long as it takes: an outage, or a host that boots
-//!    before its database, never needs an operator. A schema that is not
-//!    current ends the process (exit 3) instead; so does a bad configuration
-//!    (exit 2) before any of this. READY comes first because waiting before
+//!    before its database, never needs an operator. A schema older than the
+//!    binary is waited for too, up to `database.schema_wait` (2 min: the
+//!    migration unit may be retrying beside us), then ends the process
+//!    (exit 3), as a newer or modified one does at once; so does a bad
+//!    configuration (exit 2) before any of this. READY comes first because waiting before
 //!    it would run into the unit's `TimeoutStartSec`, and the restarts after
 //!    that into its start limit, after which systemd gives up.
 //! 1. **Serve**: the claim loop ([`ClaimLoop`]) starts one delivery task
@@ -48,7 +50,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::claim::{self, ClaimLoop};
-use crate::config::Config;
+use crate::config::{Config, DatabaseConfig};
 use crate::deliver::Deliverer;
 use crate::listen::Listener;
 use crate::mailer::Mailer;
@@ -139,7 +141,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     tokio::spawn(systemd::watchdog(liveness.clone(), watchdog_stop.clone()));
     let _watchdog = watchdog_stop.clone().drop_guard();
     let startup = liveness.register("start-up");
-    match wait_for_database(&pool, db_limit, &shutdown, startup).await {
+    match wait_for_database(&pool, &config.database, db_limit, &shutdown, startup).await {
         Ok(true) => {}
         Ok(false) => {
             tracing::info!("stopped before the database could be reached");
@@ -189,6 +191,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         deliverer,
         retry: config.retry.clone(),
         outcomes: outcomes_tx,
+        limit: config.delivery.request_timeout + attempt::ATTEMPT_SLACK,
     });
     tracing::info!(
         owner,
@@ -237,8 +240,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         recorder.abort();
         tracing::warn!("could not record the last outcomes in time; their leases will expire");
     }
-    services.stop().await;
-    admin.stop().await;
+    tokio::join!(services.stop(), admin.stop());
     tracing::info!(
         drained_in = ?drain_started.elapsed(),
         abandoned,
@@ -337,6 +339,11 @@ impl Services {
 enum Unusable {
     /// Not reachable now (down, refusing, timing out): wait and try again.
     Unreachable(String),
+    /// The schema is older than this binary: the migration may not have run
+    /// yet (a first install or an upgrade while the database was down, with
+    /// `outboxd-migrate.service` retrying beside us). Wait up to
+    /// `database.schema_wait`.
+    Behind { database: i32, binary: i32 },
     /// Reached, but this binary must not run on it: stop.
     Refused(EngineError),
 }
@@ -346,11 +353,13 @@ enum Unusable {
 /// STATUS=; `heartbeat` promises each try's and each wait's bound.
 async fn wait_for_database(
     pool: &deadpool_postgres::Pool,
+    config: &DatabaseConfig,
     limit: Duration,
     shutdown: &CancellationToken,
     heartbeat: Heartbeat,
 ) -> Result<bool, EngineError> {
     let mut delay = FIRST_START_RETRY;
+    let mut behind_since: Option<Instant> = None;
     let result = loop {
         heartbeat.within(limit);
         let checked = tokio::select! {
@@ -358,17 +367,37 @@ async fn wait_for_database(
             checked = tokio::time::timeout(limit, check_database(pool)) => checked
                 .unwrap_or_else(|_| Err(Unusable::Unreachable(format!("no answer within {limit:?}")))),
         };
-        let reason = match checked {
+        let status = match checked {
             Ok(()) => break Ok(true),
             Err(Unusable::Refused(e)) => break Err(e),
-            Err(Unusable::Unreachable(reason)) => reason,
+            Err(Unusable::Behind { database, binary }) => {
+                let since = *behind_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= config.schema_wait {
+                    break Err(EngineError::Schema { database, binary });
+                }
+                tracing::warn!(
+                    database,
+                    binary,
+                    gives_up_in = %humantime::format_duration(Duration::from_secs(
+                        config.schema_wait.saturating_sub(since.elapsed()).as_secs().max(1)
+                    )),
+                    retry_in = %humantime::format_duration(delay),
+                    "waiting for `outboxd migrate`: the schema is older than this binary"
+                );
+                format!(
+                    "waiting for the schema migration (database version {database}, binary {binary})"
+                )
+            }
+            Err(Unusable::Unreachable(reason)) => {
+                tracing::warn!(
+                    error = %reason,
+                    retry_in = %humantime::format_duration(delay),
+                    "waiting for the database"
+                );
+                format!("waiting for the database: {reason}")
+            }
         };
-        tracing::warn!(
-            error = %reason,
-            retry_in = %humantime::format_duration(delay),
-            "waiting for the database"
-        );
-        systemd::status(&format!("waiting for the database: {reason}"));
+        systemd::status(&status);
         heartbeat.within(delay);
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(false),
@@ -390,7 +419,7 @@ async fn check_database(pool: &deadpool_postgres::Pool) -> Result<(), Unusable> 
     match migrate::status(&client).await {
         Ok(SchemaState::Current { .. }) => {}
         Ok(SchemaState::Behind { database, binary }) => {
-            return Err(Unusable::Refused(EngineError::Schema { database, binary }));
+            return Err(Unusable::Behind { database, binary });
         }
         // A statement failed: the connection broke, or the server is
         // shutting down or in recovery. Try again.

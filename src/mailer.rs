@@ -234,7 +234,11 @@ impl Mailer {
         email: ClaimedEmail,
         report: &mut Report,
     ) -> Result<(), NotifyError> {
-        let events = load_content(client, email.id).await?;
+        // Each database step within its bound, so that loading, sending and
+        // marking together stay inside the lease (see `lease`).
+        let events = self
+            .bounded("loading an email's events", load_content(client, email.id))
+            .await?;
         let todo: Vec<String> = email
             .recipients
             .iter()
@@ -265,20 +269,25 @@ impl Mailer {
             }
         }
         let retry_ms = self.retry_delay(email.attempt).as_millis() as i64;
-        let state: Option<String> = client
-            .query_opt(
-                MARK_SQL,
-                &[
-                    &email.id,
-                    &email.attempt,
-                    &sent_to,
-                    &refused,
-                    &retry_ms,
-                    &error,
-                ],
-            )
-            .await
-            .map_err(step("marking an email"))?
+        let mark = async {
+            client
+                .query_opt(
+                    MARK_SQL,
+                    &[
+                        &email.id,
+                        &email.attempt,
+                        &sent_to,
+                        &refused,
+                        &retry_ms,
+                        &error,
+                    ],
+                )
+                .await
+                .map_err(step("marking an email"))
+        };
+        let state: Option<String> = self
+            .bounded("marking an email", mark)
+            .await?
             .map(|r| r.get(0));
         match state.as_deref() {
             Some("sent") => {
@@ -302,6 +311,21 @@ impl Mailer {
             ),
         }
         Ok(())
+    }
+
+    /// `step` within one database round trip's bound.
+    async fn bounded<T>(
+        &self,
+        step: &'static str,
+        work: impl std::future::Future<Output = Result<T, NotifyError>>,
+    ) -> Result<T, NotifyError> {
+        match tokio::time::timeout(self.db_limit, work).await {
+            Ok(done) => done,
+            Err(_) => Err(NotifyError {
+                step,
+                reason: format!("no answer within {:?}", self.db_limit),
+            }),
+        }
     }
 
     /// `retry_delay`, doubling per attempt, at most 30 minutes.

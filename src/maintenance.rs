@@ -40,6 +40,10 @@ impl Service for Maintenance {
         self.limit
     }
 
+    fn after_overrun(&self) -> Duration {
+        self.interval
+    }
+
     async fn tick(&mut self) -> Next {
         if let Err(e) = self.run_once().await {
             crate::telemetry::database_error("maintenance");
@@ -116,6 +120,12 @@ impl Service for Retention {
 
     fn tick_limit(&self) -> Duration {
         self.limit
+    }
+
+    /// A batch that hung (a partitioned database) waits for the next round,
+    /// as a failed one does.
+    fn after_overrun(&self) -> Duration {
+        self.config.interval
     }
 
     async fn tick(&mut self) -> Next {

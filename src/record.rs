@@ -462,11 +462,13 @@ async fn write_pooled(
     batch: &[Outcome],
     again: bool,
 ) -> Result<Vec<Uuid>, RecordError> {
-    let client = pool.get().await.map_err(|e| RecordError {
+    let client = db::Checkout::get(pool).await.map_err(|e| RecordError {
         message: format!("no database connection: {}", db::describe_pool(&e)),
         bad_data: false,
     })?;
-    write(&client, owner, batch, again).await
+    let written = write(&client, owner, batch, again).await;
+    client.done();
+    written
 }
 
 #[cfg(test)]

@@ -28,10 +28,12 @@
 //! ([`Heartbeat::idle`]).
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -93,19 +95,37 @@ impl Liveness {
     }
 
     /// The first loop whose promise is broken at `now`, if any.
-    pub fn stalled(&self, now: Instant) -> Option<&'static str> {
+    pub fn stalled(&self, now: Instant) -> Option<Stall> {
         let now = self.ms(now);
         let beats = self.beats.lock().unwrap_or_else(PoisonError::into_inner);
         beats
             .iter()
-            .find(|b| b.due.load(Ordering::Relaxed) < now)
-            .map(|b| b.name)
+            .find_map(|b| match b.due.load(Ordering::Relaxed) {
+                DEAD => Some(Stall {
+                    name: b.name,
+                    dead: true,
+                }),
+                due if due < now => Some(Stall {
+                    name: b.name,
+                    dead: false,
+                }),
+                _ => None,
+            })
     }
 
     fn ms(&self, at: Instant) -> u64 {
         // +1 so that no live promise is ever DEAD.
         at.saturating_duration_since(self.origin).as_millis() as u64 + 1
     }
+}
+
+/// A loop that broke its promise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stall {
+    pub name: &'static str,
+    /// It ended without being retired (a panic, an early return), rather
+    /// than overstaying a wait.
+    pub dead: bool,
 }
 
 /// One loop's promise to turn again soon. Dropping it without
@@ -217,7 +237,13 @@ pub fn spawn<S: Service>(mut service: S, liveness: &Liveness) -> Running {
                 let after_overrun = service.after_overrun();
                 heartbeat.within(limit);
                 let next = {
-                    let tick = tokio::time::timeout(limit, service.tick());
+                    // A panic in one tick is a bug, but it must not take the
+                    // service (and with its heartbeat, the daemon) down:
+                    // logged, and treated like an overrun.
+                    let tick = tokio::time::timeout(
+                        limit,
+                        AssertUnwindSafe(service.tick()).catch_unwind(),
+                    );
                     tokio::pin!(tick);
                     tokio::select! {
                         next = &mut tick => next,
@@ -236,8 +262,17 @@ pub fn spawn<S: Service>(mut service: S, liveness: &Liveness) -> Running {
                     }
                 };
                 let wait = match next {
-                    Ok(Next::Now) => continue,
-                    Ok(Next::After(wait)) => wait,
+                    Ok(Ok(Next::Now)) => continue,
+                    Ok(Ok(Next::After(wait))) => wait,
+                    Ok(Err(panic)) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        tracing::error!(service = S::NAME, panic = %what, "a tick panicked; the service goes on");
+                        after_overrun
+                    }
                     Err(_) => {
                         tracing::warn!(
                             service = S::NAME,
@@ -280,7 +315,13 @@ mod tests {
         tokio::time::advance(S(30) + PROMISE_SLACK - Duration::from_millis(10)).await;
         assert_eq!(liveness.stalled(Instant::now()), None);
         tokio::time::advance(Duration::from_millis(20)).await;
-        assert_eq!(liveness.stalled(Instant::now()), Some("claim"));
+        assert_eq!(
+            liveness.stalled(Instant::now()),
+            Some(Stall {
+                name: "claim",
+                dead: false
+            })
+        );
         // Beating again heals it.
         beat.within(S(1));
         assert_eq!(liveness.stalled(Instant::now()), None);
@@ -300,10 +341,17 @@ mod tests {
         tokio::time::advance(S(3600)).await;
         assert_eq!(liveness.stalled(Instant::now()), None);
         drop(dropped);
-        assert_eq!(liveness.stalled(Instant::now()), Some("mailer"));
+        assert_eq!(
+            liveness.stalled(Instant::now()),
+            Some(Stall {
+                name: "mailer",
+                dead: true
+            })
+        );
     }
 
-    /// Ticks: the first overruns its limit, the others return `After(10s)`.
+    /// Ticks: the first overruns its limit, the second panics, the others
+    /// return `After(10s)`.
     struct Ticker {
         ticks: Arc<AtomicU32>,
     }
@@ -314,15 +362,17 @@ mod tests {
             S(2)
         }
         async fn tick(&mut self) -> Next {
-            if self.ticks.fetch_add(1, Ordering::Relaxed) == 0 {
-                tokio::time::sleep(S(3600)).await;
+            match self.ticks.fetch_add(1, Ordering::Relaxed) {
+                0 => tokio::time::sleep(S(3600)).await,
+                1 => panic!("a bug in one tick"),
+                _ => {}
             }
             Next::After(S(10))
         }
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_tick_past_its_limit_is_abandoned_and_the_service_goes_on() {
+    async fn a_tick_past_its_limit_or_panicking_is_abandoned_and_the_service_goes_on() {
         let liveness = Liveness::new();
         let ticks = Arc::new(AtomicU32::new(0));
         let running = spawn(
@@ -332,9 +382,9 @@ mod tests {
             &liveness,
         );
         // Ticks at 0 s (abandoned at its 2 s limit), 3 s (1 s after the
-        // overrun), 13 s and 23 s.
-        tokio::time::sleep(S(23) + Duration::from_millis(1)).await;
-        assert_eq!(ticks.load(Ordering::Relaxed), 4);
+        // overrun; panics), 4 s (1 s after that), 14 s and 24 s.
+        tokio::time::sleep(S(24) + Duration::from_millis(1)).await;
+        assert_eq!(ticks.load(Ordering::Relaxed), 5);
         assert_eq!(liveness.stalled(Instant::now()), None);
         let stopped = Instant::now();
         running.join().await;

@@ -57,6 +57,12 @@ impl RawDatabase {
             1000,
         );
 
+        let schema_wait = duration_or_zero(
+            problems,
+            "database.schema_wait",
+            self.schema_wait.as_deref(),
+            DEFAULT_SCHEMA_WAIT,
+        );
         let password = password_setting(problems, "database", self.password, self.password_file);
 
         let mut pg = pg.take()?;
@@ -74,6 +80,7 @@ impl RawDatabase {
             pg,
             connect_timeout,
             pool_size: pool_size? as usize,
+            schema_wait: schema_wait?,
         })
     }
 }
@@ -509,6 +516,11 @@ fn problem(problems: &mut Vec<Problem>, key: &str, message: impl Into<String>) {
 
 /// No duration setting has a use beyond this, and bounding them keeps every
 /// computed retry time representable.
+/// `database.schema_wait`: long enough for `outboxd-migrate.service`, which
+/// retries every 5 s, to run once the database is back after a boot or an
+/// outage during an upgrade.
+const DEFAULT_SCHEMA_WAIT: Duration = Duration::from_secs(120);
+
 const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// A number within bounds, inclusive.
@@ -538,6 +550,23 @@ fn duration_or(
     match value {
         Some(_) => duration(problems, key, value, ""),
         None => Some(default),
+    }
+}
+
+/// Like [`duration_or`], but zero is allowed (it turns a wait off).
+fn duration_or_zero(
+    problems: &mut Vec<Problem>,
+    key: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Option<Duration> {
+    match value.map(str::trim) {
+        None => Some(default),
+        Some("0") => Some(Duration::ZERO),
+        Some(text) => match humantime::parse_duration(text) {
+            Ok(d) if d.is_zero() => Some(d),
+            _ => duration(problems, key, Some(text), ""),
+        },
     }
 }
 

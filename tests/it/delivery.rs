@@ -682,11 +682,55 @@ async fn run_refuses_a_lease_not_comfortably_longer_than_the_request_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn run_refuses_to_start_on_an_unmigrated_database() {
+async fn run_on_an_unmigrated_database_waits_schema_wait_then_exits_3() {
     let db = TestDb::empty().await;
-    let ran = crate::harness::run(db.outboxd().arg("run")).await;
+    let started = std::time::Instant::now();
+    let ran = crate::harness::run(
+        db.outboxd()
+            .env("OUTBOXD_DATABASE__SCHEMA_WAIT", "2s")
+            .arg("run"),
+    )
+    .await;
     assert_eq!(ran.code, Some(3), "{ran:?}");
-    assert!(ran.stderr.contains("outboxd migrate"), "{ran:?}");
+    assert!(ran.stderr.contains("run `outboxd migrate`"), "{ran:?}");
+    assert!(
+        ran.stderr.contains("waiting for `outboxd migrate`"),
+        "{ran:?}"
+    );
+    assert!(started.elapsed() >= SECS(2), "gave up before schema_wait");
+    // With the wait turned off, at once.
+    let ran = crate::harness::run(
+        db.outboxd()
+            .env("OUTBOXD_DATABASE__SCHEMA_WAIT", "0s")
+            .arg("run"),
+    )
+    .await;
+    assert_eq!(ran.code, Some(3), "{ran:?}");
+    assert!(
+        !ran.stderr.contains("waiting for `outboxd migrate`"),
+        "{ran:?}"
+    );
+}
+
+/// A first install or an upgrade while the database was down: the daemon
+/// reaches the database before the migration unit does. It waits for the
+/// migration instead of exiting, then delivers, in the same process.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_started_before_the_migration_waits_for_it_and_then_delivers() {
+    let db = TestDb::empty().await;
+    let mut daemon = Daemon::start_until(&db, &[], "waiting for `outboxd migrate`").await;
+    let pid = daemon.pid();
+    let migrated = crate::harness::run(db.outboxd().arg("migrate")).await;
+    assert_eq!(migrated.code, Some(0), "{migrated:?}");
+    daemon.wait_for_log("listening for NOTIFY", SECS(20)).await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    set_endpoint(&client, 6316, &receiver.url("/"), "none").await;
+    let id = enqueue(&client, 6316, 222125, "2271", None).await;
+    wait_state(&client, id, "delivered", SECS(15)).await;
+    assert!(daemon.is_running());
+    assert_eq!(daemon.pid(), pid, "the same process");
+    assert!(daemon.stop().await.success());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,9 +5,11 @@
 //! for a minute mid-drain makes it wait, never exit.
 //!
 //! Every test runs with WATCHDOG_USEC=2000000 and allows no stretch longer
-//! than a quarter of it (500 ms) without a ping: the daemon pings every
-//! eighth, so a quarter leaves a whole ping's worth of slack for a loaded
-//! machine, and systemd would only restart the unit after the full 2 s.
+//! than three eighths of it (750 ms) without a ping: the daemon pings every
+//! eighth (250 ms), so that leaves two pings' worth of slack for a loaded
+//! 2-core machine running PostgreSQL, a receiver and a debug build at once,
+//! and systemd would only restart the unit after the full 2 s. The code
+//! before this suite had gaps of 2 s and more in every one of these cases.
 //! The watchdog assertion comes last in each test, after the rest of the
 //! behaviour has been checked, so a failure there is about pings alone.
 
@@ -27,8 +29,8 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 /// What every test passes as WATCHDOG_USEC, and the same as a Duration.
 const WATCHDOG_USEC: &str = "2000000";
 const WATCHDOG: Duration = Duration::from_secs(2);
-/// The longest allowed stretch without a ping: WATCHDOG_USEC / 4.
-const MAX_SILENCE: Duration = Duration::from_millis(500);
+/// The longest allowed stretch without a ping: 3/8 of WATCHDOG_USEC.
+const MAX_SILENCE: Duration = Duration::from_millis(750);
 
 /// Logged for each failed try to reach the database before the first.
 const WAITING: &str = "waiting for the database";
@@ -52,7 +54,7 @@ fn assert_pinged_throughout(
     let silence = notify.longest_silence(from, to);
     assert!(
         silence.longest <= MAX_SILENCE,
-        "{what}: WATCHDOG=1 must come at least every {MAX_SILENCE:?} (WATCHDOG_USEC/4 with \
+        "{what}: WATCHDOG=1 must come at least every {MAX_SILENCE:?} (3/8 of WATCHDOG_USEC, \
          WATCHDOG_USEC={WATCHDOG_USEC}); {silence}"
     );
     silence
@@ -438,6 +440,13 @@ async fn sigterm_with_the_database_gone_exits_0_within_the_stop_timeout() {
         );
     };
     assert_eq!(status.code(), Some(0), "{status:?}");
+    let budget = outboxd::engine::stop_budget(
+        &outboxd::config::load(Some(&crate::harness::repo_root().join("config.toml"))).unwrap(),
+    );
+    assert!(
+        took <= budget + SECS(3),
+        "the stop took {took:?}, over the daemon's own budget of {budget:?}"
+    );
     assert!(
         daemon
             .log()

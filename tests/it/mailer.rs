@@ -76,7 +76,10 @@ fn reference_smtp_timeout() -> Duration {
 /// SIGKILLs it, and the stop counts as a failure). With tls = "none",
 /// mail-send 0.7 reads the 220 greeting without its own timeout, so only
 /// outboxd's bound per email applies: smtp.timeout * (recipients + 2), here
-/// 30 s * 4 = 2 min for the first email alone, and one claim holds all three.
+/// 30 s * 4 = 2 min for the first email alone (and the old mailer had
+/// claimed all three together). Now a send still running at the stop gets
+/// the mailer's 5 s grace and is abandoned; the stop must stay within the
+/// daemon's own budget, not just within TimeoutStopSec.
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_with_smtp_blackholed_and_emails_queued_exits_0_within_the_stop_timeout() {
     let stop_timeout = unit_stop_timeout();
@@ -150,6 +153,13 @@ async fn sigterm_with_smtp_blackholed_and_emails_queued_exits_0_within_the_stop_
         daemon.log().join("\n")
     );
     assert!(took < stop_timeout);
+    let budget = outboxd::engine::stop_budget(
+        &outboxd::config::load(Some(&crate::harness::repo_root().join("config.toml"))).unwrap(),
+    );
+    assert!(
+        took <= budget + Duration::from_secs(3),
+        "the stop took {took:?}, over the daemon's own budget of {budget:?}"
+    );
 
     // Nothing was sent and nothing was lost: all three wait for the next start.
     let rows = client
@@ -199,7 +209,7 @@ fn received_per_recipient(
 /// their lease while still queued behind the others, and a second instance
 /// claimed and sent them too: the same recipients got the same email twice.
 ///
-/// The numbers. T = smtp.timeout = 2 s, so today's lease L = 12 T = 24 s.
+/// The numbers. T = smtp.timeout = 2 s, so the old lease L = 12 T = 24 s.
 /// The server answers each RCPT and each DATA 0.5 s late (well inside T, so
 /// no reply times out, even on a loaded machine), so one SMTP transaction
 /// takes about 1 s and an email to 5 recipients about S = 5 s. There are 11
@@ -292,4 +302,34 @@ async fn two_instances_with_a_slow_smtp_server_send_each_email_once() {
         EMAILS,
         "every email marked sent to all its recipients"
     );
+}
+
+/// The claim behind "each email sent once": one email per lease, the oldest
+/// due first, and a leased one is not claimed again until its lease runs out.
+#[tokio::test]
+async fn claim_emails_leases_one_email_at_a_time() {
+    const CLAIM: &str = include_str!("../../sql/queries/claim_emails.sql");
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox.emails (company_id, event_type, recipients, next_attempt_at)
+             SELECT c, 'payment.cancellation', ARRAY['ops@example.com'], now() - c * interval '1 minute'
+               FROM generate_series(1, 3) AS c",
+        )
+        .await
+        .unwrap();
+    let lease_ms: i64 = 60_000;
+    let mut claimed = Vec::new();
+    for owner in ["a", "b", "c", "d"] {
+        let rows = client.query(CLAIM, &[&owner, &lease_ms]).await.unwrap();
+        assert!(
+            rows.len() <= 1,
+            "{owner} leased {} emails at once",
+            rows.len()
+        );
+        claimed.extend(rows.iter().map(|r| r.get::<_, i64>("company_id")));
+    }
+    // Oldest due first; the fourth claim finds nothing left.
+    assert_eq!(claimed, vec![3, 2, 1]);
 }

@@ -238,7 +238,7 @@ async fn systemd_gets_ready_watchdog_pings_and_stopping() {
         &db,
         &[
             ("NOTIFY_SOCKET", socket_path.as_str()),
-            // 2 s: pings every 500 ms.
+            // 2 s: pings every 250 ms.
             ("WATCHDOG_USEC", "2000000"),
         ],
     )
