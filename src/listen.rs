@@ -116,6 +116,12 @@ impl Service for Listener {
         self.connect_limit().max(QUIET_TICK) + Duration::from_secs(5)
     }
 
+    /// A tick mostly waits for a notification; dropping it (and the
+    /// connection with it) at once loses nothing.
+    fn stop_grace(&self) -> Duration {
+        Duration::ZERO
+    }
+
     async fn tick(&mut self) -> Next {
         let Some(up) = &mut self.up else {
             let limit = self.connect_limit();

@@ -186,7 +186,7 @@ pub trait Service: Send + 'static {
     fn tick_limit(&self) -> Duration;
 
     /// How long a tick that is running when the stop signal comes may go on
-    /// before it is abandoned.
+    /// before it is abandoned; zero for a tick that only waits.
     fn stop_grace(&self) -> Duration {
         DEFAULT_STOP_GRACE
     }
@@ -251,6 +251,8 @@ pub fn spawn<S: Service>(mut service: S, liveness: &Liveness) -> Running {
                             heartbeat.within(grace);
                             match tokio::time::timeout(grace, &mut tick).await {
                                 Ok(_) => {}
+                                // No grace: dropping the tick is by design.
+                                Err(_) if grace.is_zero() => {}
                                 Err(_) => tracing::warn!(
                                     service = S::NAME,
                                     grace = %humantime::format_duration(grace),

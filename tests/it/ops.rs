@@ -412,3 +412,27 @@ async fn the_daemon_warns_at_start_when_autovacuum_is_off() {
     );
     daemon.stop().await;
 }
+
+/// Nothing in flight, nothing to wait for: SIGTERM ends the process at once
+/// (the listener's wait for a notification is dropped, not waited out), and
+/// no service is reported as abandoned.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_daemon_stops_at_once() {
+    let db = TestDb::new().await;
+    let mut daemon = Daemon::start(&db, &[]).await;
+    let asked = std::time::Instant::now();
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait(SECS(10)).await;
+    let took = asked.elapsed();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        took < Duration::from_millis(900),
+        "an idle stop took {took:?}"
+    );
+    let log = daemon.log();
+    assert!(
+        !log.iter().any(|l| l.contains("abandoned a tick")),
+        "{}",
+        log.join("\n")
+    );
+}
