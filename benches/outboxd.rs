@@ -63,6 +63,11 @@ struct Opts {
     /// run on the same machine.
     #[arg(long, value_name = "PATH")]
     daemon: Option<std::path::PathBuf>,
+    /// The config file the daemon runs with (default: the repository's
+    /// `config.toml`); an older build may need its own, since a daemon
+    /// refuses keys it does not know.
+    #[arg(long, value_name = "PATH")]
+    config: Option<std::path::PathBuf>,
     // cargo bench passes --bench; accept and ignore it.
     #[arg(long, hide = true)]
     bench: bool,
@@ -79,6 +84,15 @@ enum Phase {
 }
 
 impl Opts {
+    fn config(&self) -> &std::path::Path {
+        self.config
+            .as_deref()
+            .unwrap_or(std::path::Path::new(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/config.toml"
+            )))
+    }
+
     fn daemon(&self) -> &std::path::Path {
         self.daemon
             .as_deref()
@@ -178,10 +192,15 @@ struct Daemon {
 }
 
 impl Daemon {
-    async fn start(bin: &std::path::Path, db_url: &str, concurrency: usize) -> Daemon {
+    async fn start(
+        bin: &std::path::Path,
+        config: &std::path::Path,
+        db_url: &str,
+        concurrency: usize,
+    ) -> Daemon {
         let mut child = Command::new(bin)
             .arg("--config")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"))
+            .arg(config)
             .arg("run")
             .env("OUTBOXD_DATABASE__URL", db_url)
             .env("OUTBOXD_DELIVERY__ALLOWED_NETWORKS", r#"["127.0.0.0/8"]"#)
@@ -383,7 +402,7 @@ async fn drain(opts: &Opts, events: usize) -> Drain {
     let receiver_before = process_cpu_seconds(receiver.child.id().unwrap());
     let postgres_before = postgres_cpu_seconds();
     let transactions_before = commits(&client, db).await;
-    let daemon = Daemon::start(opts.daemon(), &url, opts.concurrency).await;
+    let daemon = Daemon::start(opts.daemon(), opts.config(), &url, opts.concurrency).await;
     wait_drained(&client, Duration::from_secs(3600)).await;
     let per_event = |seconds: f64| seconds / events as f64 * 1e6;
     let cpu_us = [
@@ -526,7 +545,7 @@ async fn latency(opts: &Opts) -> (Latency, f64, f64) {
     let client = connect(&url).await;
     let mut receiver = start_receiver(true).await;
     preload(&client, 0, opts.companies, &receiver.url).await;
-    let daemon = Daemon::start(opts.daemon(), &url, opts.concurrency).await;
+    let daemon = Daemon::start(opts.daemon(), opts.config(), &url, opts.concurrency).await;
 
     // Idle first: statements per second and CPU with nothing to do, once
     // start-up (each pooled connection preparing its statements) is over.

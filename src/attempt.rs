@@ -11,7 +11,7 @@
 //! recorder, which writes it (`record::run`).
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
@@ -27,34 +27,16 @@ pub struct Context {
     pub retry: RetryPolicy,
     /// To the recorder.
     pub outcomes: mpsc::Sender<Outcome>,
-    /// Longest one attempt may take: `delivery.request_timeout` (which
-    /// [`Deliverer::send`] already enforces) plus [`ATTEMPT_SLACK`].
-    pub limit: Duration,
 }
-
-/// What an attempt may take beyond the request's own deadline: preparing the
-/// request and judging the answer take microseconds, so this is only there
-/// to catch a bug that would hold a delivery slot forever.
-pub const ATTEMPT_SLACK: Duration = Duration::from_secs(5);
 
 /// One event on its own task: the attempt, then the outcome to the
 /// recorder. The delivery slot is released only once the recorder has
-/// accepted the outcome. An attempt past `context.limit` is abandoned: its
-/// slot comes back and its lease brings the event back (same key).
+/// accepted the outcome. The attempt is bounded by the one deadline
+/// [`Deliverer::send`] puts around the whole request
+/// (`delivery.request_timeout`); the rest of it is computation. A second
+/// timer around it would only repeat that one, at a cost on every event.
 pub async fn deliver(event: ClaimedEvent, context: Arc<Context>, slot: OwnedSemaphorePermit) {
-    let attempted = tokio::time::timeout(
-        context.limit,
-        attempt(&event, &context.deliverer, &context.retry),
-    )
-    .await;
-    let Ok(outcome) = attempted else {
-        tracing::error!(
-            event_id = %event.id,
-            limit = ?context.limit,
-            "a delivery attempt overran its deadline and was abandoned; the event is retried after its lease"
-        );
-        return;
-    };
+    let outcome = attempt(&event, &context.deliverer, &context.retry).await;
     // Fails only if the recorder is gone, i.e. at the very end of a
     // shutdown; the lease then brings the event back.
     let _ = context.outcomes.send(outcome).await;

@@ -191,7 +191,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         deliverer,
         retry: config.retry.clone(),
         outcomes: outcomes_tx,
-        limit: config.delivery.request_timeout + attempt::ATTEMPT_SLACK,
     });
     tracing::info!(
         owner,

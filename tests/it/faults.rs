@@ -483,21 +483,7 @@ async fn a_database_restart_mid_drain_shows_in_readyz_and_loses_nothing() {
     let during = receiver.received().len();
 
     pg.restart().await;
-    let back = std::time::Instant::now();
-    eventually("/readyz to recover", SECS(45), || async {
-        http_get(&readyz).await.0 == 200
-    })
-    .await;
-    let ready_after = back.elapsed();
-    let client = db.client().await; // the old session died with the server
-    eventually("all delivered after the restart", SECS(60), || async {
-        delivered(&client).await == EVENTS
-    })
-    .await;
-    assert!(
-        (during as i64) < EVENTS,
-        "the restart came mid-drain ({during} requests before it)"
-    );
+    let (ready_after, client) = recovered(&db, &readyz, EVENTS, during).await;
     assert!(
         daemon
             .log()
@@ -513,6 +499,35 @@ async fn a_database_restart_mid_drain_shows_in_readyz_and_loses_nothing() {
         "postgres restart: {during} requests before the server came back, /readyz 200 again {ready_after:?} after it did, \
          claimed twice {claimed_again}, duplicates {duplicated}"
     );
+}
+
+/// Just after the private cluster came back: waits for /readyz to say 200
+/// and for every one of `events` to be delivered (through a new session:
+/// the old one died with the server), and checks that the outage came
+/// mid-drain (`during` requests before it). Returns how long /readyz took,
+/// and the new session.
+pub(crate) async fn recovered(
+    db: &TestDb,
+    readyz: &str,
+    events: i64,
+    during: usize,
+) -> (Duration, Client) {
+    let back = std::time::Instant::now();
+    eventually("/readyz to recover", SECS(45), || async {
+        http_get(readyz).await.0 == 200
+    })
+    .await;
+    let ready_after = back.elapsed();
+    let client = db.client().await;
+    eventually("all delivered after the outage", SECS(60), || async {
+        delivered(&client).await == events
+    })
+    .await;
+    assert!(
+        (during as i64) < events,
+        "the outage came mid-drain ({during} requests before it)"
+    );
+    (ready_after, client)
 }
 
 // ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use crate::faults::{
     QUICK, assert_delivered_and_marked_once, assert_no_panic, delivered, endpoint, enqueue_many,
-    quick, slow_ok_receiver,
+    quick, recovered, slow_ok_receiver,
 };
 use crate::harness::{Daemon, TestDb, eventually, http_get};
 use crate::private_pg::PrivatePg;
@@ -40,6 +40,18 @@ fn watched<'a>(notify: &'a NotifySocket, env: &[(&'a str, &'a str)]) -> Vec<(&'a
     let mut all = env.to_vec();
     all.extend(notify.env(WATCHDOG_USEC));
     all
+}
+
+/// Asserts the daemon is still the process `pid` started as, with no panic
+/// logged, stops it with SIGTERM (exit 0) and returns when the stop began.
+async fn stop_the_same_process(mut daemon: Daemon, pid: i32) -> Instant {
+    assert!(daemon.is_running());
+    assert_eq!(daemon.pid(), pid);
+    assert_no_panic(&daemon);
+    let stop_at = Instant::now();
+    let status = daemon.stop().await;
+    assert!(status.success(), "{status:?}");
+    stop_at
 }
 
 /// Panics unless `WATCHDOG=1` never stopped for more than [`MAX_SILENCE`]
@@ -86,7 +98,7 @@ async fn watchdog_pings_keep_coming_through_a_long_backlog_drain() {
         ("OUTBOXD_DELIVERY__CONCURRENCY", SLOTS),
         ("RUST_LOG", "info"),
     ];
-    let mut daemon = Daemon::start(&db, &watched(&notify, &env)).await;
+    let daemon = Daemon::start(&db, &watched(&notify, &env)).await;
     let pid = daemon.pid();
     let ready = notify.wait_for_line("READY=1", SECS(10)).await.at;
     let requests = receiver.wait_for(EVENTS as usize, SECS(80)).await;
@@ -108,12 +120,7 @@ async fn watchdog_pings_keep_coming_through_a_long_backlog_drain() {
         EVENTS,
         "each event sent once, no fault here"
     );
-    assert!(daemon.is_running());
-    assert_eq!(daemon.pid(), pid);
-    assert_no_panic(&daemon);
-    let stop_at = Instant::now();
-    let status = daemon.stop().await;
-    assert!(status.success(), "{status:?}");
+    let stop_at = stop_the_same_process(daemon, pid).await;
 
     let silence = assert_pinged_throughout(
         &notify,
@@ -149,7 +156,7 @@ async fn watchdog_pings_keep_coming_while_every_slot_is_held_by_a_slow_receiver(
             ("OUTBOXD_DELIVERY__REQUEST_TIMEOUT", "10s"),
         ],
     );
-    let mut daemon = Daemon::start(&db, &env).await;
+    let daemon = Daemon::start(&db, &env).await;
     let pid = daemon.pid();
     let ready = notify.wait_for_line("READY=1", SECS(10)).await.at;
     let requests = receiver.wait_for(EVENTS as usize, SECS(40)).await;
@@ -177,12 +184,7 @@ async fn watchdog_pings_keep_coming_while_every_slot_is_held_by_a_slow_receiver(
         held >= 3 * WATCHDOG,
         "every slot was held for {held:?} only, under 3 watchdog periods"
     );
-    assert!(daemon.is_running());
-    assert_eq!(daemon.pid(), pid);
-    assert_no_panic(&daemon);
-    let stop_at = Instant::now();
-    let status = daemon.stop().await;
-    assert!(status.success(), "{status:?}");
+    let stop_at = stop_the_same_process(daemon, pid).await;
 
     let silence = assert_pinged_throughout(
         &notify,
@@ -365,21 +367,7 @@ async fn a_60_second_database_outage_mid_drain_loses_nothing_and_the_process_nev
     }
     pg.restart().await;
     let up = Instant::now();
-
-    eventually("/readyz to recover", SECS(45), || async {
-        http_get(&readyz).await.0 == 200
-    })
-    .await;
-    let ready_after = up.elapsed();
-    let client = db.client().await; // the old session died with the server
-    eventually("all delivered after the outage", SECS(60), || async {
-        delivered(&client).await == EVENTS
-    })
-    .await;
-    assert!(
-        (during as i64) < EVENTS,
-        "the outage came mid-drain ({during} requests before it)"
-    );
+    let (ready_after, client) = recovered(&db, &readyz, EVENTS, during).await;
     assert!(daemon.is_running());
     assert_eq!(daemon.pid(), pid);
     let lives = daemon
