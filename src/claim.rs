@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::attempt;
 use crate::config::{Config, Secret};
 use crate::service::Heartbeat;
-use crate::{db, telemetry};
+use crate::{db, systemd, telemetry};
 
 const CLAIM_SQL: &str = include_str!("../sql/queries/claim.sql");
 
@@ -104,6 +104,8 @@ impl ClaimLoop<'_> {
         let gather_when_busy = (self.config.delivery.concurrency * 3 / 4).clamp(1, MAX_CLAIM_BATCH);
         // Slots the next claim waits for: 1 unless the last claim came back full.
         let mut gather = 1;
+        // The last claim failed (and systemd's STATUS= says so).
+        let mut failing = false;
         let recorder_died = 'serve: loop {
             // Claim until a claim comes back short (nothing more is due) or
             // shutdown; with every slot busy, wait for one to free up.
@@ -134,10 +136,18 @@ impl ClaimLoop<'_> {
                         .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.claim_limit))),
                 };
                 let events = match claimed {
-                    Ok(events) => events,
+                    Ok(events) => {
+                        if std::mem::take(&mut failing) {
+                            systemd::status("delivering");
+                        }
+                        events
+                    }
                     Err(e) => {
                         telemetry::database_error("claim");
                         tracing::warn!(error = %e, "claim failed");
+                        // `systemctl status` shows the outage while it lasts.
+                        failing = true;
+                        systemd::status(&format!("delivering, but claims fail: {e}"));
                         heartbeat.within(CLAIM_ERROR_BACKOFF);
                         pause(shutdown, CLAIM_ERROR_BACKOFF).await;
                         gather = 1;

@@ -24,6 +24,7 @@ fn empty_config_uses_the_defaults() {
     assert_eq!(config.database.pg.get_dbname(), Some("postgres"));
     assert_eq!(config.database.pg.get_user(), Some("postgres"));
     assert_eq!(config.database.connect_timeout, Duration::from_secs(5));
+    assert_eq!(config.database.schema_wait, Duration::from_secs(120));
     assert_eq!(config.database.pg.get_application_name(), Some("outboxd"));
     assert_eq!(config.log.level, "info");
     assert_eq!(config.log.format, LogFormat::Text);
@@ -51,6 +52,12 @@ fn each_bad_value_is_reported_under_its_key() {
         (
             "[database]\nconnect_timeout = \"0s\"",
             &["database.connect_timeout"],
+        ),
+        ("[database]\nschema_wait = \"0s\"", &[]),
+        ("[database]\nschema_wait = \"5m\"", &[]),
+        (
+            "[database]\nschema_wait = \"later\"",
+            &["database.schema_wait"],
         ),
         (
             "[database]\nurl = \"postgres://h/db?sslmode=bogus\"",

@@ -382,6 +382,15 @@ async fn a_60_second_database_outage_mid_drain_loses_nothing_and_the_process_nev
     let (claimed_again, duplicated) =
         assert_delivered_and_marked_once(&client, &receiver, EVENTS).await;
 
+    let statuses = notify.statuses();
+    let outage_status = statuses
+        .iter()
+        .rposition(|s| s.contains("claims fail"))
+        .unwrap_or_else(|| panic!("no STATUS= told of the outage: {statuses:?}"));
+    assert!(
+        statuses[outage_status..].iter().any(|s| s == "delivering"),
+        "STATUS= back to delivering after the outage: {statuses:?}"
+    );
     let silence = assert_pinged_throughout(
         &notify,
         down,
