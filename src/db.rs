@@ -180,9 +180,15 @@ const ONE_OFF_SESSION_OPTIONS: &str = "-c lock_timeout=30s -c statement_timeout=
 ///   statement, a few microseconds per event at the daemon's batch sizes.
 ///   Sequential and bitmap scans (which also read every entry) are used
 ///   only where no index path exists.
+/// - `jit=off`: every statement is short and planned per execution, so
+///   compiling it with LLVM can only cost. With the server's default
+///   (`jit_above_cost` 100,000), a table holding a million queued rows of
+///   one endpoint pushed a per-endpoint claim's estimate over the threshold
+///   and it was compiled on every run: 39-43 ms instead of 3.3-3.7 ms
+///   (docs/design/fair-claims/).
 const POOLED_SESSION_OPTIONS: &str = "-c statement_timeout=30s -c lock_timeout=10s \
      -c synchronous_commit=off -c plan_cache_mode=force_custom_plan \
-     -c enable_seqscan=off -c enable_bitmapscan=off";
+     -c enable_seqscan=off -c enable_bitmapscan=off -c jit=off";
 
 /// `statement_timeout` of pooled sessions (in `POOLED_SESSION_OPTIONS`).
 pub const POOLED_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
