@@ -448,17 +448,32 @@ async fn terminated_database_connections_mid_drain_are_recovered_without_loss() 
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_database_restart_mid_drain_shows_in_readyz_and_loses_nothing() {
-    const EVENTS: i64 = 1000;
+/// A private cluster (for a test to stop and start) with a migrated
+/// database, a receiver answering OK after `reply_ms`, one endpoint per
+/// company for `companies` companies, and `events` pending events spread
+/// over them, `per_tx` per transaction. Bind the three in this order, so the
+/// database is dropped before its cluster.
+pub(crate) async fn backlog_on_private_pg(
+    events: i64,
+    companies: i64,
+    per_tx: i64,
+    reply_ms: u64,
+) -> (PrivatePg, TestDb, Receiver) {
     let pg = PrivatePg::start().await;
     let db = TestDb::new_on(&pg.admin_url()).await;
     let client = db.client().await;
-    let receiver = Receiver::start(slow_ok_receiver(20)).await;
-    for company in 1..=10 {
+    let receiver = Receiver::start(slow_ok_receiver(reply_ms)).await;
+    for company in 1..=companies {
         endpoint(&client, company, "payment.cancellation", &receiver.url("/")).await;
     }
-    enqueue_many(&client, EVENTS, 10, 500).await;
+    enqueue_many(&client, events, companies, per_tx).await;
+    (pg, db, receiver)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_restart_mid_drain_shows_in_readyz_and_loses_nothing() {
+    const EVENTS: i64 = 1000;
+    let (pg, db, receiver) = backlog_on_private_pg(EVENTS, 10, 500, 20).await;
     let mut daemon = Daemon::start(&db, &quick(&[("OUTBOXD_DELIVERY__CONCURRENCY", "16")])).await;
     let readyz = format!("{}/readyz", daemon.admin);
     assert_eq!(http_get(&readyz).await.0, 200);

@@ -16,8 +16,8 @@
 use std::time::{Duration, Instant};
 
 use crate::faults::{
-    QUICK, assert_delivered_and_marked_once, assert_no_panic, delivered, endpoint, enqueue_many,
-    quick, recovered, slow_ok_receiver,
+    QUICK, assert_delivered_and_marked_once, assert_no_panic, backlog_on_private_pg, delivered,
+    endpoint, enqueue_many, quick, recovered, slow_ok_receiver,
 };
 use crate::harness::{Daemon, TestDb, eventually, http_get};
 use crate::private_pg::PrivatePg;
@@ -324,14 +324,7 @@ async fn a_60_second_database_outage_mid_drain_loses_nothing_and_the_process_nev
     const OUTAGE: Duration = Duration::from_secs(60);
     /// The process is looked at this often while the database is down.
     const CHECK_EVERY: Duration = Duration::from_secs(10);
-    let pg = PrivatePg::start().await;
-    let db = TestDb::new_on(&pg.admin_url()).await;
-    let client = db.client().await;
-    let receiver = Receiver::start(slow_ok_receiver(20)).await;
-    for company in 1..=10 {
-        endpoint(&client, company, "payment.cancellation", &receiver.url("/")).await;
-    }
-    enqueue_many(&client, EVENTS, 10, 500).await;
+    let (pg, db, receiver) = backlog_on_private_pg(EVENTS, 10, 500, 20).await;
     let notify = NotifySocket::bind();
     let env = quick(&[("OUTBOXD_DELIVERY__CONCURRENCY", "16")]);
     let mut daemon = Daemon::start(&db, &watched(&notify, &env)).await;
@@ -410,15 +403,9 @@ async fn a_60_second_database_outage_mid_drain_loses_nothing_and_the_process_nev
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_with_the_database_gone_exits_0_within_the_stop_timeout() {
     const EVENTS: i64 = 200;
-    let pg = PrivatePg::start().await;
-    let db = TestDb::new_on(&pg.admin_url()).await;
-    let client = db.client().await;
-    // Slow enough that deliveries are in flight when the database goes.
-    let receiver = Receiver::start(slow_ok_receiver(1500)).await;
-    for company in 1..=4 {
-        endpoint(&client, company, "payment.cancellation", &receiver.url("/")).await;
-    }
-    enqueue_many(&client, EVENTS, 4, 100).await;
+    // Replies slow enough that deliveries are in flight when the database
+    // goes.
+    let (pg, db, receiver) = backlog_on_private_pg(EVENTS, 4, 100, 1500).await;
     let env = quick(&[("OUTBOXD_DELIVERY__CONCURRENCY", "8")]);
     let mut daemon = Daemon::start(&db, &env).await;
     receiver.wait_for(8, SECS(30)).await;
