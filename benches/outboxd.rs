@@ -484,13 +484,20 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
     let batch = opts.concurrency;
     let claiming = tokio::spawn(async move {
         loop {
-            let events = claim::claim(&claimer, batch, "bench", Duration::from_secs(60))
+            // The daemon's default cap per endpoint.
+            let claimed = claim::claim(&claimer, batch, "bench", Duration::from_secs(60), 8)
                 .await
                 .unwrap();
-            if events.is_empty() {
-                return;
+            if claimed.events.is_empty() {
+                if claimed.capped.is_empty() {
+                    return;
+                }
+                // Every endpoint with due rows is at its cap until the
+                // recorder catches up.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
             }
-            tx.send(events).await.unwrap();
+            tx.send(claimed.events).await.unwrap();
         }
     });
     let policy = outboxd::backoff::RetryPolicy::default();
@@ -515,9 +522,15 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
                 )
             })
             .collect();
-        record::write(&recorder, "bench", &outcomes, false)
-            .await
-            .unwrap();
+        record::write(
+            &recorder,
+            "bench",
+            &outcomes,
+            false,
+            &outboxd::config::CircuitConfig::default(),
+        )
+        .await
+        .unwrap();
         n += outcomes.len();
     }
     claiming.await.unwrap();

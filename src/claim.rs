@@ -4,8 +4,12 @@
 //!
 //! The loop claims only as many events as it has free delivery slots, so a
 //! claimed event starts at once and never waits out its lease in a queue.
+//! The claim is fair between endpoints and keeps each under its cap; an
+//! endpoint left at its cap is remembered in [`Room`], and the recorder
+//! wakes the loop when one of that endpoint's deliveries has been marked.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -57,6 +61,45 @@ pub enum Auth {
     Bearer { token: Secret },
 }
 
+/// An endpoint: company and event type.
+pub type EndpointKey = (i64, String);
+
+/// The endpoints the last claim left at their cap with more due, and the
+/// wake-up for the claim loop once the recorder has marked a delivery of
+/// one of them (its room is back; without this the loop would wait for the
+/// next poll, and a capped endpoint would deliver `cap` events a second).
+#[derive(Debug, Default)]
+pub struct Room {
+    capped: Mutex<HashSet<EndpointKey>>,
+    freed: Notify,
+}
+
+impl Room {
+    /// What the last claim found.
+    pub fn set(&self, capped: HashSet<EndpointKey>) {
+        *self.capped.lock().unwrap_or_else(PoisonError::into_inner) = capped;
+    }
+
+    /// The recorder marked deliveries of these endpoints.
+    pub fn recorded<'a>(&self, endpoints: impl IntoIterator<Item = (i64, &'a str)>) {
+        let capped = self.capped.lock().unwrap_or_else(PoisonError::into_inner);
+        if capped.is_empty() {
+            return;
+        }
+        let freed = endpoints
+            .into_iter()
+            .any(|(company, event_type)| capped.contains(&(company, event_type.to_owned())));
+        drop(capped);
+        if freed {
+            self.freed.notify_one();
+        }
+    }
+
+    async fn freed(&self) {
+        self.freed.notified().await
+    }
+}
+
 /// Largest claim, whatever the concurrency: one statement locking thousands
 /// of rows would hold its locks (and other instances' SKIP LOCKED scans) for
 /// longer than several smaller claims.
@@ -86,6 +129,7 @@ pub struct ClaimLoop<'a> {
     pub slots: Arc<Semaphore>,
     pub context: &'a Arc<attempt::Context>,
     pub wake: &'a Notify,
+    pub room: &'a Room,
 }
 
 impl ClaimLoop<'_> {
@@ -136,10 +180,11 @@ impl ClaimLoop<'_> {
                         .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.claim_limit))),
                 };
                 let events = match claimed {
-                    Ok(events) => {
+                    Ok(Claim { events, capped }) => {
                         if std::mem::take(&mut failing) {
                             systemd::status("delivering");
                         }
+                        self.room.set(capped);
                         events
                     }
                     Err(e) => {
@@ -177,6 +222,7 @@ impl ClaimLoop<'_> {
             tokio::select! {
                 _ = shutdown.cancelled() => break 'serve false,
                 _ = self.wake.notified() => telemetry::wakeup("notify"),
+                _ = self.room.freed() => telemetry::wakeup("room"),
                 _ = tokio::time::sleep(poll) => telemetry::wakeup("poll"),
             }
         };
@@ -184,13 +230,20 @@ impl ClaimLoop<'_> {
         recorder_died
     }
 
-    async fn claim(&self, wanted: usize) -> Result<Vec<ClaimedEvent>, String> {
+    async fn claim(&self, wanted: usize) -> Result<Claim, String> {
         let client = db::Checkout::get(self.pool)
             .await
             .map_err(|e| format!("no database connection: {}", db::describe_pool(&e)))?;
-        let claimed = claim(&client, wanted, self.owner, self.config.delivery.lease)
-            .await
-            .map_err(|e| e.to_string());
+        let delivery = &self.config.delivery;
+        let claimed = claim(
+            &client,
+            wanted,
+            self.owner,
+            delivery.lease,
+            delivery.endpoint_concurrency,
+        )
+        .await
+        .map_err(|e| e.to_string());
         client.done();
         claimed
     }
@@ -251,23 +304,46 @@ fn jittered(interval: Duration) -> Duration {
 #[error("claiming due events: {0}")]
 pub struct ClaimError(String);
 
-/// Leases up to `limit` due events to `owner` for `lease`. The statement is
-/// prepared once per pooled connection: one round trip per claim, not two.
+/// What one claim returned.
+#[derive(Debug, Default)]
+pub struct Claim {
+    pub events: Vec<ClaimedEvent>,
+    /// Endpoints left at their cap with more due.
+    pub capped: HashSet<EndpointKey>,
+}
+
+/// Leases up to `limit` due events to `owner` for `lease`, at most
+/// `endpoint_cap` in flight per endpoint (across instances) unless the
+/// endpoint sets its own. The statement is prepared once per pooled
+/// connection: one round trip per claim, not two.
 pub async fn claim(
     client: &deadpool_postgres::Client,
     limit: usize,
     owner: &str,
     lease: Duration,
-) -> Result<Vec<ClaimedEvent>, ClaimError> {
+    endpoint_cap: u32,
+) -> Result<Claim, ClaimError> {
     let limit = limit as i64;
     let lease_ms = lease.as_millis() as i64;
+    let cap = endpoint_cap as i32;
     let describe = |e: tokio_postgres::Error| ClaimError(db::describe(&e));
     let statement = client.prepare_cached(CLAIM_SQL).await.map_err(describe)?;
     let rows = client
-        .query(&statement, &[&limit, &owner, &lease_ms])
+        .query(&statement, &[&limit, &owner, &lease_ms, &cap])
         .await
         .map_err(describe)?;
-    Ok(rows.iter().map(from_row).collect())
+    let mut claim = Claim::default();
+    for row in &rows {
+        match row.get::<_, Option<Uuid>>("id") {
+            Some(_) => claim.events.push(from_row(row)),
+            None => {
+                claim
+                    .capped
+                    .insert((row.get("company_id"), row.get("event_type")));
+            }
+        }
+    }
+    Ok(claim)
 }
 
 fn from_row(row: &tokio_postgres::Row) -> ClaimedEvent {

@@ -315,24 +315,12 @@ async fn connect_current(config: &Config) -> Result<Client, CliError> {
         .await
         .map_err(|e| CliError::Failed(e.to_string()))?;
     match migrate::status(&client).await {
-        Ok(SchemaState::Current { .. }) => Ok(client),
-        Ok(SchemaState::Behind { database, binary }) => {
-            Err(CliError::Schema(schema_behind(database, binary)))
-        }
+        Ok(state) => match state.problem() {
+            None => Ok(client),
+            Some(problem) => Err(CliError::Schema(problem)),
+        },
         Err(e @ MigrateError::Database { .. }) => Err(CliError::Failed(e.to_string())),
         Err(e) => Err(CliError::Schema(e.to_string())),
-    }
-}
-
-/// What to say about a schema older than this binary (0: none at all).
-fn schema_behind(database: i32, binary: i32) -> String {
-    if database == 0 {
-        "the outbox schema is missing; run `outboxd migrate`".to_string()
-    } else {
-        format!(
-            "the outbox schema is at version {database}, this binary needs {binary}; \
-             run `outboxd migrate`"
-        )
     }
 }
 
@@ -411,6 +399,9 @@ async fn run_migrate(config: &Config) -> Exit {
     };
     match migrate::migrate(&mut client).await {
         Ok(report) if report.applied.is_empty() => {
+            if !report.built.is_empty() {
+                println!("built indexes online: {}", report.built.join(", "));
+            }
             println!(
                 "schema is up to date at version {}; nothing to do",
                 report.to
@@ -418,6 +409,9 @@ async fn run_migrate(config: &Config) -> Exit {
             Exit::Ok
         }
         Ok(report) => {
+            if !report.built.is_empty() {
+                println!("built indexes online: {}", report.built.join(", "));
+            }
             println!(
                 "migrated the outbox schema from version {} to {} (applied {})",
                 report.from,
@@ -457,8 +451,8 @@ async fn run_check(config: &Config) -> Exit {
             println!("schema: ok (version {version})");
             check_smtp(config).await
         }
-        Ok(SchemaState::Behind { database, binary }) => {
-            eprintln!("outboxd: {}", schema_behind(database, binary));
+        Ok(state) => {
+            eprintln!("outboxd: {}", state.problem().unwrap_or_default());
             Exit::Schema
         }
         Err(e) => migrate_failed(&e),

@@ -56,10 +56,44 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub delivery: DeliveryConfig,
     pub retry: RetryPolicy,
+    pub circuit: CircuitConfig,
     pub notify: NotifyConfig,
     pub metrics: MetricsConfig,
     pub retention: RetentionConfig,
     pub log: LogConfig,
+}
+
+/// `[circuit]`: when an endpoint counts as down, and for how long its
+/// events are held (see `outbox.endpoint_circuits`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitConfig {
+    /// Retryable failures in a row (no answer between them) that open it.
+    pub open_after: u32,
+    /// The first cool-down before a probe; doubles after each failed probe.
+    pub cooldown: Duration,
+    /// The longest cool-down.
+    pub max_cooldown: Duration,
+    /// An event held this long past its due time fails, and its company is
+    /// told: nothing waits unseen for ever.
+    pub max_hold: Duration,
+}
+
+impl Default for CircuitConfig {
+    /// Five failures in a row: one timeout or 503 is noise, five with no
+    /// answer between them is an endpoint that is down (with the default
+    /// cap of 8, a dead endpoint opens on its first batch). 30 s before the
+    /// first probe, then 1, 2, 4, 8 and every 10 minutes: a short outage
+    /// (a restart, a deploy) costs well under a minute of delay, a long one
+    /// costs the receiver 6 requests an hour. Held for at most 24 h, the
+    /// same day that `retry.max_age` gives a retried event.
+    fn default() -> CircuitConfig {
+        CircuitConfig {
+            open_after: 5,
+            cooldown: Duration::from_secs(30),
+            max_cooldown: Duration::from_secs(600),
+            max_hold: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// How long finished rows are kept.
@@ -142,6 +176,9 @@ pub struct DatabaseConfig {
 pub struct DeliveryConfig {
     /// Deliveries in flight at once, per instance.
     pub concurrency: usize,
+    /// Deliveries in flight to one endpoint at once, counted across every
+    /// instance (an endpoint's `max_in_flight` overrides it).
+    pub endpoint_concurrency: u32,
     /// Longest wait between two looks for due events when no NOTIFY comes.
     pub poll_interval: Duration,
     /// TCP connect to the receiver.
@@ -189,6 +226,8 @@ pub struct RawConfig {
     pub delivery: RawDelivery,
     #[serde(default)]
     pub retry: RawRetry,
+    #[serde(default)]
+    pub circuit: RawCircuit,
     #[serde(default)]
     pub smtp: RawSmtp,
     #[serde(default)]
@@ -240,6 +279,7 @@ pub struct RawDelivery {
     pub allowed_networks: Option<Vec<String>>,
     pub require_https: Option<bool>,
     pub tls_ca_file: Option<PathBuf>,
+    pub endpoint_concurrency: Option<u32>,
 }
 
 #[derive(Default, Deserialize)]
@@ -311,6 +351,15 @@ pub struct RawRetry {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawCircuit {
+    pub open_after: Option<u32>,
+    pub cooldown: Option<String>,
+    pub max_cooldown: Option<String>,
+    pub max_hold: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawLog {
     pub level: Option<String>,
     pub format: Option<String>,
@@ -322,6 +371,9 @@ const DEFAULT_LOG_LEVEL: &str = "info";
 const DEFAULT_POOL_SIZE: u32 = 4;
 const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
 const DEFAULT_CONCURRENCY: u32 = 64;
+/// Per endpoint, across instances: an eighth of one instance's slots, so a
+/// slow tenant leaves the rest to the others (README, "Many tenants").
+const DEFAULT_ENDPOINT_CONCURRENCY: u32 = 8;
 
 /// One thing wrong with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -434,18 +486,20 @@ impl RawConfig {
         let database = self.database.validate(&mut problems);
         let delivery = self.delivery.validate(&mut problems);
         let retry = self.retry.validate(&mut problems);
+        let circuit = self.circuit.validate(&mut problems);
         let smtp = self.smtp.validate(&mut problems);
         let notify = self.notify.validate(&mut problems);
         let metrics = self.metrics.validate(&mut problems);
         let retention = self.retention.validate(&mut problems);
         let log = self.log.validate(&mut problems);
         match (
-            database, delivery, retry, smtp, notify, metrics, retention, log,
+            database, delivery, retry, circuit, smtp, notify, metrics, retention, log,
         ) {
             (
                 Some(database),
                 Some(delivery),
                 Some(retry),
+                Some(circuit),
                 Some(smtp),
                 Some(notify),
                 Some(metrics),
@@ -456,6 +510,7 @@ impl RawConfig {
                 database,
                 delivery,
                 retry,
+                circuit,
                 notify: NotifyConfig { smtp, ..notify },
                 metrics,
                 retention,

@@ -54,8 +54,8 @@ use crate::config::{Config, DatabaseConfig};
 use crate::deliver::Deliverer;
 use crate::listen::Listener;
 use crate::mailer::Mailer;
-use crate::maintenance::{Maintenance, Retention};
-use crate::migrate::{self, MigrateError, SchemaState};
+use crate::maintenance::{HoldLimit, Maintenance, Retention};
+use crate::migrate::{self, MigrateError};
 use crate::record;
 use crate::service::{self, Heartbeat, Liveness, Running};
 use crate::telemetry::Upkeep;
@@ -91,10 +91,8 @@ pub fn stop_budget(config: &Config) -> Duration {
 pub enum EngineError {
     #[error("starting the delivery engine: {0}")]
     Startup(String),
-    #[error(
-        "the outbox schema is at version {database}, this binary needs {binary}; run `outboxd migrate`"
-    )]
-    Schema { database: i32, binary: i32 },
+    #[error("{0}")]
+    Schema(String),
     #[error("{0}")]
     SchemaCheck(#[from] migrate::MigrateError),
     #[error("the task that records delivery outcomes stopped unexpectedly")]
@@ -166,6 +164,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
             Retention::new(pool.clone(), config.retention.clone(), db_limit),
             &liveness,
         ),
+        hold_limit: service::spawn(
+            HoldLimit::new(pool.clone(), &config.circuit, db_limit),
+            &liveness,
+        ),
         listener: service::spawn(
             Listener::new(config.database.pg.clone(), wake.clone(), listening.clone()),
             &liveness,
@@ -179,14 +181,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     // recorder writes the previous group, and beyond that they wait, which
     // holds back new claims while the database is slow.
     let (outcomes_tx, outcomes_rx) = mpsc::channel(config.delivery.concurrency * 2);
-    let mut recorder = tokio::spawn(record::run(
-        pool.clone(),
-        owner.clone(),
-        outcomes_rx,
-        config.delivery.concurrency,
-        db_limit,
-        liveness.register("recorder"),
-    ));
+    let room = Arc::new(claim::Room::default());
+    let recorder = record::Recorder {
+        pool: pool.clone(),
+        owner: owner.clone(),
+        gather: config.delivery.concurrency,
+        limit: db_limit,
+        circuit: config.circuit.clone(),
+        room: room.clone(),
+    };
+    let mut recorder = tokio::spawn(recorder.run(outcomes_rx, liveness.register("recorder")));
     let context = Arc::new(attempt::Context {
         deliverer,
         retry: config.retry.clone(),
@@ -208,6 +212,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         slots: Arc::new(Semaphore::new(config.delivery.concurrency)),
         context: &context,
         wake: &wake,
+        room: &room,
     }
     .run(
         &mut tasks,
@@ -301,6 +306,7 @@ struct Services {
     upkeep: Option<Running>,
     gauges: Running,
     retention: Running,
+    hold_limit: Running,
     listener: Running,
     mailer: Running,
 }
@@ -314,6 +320,7 @@ impl Services {
         self.listener.stop();
         self.mailer.stop();
         self.retention.stop();
+        self.hold_limit.stop();
     }
 
     /// After the drain: waits for those, then stops the queue gauges and the
@@ -323,6 +330,7 @@ impl Services {
         self.listener.join().await;
         self.mailer.join().await;
         self.retention.join().await;
+        self.hold_limit.join().await;
         self.gauges.stop();
         if let Some(upkeep) = &self.upkeep {
             upkeep.stop();
@@ -342,7 +350,7 @@ enum Unusable {
     /// yet (a first install or an upgrade while the database was down, with
     /// `outboxd-migrate.service` retrying beside us). Wait up to
     /// `database.schema_wait`.
-    Behind { database: i32, binary: i32 },
+    Behind(String),
     /// Reached, but this binary must not run on it: stop.
     Refused(EngineError),
 }
@@ -369,23 +377,20 @@ async fn wait_for_database(
         let status = match checked {
             Ok(()) => break Ok(true),
             Err(Unusable::Refused(e)) => break Err(e),
-            Err(Unusable::Behind { database, binary }) => {
+            Err(Unusable::Behind(problem)) => {
                 let since = *behind_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= config.schema_wait {
-                    break Err(EngineError::Schema { database, binary });
+                    break Err(EngineError::Schema(problem));
                 }
                 tracing::warn!(
-                    database,
-                    binary,
+                    problem = %problem,
                     gives_up_in = %humantime::format_duration(Duration::from_secs(
                         config.schema_wait.saturating_sub(since.elapsed()).as_secs().max(1)
                     )),
                     retry_in = %humantime::format_duration(delay),
-                    "waiting for `outboxd migrate`: the schema is older than this binary"
+                    "waiting for `outboxd migrate`: the schema is not what this binary needs"
                 );
-                format!(
-                    "waiting for the schema migration (database version {database}, binary {binary})"
-                )
+                format!("waiting for the schema migration: {problem}")
             }
             Err(Unusable::Unreachable(reason)) => {
                 tracing::warn!(
@@ -416,9 +421,10 @@ async fn check_database(pool: &deadpool_postgres::Pool) -> Result<(), Unusable> 
         .await
         .map_err(|e| Unusable::Unreachable(db::describe_pool(&e)))?;
     match migrate::status(&client).await {
-        Ok(SchemaState::Current { .. }) => {}
-        Ok(SchemaState::Behind { database, binary }) => {
-            return Err(Unusable::Behind { database, binary });
+        Ok(state) => {
+            if let Some(problem) = state.problem() {
+                return Err(Unusable::Behind(problem));
+            }
         }
         // A statement failed: the connection broke, or the server is
         // shutting down or in recovery. Try again.

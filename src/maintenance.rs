@@ -1,6 +1,7 @@
 //! Periodic upkeep outside the delivery path: the queue gauges, refreshed by
 //! one cheap query every `metrics.refresh_interval` (not per delivery)
-//! ([`Maintenance`]), and the retention cleanup ([`Retention`]).
+//! ([`Maintenance`]), the retention cleanup ([`Retention`]), and the limit
+//! on how long an open circuit holds an event ([`HoldLimit`]).
 //!
 //! Both are [`Service`]s: `run_once()` does one round and returns what it
 //! found (what tests call); the service's tick calls it and logs a failure.
@@ -9,12 +10,91 @@ use std::time::Duration;
 
 use metrics::gauge;
 
-use crate::config::RetentionConfig;
+use crate::config::{CircuitConfig, RetentionConfig};
 use crate::service::{Next, Service};
 use crate::telemetry::{EVENTS_LEASED, EVENTS_PENDING, NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE};
 
 const QUEUE_SQL: &str = include_str!("../sql/queries/queue_stats.sql");
 const RETENTION_SQL: &str = include_str!("../sql/queries/retention.sql");
+const EXPIRE_HELD_SQL: &str = include_str!("../sql/queries/expire_held.sql");
+
+/// Events failed per statement by [`HoldLimit`].
+const HOLD_BATCH: i64 = 1000;
+
+/// Fails the events an open circuit has held for longer than
+/// `circuit.max_hold` past their due time (`sql/queries/expire_held.sql`),
+/// once a minute, batch after batch while there are more. Every instance
+/// runs it; SKIP LOCKED keeps them apart.
+pub struct HoldLimit {
+    pool: deadpool_postgres::Pool,
+    max_hold: Duration,
+    interval: Duration,
+    limit: Duration,
+}
+
+impl Service for HoldLimit {
+    const NAME: &'static str = "hold limit";
+
+    fn tick_limit(&self) -> Duration {
+        self.limit
+    }
+
+    fn after_overrun(&self) -> Duration {
+        self.interval
+    }
+
+    async fn tick(&mut self) -> Next {
+        match self.run_once().await {
+            Ok(failed) if failed >= HOLD_BATCH => return Next::Now,
+            Ok(0) => {}
+            Ok(failed) => tracing::warn!(
+                failed,
+                max_hold = %humantime::format_duration(self.max_hold),
+                "failed events held too long by an open circuit; their companies are notified"
+            ),
+            Err(e) => {
+                crate::telemetry::database_error("maintenance");
+                tracing::warn!(error = %e, "failing events held too long");
+            }
+        }
+        Next::After(self.interval)
+    }
+}
+
+impl HoldLimit {
+    pub fn new(
+        pool: deadpool_postgres::Pool,
+        config: &CircuitConfig,
+        limit: Duration,
+    ) -> HoldLimit {
+        HoldLimit {
+            pool,
+            max_hold: config.max_hold,
+            interval: Duration::from_secs(60).min(config.max_hold),
+            limit,
+        }
+    }
+
+    /// One batch; returns how many events it failed.
+    pub async fn run_once(&self) -> Result<i64, String> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| crate::db::describe_pool(&e))?;
+        let statement = client
+            .prepare_cached(EXPIRE_HELD_SQL)
+            .await
+            .map_err(|e| crate::db::describe(&e))?;
+        let max_hold_ms = self.max_hold.as_millis() as i64;
+        let readable = humantime::format_duration(self.max_hold).to_string();
+        let row = client
+            .query_one(&statement, &[&max_hold_ms, &HOLD_BATCH, &readable])
+            .await
+            .map_err(|e| crate::db::describe(&e))?;
+        Ok(row.get("failed"))
+    }
+}
 
 /// The queue as one query saw it.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,11 +1,21 @@
 //! Schema migrations: the numbered files in `sql/migrations/`, compiled into
 //! the binary and applied in order by `outboxd migrate`.
 //!
-//! Several instances may start at once, so the whole run happens in one
-//! transaction holding a transaction-scoped advisory lock: the second instance
-//! waits, then finds nothing left to do. Each applied migration is recorded in
+//! Several instances may start at once, so the whole run holds an advisory
+//! lock (see [`migrate`] for how it is taken) and the migrations themselves
+//! run in one transaction: the second instance waits, then finds nothing
+//! left to do. Each applied migration is recorded in
 //! `outbox.schema_migrations` with an md5 of its text, computed by the server,
 //! so an edited migration is caught instead of silently diverging.
+//!
+//! An index on a table the sales application writes cannot be built inside
+//! that transaction without blocking its writes until the end. Such indexes
+//! go in the migration's `.online.sql` file: after the transaction commits,
+//! each is built with `CREATE INDEX CONCURRENTLY`, still under the lock,
+//! and an invalid leftover of an interrupted build is
+//! dropped and built again. Until every one is valid, [`status`] reports the
+//! schema as [`SchemaState::Incomplete`] and the daemon waits, as for a
+//! migration not yet run.
 
 use tokio_postgres::{Client, GenericClient};
 
@@ -17,6 +27,9 @@ pub struct Migration {
     pub version: i32,
     pub name: &'static str,
     pub sql: &'static str,
+    /// `CREATE INDEX CONCURRENTLY IF NOT EXISTS <name> ...` statements, each
+    /// ending in `;`, run one by one outside a transaction ("" for none).
+    pub online: &'static str,
 }
 
 /// Every migration this binary knows, oldest first. Append only: a released
@@ -26,23 +39,71 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 1,
         name: "outbox_schema",
         sql: include_str!("../sql/migrations/0001_outbox_schema.sql"),
+        online: "",
     },
     Migration {
         version: 2,
         name: "notifications",
         sql: include_str!("../sql/migrations/0002_notifications.sql"),
+        online: "",
     },
     Migration {
         version: 3,
         name: "replay",
         sql: include_str!("../sql/migrations/0003_replay.sql"),
+        online: "",
     },
     Migration {
         version: 4,
         name: "retention",
         sql: include_str!("../sql/migrations/0004_retention.sql"),
+        online: "",
+    },
+    Migration {
+        version: 5,
+        name: "endpoint_circuits",
+        sql: include_str!("../sql/migrations/0005_endpoint_circuits.sql"),
+        online: include_str!("../sql/migrations/0005_endpoint_circuits.online.sql"),
     },
 ];
+
+impl Migration {
+    /// What the checksum covers: both parts.
+    fn text(&self) -> String {
+        format!("{}{}", self.sql, self.online)
+    }
+
+    /// The online part's statements, comments dropped, with the name of
+    /// the index each builds.
+    pub fn online_indexes(&self) -> Vec<OnlineIndex> {
+        let code: String = self
+            .online
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        code.split(';')
+            .map(str::trim)
+            .filter(|statement| !statement.is_empty())
+            .map(|statement| OnlineIndex {
+                name: statement
+                    .split_once("IF NOT EXISTS")
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .unwrap_or_default()
+                    .to_owned(),
+                sql: statement.to_owned(),
+            })
+            .collect()
+    }
+}
+
+/// One index built outside the migration's transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnlineIndex {
+    /// In schema `outbox`.
+    pub name: String,
+    pub sql: String,
+}
 
 /// The schema version this binary expects.
 pub fn latest_version() -> i32 {
@@ -78,6 +139,72 @@ pub enum MigrateError {
     Modified { version: i32, name: String },
 }
 
+/// Every online index of the migrations this binary knows, oldest first.
+fn all_online_indexes() -> Vec<OnlineIndex> {
+    MIGRATIONS
+        .iter()
+        .flat_map(Migration::online_indexes)
+        .collect()
+}
+
+/// The online indexes not (yet) built and valid.
+async fn missing_indexes(client: &impl GenericClient) -> Result<Vec<String>, MigrateError> {
+    let names: Vec<String> = all_online_indexes().into_iter().map(|i| i.name).collect();
+    let rows = client
+        .query(
+            "SELECT n FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i)
+              WHERE NOT EXISTS (SELECT 1 FROM pg_index AS x
+                                 WHERE x.indexrelid = to_regclass('outbox.' || quote_ident(u.n))
+                                   AND x.indisvalid)
+              ORDER BY i",
+            &[&names],
+        )
+        .await
+        .map_err(step("looking for the online indexes"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Builds the online indexes that are missing or invalid, one statement at
+/// a time outside any transaction, under the migration lock. No statement
+/// timeout applies meanwhile: a build reads the whole table twice.
+async fn build_online(client: &Client) -> Result<Vec<String>, MigrateError> {
+    let missing = missing_indexes(client).await?;
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    client
+        .batch_execute("SET statement_timeout = 0; SET client_min_messages = warning")
+        .await
+        .map_err(step("preparing the online index builds"))?;
+    let built = build_missing(client, &missing).await;
+    let _ = client
+        .batch_execute("RESET statement_timeout; RESET client_min_messages")
+        .await;
+    built
+}
+
+async fn build_missing(client: &Client, missing: &[String]) -> Result<Vec<String>, MigrateError> {
+    let mut built = Vec::new();
+    for index in all_online_indexes()
+        .into_iter()
+        .filter(|i| missing.contains(&i.name))
+    {
+        let what = format!("building index outbox.{} online", index.name);
+        // An interrupted build leaves an invalid index, which IF NOT
+        // EXISTS would take for done.
+        client
+            .batch_execute(&format!(
+                "DROP INDEX CONCURRENTLY IF EXISTS outbox.\"{}\"",
+                index.name
+            ))
+            .await
+            .map_err(step(what.clone()))?;
+        client.batch_execute(&index.sql).await.map_err(step(what))?;
+        built.push(index.name);
+    }
+    Ok(built)
+}
+
 fn step(step: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> MigrateError {
     let step = step.into();
     move |e| MigrateError::Database {
@@ -94,17 +221,51 @@ pub struct Report {
     pub to: i32,
     /// Versions applied by this run, in order.
     pub applied: Vec<i32>,
+    /// Online indexes this run built (`outbox.` names).
+    pub built: Vec<String>,
 }
 
+/// How often a `migrate` that finds another one running looks again.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Brings the schema up to [`latest_version`]. Idempotent.
+///
+/// The migration lock is a session advisory lock, taken by trying once a
+/// second rather than by waiting in a statement: `CREATE INDEX
+/// CONCURRENTLY` waits for every transaction and statement of the database
+/// that started before it, so a second host blocked inside a lock-waiting
+/// statement would deadlock with the first host's build. Between tries
+/// nothing runs, and another host's migration may take as long as it needs.
 pub async fn migrate(client: &mut Client) -> Result<Report, MigrateError> {
+    let mut told = false;
+    loop {
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+            .await
+            .map_err(step("taking the migration lock"))?
+            .get(0);
+        if locked {
+            break;
+        }
+        if !std::mem::replace(&mut told, true) {
+            tracing::info!("another `outboxd migrate` is running; waiting for it to finish");
+        }
+        tokio::time::sleep(LOCK_RETRY).await;
+    }
+    let migrated = migrate_locked(client).await;
+    // Ending the session releases the lock too; this is for a client that
+    // goes on.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await;
+    migrated
+}
+
+async fn migrate_locked(client: &mut Client) -> Result<Report, MigrateError> {
     let tx = client
         .transaction()
         .await
         .map_err(step("starting the migration transaction"))?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .await
-        .map_err(step("taking the migration lock"))?;
     // "schema already exists, skipping" and the like are expected here.
     tx.batch_execute("SET LOCAL client_min_messages = warning")
         .await
@@ -119,6 +280,7 @@ pub async fn migrate(client: &mut Client) -> Result<Report, MigrateError> {
         from,
         to: from,
         applied: Vec::new(),
+        built: Vec::new(),
     };
     for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
         let what = format!(
@@ -130,7 +292,7 @@ pub async fn migrate(client: &mut Client) -> Result<Report, MigrateError> {
             .map_err(step(what.clone()))?;
         tx.execute(
             "INSERT INTO outbox.schema_migrations (version, name, checksum) VALUES ($1, $2, md5($3))",
-            &[&migration.version, &migration.name, &migration.sql],
+            &[&migration.version, &migration.name, &migration.text()],
         )
         .await
         .map_err(step(what))?;
@@ -140,6 +302,7 @@ pub async fn migrate(client: &mut Client) -> Result<Report, MigrateError> {
     tx.commit()
         .await
         .map_err(step("committing the migration"))?;
+    report.built = build_online(client).await?;
     Ok(report)
 }
 
@@ -168,7 +331,7 @@ async fn verify_applied(client: &impl GenericClient) -> Result<Vec<i32>, Migrate
             None => return Err(MigrateError::Modified { version, name }),
             Some(known) => {
                 let row = client
-                    .query_one("SELECT md5($1)", &[&known.sql])
+                    .query_one("SELECT md5($1)", &[&known.text()])
                     .await
                     .map_err(step("computing migration checksums"))?;
                 let expected: String = row.get(0);
@@ -189,6 +352,31 @@ pub enum SchemaState {
     Current { version: i32 },
     /// Older than this binary (0: never migrated): run `outboxd migrate`.
     Behind { database: i32, binary: i32 },
+    /// At [`latest_version`], but an index built online is missing or
+    /// invalid (a `migrate` interrupted during the build): run it again.
+    Incomplete { version: i32, index: String },
+}
+
+impl SchemaState {
+    /// What an operator is told when the daemon cannot run on this schema
+    /// yet (None: it can).
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            SchemaState::Current { .. } => None,
+            SchemaState::Behind { database: 0, .. } => {
+                Some("the outbox schema is missing; run `outboxd migrate`".to_string())
+            }
+            SchemaState::Behind { database, binary } => Some(format!(
+                "the outbox schema is at version {database}, this binary needs {binary}; \
+                 run `outboxd migrate`"
+            )),
+            SchemaState::Incomplete { version, index } => Some(format!(
+                "the outbox schema is at version {version}, but its index outbox.{index} is not \
+                 built yet (or its build was interrupted); run `outboxd migrate`, which builds \
+                 it without blocking writes"
+            )),
+        }
+    }
 }
 
 /// Read-only check used by `outboxd check` and at daemon start-up: creates
@@ -209,7 +397,13 @@ pub async fn status(client: &Client) -> Result<SchemaState, MigrateError> {
     };
     let database = applied.last().copied().unwrap_or(0);
     if database == latest_version() {
-        Ok(SchemaState::Current { version: database })
+        match missing_indexes(client).await?.into_iter().next() {
+            Some(index) => Ok(SchemaState::Incomplete {
+                version: database,
+                index,
+            }),
+            None => Ok(SchemaState::Current { version: database }),
+        }
     } else {
         Ok(SchemaState::Behind {
             database,
@@ -228,6 +422,37 @@ mod tests {
             assert_eq!(m.version, i as i32 + 1, "{}", m.name);
             assert!(!m.sql.trim().is_empty(), "{}", m.name);
         }
+    }
+
+    #[test]
+    fn online_parts_hold_only_named_concurrent_index_builds() {
+        let indexes = all_online_indexes();
+        assert!(!indexes.is_empty());
+        for index in &indexes {
+            assert!(
+                index
+                    .sql
+                    .starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS "),
+                "{}",
+                index.sql
+            );
+            assert!(
+                !index.name.is_empty()
+                    && index
+                        .name
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{:?}",
+                index.name
+            );
+        }
+        let names: Vec<&str> = indexes.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["events_endpoint_due", "events_leased"]);
+    }
+
+    #[test]
+    fn a_migration_without_an_online_part_keeps_its_checksum_text() {
+        assert_eq!(MIGRATIONS[0].text(), MIGRATIONS[0].sql);
     }
 
     #[test]

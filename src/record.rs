@@ -2,14 +2,16 @@
 //! ([`decide`]), and writing the outcomes of many deliveries in one fenced
 //! round trip (`sql/queries/record.sql`).
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use crate::backoff::{GiveUpReason, Next, RetryPolicy};
-use crate::claim::ClaimedEvent;
+use crate::claim::{ClaimedEvent, Room};
 use crate::classify::{MAX_MESSAGE_CHARS, Verdict, truncate_chars};
+use crate::config::CircuitConfig;
 use crate::service::Heartbeat;
 use crate::webhook::Refusal;
 use crate::{db, telemetry};
@@ -60,7 +62,8 @@ impl AttemptKind {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     pub event_id: Uuid,
-    /// For metrics labels.
+    /// The endpoint: company and event type (metrics label, circuit).
+    pub company_id: i64,
     pub event_type: String,
     /// Time since the event was enqueued, at the end of this attempt.
     pub age: Duration,
@@ -79,6 +82,8 @@ pub struct Outcome {
     /// a real attempt (not for a missing endpoint or a broken payload, which
     /// the company cannot fix).
     pub notify: bool,
+    /// A 429 or 503 with Retry-After: the whole endpoint waits this long.
+    pub pause: Option<Duration>,
 }
 
 /// What an event refused before sending means (see [`crate::webhook::prepare`]):
@@ -92,6 +97,7 @@ pub fn refused(event: &ClaimedEvent, refusal: &Refusal) -> Outcome {
     };
     Outcome {
         event_id: event.id,
+        company_id: event.company_id,
         event_type: event.event_type.clone(),
         age: event.age,
         attempt: event.attempt,
@@ -103,6 +109,7 @@ pub fn refused(event: &ClaimedEvent, refusal: &Refusal) -> Outcome {
         duration: Duration::ZERO,
         http_status: None,
         notify: false,
+        pause: None,
     }
 }
 
@@ -117,6 +124,18 @@ pub fn decide(
     policy: &RetryPolicy,
     unit: f64,
 ) -> Outcome {
+    // Retry-After on "too many requests" or "unavailable" speaks for the
+    // whole endpoint, not this one event.
+    let pause = match (&verdict, http_status) {
+        (
+            Verdict::Retry {
+                retry_after: Some(after),
+                ..
+            },
+            Some(429 | 503),
+        ) => Some((*after).min(policy.max_retry_after)),
+        _ => None,
+    };
     let (next, kind, response_message, error) = match verdict {
         Verdict::Delivered { message } => {
             (NextState::Delivered, AttemptKind::Success, message, None)
@@ -166,6 +185,7 @@ pub fn decide(
     };
     Outcome {
         event_id: event.id,
+        company_id: event.company_id,
         event_type: event.event_type.clone(),
         age: event.age + duration,
         attempt: event.attempt,
@@ -177,6 +197,7 @@ pub fn decide(
         duration,
         http_status,
         notify: next == NextState::Failed,
+        pause,
     }
 }
 
@@ -202,8 +223,26 @@ impl From<tokio_postgres::Error> for RecordError {
     }
 }
 
-/// Writes `outcomes` in one statement. Returns the ids whose rows were
-/// marked; the others had lost their lease and were left alone.
+/// A circuit breaker that one group of outcomes moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitChange {
+    pub company_id: i64,
+    pub event_type: String,
+    /// opened, reopened (a probe failed) or closed.
+    pub change: String,
+}
+
+/// What one write did.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// The ids whose rows were marked; the others had lost their lease and
+    /// were left alone.
+    pub marked: Vec<Uuid>,
+    pub circuits: Vec<CircuitChange>,
+}
+
+/// Writes `outcomes` in one statement, and moves the circuit breakers of
+/// their endpoints by `circuit`.
 /// `again`: this same group was written before and the reply was lost, so
 /// outcomes already applied are reported as marked rather than as fenced.
 pub async fn write(
@@ -211,7 +250,8 @@ pub async fn write(
     owner: &str,
     outcomes: &[Outcome],
     again: bool,
-) -> Result<Vec<Uuid>, RecordError> {
+    circuit: &CircuitConfig,
+) -> Result<Written, RecordError> {
     let statement = client.prepare_cached(RECORD_SQL).await?;
     let n = outcomes.len();
     let mut ids = Vec::with_capacity(n);
@@ -226,6 +266,7 @@ pub async fn write(
     let mut kinds = Vec::with_capacity(n);
     let mut attempt_messages = Vec::with_capacity(n);
     let mut notify = Vec::with_capacity(n);
+    let mut pauses = Vec::with_capacity(n);
     for o in outcomes {
         ids.push(o.event_id);
         attempts.push(o.attempt);
@@ -244,7 +285,11 @@ pub async fn write(
         kinds.push(o.kind.as_str());
         attempt_messages.push(o.response_message.as_deref().or(o.error.as_deref()));
         notify.push(o.notify);
+        pauses.push(o.pause.map(millis));
     }
+    let open_after = circuit.open_after as i32;
+    let cooldown = millis(circuit.cooldown);
+    let max_cooldown = millis(circuit.max_cooldown);
     let rows = client
         .query(
             &statement,
@@ -263,10 +308,29 @@ pub async fn write(
                 &owner,
                 &notify,
                 &again,
+                &pauses,
+                &open_after,
+                &cooldown,
+                &max_cooldown,
             ],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    let mut written = Written::default();
+    for row in &rows {
+        match row.get::<_, Option<Uuid>>(0) {
+            Some(id) => written.marked.push(id),
+            None => written.circuits.push(CircuitChange {
+                company_id: row.get(1),
+                event_type: row.get(2),
+                change: row.get(3),
+            }),
+        }
+    }
+    Ok(written)
+}
+
+fn millis(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
 }
 
 /// Under load (several outcomes queued at once), how long the recorder waits
@@ -307,92 +371,135 @@ async fn next_group<T>(
     true
 }
 
-/// The recorder task: takes finished deliveries from `outcomes` and writes
-/// them in groups (see [`RECORD_GATHER_WAIT`]; `gather` is the group size
-/// worth waiting for, the delivery concurrency) until the channel closes and
-/// is empty.
-///
-/// A database error does not lose outcomes: the group is retried (1 s,
-/// doubling to 30 s) while the channel's bound holds deliveries back. If the
-/// outage outlasts the leases, other instances claim the events again and the
-/// fence discards these late outcomes. Every write is bounded by `limit`
-/// (`db::round_trip_limit`); one that overruns counts as failed and is
-/// retried. `heartbeat` promises each write's and each pause's bound, and
-/// nothing while there is nothing to write.
-pub async fn run(
-    pool: deadpool_postgres::Pool,
-    owner: String,
-    mut outcomes: mpsc::Receiver<Outcome>,
-    gather: usize,
-    limit: Duration,
-    heartbeat: Heartbeat,
-) {
-    let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
-    let writer = Writer {
-        pool: &pool,
-        owner: &owner,
-        limit,
-        heartbeat: &heartbeat,
-    };
-    loop {
-        heartbeat.idle();
-        if !next_group(&mut outcomes, &mut batch, gather).await {
-            break;
-        }
-        let mut delay = Duration::from_secs(1);
-        let mut again = false;
+/// The recorder: what it writes with.
+pub struct Recorder {
+    pub pool: deadpool_postgres::Pool,
+    pub owner: String,
+    /// The group size worth waiting for: the delivery concurrency.
+    pub gather: usize,
+    /// One write's bound (`db::round_trip_limit`).
+    pub limit: Duration,
+    pub circuit: CircuitConfig,
+    /// Told which endpoints' deliveries were marked, so the claim loop
+    /// claims again for an endpoint it left at its cap.
+    pub room: Arc<Room>,
+}
+
+impl Recorder {
+    /// The recorder task: takes finished deliveries from `outcomes` and
+    /// writes them in groups (see [`RECORD_GATHER_WAIT`]) until the channel
+    /// closes and is empty.
+    ///
+    /// A database error does not lose outcomes: the group is retried (1 s,
+    /// doubling to 30 s) while the channel's bound holds deliveries back. If
+    /// the outage outlasts the leases, other instances claim the events
+    /// again and the fence discards these late outcomes. Every write is
+    /// bounded by `limit`; one that overruns counts as failed and is
+    /// retried. `heartbeat` promises each write's and each pause's bound,
+    /// and nothing while there is nothing to write.
+    pub async fn run(self, mut outcomes: mpsc::Receiver<Outcome>, heartbeat: Heartbeat) {
+        let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
+        let writer = Writer {
+            recorder: &self,
+            heartbeat: &heartbeat,
+        };
         loop {
-            match writer.write(&batch, again).await {
-                Ok(marked) => {
-                    count_marked(&batch, &marked);
-                    break;
-                }
-                Err(e) if e.bad_data => {
-                    // One outcome poisons the group: write them one by one
-                    // so the others land, and record the bad one as failed.
-                    telemetry::database_error("record");
-                    tracing::error!(error = %e, "a group of outcomes was refused; recording them one by one");
-                    write_one_by_one(&writer, &batch).await;
-                    break;
-                }
-                Err(e) => {
-                    again = true;
-                    telemetry::database_error("record");
-                    tracing::warn!(error = %e, pending = batch.len(), retry_in = ?delay, "recording failed; will retry");
-                    heartbeat.within(delay);
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(30));
+            heartbeat.idle();
+            if !next_group(&mut outcomes, &mut batch, self.gather).await {
+                break;
+            }
+            let mut delay = Duration::from_secs(1);
+            let mut again = false;
+            loop {
+                match writer.write(&batch, again).await {
+                    Ok(written) => {
+                        writer.written(&batch, &written);
+                        break;
+                    }
+                    Err(e) if e.bad_data => {
+                        // One outcome poisons the group: write them one by
+                        // one so the others land, and record the bad one as
+                        // failed.
+                        telemetry::database_error("record");
+                        tracing::error!(error = %e, "a group of outcomes was refused; recording them one by one");
+                        write_one_by_one(&writer, &batch).await;
+                        break;
+                    }
+                    Err(e) => {
+                        again = true;
+                        telemetry::database_error("record");
+                        tracing::warn!(error = %e, pending = batch.len(), retry_in = ?delay, "recording failed; will retry");
+                        heartbeat.within(delay);
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
                 }
             }
+            batch.clear();
         }
-        batch.clear();
+        heartbeat.retire();
     }
-    heartbeat.retire();
 }
 
 /// Writes groups of outcomes, each within a deadline.
 struct Writer<'a> {
-    pool: &'a deadpool_postgres::Pool,
-    owner: &'a str,
-    limit: Duration,
+    recorder: &'a Recorder,
     heartbeat: &'a Heartbeat,
 }
 
 impl Writer<'_> {
-    async fn write(&self, batch: &[Outcome], again: bool) -> Result<Vec<Uuid>, RecordError> {
-        self.heartbeat.within(self.limit);
-        match tokio::time::timeout(
-            self.limit,
-            write_pooled(self.pool, self.owner, batch, again),
-        )
-        .await
-        {
+    async fn write(&self, batch: &[Outcome], again: bool) -> Result<Written, RecordError> {
+        let limit = self.recorder.limit;
+        self.heartbeat.within(limit);
+        match tokio::time::timeout(limit, self.write_pooled(batch, again)).await {
             Ok(written) => written,
             Err(_) => Err(RecordError {
-                message: format!("no answer within {:?}", self.limit),
+                message: format!("no answer within {limit:?}"),
                 bad_data: false,
             }),
         }
+    }
+
+    async fn write_pooled(&self, batch: &[Outcome], again: bool) -> Result<Written, RecordError> {
+        let r = self.recorder;
+        let client = db::Checkout::get(&r.pool).await.map_err(|e| RecordError {
+            message: format!("no database connection: {}", db::describe_pool(&e)),
+            bad_data: false,
+        })?;
+        let written = write(&client, &r.owner, batch, again, &r.circuit).await;
+        client.done();
+        written
+    }
+
+    /// After a write: metrics, the circuits it moved, and room for the
+    /// claim loop.
+    fn written(&self, batch: &[Outcome], written: &Written) {
+        count_marked(batch, &written.marked);
+        for c in &written.circuits {
+            log_circuit(c);
+        }
+        self.recorder
+            .room
+            .recorded(batch.iter().map(|o| (o.company_id, o.event_type.as_str())));
+    }
+}
+
+/// One line per circuit that opened or closed: an operator's first clue
+/// that a tenant's system is down, or back.
+fn log_circuit(c: &CircuitChange) {
+    telemetry::circuit_change(&c.change);
+    match c.change.as_str() {
+        "closed" => tracing::info!(
+            company_id = c.company_id,
+            event_type = %c.event_type,
+            "endpoint answers again: circuit closed, its events flow again"
+        ),
+        change => tracing::warn!(
+            company_id = c.company_id,
+            event_type = %c.event_type,
+            change,
+            "endpoint not reachable: circuit open, its events are held"
+        ),
     }
 }
 
@@ -404,7 +511,7 @@ async fn write_one_by_one(writer: &Writer<'_>, batch: &[Outcome]) {
     for outcome in batch {
         let single = std::slice::from_ref(outcome);
         match writer.write(single, true).await {
-            Ok(marked) => count_marked(single, &marked),
+            Ok(written) => writer.written(single, &written),
             Err(e) => {
                 let fallback = Outcome {
                     next: NextState::Failed,
@@ -416,10 +523,12 @@ async fn write_one_by_one(writer: &Writer<'_>, batch: &[Outcome]) {
                     )),
                     http_status: None,
                     notify: false,
+                    pause: None,
                     ..outcome.clone()
                 };
-                match writer.write(std::slice::from_ref(&fallback), true).await {
-                    Ok(marked) => count_marked(std::slice::from_ref(&fallback), &marked),
+                let single = std::slice::from_ref(&fallback);
+                match writer.write(single, true).await {
+                    Ok(written) => writer.written(single, &written),
                     Err(e) => tracing::error!(
                         event_id = %outcome.event_id,
                         error = %e,
@@ -454,21 +563,6 @@ fn count_marked(batch: &[Outcome], marked: &[Uuid]) {
             NextState::Retry(_) => telemetry::retried(&o.event_type),
         }
     }
-}
-
-async fn write_pooled(
-    pool: &deadpool_postgres::Pool,
-    owner: &str,
-    batch: &[Outcome],
-    again: bool,
-) -> Result<Vec<Uuid>, RecordError> {
-    let client = db::Checkout::get(pool).await.map_err(|e| RecordError {
-        message: format!("no database connection: {}", db::describe_pool(&e)),
-        bad_data: false,
-    })?;
-    let written = write(&client, owner, batch, again).await;
-    client.done();
-    written
 }
 
 #[cfg(test)]

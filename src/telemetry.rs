@@ -33,6 +33,7 @@ pub const NOTIFICATIONS_QUEUED: &str = "outboxd_notification_emails_queued";
 pub const NOTIFICATION_RECIPIENTS_REFUSED: &str = "outboxd_notification_recipients_refused_total";
 pub const DATABASE_ERRORS: &str = "outboxd_database_errors_total";
 pub const BUILD_INFO: &str = "outboxd_build_info";
+pub const CIRCUIT_CHANGES: &str = "outboxd_circuit_changes_total";
 
 /// Webhook round trips: most receivers answer in tens of milliseconds; the
 /// top buckets catch the slow ones up to the 10 s default timeout.
@@ -66,7 +67,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
     for operation in ["claim", "record", "listen", "mailer", "maintenance"] {
         counter!(DATABASE_ERRORS, "operation" => operation).absolute(0);
     }
-    for source in ["notify", "poll"] {
+    for source in ["notify", "poll", "room"] {
         counter!(WAKEUPS, "source" => source).absolute(0);
     }
     for name in [
@@ -80,11 +81,18 @@ pub fn install() -> Result<PrometheusHandle, String> {
     ] {
         counter!(name).absolute(0);
     }
+    for change in ["opened", "reopened", "closed"] {
+        counter!(CIRCUIT_CHANGES, "change" => change).absolute(0);
+    }
     gauge!(LISTEN_CONNECTED).set(0.0);
     Ok(handle)
 }
 
 fn describe() {
+    describe_counter!(
+        CIRCUIT_CHANGES,
+        "Endpoint circuit breakers that changed, by change: opened (retryable failures in a row), reopened (a probe failed), closed (the endpoint answered again)."
+    );
     describe_counter!(
         DELIVERY_ATTEMPTS,
         "Delivery attempts by event type and outcome (success, rejected, retryable, permanent, no_endpoint)."
@@ -217,6 +225,15 @@ pub fn lag(event_type: &str, lag: Duration) {
 
 pub fn database_error(operation: &'static str) {
     counter!(DATABASE_ERRORS, "operation" => operation).increment(1);
+}
+
+pub fn circuit_change(change: &str) {
+    let change = match change {
+        "opened" => "opened",
+        "reopened" => "reopened",
+        _ => "closed",
+    };
+    counter!(CIRCUIT_CHANGES, "change" => change).increment(1);
 }
 
 pub fn wakeup(source: &'static str) {

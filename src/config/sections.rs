@@ -189,7 +189,16 @@ impl RawDelivery {
                 }
             },
         };
+        let endpoint_concurrency = in_range(
+            problems,
+            "delivery.endpoint_concurrency",
+            self.endpoint_concurrency
+                .unwrap_or(DEFAULT_ENDPOINT_CONCURRENCY),
+            1,
+            1000,
+        );
         Some(DeliveryConfig {
+            endpoint_concurrency: endpoint_concurrency?,
             allowed_networks,
             require_https: self.require_https.unwrap_or(false),
             tls_ca_pem: tls_ca_pem?,
@@ -400,6 +409,56 @@ impl RawNotify {
             gather: gather?,
             poll_interval: poll_interval?,
             retry_delay: retry_delay?,
+        })
+    }
+}
+
+impl RawCircuit {
+    pub(super) fn validate(self, problems: &mut Vec<Problem>) -> Option<CircuitConfig> {
+        let defaults = CircuitConfig::default();
+        let open_after = in_range(
+            problems,
+            "circuit.open_after",
+            self.open_after.unwrap_or(defaults.open_after),
+            1,
+            1000,
+        );
+        let cooldown = duration_or(
+            problems,
+            "circuit.cooldown",
+            self.cooldown.as_deref(),
+            defaults.cooldown,
+        );
+        let max_cooldown = duration_or(
+            problems,
+            "circuit.max_cooldown",
+            self.max_cooldown.as_deref(),
+            defaults.max_cooldown,
+        );
+        let max_hold = duration_or(
+            problems,
+            "circuit.max_hold",
+            self.max_hold.as_deref(),
+            defaults.max_hold,
+        );
+        if let (Some(c), Some(m)) = (cooldown, max_cooldown) {
+            if m < c {
+                problem(
+                    problems,
+                    "circuit.max_cooldown",
+                    format!(
+                        "must be at least circuit.cooldown ({})",
+                        humantime::format_duration(c)
+                    ),
+                );
+                return None;
+            }
+        }
+        Some(CircuitConfig {
+            open_after: open_after?,
+            cooldown: cooldown?,
+            max_cooldown: max_cooldown?,
+            max_hold: max_hold?,
         })
     }
 }

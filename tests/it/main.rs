@@ -23,3 +23,4 @@ mod record;
 mod sd_notify;
 mod smtp;
 mod sql_contract;
+mod tenants;

@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use outboxd::backoff::RetryPolicy;
 use outboxd::claim;
 use outboxd::classify::Verdict;
+use outboxd::config::CircuitConfig;
 use outboxd::record::{self, AttemptKind, NextState, Outcome};
 
 use crate::harness::TestDb;
@@ -36,13 +37,15 @@ async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim()
         .await
         .unwrap();
     // Instance A claims with a lease that is already over; B claims again.
-    let a = claim::claim(&client, 10, "a", Duration::from_millis(1))
+    let a = claim::claim(&client, 10, "a", Duration::from_millis(1), 8)
         .await
-        .unwrap();
+        .unwrap()
+        .events;
     tokio::time::sleep(Duration::from_millis(20)).await; // let A's 1 ms lease lapse
-    let b = claim::claim(&client, 10, "b", Duration::from_secs(60))
+    let b = claim::claim(&client, 10, "b", Duration::from_secs(60), 8)
         .await
-        .unwrap();
+        .unwrap()
+        .events;
     assert_eq!(
         (a[0].attempt, b[0].attempt, b[0].lease_expired),
         (1, 2, true)
@@ -54,15 +57,23 @@ async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim()
     failed.kind = AttemptKind::Rejected;
     failed.error = Some("rejected".into());
     assert_eq!(
-        record::write(&client, "b", &[failed], false)
+        record::write(&client, "b", &[failed], false, &CircuitConfig::default())
             .await
             .unwrap()
+            .marked
             .len(),
         1
     );
-    let late = record::write(&client, "a", &[delivered(&a[0])], false)
-        .await
-        .unwrap();
+    let late = record::write(
+        &client,
+        "a",
+        &[delivered(&a[0])],
+        false,
+        &CircuitConfig::default(),
+    )
+    .await
+    .unwrap()
+    .marked;
     assert!(late.is_empty(), "fenced out");
 
     let row = client
@@ -95,30 +106,34 @@ async fn a_group_written_again_after_a_lost_reply_reads_as_marked_not_fenced() {
         )
         .await
         .unwrap();
-    let events = claim::claim(&client, 10, "a", Duration::from_secs(60))
+    let events = claim::claim(&client, 10, "a", Duration::from_secs(60), 8)
         .await
-        .unwrap();
+        .unwrap()
+        .events;
     let outcomes: Vec<Outcome> = events.iter().map(delivered).collect();
     assert_eq!(
-        record::write(&client, "a", &outcomes, false)
+        record::write(&client, "a", &outcomes, false, &CircuitConfig::default())
             .await
             .unwrap()
+            .marked
             .len(),
         3
     );
     // The same group once more, as the recorder does after an error whose
     // commit may have gone through.
     assert_eq!(
-        record::write(&client, "a", &outcomes, true)
+        record::write(&client, "a", &outcomes, true, &CircuitConfig::default())
             .await
             .unwrap()
+            .marked
             .len(),
         3
     );
     assert!(
-        record::write(&client, "a", &outcomes, false)
+        record::write(&client, "a", &outcomes, false, &CircuitConfig::default())
             .await
             .unwrap()
+            .marked
             .is_empty()
     );
     let attempts = count(&client, "SELECT count(*) FROM outbox.attempts").await;

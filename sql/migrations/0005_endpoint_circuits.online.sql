@@ -1,0 +1,23 @@
+-- 0005, built online: the indexes of the fair claim (sql/queries/claim.sql).
+--
+-- `outboxd migrate` runs each statement here on its own, after 0005's
+-- transaction has committed, with CREATE INDEX CONCURRENTLY: it reads the
+-- table twice instead of locking it, so the sales application goes on
+-- enqueueing while a large outbox is indexed. A build that was interrupted
+-- leaves an invalid index behind; the next `outboxd migrate` drops and
+-- rebuilds it, and until then the daemon waits ("schema incomplete").
+
+-- One entry per event still to deliver, grouped by endpoint, each
+-- endpoint's oldest first: the claim skips from one endpoint to the next in
+-- one index descent each, so an endpoint's backlog costs one step, however
+-- long it is.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS events_endpoint_due
+    ON outbox.events (company_id, event_type, next_attempt_at)
+    WHERE state IN ('pending', 'leased');
+
+-- The rows being delivered right now, by endpoint: what the claim counts
+-- against each endpoint's cap. Pending rows are not in it, so enqueueing
+-- never writes to it.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS events_leased
+    ON outbox.events (company_id, event_type)
+    WHERE state = 'leased';

@@ -1,0 +1,400 @@
+//! Many tenants, one queue: what one company's endpoint can and cannot do to
+//! the others. Real daemons, real receivers on 127.0.0.1, one endpoint per
+//! receiver.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::harness::{Daemon, TestDb, count, eventually, eventually_count};
+use crate::receiver::{Received, Receiver, Reply};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+async fn endpoint(client: &Client, company: i64, url: &str, max_in_flight: Option<i32>) {
+    client
+        .execute(
+            "INSERT INTO outbox.endpoints (company_id, url, notify_emails, max_in_flight)
+             VALUES ($1, $2, ARRAY['ops@example.com'], $3)",
+            &[&company, &url, &max_in_flight],
+        )
+        .await
+        .unwrap();
+}
+
+/// `n` events of `company`, in one transaction.
+async fn enqueue(client: &Client, company: i64, n: i64) {
+    client
+        .execute(
+            "SELECT outbox.enqueue_payment_cancellation($1, g, 'P' || g) FROM generate_series(1, $2::bigint) g",
+            &[&company, &n],
+        )
+        .await
+        .unwrap();
+}
+
+fn ok() -> Reply {
+    Reply::Json(200, json!({"status": "1", "message": "ok"}))
+}
+
+/// The most requests that were in flight at once, for a receiver that
+/// answers each after exactly `hold`: a request is still in flight when
+/// another arrives less than `hold` after it. The answer to one and the
+/// next request are never closer than a record and a claim, so a small
+/// margin keeps back-to-back requests apart.
+fn max_in_flight(requests: &[Received], hold: Duration) -> usize {
+    let window = hold - MS(50);
+    requests
+        .iter()
+        .map(|r| {
+            requests
+                .iter()
+                .filter(|o| o.at <= r.at && r.at.duration_since(o.at) < window)
+                .count()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+async fn circuit(client: &Client, company: i64) -> Option<(String, i32)> {
+    client
+        .query_opt(
+            "SELECT state, failures FROM outbox.endpoint_circuits WHERE company_id = $1",
+            &[&company],
+        )
+        .await
+        .unwrap()
+        .map(|r| (r.get(0), r.get(1)))
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_holds_only_its_cap_and_the_other_companies_flow() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let slow = Receiver::start(|_, _| Reply::Delayed(SECS(3), Box::new(ok()))).await;
+    let fast = Receiver::ok().await;
+    endpoint(&client, 1, &slow.url("/slow"), None).await;
+    for company in 2..=6 {
+        endpoint(&client, company, &fast.url("/fast"), None).await;
+    }
+    enqueue(&client, 1, 40).await;
+    let daemon = Daemon::start(
+        &db,
+        &[
+            ("OUTBOXD_DELIVERY__CONCURRENCY", "16"),
+            ("OUTBOXD_DELIVERY__ENDPOINT_CONCURRENCY", "4"),
+        ],
+    )
+    .await;
+    // Company 1 fills its cap of the 16 slots, and stays there.
+    slow.wait_for(4, SECS(10)).await;
+    let enqueued = Instant::now();
+    for company in 2..=6 {
+        enqueue(&client, company, 5).await;
+    }
+    let arrived = fast.wait_for(25, SECS(10)).await;
+    let last = arrived.iter().map(|r| r.at).max().unwrap();
+    assert!(
+        last.duration_since(enqueued) < SECS(2),
+        "the other companies waited {:?} behind a slow one",
+        last.duration_since(enqueued)
+    );
+    // Meanwhile the slow endpoint never had more than its cap in flight,
+    // and its events are still waiting their turn, not failed.
+    tokio::time::sleep(SECS(4)).await;
+    let slow_requests = slow.received();
+    assert_eq!(max_in_flight(&slow_requests, SECS(3)), 4);
+    assert!(
+        slow_requests.len() <= 12,
+        "{} requests",
+        slow_requests.len()
+    );
+    let waiting = count(
+        &client,
+        "SELECT count(*) FROM outbox.events WHERE company_id = 1 AND state = 'pending' AND attempts = 0",
+    )
+    .await;
+    assert!(
+        waiting >= 28,
+        "{waiting} of company 1's events still untried"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn an_endpoint_may_set_its_own_cap() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let slow = Receiver::start(|_, _| Reply::Delayed(SECS(2), Box::new(ok()))).await;
+    endpoint(&client, 1, &slow.url("/slow"), Some(2)).await;
+    enqueue(&client, 1, 6).await;
+    let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__ENDPOINT_CONCURRENCY", "8")]).await;
+    let all = slow.wait_for(6, SECS(15)).await;
+    assert_eq!(max_in_flight(&all, SECS(2)), 2);
+    eventually_count(
+        &client,
+        "all delivered",
+        SECS(10),
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+        6,
+    )
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn the_cap_counts_every_instance_s_leases() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let hold = Duration::from_millis(1500);
+    let slow = Receiver::start(move |_, _| Reply::Delayed(hold, Box::new(ok()))).await;
+    endpoint(&client, 1, &slow.url("/slow"), None).await;
+    enqueue(&client, 1, 24).await;
+    let settings = [
+        ("OUTBOXD_DELIVERY__ENDPOINT_CONCURRENCY", "3"),
+        ("OUTBOXD_DELIVERY__POLL_INTERVAL", "200ms"),
+    ];
+    let a = Daemon::start(&db, &settings).await;
+    let b = Daemon::start(&db, &settings).await;
+    let all = slow.wait_for(24, SECS(30)).await;
+    // Documented: at most instances x cap at once (two claims racing for
+    // the same room), and the cap itself once claims have settled. Each
+    // instance alone would allow 3, so 6 at once in every window would
+    // mean the instances did not see each other's leases.
+    let peak = max_in_flight(&all, hold);
+    assert!(peak <= 6, "peak {peak}");
+    let windows: Vec<usize> = all
+        .iter()
+        .map(|r| {
+            all.iter()
+                .filter(|o| o.at <= r.at && r.at.duration_since(o.at) < hold - MS(50))
+                .count()
+        })
+        .collect();
+    let over_cap = windows.iter().filter(|&&n| n > 3).count();
+    assert!(
+        over_cap * 4 <= windows.len(),
+        "in flight per arrival: {windows:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_of_one_company_does_not_queue_another_company_behind_it() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    endpoint(&client, 1, &receiver.url("/burst"), None).await;
+    endpoint(&client, 2, &receiver.url("/single"), None).await;
+    // Payments 1-300 one transaction each, so each has its own enqueue
+    // time; then 2,700 more in one.
+    for payment in 1..=300_i64 {
+        client
+            .execute(
+                "SELECT outbox.enqueue_payment_cancellation(1, $1, 'P')",
+                &[&payment],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, g, 'P') FROM generate_series(301, 3000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    enqueue(&client, 2, 1).await;
+    let daemon = Daemon::start(&db, &[]).await;
+    let all = receiver.wait_for(3001, SECS(60)).await;
+    let position = all.iter().position(|r| r.path == "/single").unwrap();
+    // Oldest first it would come last, after all 3,000; taking companies
+    // in turn, it goes out with the first batch.
+    assert!(position < 64, "company 2's event was request {position}");
+    // Within company 1, oldest first still holds: the payments enqueued one
+    // by one arrive in that order, apart from the 8 in flight together.
+    let numbers: Vec<i64> = all
+        .iter()
+        .filter(|r| r.path == "/burst")
+        .map(|r| r.json()["paymentId"].as_i64().unwrap())
+        .filter(|&p| p <= 300)
+        .collect();
+    assert_eq!(numbers.len(), 300);
+    let out_of_order = numbers.windows(2).filter(|w| w[1] + 8 < w[0]).count();
+    assert_eq!(
+        out_of_order, 0,
+        "company 1's events out of order: {numbers:?}"
+    );
+    daemon.stop().await;
+}
+
+/// Fast settings for circuit tests: retries after 100 ms, a circuit that
+/// opens after 3 failures and probes after `cooldown`.
+fn circuit_settings(cooldown: &'static str) -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("OUTBOXD_RETRY__BASE_DELAY", "100ms"),
+        ("OUTBOXD_RETRY__JITTER", "0"),
+        ("OUTBOXD_DELIVERY__POLL_INTERVAL", "100ms"),
+        ("OUTBOXD_DELIVERY__ENDPOINT_CONCURRENCY", "1"),
+        ("OUTBOXD_CIRCUIT__OPEN_AFTER", "3"),
+        ("OUTBOXD_CIRCUIT__COOLDOWN", cooldown),
+        ("OUTBOXD_CIRCUIT__MAX_COOLDOWN", "1h"),
+    ]
+}
+
+#[tokio::test]
+async fn the_circuit_opens_after_failures_in_a_row_probes_and_closes() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // Requests 1-4 fail with 503 (the 4th is the first probe), then all
+    // succeed.
+    let seen = Arc::new(AtomicU32::new(0));
+    let counter = seen.clone();
+    let receiver = Receiver::start(move |_, _| {
+        if counter.fetch_add(1, Ordering::SeqCst) < 4 {
+            Reply::Json(503, json!({"status": "0", "message": "down"}))
+        } else {
+            ok()
+        }
+    })
+    .await;
+    endpoint(&client, 1, &receiver.url("/erp"), None).await;
+    enqueue(&client, 1, 10).await;
+    let daemon = Daemon::start(&db, &circuit_settings("1s")).await;
+
+    let first = receiver.wait_for(3, SECS(10)).await;
+    eventually("the circuit to open", SECS(5), || async {
+        circuit(&client, 1).await.is_some_and(|(s, _)| s == "open")
+    })
+    .await;
+    let all = receiver.wait_for(14, SECS(20)).await;
+    eventually_count(
+        &client,
+        "all delivered",
+        SECS(10),
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+        10,
+    )
+    .await;
+    // Open: nothing for the cool-down (1 s), then one probe, which fails;
+    // open again for twice as long, then the probe that closes it.
+    let gap = |i: usize| all[i].at.duration_since(all[i - 1].at);
+    assert!(gap(3) >= MS(950), "first probe after {:?}", gap(3));
+    assert!(gap(4) >= MS(1950), "second probe after {:?}", gap(4));
+    assert!(first.len() >= 3);
+    assert_eq!(circuit(&client, 1).await, Some(("closed".into(), 0)));
+    // 4 failed attempts and 10 deliveries: the events held while the
+    // circuit was open were not attempted.
+    let attempts = count(&client, "SELECT sum(attempts) FROM outbox.events").await;
+    assert_eq!(attempts, 14);
+    let failed = count(
+        &client,
+        "SELECT count(*) FROM outbox.attempts WHERE outcome = 'retryable'",
+    )
+    .await;
+    assert_eq!(failed, 4);
+    let log = daemon.log().join("\n");
+    assert!(log.contains("circuit open"), "{log}");
+    assert!(log.contains("circuit closed"), "{log}");
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn retry_after_pauses_the_whole_endpoint_and_not_the_others() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let seen = Arc::new(AtomicU32::new(0));
+    let counter = seen.clone();
+    let limited = Receiver::start(move |_, _| {
+        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+            Reply::Raw {
+                status: 429,
+                headers: vec![("Retry-After".into(), "2".into())],
+                body: b"slow down".to_vec(),
+            }
+        } else {
+            ok()
+        }
+    })
+    .await;
+    let other = Receiver::ok().await;
+    endpoint(&client, 1, &limited.url("/limited"), Some(1)).await;
+    endpoint(&client, 2, &other.url("/other"), None).await;
+    enqueue(&client, 1, 5).await;
+    let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__POLL_INTERVAL", "100ms")]).await;
+    limited.wait_for(1, SECS(10)).await;
+    let paused_at = Instant::now();
+    enqueue(&client, 2, 3).await;
+    let others = other.wait_for(3, SECS(5)).await;
+    assert!(
+        others
+            .iter()
+            .all(|r| r.at.duration_since(paused_at) < SECS(1)),
+        "another company waited for a pause that was not its own"
+    );
+    let all = limited.wait_for(6, SECS(15)).await;
+    // The 429 named 2 s: no other event of that endpoint went out before.
+    let gap = all[1].at.duration_since(all[0].at);
+    assert!(gap >= MS(1950), "next request after {gap:?}");
+    eventually_count(
+        &client,
+        "all delivered",
+        SECS(10),
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+        8,
+    )
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn an_endpoint_that_never_answers_gets_one_probe_per_cooldown_and_its_events_fail_after_max_hold()
+ {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let dead = Receiver::start(|_, _| Reply::Hang).await;
+    endpoint(&client, 1, &dead.url("/dead"), None).await;
+    enqueue(&client, 1, 20).await;
+    let mut settings = circuit_settings("2s");
+    settings.extend([
+        ("OUTBOXD_DELIVERY__CONNECT_TIMEOUT", "300ms"),
+        ("OUTBOXD_DELIVERY__REQUEST_TIMEOUT", "300ms"),
+        ("OUTBOXD_DELIVERY__LEASE", "20s"),
+        ("OUTBOXD_CIRCUIT__MAX_HOLD", "5s"),
+    ]);
+    let daemon = Daemon::start(&db, &settings).await;
+    eventually("the circuit to open", SECS(10), || async {
+        circuit(&client, 1).await.is_some_and(|(s, _)| s == "open")
+    })
+    .await;
+    let at_open = dead.received().len();
+    assert_eq!(at_open, 3, "three timeouts in a row open it");
+    // Open for 4.5 s: a probe after 2 s, the next 4 s after that.
+    tokio::time::sleep(MS(4500)).await;
+    let probes = dead.received().len() - at_open;
+    assert_eq!(probes, 1, "probes in the first 4.5 s open");
+    // Nothing waits for ever: every event, held or retried, is failed once
+    // held 5 s past its due time, with the reason and a notification.
+    eventually_count(
+        &client,
+        "every event failed",
+        SECS(20),
+        "SELECT count(*) FROM outbox.events WHERE state = 'failed' AND last_error LIKE 'held for more than 5s%'",
+        20,
+    )
+    .await;
+    let untried = count(
+        &client,
+        "SELECT count(*) FROM outbox.events WHERE state = 'failed' AND attempts = 0",
+    )
+    .await;
+    assert!(untried >= 15, "{untried}");
+    let notified = count(&client, "SELECT count(*) FROM outbox.notifications").await;
+    assert!(notified >= untried, "{notified} notifications");
+    daemon.stop().await;
+}
