@@ -528,6 +528,7 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
             &outcomes,
             false,
             &outboxd::config::CircuitConfig::default(),
+            Duration::from_secs(900),
         )
         .await
         .unwrap();

@@ -193,6 +193,133 @@ pub fn render(events: &[FailedEvent]) -> Rendered {
     }
 }
 
+/// An endpoint's circuit that opened or closed, as `outbox.emails.about`
+/// recorded it then.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct CircuitNews {
+    /// The endpoint URL at that moment (never credentials).
+    pub url: String,
+    /// RFC 3339 timestamps in UTC, to the second.
+    pub opened_at: Option<String>,
+    pub closed_at: Option<String>,
+    /// When the next probe may go (open), as written.
+    pub retry_at: Option<String>,
+    pub last_error: Option<String>,
+    /// Events waiting for the endpoint, counted up to 100,001.
+    pub waiting: i64,
+}
+
+/// Is it opened (down) or closed (back)?
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitEmail {
+    Opened,
+    Closed,
+}
+
+/// "12", or "over 100,000".
+fn waiting_events(n: i64) -> String {
+    match n {
+        1 => "1 event".to_string(),
+        n if n > 100_000 => "over 100,000 events".to_string(),
+        n => format!("{n} events"),
+    }
+}
+
+/// A time from the JSON snapshot ("2026-12-01T14:03:07Z") as the email
+/// shows it: "2026-12-01 14:03:07 UTC".
+fn snapshot_time(t: Option<&str>) -> String {
+    match t {
+        Some(t) if humantime::parse_rfc3339(t).is_ok() => {
+            format!("{} UTC", t.replace('T', " ").trim_end_matches('Z'))
+        }
+        Some(t) => t.to_string(),
+        None => "-".to_string(),
+    }
+}
+
+/// The one email about an endpoint going down, or coming back.
+pub fn render_circuit(
+    kind: CircuitEmail,
+    company_id: i64,
+    event_type: &str,
+    news: &CircuitNews,
+) -> Rendered {
+    let name = webhook_name(event_type);
+    let since = snapshot_time(news.opened_at.as_deref());
+    let waiting = waiting_events(news.waiting);
+    let (subject, lead, rows, next): (String, String, Vec<(&str, String)>, String) = match kind {
+        CircuitEmail::Opened => (
+            format!("{name} webhook: your endpoint is not reachable (company {company_id})"),
+            format!(
+                "outboxd cannot reach the {name} webhook endpoint of company {company_id}: \
+                 its requests failed several times in a row, so deliveries to it are paused."
+            ),
+            vec![
+                ("Endpoint", news.url.clone()),
+                ("Not reachable since", since),
+                (
+                    "Last error",
+                    news.last_error.clone().unwrap_or_else(|| "-".to_string()),
+                ),
+                ("Waiting", waiting),
+                ("Next try", snapshot_time(news.retry_at.as_deref())),
+            ],
+            "What happens next: the waiting events are kept, not failed one by one, and no \
+             retries are used up while the endpoint is down. outboxd sends one of them now and \
+             then to see whether the endpoint is back, less and less often (up to every 10 \
+             minutes); as soon as it answers, the waiting events are delivered and you get one \
+             more email. Events still waiting after a day fail and are reported. What to do: \
+             check that the endpoint is up and reachable from outboxd."
+                .to_string(),
+        ),
+        CircuitEmail::Closed => (
+            format!("{name} webhook: deliveries resumed (company {company_id})"),
+            format!(
+                "The {name} webhook endpoint of company {company_id} answers again, and \
+                 outboxd is delivering to it."
+            ),
+            vec![
+                ("Endpoint", news.url.clone()),
+                ("Not reachable from", since),
+                ("Answered again", snapshot_time(news.closed_at.as_deref())),
+                ("Being delivered", waiting),
+            ],
+            "Nothing to do: the events that waited are delivered now, each with its usual \
+             Idempotency-Key."
+                .to_string(),
+        ),
+    };
+    let mut text = format!("{}\n\n", wrap(&lead, 72));
+    let mut html = format!(
+        "<html><body style=\"font-family: sans-serif\">\n<p>{}</p>\n<table cellpadding=\"3\">\n",
+        escape(&lead)
+    );
+    for (label, value) in &rows {
+        let _ = writeln!(text, "  {:<20} {value}", format!("{label}:"));
+        let _ = writeln!(
+            html,
+            "<tr><th align=\"left\">{}</th><td>{}</td></tr>",
+            escape(label),
+            escape(value)
+        );
+    }
+    let _ = writeln!(text, "\n{}", wrap(&next, 72));
+    let _ = writeln!(
+        text,
+        "\n-- \nSent by outboxd, once when an endpoint goes down and once when it is back."
+    );
+    let _ = write!(
+        html,
+        "</table>\n<p>{}</p>\n<p style=\"color: #666\">Sent by outboxd, once when an endpoint goes down and once when it is back.</p>\n</body></html>\n",
+        escape(&next)
+    );
+    Rendered {
+        subject,
+        text,
+        html,
+    }
+}
+
 /// Greedy word wrap for the plain-text part, which mail clients show as is.
 fn wrap(text: &str, width: usize) -> String {
     let mut out = String::new();
@@ -238,6 +365,45 @@ pub fn escape(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn circuit_emails_say_what_failed_since_when_how_many_wait_and_what_next() {
+        let news = CircuitNews {
+            url: "https://erp.example.com/hook".into(),
+            opened_at: Some("2026-12-01T14:03:07Z".into()),
+            closed_at: Some("2026-12-01T15:10:00Z".into()),
+            retry_at: Some("2026-12-01T14:03:37Z".into()),
+            last_error: Some("timed out after 10s".into()),
+            waiting: 1234,
+        };
+        let open = render_circuit(CircuitEmail::Opened, 6316, PAYMENT_CANCELLATION, &news);
+        assert!(open.subject.contains("not reachable"), "{}", open.subject);
+        assert!(open.subject.contains("6316"));
+        for want in [
+            "https://erp.example.com/hook",
+            "2026-12-01 14:03:07 UTC",
+            "timed out after 10s",
+            "1234 events",
+            "2026-12-01 14:03:37 UTC",
+            "What happens next",
+        ] {
+            assert!(open.text.contains(want), "{want} in {}", open.text);
+            assert!(open.html.contains(want), "{want} in {}", open.html);
+        }
+        let closed = render_circuit(CircuitEmail::Closed, 6316, PAYMENT_CANCELLATION, &news);
+        assert!(closed.subject.contains("resumed"), "{}", closed.subject);
+        assert!(
+            closed.text.contains("2026-12-01 15:10:00 UTC"),
+            "{}",
+            closed.text
+        );
+        assert!(closed.text.contains("1234 events"));
+        assert_eq!(
+            waiting_events(100_001),
+            "over 100,000 events",
+            "the count stops there"
+        );
+    }
+
     use super::*;
     use std::time::Duration;
 

@@ -188,6 +188,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         gather: config.delivery.concurrency,
         limit: db_limit,
         circuit: config.circuit.clone(),
+        notify_window: config.notify.window,
         room: room.clone(),
     };
     let mut recorder = tokio::spawn(recorder.run(outcomes_rx, liveness.register("recorder")));

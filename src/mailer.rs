@@ -186,10 +186,14 @@ impl Mailer {
             report.claimed = 1;
             let email = ClaimedEmail {
                 id: row.get("id"),
+                company_id: row.get("company_id"),
+                event_type: row.get("event_type"),
                 recipients: row.get("recipients"),
                 sent_to: row.get("sent_to"),
                 refused: row.get("refused"),
                 attempt: row.get("attempts"),
+                kind: row.get("kind"),
+                about: row.get("about"),
             };
             self.send_one(&**client, smtp, email, &mut report).await?;
         }
@@ -236,9 +240,15 @@ impl Mailer {
     ) -> Result<(), NotifyError> {
         // Each database step within its bound, so that loading, sending and
         // marking together stay inside the lease (see `lease`).
-        let events = self
-            .bounded("loading an email's events", load_content(client, email.id))
-            .await?;
+        let content = match email.circuit() {
+            Some(circuit) => Some(circuit),
+            None => {
+                let events = self
+                    .bounded("loading an email's events", load_content(client, email.id))
+                    .await?;
+                (!events.is_empty()).then(|| email::render(&events))
+            }
+        };
         let todo: Vec<String> = email
             .recipients
             .iter()
@@ -247,12 +257,8 @@ impl Mailer {
             .collect();
         let (mut sent_to, mut refused) = (email.sent_to.clone(), email.refused.clone());
         let mut error = None;
-        if events.is_empty() {
-            // Its events were deleted (retention) before it went out.
-            refused.extend(todo.iter().cloned());
-            error = Some("nothing left to report: the events were deleted".to_string());
-        } else {
-            let message = build_message(smtp, &email.recipients, &events);
+        if let Some(rendered) = content {
+            let message = build_message(smtp, &email.recipients, rendered);
             let outcome = smtp::send(smtp, &message, &todo).await;
             for (rcpt, reason) in &outcome.refused {
                 tracing::warn!(email_id = email.id, recipient = %rcpt, reason = %reason, "recipient refused by the SMTP server");
@@ -267,6 +273,10 @@ impl Mailer {
             } else if let Some((_, reason)) = outcome.refused.first() {
                 error = Some(format!("refused: {reason}"));
             }
+        } else {
+            // Its events were deleted (retention) before it went out.
+            refused.extend(todo.iter().cloned());
+            error = Some("nothing left to report: the events were deleted".to_string());
         }
         let retry_ms = self.retry_delay(email.attempt).as_millis() as i64;
         let mark = async {
@@ -340,10 +350,47 @@ impl Mailer {
 
 struct ClaimedEmail {
     id: i64,
+    company_id: i64,
+    event_type: String,
     recipients: Vec<String>,
     sent_to: Vec<String>,
     refused: Vec<String>,
     attempt: i32,
+    /// failures (a digest of notifications), circuit_opened, circuit_closed.
+    kind: String,
+    /// What a circuit email reports, as JSON text.
+    about: Option<String>,
+}
+
+impl ClaimedEmail {
+    /// A circuit email, rendered from its snapshot; None for a digest. A
+    /// snapshot that does not parse (written by hand) still tells the news,
+    /// with what is known.
+    fn circuit(&self) -> Option<email::Rendered> {
+        let kind = match self.kind.as_str() {
+            "circuit_opened" => email::CircuitEmail::Opened,
+            "circuit_closed" => email::CircuitEmail::Closed,
+            _ => return None,
+        };
+        let news = self
+            .about
+            .as_deref()
+            .and_then(|about| serde_json::from_str(about).ok())
+            .unwrap_or_else(|| email::CircuitNews {
+                url: "(not recorded)".to_string(),
+                opened_at: None,
+                closed_at: None,
+                retry_at: None,
+                last_error: None,
+                waiting: 0,
+            });
+        Some(email::render_circuit(
+            kind,
+            self.company_id,
+            &self.event_type,
+            &news,
+        ))
+    }
 }
 
 async fn load_content(
@@ -373,8 +420,7 @@ async fn load_content(
 
 /// The MIME message: multipart/alternative with the text and HTML parts, To
 /// listing every recipient so each sees who else was told.
-fn build_message(smtp: &SmtpConfig, recipients: &[String], events: &[FailedEvent]) -> Vec<u8> {
-    let rendered = email::render(events);
+fn build_message(smtp: &SmtpConfig, recipients: &[String], rendered: email::Rendered) -> Vec<u8> {
     MessageBuilder::new()
         .from((smtp.from_name.as_str(), smtp.from.as_str()))
         .to(recipients.iter().map(|r| r.as_str()).collect::<Vec<&str>>())

@@ -242,7 +242,8 @@ pub struct Written {
 }
 
 /// Writes `outcomes` in one statement, and moves the circuit breakers of
-/// their endpoints by `circuit`.
+/// their endpoints by `circuit` (queuing an email about one that opened or
+/// closed, at most one per `notify_window`).
 /// `again`: this same group was written before and the reply was lost, so
 /// outcomes already applied are reported as marked rather than as fenced.
 pub async fn write(
@@ -251,6 +252,7 @@ pub async fn write(
     outcomes: &[Outcome],
     again: bool,
     circuit: &CircuitConfig,
+    notify_window: Duration,
 ) -> Result<Written, RecordError> {
     let statement = client.prepare_cached(RECORD_SQL).await?;
     let n = outcomes.len();
@@ -290,6 +292,7 @@ pub async fn write(
     let open_after = circuit.open_after as i32;
     let cooldown = millis(circuit.cooldown);
     let max_cooldown = millis(circuit.max_cooldown);
+    let window = millis(notify_window);
     let rows = client
         .query(
             &statement,
@@ -312,6 +315,7 @@ pub async fn write(
                 &open_after,
                 &cooldown,
                 &max_cooldown,
+                &window,
             ],
         )
         .await?;
@@ -380,6 +384,8 @@ pub struct Recorder {
     /// One write's bound (`db::round_trip_limit`).
     pub limit: Duration,
     pub circuit: CircuitConfig,
+    /// `notify.window`: throttles the emails about circuits.
+    pub notify_window: Duration,
     /// Told which endpoints' deliveries were marked, so the claim loop
     /// claims again for an endpoint it left at its cap.
     pub room: Arc<Room>,
@@ -466,7 +472,7 @@ impl Writer<'_> {
             message: format!("no database connection: {}", db::describe_pool(&e)),
             bad_data: false,
         })?;
-        let written = write(&client, &r.owner, batch, again, &r.circuit).await;
+        let written = write(&client, &r.owner, batch, again, &r.circuit, r.notify_window).await;
         client.done();
         written
     }

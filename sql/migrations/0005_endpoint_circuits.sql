@@ -86,6 +86,57 @@ CREATE TABLE outbox.endpoint_circuits (
 COMMENT ON TABLE outbox.endpoint_circuits IS
     'Circuit breaker per endpoint, written by outboxd only. No row: closed. Read it to show an endpoint as down.';
 
+-- ---------------------------------------------------------------------------
+-- Circuit emails: the endpoint's notify_emails are told once when its
+-- circuit opens and once when it closes again, not once per held event.
+-- ---------------------------------------------------------------------------
+
+-- failures: the digest of events that failed for good (notifications);
+-- circuit_opened / circuit_closed: about the endpoint, described in `about`
+-- as it was at that moment (no notifications).
+ALTER TABLE outbox.emails
+    ADD COLUMN kind text NOT NULL DEFAULT 'failures',
+    ADD COLUMN about jsonb,
+    ADD CONSTRAINT emails_kind_known
+        CHECK (kind IN ('failures', 'circuit_opened', 'circuit_closed')) NOT VALID;
+
+-- Queues the email about a circuit that opened or closed, throttled: an
+-- "opened" email at most once per notification window per endpoint, and a
+-- "closed" email only after an "opened" one was queued (people are told it
+-- is back only if they were told it was down), so a flapping endpoint
+-- sends at most two a window.
+CREATE FUNCTION outbox.circuit_email(
+    p_company_id bigint, p_event_type text, p_kind text, p_about jsonb, p_window_ms bigint)
+RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    last_kind text;
+BEGIN
+    SELECT e.kind INTO last_kind FROM outbox.emails AS e
+     WHERE e.company_id = p_company_id AND e.event_type = p_event_type
+       AND e.kind IN ('circuit_opened', 'circuit_closed')
+     ORDER BY e.created_at DESC, e.id DESC
+     LIMIT 1;
+    IF p_kind = 'circuit_closed' AND last_kind IS DISTINCT FROM 'circuit_opened' THEN
+        RETURN;
+    END IF;
+    IF p_kind = 'circuit_opened' AND EXISTS (
+           SELECT 1 FROM outbox.emails AS e
+            WHERE e.company_id = p_company_id AND e.event_type = p_event_type
+              AND e.kind = 'circuit_opened'
+              AND e.created_at > now() - p_window_ms * interval '1 millisecond') THEN
+        RETURN;
+    END IF;
+    INSERT INTO outbox.emails (company_id, event_type, recipients, kind, about)
+    SELECT ep.company_id, ep.event_type, ep.notify_emails, p_kind,
+           p_about || jsonb_build_object('url', ep.url)
+      FROM outbox.endpoints AS ep
+     WHERE ep.company_id = p_company_id AND ep.event_type = p_event_type
+       AND cardinality(ep.notify_emails) > 0;
+END
+$$;
+
 -- What one record statement learnt about one endpoint, applied to its
 -- circuit under the row's lock. Returns the change it made, if any:
 -- 'opened', 'reopened' (a probe failed), 'closed', or NULL. record.sql calls
@@ -100,16 +151,22 @@ COMMENT ON TABLE outbox.endpoint_circuits IS
 --   p_pause_ms  the longest Retry-After of a 429 or 503 in the group (NULL: none)
 --   p_error     the last failure, kept to show why the circuit opened
 --   p_open_after, p_cooldown_ms, p_max_cooldown_ms: the daemon's [circuit] settings
+--   p_window_ms the daemon's notify.window, which throttles the emails
 CREATE FUNCTION outbox.circuit_record(
     p_company_id bigint, p_event_type text, p_failed integer, p_answered boolean,
     p_pause_ms bigint, p_error text, p_open_after integer, p_cooldown_ms bigint,
-    p_max_cooldown_ms bigint)
+    p_max_cooldown_ms bigint, p_window_ms bigint)
 RETURNS text
 LANGUAGE plpgsql
 AS $$
 DECLARE
     c outbox.endpoint_circuits;
     change text;
+    was_opened_at timestamptz;
+    waiting bigint;
+    -- Times in the email's snapshot: RFC 3339 in UTC, whatever the
+    -- session's TimeZone.
+    utc constant text := 'YYYY-MM-DD"T"HH24:MI:SS"Z"';
 BEGIN
     INSERT INTO outbox.endpoint_circuits (company_id, event_type)
     VALUES (p_company_id, p_event_type)
@@ -137,6 +194,7 @@ BEGIN
         c.retry_at := now() + c.cooldown_ms * interval '1 millisecond';
         change := 'reopened';
     ELSIF c.state <> 'closed' AND p_answered THEN
+        was_opened_at := c.opened_at;
         c.state := 'closed';
         c.opened_at := NULL;
         c.retry_at := NULL;
@@ -158,6 +216,26 @@ BEGIN
            cooldown_ms = c.cooldown_ms, paused_until = c.paused_until, last_error = c.last_error,
            changed_at = c.changed_at
      WHERE ci.company_id = p_company_id AND ci.event_type = p_event_type;
+
+    IF change IN ('opened', 'closed') THEN
+        -- Counted up to 100,000: the email says "over 100,000" beyond.
+        SELECT count(*) INTO waiting FROM (
+            SELECT 1 FROM outbox.events AS e
+             WHERE e.company_id = p_company_id AND e.event_type = p_event_type
+               AND e.state IN ('pending', 'leased')
+             LIMIT 100001) AS w;
+        PERFORM outbox.circuit_email(
+            p_company_id, p_event_type,
+            CASE change WHEN 'opened' THEN 'circuit_opened' ELSE 'circuit_closed' END,
+            jsonb_build_object(
+                'opened_at', to_char(coalesce(was_opened_at, c.opened_at) AT TIME ZONE 'UTC', utc),
+                'closed_at', CASE WHEN change = 'closed' THEN to_char(now() AT TIME ZONE 'UTC', utc) END,
+                'retry_at', to_char(c.retry_at AT TIME ZONE 'UTC', utc),
+                'failures', c.failures,
+                'last_error', c.last_error,
+                'waiting', waiting),
+            p_window_ms);
+    END IF;
     RETURN change;
 END
 $$;

@@ -19,4 +19,5 @@ UPDATE outbox.emails AS e
        next_attempt_at = now() + $2::bigint * interval '1 millisecond'
   FROM due
  WHERE e.id = due.id
-RETURNING e.id, e.company_id, e.event_type, e.recipients, e.sent_to, e.refused, e.attempts
+RETURNING e.id, e.company_id, e.event_type, e.recipients, e.sent_to, e.refused, e.attempts,
+          e.kind, e.about::text AS about

@@ -17,6 +17,7 @@ WITH locked AS (
        AND NOT EXISTS (
                SELECT 1 FROM outbox.emails AS e
                 WHERE e.company_id = n.company_id AND e.event_type = n.event_type
+                  AND e.kind = 'failures'
                   AND e.created_at > now() - $2::bigint * interval '1 millisecond')
 ), created AS (
     INSERT INTO outbox.emails (company_id, event_type, recipients)

@@ -27,6 +27,7 @@
 -- $16 int           [circuit] open_after
 -- $17 bigint        [circuit] cooldown in ms
 -- $18 bigint        [circuit] max_cooldown in ms
+-- $19 bigint        notify.window in ms (throttles the circuit emails)
 --
 -- Returns (id, NULL, NULL, NULL) per marked event, then (NULL, company_id,
 -- event_type, change) per endpoint whose circuit changed: opened, reopened
@@ -102,7 +103,7 @@ WITH outcome AS (
     -- rows in the same order and cannot deadlock.
     SELECT t.company_id, t.event_type,
            outbox.circuit_record(t.company_id, t.event_type, t.failed, t.answered,
-                                 t.pause_ms, t.error, $16, $17, $18) AS change
+                                 t.pause_ms, t.error, $16, $17, $18, $19) AS change
       FROM touched AS t
      WHERE t.failed > 0 OR t.pause_ms IS NOT NULL
         OR EXISTS (SELECT 1 FROM outbox.endpoint_circuits AS c

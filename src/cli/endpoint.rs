@@ -21,6 +21,9 @@ use crate::webhook::PAYMENT_CANCELLATION;
 
 const ENDPOINTS_SQL: &str = include_str!("../../sql/queries/endpoints.sql");
 const UPSERT_SQL: &str = include_str!("../../sql/queries/endpoint_upsert.sql");
+const LOAD_SQL: &str = include_str!("../../sql/queries/endpoint_load.sql");
+const PAUSE_SQL: &str = include_str!("../../sql/queries/circuit_pause.sql");
+const RESET_SQL: &str = include_str!("../../sql/queries/circuit_reset.sql");
 
 #[derive(Debug, Subcommand)]
 pub enum EndpointCommand {
@@ -76,6 +79,29 @@ pub enum EndpointCommand {
     ///   $ outboxd endpoint disable --company 6316
     Disable(EndpointKey),
 
+    /// Hold an endpoint's events: open its circuit by hand
+    ///
+    /// Nothing is sent to it, and no probe, until `outboxd endpoint reset`;
+    /// its events stay pending with no attempt counted (those held longer
+    /// than circuit.max_hold past their due time still fail, with an
+    /// email). For an ERP down for planned maintenance. Every instance
+    /// sees it at its next claim.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint pause --company 6316
+    Pause(EndpointKey),
+
+    /// Close an endpoint's circuit: deliver to it again now
+    ///
+    /// Ends a pause, an open circuit's cool-down, and a Retry-After wait;
+    /// its waiting events go out at once, at its cap.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint reset --company 6316
+    Reset(EndpointKey),
+
     /// Delete an endpoint and its settings
     ///
     /// Its events then fail at once (no_endpoint) until an endpoint is set
@@ -124,6 +150,8 @@ pub async fn run(command: EndpointCommand, config: &Config) -> Result<(), CliErr
         EndpointCommand::Show(key) => show(&key, config).await,
         EndpointCommand::Enable(key) => set_enabled(&key, true, config).await,
         EndpointCommand::Disable(key) => set_enabled(&key, false, config).await,
+        EndpointCommand::Pause(key) => pause(&key, config).await,
+        EndpointCommand::Reset(key) => reset(&key, config).await,
         EndpointCommand::Remove(key) => remove(&key, config).await,
         EndpointCommand::Test(key) => probe::run(&key, config).await,
     }
@@ -154,11 +182,19 @@ async fn set(settings: Settings, config: &Config) -> Result<(), CliError> {
                 &token,
                 &settings.notify,
                 &settings.enabled,
+                &settings.max_in_flight,
             ],
         )
         .await
         .map_err(|e| CliError::database("saving the endpoint", &e))?;
     let inserted: bool = row.get("inserted");
+    let row = client
+        .query_one(
+            ENDPOINTS_SQL,
+            &[&Some(settings.company), &Some(&settings.event)],
+        )
+        .await
+        .map_err(|e| CliError::database("reading the endpoint back", &e))?;
     let view = View::from_row(&row);
     println!(
         "{} the endpoint of company {} for {}",
@@ -190,6 +226,7 @@ async fn list(company: Option<i64>, config: &Config) -> Result<(), CliError> {
         "auth",
         "notify",
         "enabled",
+        "circuit",
         "updated",
     ]);
     for view in rows.iter().map(View::from_row) {
@@ -200,6 +237,7 @@ async fn list(company: Option<i64>, config: &Config) -> Result<(), CliError> {
             view.auth(),
             view.notify_emails.join(", "),
             yes_no(view.enabled).into(),
+            view.circuit.short(),
             table::time(view.updated_at),
         ]);
     }
@@ -215,11 +253,29 @@ async fn show(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
         .map_err(|e| CliError::database("reading the endpoint", &e))?
         .ok_or_else(|| not_found(key))?;
     let view = View::from_row(&row);
+    let load = client
+        .query_one(LOAD_SQL, &[&key.company, &key.event])
+        .await
+        .map_err(|e| CliError::database("reading the endpoint's events", &e))?;
     println!(
         "endpoint of company {} for {}",
         view.company_id, view.event_type
     );
     print!("{}", view.details(true));
+    let cap = match view.max_in_flight {
+        Some(cap) => format!("{cap} (its own)"),
+        None => format!(
+            "{} (delivery.endpoint_concurrency)",
+            config.delivery.endpoint_concurrency
+        ),
+    };
+    println!(
+        "  circuit: {}\n  cap:     {cap}\n  events:  {} in flight, {} waiting, {} scheduled for a retry",
+        view.circuit.long(),
+        load.get::<_, i64>("in_flight"),
+        load.get::<_, i64>("waiting"),
+        load.get::<_, i64>("scheduled"),
+    );
     Ok(())
 }
 
@@ -242,6 +298,57 @@ async fn set_enabled(key: &EndpointKey, enabled: bool, config: &Config) -> Resul
         key.event
     );
     Ok(())
+}
+
+async fn pause(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
+    let client = connect_current(config).await?;
+    endpoint_exists(&client, key).await?;
+    client
+        .execute(PAUSE_SQL, &[&key.company, &key.event])
+        .await
+        .map_err(|e| CliError::database("pausing the endpoint", &e))?;
+    println!(
+        "paused the endpoint of company {} for {}: its events are held until `outboxd endpoint reset`",
+        key.company, key.event
+    );
+    Ok(())
+}
+
+async fn reset(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
+    let client = connect_current(config).await?;
+    endpoint_exists(&client, key).await?;
+    let before = client
+        .query_opt(RESET_SQL, &[&key.company, &key.event])
+        .await
+        .map_err(|e| CliError::database("resetting the endpoint", &e))?;
+    let was = match before {
+        Some(row) if row.get::<_, bool>("manual") => "paused",
+        Some(row) => match row.get::<_, String>("state").as_str() {
+            "open" => "open",
+            "half_open" => "half-open",
+            _ => "closed",
+        },
+        None => "closed",
+    };
+    println!(
+        "the circuit of company {}'s endpoint for {} is closed (it was {was}); its events flow",
+        key.company, key.event
+    );
+    Ok(())
+}
+
+async fn endpoint_exists(
+    client: &tokio_postgres::Client,
+    key: &EndpointKey,
+) -> Result<(), CliError> {
+    let found = client
+        .query_opt(
+            "SELECT 1 FROM outbox.endpoints WHERE company_id = $1 AND event_type = $2",
+            &[&key.company, &key.event],
+        )
+        .await
+        .map_err(|e| CliError::database("reading the endpoint", &e))?;
+    found.map(|_| ()).ok_or_else(|| not_found(key))
 }
 
 async fn remove(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
@@ -283,6 +390,72 @@ struct View {
     enabled: bool,
     created_at: SystemTime,
     updated_at: SystemTime,
+    max_in_flight: Option<i32>,
+    circuit: Circuit,
+}
+
+/// An endpoint's circuit breaker, from `outbox.endpoint_circuits`.
+struct Circuit {
+    state: String,
+    manual: bool,
+    opened_at: Option<SystemTime>,
+    retry_at: Option<SystemTime>,
+    paused_until: Option<SystemTime>,
+    failures: i32,
+    last_error: Option<String>,
+}
+
+impl Circuit {
+    /// For the list: closed, open, half-open, paused; "+ wait" while a
+    /// Retry-After holds it.
+    fn short(&self) -> String {
+        let state = match (self.manual, self.state.as_str()) {
+            (true, _) => "paused",
+            (false, "half_open") => "half-open",
+            (false, state) => state,
+        };
+        match self.paused_until {
+            Some(_) => format!("{state} + Retry-After"),
+            None => state.to_string(),
+        }
+    }
+
+    /// For `show`: the state with since when, what next, and why.
+    fn long(&self) -> String {
+        let when = |t: Option<SystemTime>| t.map(table::time).unwrap_or_else(|| "-".into());
+        let mut out = match (self.manual, self.state.as_str()) {
+            (true, _) => format!(
+                "paused by an operator since {} (until `outboxd endpoint reset`)",
+                when(self.opened_at)
+            ),
+            (false, "open") => format!(
+                "open since {}, events held; next probe after {}",
+                when(self.opened_at),
+                when(self.retry_at)
+            ),
+            (false, "half_open") => format!(
+                "half-open since {}: one probe event is out",
+                when(self.opened_at)
+            ),
+            _ if self.failures > 0 => format!(
+                "closed ({} retryable failures in a row so far)",
+                self.failures
+            ),
+            _ => "closed".to_string(),
+        };
+        if let Some(until) = self.paused_until {
+            out.push_str(&format!(
+                "; Retry-After holds it until {}",
+                table::time(until)
+            ));
+        }
+        if self.state != "closed" && !self.manual {
+            if let Some(error) = &self.last_error {
+                out.push_str(&format!("\n           last error: {error}"));
+            }
+        }
+        out
+    }
 }
 
 impl View {
@@ -299,6 +472,16 @@ impl View {
             enabled: row.get("enabled"),
             created_at: row.get("created_at"),
             updated_at: row.get("updated_at"),
+            max_in_flight: row.get("max_in_flight"),
+            circuit: Circuit {
+                state: row.get("circuit"),
+                manual: row.get::<_, Option<bool>>("manual").unwrap_or(false),
+                opened_at: row.get("opened_at"),
+                retry_at: row.get("retry_at"),
+                paused_until: row.get("paused_until"),
+                failures: row.get("failures"),
+                last_error: row.get("last_error"),
+            },
         }
     }
 

@@ -50,6 +50,11 @@ pub struct SetArgs {
     /// Save it disabled: events are not sent to it until `endpoint enable`
     #[arg(long)]
     disabled: bool,
+
+    /// Requests in flight to it at most, across all instances (1-1000;
+    /// default: the daemon's delivery.endpoint_concurrency)
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1000))]
+    max_in_flight: Option<i32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,6 +72,7 @@ pub struct Settings {
     pub auth: Auth,
     pub notify: Vec<String>,
     pub enabled: bool,
+    pub max_in_flight: Option<i32>,
 }
 
 impl SetArgs {
@@ -92,6 +98,7 @@ impl SetArgs {
                 auth,
                 notify,
                 enabled: !self.disabled,
+                max_in_flight: self.max_in_flight,
             }),
             _ => Err(CliError::Invalid(problems)),
         }

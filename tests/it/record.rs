@@ -57,11 +57,18 @@ async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim()
     failed.kind = AttemptKind::Rejected;
     failed.error = Some("rejected".into());
     assert_eq!(
-        record::write(&client, "b", &[failed], false, &CircuitConfig::default())
-            .await
-            .unwrap()
-            .marked
-            .len(),
+        record::write(
+            &client,
+            "b",
+            &[failed],
+            false,
+            &CircuitConfig::default(),
+            Duration::from_secs(900)
+        )
+        .await
+        .unwrap()
+        .marked
+        .len(),
         1
     );
     let late = record::write(
@@ -70,6 +77,7 @@ async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim()
         &[delivered(&a[0])],
         false,
         &CircuitConfig::default(),
+        Duration::from_secs(900),
     )
     .await
     .unwrap()
@@ -112,29 +120,50 @@ async fn a_group_written_again_after_a_lost_reply_reads_as_marked_not_fenced() {
         .events;
     let outcomes: Vec<Outcome> = events.iter().map(delivered).collect();
     assert_eq!(
-        record::write(&client, "a", &outcomes, false, &CircuitConfig::default())
-            .await
-            .unwrap()
-            .marked
-            .len(),
+        record::write(
+            &client,
+            "a",
+            &outcomes,
+            false,
+            &CircuitConfig::default(),
+            Duration::from_secs(900)
+        )
+        .await
+        .unwrap()
+        .marked
+        .len(),
         3
     );
     // The same group once more, as the recorder does after an error whose
     // commit may have gone through.
     assert_eq!(
-        record::write(&client, "a", &outcomes, true, &CircuitConfig::default())
-            .await
-            .unwrap()
-            .marked
-            .len(),
+        record::write(
+            &client,
+            "a",
+            &outcomes,
+            true,
+            &CircuitConfig::default(),
+            Duration::from_secs(900)
+        )
+        .await
+        .unwrap()
+        .marked
+        .len(),
         3
     );
     assert!(
-        record::write(&client, "a", &outcomes, false, &CircuitConfig::default())
-            .await
-            .unwrap()
-            .marked
-            .is_empty()
+        record::write(
+            &client,
+            "a",
+            &outcomes,
+            false,
+            &CircuitConfig::default(),
+            Duration::from_secs(900)
+        )
+        .await
+        .unwrap()
+        .marked
+        .is_empty()
     );
     let attempts = count(&client, "SELECT count(*) FROM outbox.attempts").await;
     assert_eq!(attempts, 3, "no attempt logged twice");

@@ -398,3 +398,68 @@ async fn an_endpoint_that_never_answers_gets_one_probe_per_cooldown_and_its_even
     assert!(notified >= untried, "{notified} notifications");
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_endpoint_going_down_and_coming_back_sends_one_email_each_way() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // Down for the first 5 requests (3 open the circuit, then two probes
+    // fail), then back.
+    let seen = Arc::new(AtomicU32::new(0));
+    let counter = seen.clone();
+    let receiver = Receiver::start(move |_, _| {
+        if counter.fetch_add(1, Ordering::SeqCst) < 5 {
+            Reply::Json(503, json!({"status": "0", "message": "maintenance"}))
+        } else {
+            ok()
+        }
+    })
+    .await;
+    endpoint(&client, 6316, &receiver.url("/erp"), None).await;
+    enqueue(&client, 6316, 12).await;
+    let port = crate::smtp::free_port();
+    let smtp = crate::smtp::SmtpServer::start(port, &[]).await;
+    let mut env = crate::notify::smtp_env(port, &[]);
+    env.extend(
+        circuit_settings("200ms")
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    let daemon = crate::notify::start(&db, &env).await;
+    eventually_count(
+        &client,
+        "all delivered",
+        SECS(30),
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+        12,
+    )
+    .await;
+    let mails = smtp.wait_for(2, SECS(20)).await;
+    // The circuit opened, re-opened twice (failed probes: no email) and
+    // closed: two emails, no digest (no event failed for good).
+    tokio::time::sleep(SECS(1)).await;
+    let mails_now = smtp.mails();
+    assert_eq!(
+        mails_now.len(),
+        2,
+        "{:?}",
+        mails_now.iter().map(|m| &m.subject).collect::<Vec<_>>()
+    );
+    let down = &mails[0];
+    assert!(down.subject.contains("not reachable"), "{}", down.subject);
+    let text = down.part("text/plain");
+    assert!(text.contains(&receiver.url("/erp")), "{text}");
+    assert!(text.contains("HTTP 503"), "{text}");
+    assert!(text.contains("12 events"), "{text}");
+    assert!(text.contains("What happens next"), "{text}");
+    assert_eq!(down.rcpt_tos, ["ops@example.com"]);
+    let back = &mails[1];
+    assert!(back.subject.contains("resumed"), "{}", back.subject);
+    let emails = count(
+        &client,
+        "SELECT count(*) FROM outbox.emails WHERE state = 'sent'",
+    )
+    .await;
+    assert_eq!(emails, 2);
+    daemon.stop().await;
+}
