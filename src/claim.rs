@@ -42,6 +42,8 @@ pub struct ClaimedEvent {
     /// The event was leased before and its lease ran out: a daemon died or
     /// stalled while delivering it, so the receiver may have it already.
     pub lease_expired: bool,
+    /// Sent to learn whether an endpoint whose circuit is open is back.
+    pub probe: bool,
     /// The company's endpoint for this event type, if one is configured.
     pub endpoint: Option<Endpoint>,
 }
@@ -204,6 +206,15 @@ impl ClaimLoop<'_> {
                     tracing::debug!(claimed = got, wanted, "claimed due events");
                 }
                 telemetry::claimed(got, events.iter().filter(|e| e.lease_expired).count());
+                for probe in events.iter().filter(|e| e.probe) {
+                    ::metrics::counter!(telemetry::CIRCUIT_PROBES).increment(1);
+                    tracing::info!(
+                        company_id = probe.company_id,
+                        event_type = %probe.event_type,
+                        event_id = %probe.id,
+                        "probing an endpoint whose circuit is open"
+                    );
+                }
                 let mut permits = permits;
                 for event in events {
                     let permit = permits.split(1).expect("one permit per claimed event");
@@ -368,6 +379,7 @@ fn from_row(row: &tokio_postgres::Row) -> ClaimedEvent {
         budget_attempt: row.get("attempts_since_replay"),
         age: Duration::from_millis(age_ms.max(0) as u64),
         lease_expired: row.get("lease_expired"),
+        probe: row.get("probe"),
         endpoint,
     }
 }

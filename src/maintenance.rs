@@ -12,7 +12,10 @@ use metrics::gauge;
 
 use crate::config::{CircuitConfig, RetentionConfig};
 use crate::service::{Next, Service};
-use crate::telemetry::{EVENTS_LEASED, EVENTS_PENDING, NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE};
+use crate::telemetry::{
+    CIRCUIT_OPEN_LONGEST, ENDPOINTS, EVENTS_HELD, EVENTS_LEASED, EVENTS_PENDING,
+    NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE,
+};
 
 const QUEUE_SQL: &str = include_str!("../sql/queries/queue_stats.sql");
 const RETENTION_SQL: &str = include_str!("../sql/queries/retention.sql");
@@ -104,7 +107,17 @@ pub struct QueueStats {
     /// Age since enqueue of the oldest event due now, 0 when none is.
     pub oldest_due_age: Duration,
     pub emails_queued: i64,
+    /// Endpoints by circuit state: closed, open, half-open, paused.
+    pub endpoints: [i64; 4],
+    /// Pending events of endpoints whose circuit is not closed (or that a
+    /// Retry-After pauses).
+    pub held: i64,
+    /// How long the longest-open circuit has been open (0: none is).
+    pub longest_open: Duration,
 }
+
+/// The states of [`QueueStats::endpoints`], as the metric labels them.
+pub const CIRCUIT_STATES: [&str; 4] = ["closed", "open", "half_open", "paused"];
 
 pub struct Maintenance {
     pool: deadpool_postgres::Pool,
@@ -156,6 +169,11 @@ impl Maintenance {
         gauge!(EVENTS_LEASED).set(stats.leased as f64);
         gauge!(OLDEST_DUE_AGE).set(stats.oldest_due_age.as_secs_f64());
         gauge!(NOTIFICATIONS_QUEUED).set(stats.emails_queued as f64);
+        for (state, n) in CIRCUIT_STATES.iter().zip(stats.endpoints) {
+            gauge!(ENDPOINTS, "circuit" => *state).set(n as f64);
+        }
+        gauge!(EVENTS_HELD).set(stats.held as f64);
+        gauge!(CIRCUIT_OPEN_LONGEST).set(stats.longest_open.as_secs_f64());
         Ok(stats)
     }
 }
@@ -167,11 +185,20 @@ pub async fn queue_stats(
 ) -> Result<QueueStats, tokio_postgres::Error> {
     let row = client.query_one(QUEUE_SQL, &[]).await?;
     let age_ms: i64 = row.get("oldest_due_age_ms");
+    let open_ms: i64 = row.get("longest_open_ms");
     Ok(QueueStats {
         pending: row.get("pending"),
         leased: row.get("leased"),
         oldest_due_age: Duration::from_millis(age_ms.max(0) as u64),
         emails_queued: row.get("emails_queued"),
+        endpoints: [
+            row.get("closed"),
+            row.get("open"),
+            row.get("half_open"),
+            row.get("paused"),
+        ],
+        held: row.get("held"),
+        longest_open: Duration::from_millis(open_ms.max(0) as u64),
     })
 }
 

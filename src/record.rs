@@ -660,6 +660,7 @@ mod tests {
             budget_attempt: attempt,
             age,
             lease_expired: false,
+            probe: false,
             endpoint: None,
         }
     }

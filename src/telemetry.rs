@@ -34,6 +34,10 @@ pub const NOTIFICATION_RECIPIENTS_REFUSED: &str = "outboxd_notification_recipien
 pub const DATABASE_ERRORS: &str = "outboxd_database_errors_total";
 pub const BUILD_INFO: &str = "outboxd_build_info";
 pub const CIRCUIT_CHANGES: &str = "outboxd_circuit_changes_total";
+pub const CIRCUIT_PROBES: &str = "outboxd_circuit_probes_total";
+pub const CIRCUIT_OPEN_LONGEST: &str = "outboxd_circuit_open_longest_seconds";
+pub const ENDPOINTS: &str = "outboxd_endpoints";
+pub const EVENTS_HELD: &str = "outboxd_events_held";
 
 /// Webhook round trips: most receivers answer in tens of milliseconds; the
 /// top buckets catch the slow ones up to the 10 s default timeout.
@@ -78,6 +82,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
         NOTIFICATIONS_SENT,
         NOTIFICATIONS_FAILED,
         NOTIFICATION_RECIPIENTS_REFUSED,
+        CIRCUIT_PROBES,
     ] {
         counter!(name).absolute(0);
     }
@@ -89,6 +94,23 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 fn describe() {
+    describe_counter!(
+        CIRCUIT_PROBES,
+        "Events sent as the probe of an endpoint whose circuit was open (its cool-down over)."
+    );
+    describe_gauge!(
+        ENDPOINTS,
+        "Endpoints by circuit state: closed, open (held), half_open (a probe is out), paused (by an operator). All instances (refreshed on a timer)."
+    );
+    describe_gauge!(
+        EVENTS_HELD,
+        "Pending events of endpoints whose circuit is not closed or that a Retry-After pauses: waiting, not attempted (refreshed on a timer)."
+    );
+    describe_gauge!(
+        CIRCUIT_OPEN_LONGEST,
+        metrics::Unit::Seconds,
+        "How long the longest-open circuit has been open; 0 when none is (operator pauses not counted)."
+    );
     describe_counter!(
         CIRCUIT_CHANGES,
         "Endpoint circuit breakers that changed, by change: opened (retryable failures in a row), reopened (a probe failed), closed (the endpoint answered again)."

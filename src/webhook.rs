@@ -276,6 +276,7 @@ mod tests {
             budget_attempt: 1,
             age: Duration::ZERO,
             lease_expired: false,
+            probe: false,
             endpoint: None,
         }
     }

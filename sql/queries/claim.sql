@@ -1,8 +1,9 @@
 -- claim: lease up to $1 due events to the instance named $2 for $3
 -- milliseconds, at most $4 in flight per endpoint (company and event type)
 -- unless the endpoint sets its own max_in_flight, and return each with its
--- endpoint settings; then one row with a NULL id per endpoint left at its
--- cap (the claim loop claims again when one of its deliveries ends).
+-- endpoint settings and whether it is its endpoint's probe; then one row
+-- with a NULL id per endpoint left at its cap (the claim loop claims again
+-- when one of its deliveries ends).
 --
 -- Due: pending with next_attempt_at reached, or leased with the lease run out
 -- (its daemon died mid-delivery). Claiming increments `attempts`, which
@@ -96,13 +97,13 @@ WITH RECURSIVE active AS (
               AND e.state = 'leased' AND (e.next_attempt_at > now()) IS TRUE) AS live
      WHERE a.head_at <= now()
 ), cand AS (
-    SELECT s.company_id, s.event_type, s.head_at, s.room, count(*) OVER () AS n_cand
+    SELECT s.company_id, s.event_type, s.head_at, s.room, s.probe, count(*) OVER () AS n_cand
       FROM sized AS s
      WHERE NOT s.held AND s.room > 0
      ORDER BY s.probe DESC, s.head_at
      LIMIT $1
 ), ranked AS (
-    SELECT r.id, r.lease_expired, c.company_id, c.event_type, c.head_at, c.room,
+    SELECT r.id, r.lease_expired, c.probe, c.company_id, c.event_type, c.head_at, c.room,
            row_number() OVER (PARTITION BY c.company_id, c.event_type
                               ORDER BY r.next_attempt_at, r.id) AS rn
       FROM cand AS c
@@ -115,7 +116,7 @@ WITH RECURSIVE active AS (
             LIMIT least(c.room, greatest(1, $1 - c.n_cand + 1))
               FOR UPDATE SKIP LOCKED) AS r
 ), picked AS (
-    SELECT id, lease_expired FROM ranked ORDER BY rn, head_at LIMIT $1
+    SELECT id, lease_expired, probe FROM ranked ORDER BY rn, head_at LIMIT $1
 ), claimed AS (
     UPDATE outbox.events AS e
        SET state = 'leased',
@@ -135,7 +136,7 @@ WITH RECURSIVE active AS (
                 THEN (extract(epoch FROM now() - coalesce(e.replayed_at, e.created_at)) * 1000)::bigint
                 WHEN coalesce(e.replayed_at, e.created_at) < now() THEN 9223372036854775807
                 ELSE 0 END AS age_ms,
-           picked.lease_expired
+           picked.lease_expired, picked.probe
 ), capped AS (
     -- Endpoints with more due than their room: at the cap before this
     -- claim, or filled by it.
@@ -147,13 +148,13 @@ WITH RECURSIVE active AS (
                            WHERE r.company_id = s.company_id AND r.event_type = s.event_type))
 )
 SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,
-       c.age_ms, c.lease_expired,
+       c.age_ms, c.lease_expired, c.probe,
        ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled
   FROM claimed AS c
   LEFT JOIN outbox.endpoints AS ep
          ON ep.company_id = c.company_id AND ep.event_type = c.event_type
 UNION ALL
 SELECT NULL::uuid, k.event_type, k.company_id, NULL::text, NULL::int, NULL::int,
-       NULL::bigint, NULL::bool,
+       NULL::bigint, NULL::bool, NULL::bool,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool
   FROM capped AS k

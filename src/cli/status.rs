@@ -2,8 +2,9 @@
 //! script (`--json`). Events per state, the age of the oldest event due now
 //! (the same figure as the `outboxd_oldest_due_event_age_seconds` gauge),
 //! how many of the events finished in the last hour failed, the emails
-//! waiting, and the endpoints with the most failed events in the last day.
-//! Reads only.
+//! waiting, the endpoints with the most failed events in the last day, and
+//! every endpoint whose circuit is not closed (open, half-open, paused, or
+//! held by a Retry-After) with what it has in flight and waiting. Reads only.
 
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use crate::maintenance;
 const COUNTS_SQL: &str = include_str!("../../sql/queries/event_counts.sql");
 const RATIO_SQL: &str = include_str!("../../sql/queries/failure_ratio.sql");
 const FAILING_SQL: &str = include_str!("../../sql/queries/failing_endpoints.sql");
+const CIRCUITS_SQL: &str = include_str!("../../sql/queries/circuits.sql");
 
 /// How many failing endpoints are listed.
 const FAILING_ENDPOINTS: i64 = 5;
@@ -37,6 +39,39 @@ struct Status {
     last_hour: LastHour,
     emails_queued: i64,
     failing_endpoints: Vec<FailingEndpoint>,
+    /// Endpoints by circuit state: closed, open, half_open, paused.
+    endpoints: std::collections::BTreeMap<&'static str, i64>,
+    /// The endpoints whose circuit is not closed, longest open first.
+    held_endpoints: Vec<HeldEndpoint>,
+}
+
+#[derive(Debug, Serialize)]
+struct HeldEndpoint {
+    company_id: i64,
+    event_type: String,
+    /// open, half_open, paused, or closed (held only by a Retry-After).
+    circuit: String,
+    #[serde(with = "humantime_serde_opt")]
+    since: Option<std::time::SystemTime>,
+    /// When the next probe may go (open), or the Retry-After ends.
+    #[serde(with = "humantime_serde_opt")]
+    next_try: Option<std::time::SystemTime>,
+    in_flight: i64,
+    waiting: i64,
+    last_error: Option<String>,
+}
+
+/// RFC 3339 text in JSON, null for none.
+mod humantime_serde_opt {
+    pub fn serialize<S: serde::Serializer>(
+        t: &Option<std::time::SystemTime>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&humantime::format_rfc3339_seconds(*t).to_string()),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -95,7 +130,34 @@ pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
             failed_events: row.get("failed"),
         })
         .collect();
+    let held_endpoints = client
+        .query(CIRCUITS_SQL, &[])
+        .await
+        .map_err(step)?
+        .iter()
+        .map(|row| {
+            let manual: bool = row.get("manual");
+            let state: String = row.get("state");
+            let paused_until: Option<std::time::SystemTime> = row.get("paused_until");
+            HeldEndpoint {
+                company_id: row.get("company_id"),
+                event_type: row.get("event_type"),
+                circuit: if manual { "paused".into() } else { state },
+                since: row.get("opened_at"),
+                next_try: paused_until.or(row.get("retry_at")),
+                in_flight: row.get("in_flight"),
+                waiting: row.get("waiting"),
+                last_error: row.get("last_error"),
+            }
+        })
+        .collect();
     let status = Status {
+        endpoints: maintenance::CIRCUIT_STATES
+            .iter()
+            .copied()
+            .zip(queue.endpoints)
+            .collect(),
+        held_endpoints,
         events,
         oldest_due_age_seconds: queue.oldest_due_age.as_millis() as f64 / 1000.0,
         last_hour: LastHour {
@@ -156,6 +218,41 @@ impl Status {
                     f.event_type.clone(),
                     f.url.clone().unwrap_or_else(|| "(no endpoint)".into()),
                     f.failed_events.to_string(),
+                ]);
+            }
+            for line in out.to_string().lines() {
+                text.push_str(&format!("  {line}\n"));
+            }
+        }
+        let [closed, open, half_open, paused] = maintenance::CIRCUIT_STATES
+            .map(|state| self.endpoints.get(state).copied().unwrap_or(0));
+        text.push_str(&format!(
+            "endpoints:   {closed} closed, {open} open, {half_open} half-open, {paused} paused\n"
+        ));
+        if !self.held_endpoints.is_empty() {
+            let when = |t: Option<std::time::SystemTime>| {
+                t.map(super::table::time).unwrap_or_else(|| "-".into())
+            };
+            let mut out = Table::new(&[
+                "company",
+                "event type",
+                "circuit",
+                "since",
+                "next try",
+                "in flight",
+                "waiting",
+                "last error",
+            ]);
+            for h in &self.held_endpoints {
+                out.row(vec![
+                    h.company_id.to_string(),
+                    h.event_type.clone(),
+                    h.circuit.replace('_', "-"),
+                    when(h.since),
+                    when(h.next_try),
+                    h.in_flight.to_string(),
+                    h.waiting.to_string(),
+                    h.last_error.clone().unwrap_or_default(),
                 ]);
             }
             for line in out.to_string().lines() {

@@ -463,3 +463,61 @@ async fn an_endpoint_going_down_and_coming_back_sends_one_email_each_way() {
     assert_eq!(emails, 2);
     daemon.stop().await;
 }
+
+#[tokio::test]
+async fn an_operator_pauses_an_endpoint_sees_it_held_and_resets_it() {
+    use crate::ops_cli::{expect, outboxd};
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    endpoint(&client, 6316, &receiver.url("/erp"), None).await;
+    let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__POLL_INTERVAL", "100ms")]).await;
+
+    let paused = outboxd(&db, "endpoint pause --company 6316").await;
+    expect(&paused, 0, &["paused the endpoint of company 6316"]);
+    enqueue(&client, 6316, 3).await;
+    // Held: the daemon polls ten times a second and sends nothing.
+    tokio::time::sleep(SECS(1)).await;
+    assert!(
+        receiver.received().is_empty(),
+        "a paused endpoint got requests"
+    );
+    let show = outboxd(&db, "endpoint show --company 6316").await;
+    expect(
+        &show,
+        0,
+        &["circuit: paused by an operator", "0 in flight, 3 waiting"],
+    );
+    let status = outboxd(&db, "status").await;
+    expect(&status, 0, &["1 paused", "6316"]);
+    let listed = outboxd(&db, "endpoint list").await;
+    expect(&listed, 0, &["paused"]);
+    let untried = count(
+        &client,
+        "SELECT count(*) FROM outbox.events WHERE attempts = 0",
+    )
+    .await;
+    assert_eq!(untried, 3);
+
+    let reset = outboxd(&db, "endpoint reset --company 6316").await;
+    expect(&reset, 0, &["is closed (it was paused)"]);
+    receiver.wait_for(3, SECS(5)).await;
+    let status = outboxd(&db, "status").await;
+    expect(&status, 0, &["0 paused"]);
+    // An unknown endpoint is named, and nothing is paused.
+    let unknown = outboxd(&db, "endpoint pause --company 7").await;
+    assert_eq!(unknown.code, Some(1), "{unknown:?}");
+    assert!(
+        unknown.stderr.contains("no endpoint for company 7"),
+        "{unknown:?}"
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.endpoint_circuits WHERE manual"
+        )
+        .await,
+        0
+    );
+    daemon.stop().await;
+}
