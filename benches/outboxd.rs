@@ -19,7 +19,12 @@
 //! 4. latency: single-row transactions at a steady rate (500/s for 30 s)
 //!    while the daemon waits on LISTEN; receiver arrival minus the moment
 //!    COMMIT was sent (an upper bound of "minus commit");
-//! 5. idle: statements per second and CPU of a daemon with nothing to do.
+//! 5. idle: statements per second and CPU of a daemon with nothing to do;
+//! 6. tenants: a slow, a dead and a bursting company beside the others, and
+//!    the claim's cost with a held backlog (`outboxd/tenants.rs`).
+
+#[path = "outboxd/tenants.rs"]
+mod tenants;
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -81,6 +86,8 @@ enum Phase {
     Sql,
     /// Latency at a steady rate, then idle.
     Latency,
+    /// One company's slow, dead or bursting endpoint beside the others.
+    Tenants,
 }
 
 impl Opts {
@@ -158,8 +165,14 @@ struct Receiver {
 }
 
 async fn start_receiver(arrivals: bool) -> Receiver {
+    start_receiver_with(arrivals, &[]).await
+}
+
+/// The reference receiver with `extra` flags (`--delay 8s`, `--never-answer`).
+async fn start_receiver_with(arrivals: bool, extra: &[&str]) -> Receiver {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_outboxd-receiver"));
     cmd.args(["--listen", "127.0.0.1:0", "--quiet"])
+        .args(extra)
         .stdout(Stdio::piped())
         .kill_on_drop(true);
     if arrivals {
@@ -485,17 +498,21 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
     let claiming = tokio::spawn(async move {
         loop {
             // The daemon's default cap per endpoint.
-            let claimed = claim::claim(&claimer, batch, "bench", Duration::from_secs(60), 8)
-                .await
-                .unwrap();
+            // The daemon's first claim; every endpoint has room (its
+            // deliveries are over once recorded), so it stays the plain one.
+            let claimed = claim::claim(
+                &claimer,
+                claim::Mode::Plain,
+                batch,
+                "bench",
+                Duration::from_secs(60),
+                8,
+                &claim::InFlight::default(),
+            )
+            .await
+            .unwrap();
             if claimed.events.is_empty() {
-                if claimed.capped.is_empty() {
-                    return;
-                }
-                // Every endpoint with due rows is at its cap until the
-                // recorder catches up.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                continue;
+                return;
             }
             tx.send(claimed.events).await.unwrap();
         }
@@ -694,6 +711,11 @@ fn main() {
         } else {
             None
         };
+        let tenants = if opts.runs(Phase::Tenants) {
+            Some(tenants::run(&opts).await)
+        } else {
+            None
+        };
 
         println!();
         println!(
@@ -738,6 +760,28 @@ fn main() {
         }
         if let Some((lat, idle_qps, idle_cpu)) = latency {
             print_latency(&opts, &lat, idle_qps, idle_cpu);
+        }
+        if let Some(t) = tenants {
+            println!(
+                "| slow tenant (8 s answers, 600 queued): 10 other companies' 50 events, worst enqueue to delivered | {:.0} ms |",
+                t.slow_worst_ms
+            );
+            println!(
+                "| dead tenant (never answers, 10,000 queued): the same, worst | {:.0} ms; the dead endpoint got {} requests in the {:.0} s after its circuit opened |",
+                t.dead_worst_ms,
+                t.dead_requests_open,
+                t.dead_open_for.as_secs_f64()
+            );
+            println!(
+                "| burst tenant (100,000 queued): another company's one event, enqueue to delivered | {:.0} ms; the burst drained at {:.0} events/s (cap 8 in flight) |",
+                t.burst_single_ms, t.burst_rate
+            );
+            println!(
+                "| claim of 64 with 300 endpoints: median, without / with 1,000,000 events of a held endpoint | {:.2} ms / {:.2} ms ({:.2}x) |",
+                t.claim_ms[0],
+                t.claim_ms[1],
+                t.claim_ms[1] / t.claim_ms[0]
+            );
         }
     });
 }

@@ -16,7 +16,7 @@ use std::time::SystemTime;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use crate::backoff::RetryPolicy;
-use crate::claim::ClaimedEvent;
+use crate::claim::{ClaimedEvent, Room};
 use crate::deliver::Deliverer;
 use crate::record::{self, AttemptKind, NextState, Outcome};
 use crate::{telemetry, webhook};
@@ -27,6 +27,8 @@ pub struct Context {
     pub retry: RetryPolicy,
     /// To the recorder.
     pub outcomes: mpsc::Sender<Outcome>,
+    /// Requests in flight per endpoint, for the cap.
+    pub room: Arc<Room>,
 }
 
 /// One event on its own task: the attempt, then the outcome to the
@@ -36,10 +38,24 @@ pub struct Context {
 /// (`delivery.request_timeout`); the rest of it is computation. A second
 /// timer around it would only repeat that one, at a cost on every event.
 pub async fn deliver(event: ClaimedEvent, context: Arc<Context>, slot: OwnedSemaphorePermit) {
+    // The recorder gives the endpoint's place under the cap back once the
+    // outcome is written (so that a circuit it opens, or a Retry-After, is
+    // seen by the next claim). Without an outcome for it (the task
+    // panicked, or the recorder is gone) this does.
+    struct Unrecorded<'a>(&'a Context, &'a ClaimedEvent, bool);
+    impl Drop for Unrecorded<'_> {
+        fn drop(&mut self) {
+            if self.2 {
+                self.0.room.finished(self.1.company_id, &self.1.event_type);
+            }
+        }
+    }
+    let mut unrecorded = Unrecorded(&context, &event, true);
     let outcome = attempt(&event, &context.deliverer, &context.retry).await;
     // Fails only if the recorder is gone, i.e. at the very end of a
     // shutdown; the lease then brings the event back.
-    let _ = context.outcomes.send(outcome).await;
+    unrecorded.2 = context.outcomes.send(outcome).await.is_err();
+    drop(unrecorded);
     drop(slot);
 }
 

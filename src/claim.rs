@@ -8,7 +8,7 @@
 //! endpoint left at its cap is remembered in [`Room`], and the recorder
 //! wakes the loop when one of that endpoint's deliveries has been marked.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use crate::service::Heartbeat;
 use crate::{db, systemd, telemetry};
 
 const CLAIM_SQL: &str = include_str!("../sql/queries/claim.sql");
+const CLAIM_FAIR_SQL: &str = include_str!("../sql/queries/claim_fair.sql");
 
 /// An event leased to this instance, ready to deliver.
 #[derive(Debug, Clone)]
@@ -66,40 +67,96 @@ pub enum Auth {
 /// An endpoint: company and event type.
 pub type EndpointKey = (i64, String);
 
-/// The endpoints the last claim left at their cap with more due, and the
-/// wake-up for the claim loop once the recorder has marked a delivery of
-/// one of them (its room is back; without this the loop would wait for the
-/// next poll, and a capped endpoint would deliver `cap` events a second).
+/// This instance's requests in flight per endpoint, which the claim keeps
+/// under each endpoint's cap; the endpoints the last claim left at their cap
+/// with more due; and the wake-up for the claim loop when the outcome of a
+/// delivery to one of those has been written (its room is back: without it
+/// the loop would wait for the next poll, and a capped endpoint would get
+/// `cap` events a second). A delivery holds its place until its outcome is
+/// written, so that the next claim sees the circuit it opened or the
+/// Retry-After it brought.
+///
+/// Counted here, per instance, rather than from the leases in the
+/// database: exact for this instance at no cost per claim, where counting
+/// every instance's live leases cost each claim an index probe per endpoint
+/// and every claimed row an entry in one more index (docs/BENCHMARKS.md).
+/// With N instances an endpoint has at most N x cap requests in flight.
 #[derive(Debug, Default)]
 pub struct Room {
-    capped: Mutex<HashSet<EndpointKey>>,
+    state: Mutex<RoomState>,
     freed: Notify,
 }
 
+#[derive(Debug, Default)]
+struct RoomState {
+    in_flight: HashMap<EndpointKey, u32>,
+    capped: HashSet<EndpointKey>,
+}
+
+/// What is in flight, as the claim statements take it ($5, $6, $7).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    pub company_ids: Vec<i64>,
+    pub event_types: Vec<String>,
+    pub counts: Vec<i32>,
+}
+
 impl Room {
-    /// What the last claim found.
-    pub fn set(&self, capped: HashSet<EndpointKey>) {
-        *self.capped.lock().unwrap_or_else(PoisonError::into_inner) = capped;
+    fn state(&self) -> std::sync::MutexGuard<'_, RoomState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The recorder marked deliveries of these endpoints.
-    pub fn recorded<'a>(&self, endpoints: impl IntoIterator<Item = (i64, &'a str)>) {
-        let capped = self.capped.lock().unwrap_or_else(PoisonError::into_inner);
-        if capped.is_empty() {
-            return;
+    /// What the last claim found at its cap, and what it started.
+    fn claimed(&self, capped: HashSet<EndpointKey>, events: &[ClaimedEvent]) {
+        let mut state = self.state();
+        state.capped = capped;
+        for e in events {
+            *state
+                .in_flight
+                .entry((e.company_id, e.event_type.clone()))
+                .or_insert(0) += 1;
         }
-        let freed = endpoints
-            .into_iter()
-            .any(|(company, event_type)| capped.contains(&(company, event_type.to_owned())));
-        drop(capped);
+    }
+
+    /// A delivery to this endpoint ended and its outcome was written.
+    pub fn finished(&self, company_id: i64, event_type: &str) {
+        let key = (company_id, event_type.to_owned());
+        let mut state = self.state();
+        if let Some(n) = state.in_flight.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                state.in_flight.remove(&key);
+            }
+        }
+        let freed = state.capped.remove(&key);
+        drop(state);
         if freed {
             self.freed.notify_one();
         }
     }
 
+    fn in_flight(&self) -> InFlight {
+        let state = self.state();
+        let mut out = InFlight::default();
+        for ((company, event_type), n) in &state.in_flight {
+            out.company_ids.push(*company);
+            out.event_types.push(event_type.clone());
+            out.counts.push(*n as i32);
+        }
+        out
+    }
+
     async fn freed(&self) {
         self.freed.notified().await
     }
+}
+
+/// Which claim statement: the plain oldest-first one, or the fair one,
+/// taken while some endpoint is held or at its cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Plain,
+    Fair,
 }
 
 /// Largest claim, whatever the concurrency: one statement locking thousands
@@ -152,6 +209,8 @@ impl ClaimLoop<'_> {
         let mut gather = 1;
         // The last claim failed (and systemd's STATUS= says so).
         let mut failing = false;
+        // Plain until a claim leaves due events behind.
+        let mut mode = Mode::Plain;
         let recorder_died = 'serve: loop {
             // Claim until a claim comes back short (nothing more is due) or
             // shutdown; with every slot busy, wait for one to free up.
@@ -178,16 +237,25 @@ impl ClaimLoop<'_> {
                 // rows back.
                 let claimed = tokio::select! {
                     _ = shutdown.cancelled() => break 'serve false,
-                    claimed = tokio::time::timeout(self.claim_limit, self.claim(wanted)) => claimed
+                    claimed = tokio::time::timeout(self.claim_limit, self.claim(mode, wanted)) => claimed
                         .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.claim_limit))),
                 };
-                let events = match claimed {
-                    Ok(Claim { events, capped }) => {
+                let (events, more) = match claimed {
+                    Ok(Claim {
+                        events,
+                        capped,
+                        more,
+                        held,
+                    }) => {
                         if std::mem::take(&mut failing) {
                             systemd::status("delivering");
                         }
-                        self.room.set(capped);
-                        events
+                        self.room.claimed(capped, &events);
+                        // A plain claim that left events behind says nothing
+                        // of the rest of the queue: look again, fairly, now.
+                        let again = more || (held && mode == Mode::Plain);
+                        mode = if held { Mode::Fair } else { Mode::Plain };
+                        (events, again)
                     }
                     Err(e) => {
                         telemetry::database_error("claim");
@@ -221,7 +289,7 @@ impl ClaimLoop<'_> {
                     tasks.spawn(attempt::deliver(event, self.context.clone(), permit));
                 }
                 drop(permits);
-                if got < wanted {
+                if got < wanted && !more {
                     gather = 1;
                     break;
                 }
@@ -241,17 +309,19 @@ impl ClaimLoop<'_> {
         recorder_died
     }
 
-    async fn claim(&self, wanted: usize) -> Result<Claim, String> {
+    async fn claim(&self, mode: Mode, wanted: usize) -> Result<Claim, String> {
         let client = db::Checkout::get(self.pool)
             .await
             .map_err(|e| format!("no database connection: {}", db::describe_pool(&e)))?;
         let delivery = &self.config.delivery;
         let claimed = claim(
             &client,
+            mode,
             wanted,
             self.owner,
             delivery.lease,
             delivery.endpoint_concurrency,
+            &self.room.in_flight(),
         )
         .await
         .map_err(|e| e.to_string());
@@ -321,37 +391,66 @@ pub struct Claim {
     pub events: Vec<ClaimedEvent>,
     /// Endpoints left at their cap with more due.
     pub capped: HashSet<EndpointKey>,
+    /// Some endpoint got only its share of this batch and may have more
+    /// due: claim again at once, even if the batch was short.
+    pub more: bool,
+    /// Some endpoint with due events is held or at its cap, or a circuit
+    /// waits for its probe: the next claim is the fair one.
+    pub held: bool,
 }
 
-/// Leases up to `limit` due events to `owner` for `lease`, at most
-/// `endpoint_cap` in flight per endpoint (across instances) unless the
-/// endpoint sets its own. The statement is prepared once per pooled
-/// connection: one round trip per claim, not two.
+/// Leases up to `limit` due events to `owner` for `lease`, with `mode`'s
+/// statement, at most `endpoint_cap` in flight per endpoint on this
+/// instance (counting `in_flight`) unless the endpoint sets its own. Each
+/// statement is prepared once per pooled connection: one round trip per
+/// claim, not two.
 pub async fn claim(
     client: &deadpool_postgres::Client,
+    mode: Mode,
     limit: usize,
     owner: &str,
     lease: Duration,
     endpoint_cap: u32,
+    in_flight: &InFlight,
 ) -> Result<Claim, ClaimError> {
     let limit = limit as i64;
     let lease_ms = lease.as_millis() as i64;
     let cap = endpoint_cap as i32;
     let describe = |e: tokio_postgres::Error| ClaimError(db::describe(&e));
-    let statement = client.prepare_cached(CLAIM_SQL).await.map_err(describe)?;
+    let sql = match mode {
+        Mode::Plain => CLAIM_SQL,
+        Mode::Fair => CLAIM_FAIR_SQL,
+    };
+    let statement = client.prepare_cached(sql).await.map_err(describe)?;
     let rows = client
-        .query(&statement, &[&limit, &owner, &lease_ms, &cap])
+        .query(
+            &statement,
+            &[
+                &limit,
+                &owner,
+                &lease_ms,
+                &cap,
+                &in_flight.company_ids,
+                &in_flight.event_types,
+                &in_flight.counts,
+            ],
+        )
         .await
         .map_err(describe)?;
     let mut claim = Claim::default();
     for row in &rows {
-        match row.get::<_, Option<Uuid>>("id") {
-            Some(_) => claim.events.push(from_row(row)),
-            None => {
+        if row.get::<_, Option<Uuid>>("id").is_some() {
+            claim.events.push(from_row(row));
+            continue;
+        }
+        match row.get::<_, Option<&str>>("note") {
+            Some("capped") => {
                 claim
                     .capped
                     .insert((row.get("company_id"), row.get("event_type")));
             }
+            Some("more") => claim.more = true,
+            _ => claim.held = true,
         }
     }
     Ok(claim)

@@ -196,6 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         deliverer,
         retry: config.retry.clone(),
         outcomes: outcomes_tx,
+        room: room.clone(),
     });
     tracing::info!(
         owner,

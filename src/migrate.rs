@@ -447,7 +447,7 @@ mod tests {
             );
         }
         let names: Vec<&str> = indexes.iter().map(|i| i.name.as_str()).collect();
-        assert_eq!(names, ["events_endpoint_due", "events_leased"]);
+        assert_eq!(names, ["events_endpoint_due"]);
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! ([`decide`]), and writing the outcomes of many deliveries in one fenced
 //! round trip (`sql/queries/record.sql`).
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
@@ -386,9 +385,9 @@ pub struct Recorder {
     pub circuit: CircuitConfig,
     /// `notify.window`: throttles the emails about circuits.
     pub notify_window: Duration,
-    /// Told which endpoints' deliveries were marked, so the claim loop
-    /// claims again for an endpoint it left at its cap.
-    pub room: Arc<Room>,
+    /// Told when an outcome has been written (or given up on): its
+    /// endpoint's place under the cap is free again.
+    pub room: std::sync::Arc<Room>,
 }
 
 impl Recorder {
@@ -441,6 +440,9 @@ impl Recorder {
                     }
                 }
             }
+            for o in &batch {
+                self.room.finished(o.company_id, &o.event_type);
+            }
             batch.clear();
         }
         heartbeat.retire();
@@ -477,16 +479,12 @@ impl Writer<'_> {
         written
     }
 
-    /// After a write: metrics, the circuits it moved, and room for the
-    /// claim loop.
+    /// After a write: metrics, and the circuits it moved.
     fn written(&self, batch: &[Outcome], written: &Written) {
         count_marked(batch, &written.marked);
         for c in &written.circuits {
             log_circuit(c);
         }
-        self.recorder
-            .room
-            .recorded(batch.iter().map(|o| (o.company_id, o.event_type.as_str())));
     }
 }
 

@@ -80,6 +80,16 @@ struct Args {
     /// its head arrives (the benchmark's latency measurement reads these).
     #[arg(long)]
     arrivals: bool,
+
+    /// Wait this long before answering each request, e.g. "8s": a slow
+    /// system, for benchmarks.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    delay: Option<Duration>,
+
+    /// Read each request and never answer it: a system that is down behind
+    /// something that still accepts connections, for benchmarks.
+    #[arg(long)]
+    never_answer: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -180,6 +190,8 @@ struct State {
     auth: Auth,
     quiet: bool,
     arrivals: bool,
+    delay: Option<Duration>,
+    never_answer: bool,
 }
 
 fn main() -> ExitCode {
@@ -192,6 +204,8 @@ fn main() -> ExitCode {
         auth,
         quiet: args.quiet,
         arrivals: args.arrivals,
+        delay: args.delay,
+        never_answer: args.never_answer,
     });
     // One worker thread per core: benchmarks push many concurrent
     // keep-alive connections through this.
@@ -306,6 +320,13 @@ async fn handle(
             .and_then(|k| k.to_str().ok())
             .unwrap_or("-");
         let _ = writeln!(std::io::stdout().lock(), "arrived {key} {at}");
+    }
+    if state.never_answer {
+        // Until outboxd gives up and closes the connection.
+        std::future::pending::<()>().await;
+    }
+    if let Some(delay) = state.delay {
+        tokio::time::sleep(delay).await;
     }
     // Kept for the log line only; a HeaderValue clone is a reference count.
     let key = (!state.quiet)

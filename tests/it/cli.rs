@@ -286,3 +286,105 @@ async fn help_explains_each_subcommand_with_an_example() {
         assert!(ran.stdout.contains("Example:"), "{sub}: {ran:?}");
     }
 }
+
+/// Drops the fair claim's indexes and fills `outbox.events` with `rows`
+/// events, as an outbox looks before `migrate` builds them online.
+async fn without_online_indexes(db: &TestDb, rows: i64) {
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO outbox.events (company_id, payload)
+             SELECT 1 + g % 500, jsonb_build_object('companyId', 1 + g % 500, 'paymentId', g, 'paymentNumber', g::text)
+               FROM generate_series(1, $1::bigint) g",
+            &[&rows],
+        )
+        .await
+        .unwrap();
+    db.client()
+        .await
+        .batch_execute("DROP INDEX outbox.events_endpoint_due")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn migrate_builds_indexes_online_while_the_application_goes_on_enqueueing() {
+    let db = TestDb::new().await;
+    without_online_indexes(&db, 400_000).await;
+    // Until the indexes are built the schema counts as incomplete: the
+    // daemon and the operator commands wait or refuse, naming the index.
+    let check = run(db.outboxd().arg("check")).await;
+    assert_eq!(check.code, Some(3), "{check:?}");
+    assert!(
+        check.stderr.contains("outbox.events_endpoint_due"),
+        "{check:?}"
+    );
+
+    let url = db.url.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let writer = tokio::spawn(async move {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let mut worst = std::time::Duration::ZERO;
+        let mut n = 0;
+        while !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            let started = std::time::Instant::now();
+            client
+                .execute(
+                    "SELECT outbox.enqueue_payment_cancellation(7, $1, 'M')",
+                    &[&(n as i64 + 1)],
+                )
+                .await
+                .unwrap();
+            worst = worst.max(started.elapsed());
+            n += 1;
+        }
+        (n, worst)
+    });
+    let started = std::time::Instant::now();
+    let migrated = run(db.outboxd().arg("migrate")).await;
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (enqueued, worst) = writer.await.unwrap();
+    assert_eq!(migrated.code, Some(0), "{migrated:?}");
+    assert!(
+        migrated
+            .stdout
+            .contains("built indexes online: events_endpoint_due"),
+        "{migrated:?}"
+    );
+    assert!(
+        worst < std::time::Duration::from_secs(1),
+        "an enqueue waited {worst:?} during a {took:?} migration"
+    );
+    assert!(enqueued > 10, "only {enqueued} enqueues in {took:?}");
+    let check = run(db.outboxd().arg("check")).await;
+    assert!(check.stdout.contains("schema: ok"), "{check:?}");
+}
+
+#[tokio::test]
+async fn an_interrupted_online_build_is_dropped_and_built_again() {
+    let db = TestDb::new().await;
+    without_online_indexes(&db, 10).await;
+    // A build that failed half-way leaves an invalid index of that name.
+    let client = db.client().await;
+    let failed = client
+        .batch_execute(
+            "CREATE INDEX CONCURRENTLY events_endpoint_due ON outbox.events ((1 / (company_id - company_id)))",
+        )
+        .await;
+    assert!(failed.is_err());
+    let valid = "SELECT count(*) FROM pg_index WHERE indexrelid = 'outbox.events_endpoint_due'::regclass AND indisvalid";
+    assert_eq!(crate::harness::count(&client, valid).await, 0);
+    let check = run(db.outboxd().arg("check")).await;
+    assert_eq!(check.code, Some(3), "{check:?}");
+
+    let migrated = run(db.outboxd().arg("migrate")).await;
+    assert_eq!(migrated.code, Some(0), "{migrated:?}");
+    assert_eq!(crate::harness::count(&client, valid).await, 1);
+    let check = run(db.outboxd().arg("check")).await;
+    assert_eq!(check.code, Some(0), "{check:?}");
+}

@@ -37,15 +37,31 @@ async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim()
         .await
         .unwrap();
     // Instance A claims with a lease that is already over; B claims again.
-    let a = claim::claim(&client, 10, "a", Duration::from_millis(1), 8)
-        .await
-        .unwrap()
-        .events;
+    let a = claim::claim(
+        &client,
+        claim::Mode::Plain,
+        10,
+        "a",
+        Duration::from_millis(1),
+        8,
+        &claim::InFlight::default(),
+    )
+    .await
+    .unwrap()
+    .events;
     tokio::time::sleep(Duration::from_millis(20)).await; // let A's 1 ms lease lapse
-    let b = claim::claim(&client, 10, "b", Duration::from_secs(60), 8)
-        .await
-        .unwrap()
-        .events;
+    let b = claim::claim(
+        &client,
+        claim::Mode::Plain,
+        10,
+        "b",
+        Duration::from_secs(60),
+        8,
+        &claim::InFlight::default(),
+    )
+    .await
+    .unwrap()
+    .events;
     assert_eq!(
         (a[0].attempt, b[0].attempt, b[0].lease_expired),
         (1, 2, true)
@@ -114,10 +130,18 @@ async fn a_group_written_again_after_a_lost_reply_reads_as_marked_not_fenced() {
         )
         .await
         .unwrap();
-    let events = claim::claim(&client, 10, "a", Duration::from_secs(60), 8)
-        .await
-        .unwrap()
-        .events;
+    let events = claim::claim(
+        &client,
+        claim::Mode::Plain,
+        10,
+        "a",
+        Duration::from_secs(60),
+        8,
+        &claim::InFlight::default(),
+    )
+    .await
+    .unwrap()
+    .events;
     let outcomes: Vec<Outcome> = events.iter().map(delivered).collect();
     assert_eq!(
         record::write(

@@ -147,7 +147,7 @@ async fn an_endpoint_may_set_its_own_cap() {
 }
 
 #[tokio::test]
-async fn the_cap_counts_every_instance_s_leases() {
+async fn each_instance_keeps_the_cap_so_two_put_at_most_twice_it_in_flight() {
     let db = TestDb::new().await;
     let client = db.client().await;
     let hold = Duration::from_millis(1500);
@@ -161,25 +161,10 @@ async fn the_cap_counts_every_instance_s_leases() {
     let a = Daemon::start(&db, &settings).await;
     let b = Daemon::start(&db, &settings).await;
     let all = slow.wait_for(24, SECS(30)).await;
-    // Documented: at most instances x cap at once (two claims racing for
-    // the same room), and the cap itself once claims have settled. Each
-    // instance alone would allow 3, so 6 at once in every window would
-    // mean the instances did not see each other's leases.
+    // Documented: the cap is per instance, so two instances have at most
+    // twice it in flight to one endpoint; and both do deliver to it.
     let peak = max_in_flight(&all, hold);
-    assert!(peak <= 6, "peak {peak}");
-    let windows: Vec<usize> = all
-        .iter()
-        .map(|r| {
-            all.iter()
-                .filter(|o| o.at <= r.at && r.at.duration_since(o.at) < hold - MS(50))
-                .count()
-        })
-        .collect();
-    let over_cap = windows.iter().filter(|&&n| n > 3).count();
-    assert!(
-        over_cap * 4 <= windows.len(),
-        "in flight per arrival: {windows:?}"
-    );
+    assert!((4..=6).contains(&peak), "peak {peak}");
     a.stop().await;
     b.stop().await;
 }
@@ -373,7 +358,10 @@ async fn an_endpoint_that_never_answers_gets_one_probe_per_cooldown_and_its_even
     })
     .await;
     let at_open = dead.received().len();
-    assert_eq!(at_open, 3, "three timeouts in a row open it");
+    assert_eq!(
+        at_open, 3,
+        "three timeouts in a row open it, and nothing more went out"
+    );
     // Open for 4.5 s: a probe after 2 s, the next 4 s after that.
     tokio::time::sleep(MS(4500)).await;
     let probes = dead.received().len() - at_open;

@@ -1,0 +1,325 @@
+//! `--only tenants`: what one company's endpoint does to the others (issue
+//! 13), each scenario on a fresh database with the daemon and its receivers
+//! as separate processes, the repository's configuration unchanged.
+//!
+//! 1. slow: company 1's endpoint answers in 8 s and has 600 events queued;
+//!    3 s after the daemon starts, ten other companies enqueue 50 events
+//!    between them (one transaction each). Their worst enqueue-to-delivered.
+//! 2. dead: company 1's endpoint accepts connections and never answers,
+//!    10,000 queued; the same ten companies after 3 s. Their worst, and the
+//!    requests the dead endpoint got after its circuit opened.
+//! 3. burst: company 1 has 100,000 events queued to a healthy endpoint; 1 s
+//!    after the daemon starts, company 2 enqueues one. Its latency, and the
+//!    burst's own rate at the default cap of 8 in flight.
+//! 4. claim: the claim statement's time (median of 300, each rolled back)
+//!    with 300 endpoints of 30 due events each, with and without 1,000,000
+//!    more events of one endpoint whose circuit is open.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use super::{Daemon, Opts, Receiver, connect, drop_db, fresh_db, now_ns, start_receiver_with};
+
+pub struct Tenants {
+    /// Worst enqueue-to-delivered of the ten fast companies, ms.
+    pub slow_worst_ms: f64,
+    pub dead_worst_ms: f64,
+    /// Requests to the dead endpoint after its circuit opened, and over how long.
+    pub dead_requests_open: usize,
+    pub dead_open_for: Duration,
+    pub burst_single_ms: f64,
+    pub burst_rate: f64,
+    /// Median claim, ms: without and with the held backlog.
+    pub claim_ms: [f64; 2],
+}
+
+pub async fn run(opts: &Opts) -> Tenants {
+    eprintln!("tenants: slow endpoint");
+    let slow_worst_ms = beside(opts, "outboxd_bench_slow", &["--delay", "8s"], 600, None)
+        .await
+        .0;
+    eprintln!("tenants: dead endpoint (about 80 s)");
+    let (dead_worst_ms, dead) = beside(
+        opts,
+        "outboxd_bench_dead",
+        &["--never-answer"],
+        10_000,
+        Some(Duration::from_secs(75)),
+    )
+    .await;
+    let (dead_requests_open, dead_open_for) = dead.unwrap_or_default();
+    eprintln!("tenants: burst");
+    let (burst_single_ms, burst_rate) = burst(opts).await;
+    eprintln!("tenants: claim time with a held backlog of 1,000,000");
+    let claim_ms = claim_time().await;
+    Tenants {
+        slow_worst_ms,
+        dead_worst_ms,
+        dead_requests_open,
+        dead_open_for,
+        burst_single_ms,
+        burst_rate,
+        claim_ms,
+    }
+}
+
+/// Company 1 on a troubled receiver (`trouble` flags) with `queued` events;
+/// 3 s after the start, ten fast companies enqueue 50 events. Returns their
+/// worst latency, ms, and with `watch`, the troubled receiver's requests
+/// after the circuit opened within that long from the start.
+async fn beside(
+    opts: &Opts,
+    db: &str,
+    trouble: &[&str],
+    queued: i64,
+    watch: Option<Duration>,
+) -> (f64, Option<(usize, Duration)>) {
+    let url = fresh_db(db).await;
+    let client = connect(&url).await;
+    let mut bad = start_receiver_with(true, trouble).await;
+    let mut fast = start_receiver_with(true, &[]).await;
+    client
+        .execute(
+            "INSERT INTO outbox.endpoints (company_id, url) VALUES (1, $1)",
+            &[&format!("{}/hooks", bad.url)],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "INSERT INTO outbox.endpoints (company_id, url)
+             SELECT c, $1 FROM generate_series(2, 11) c",
+            &[&format!("{}/hooks", fast.url)],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, g, 'S' || g) FROM generate_series(1, $1::bigint) g",
+            &[&queued],
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let daemon = Daemon::start(opts.daemon(), opts.config(), &url, opts.concurrency).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let committed = enqueue_each(&url, 50, |i| 2 + (i % 10) as i64).await;
+    let worst = worst_latency(&mut fast, &committed, Duration::from_secs(120)).await;
+
+    let dead = match watch {
+        None => None,
+        Some(until) => {
+            // The time the circuit opened, by the database's clock turned
+            // into this process's: its age now.
+            let opened = loop {
+                let row = client
+                    .query_opt(
+                        "SELECT (extract(epoch FROM now() - opened_at) * 1e9)::bigint
+                           FROM outbox.endpoint_circuits WHERE company_id = 1 AND opened_at IS NOT NULL",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                if let Some(row) = row {
+                    break now_ns() - row.get::<_, i64>(0).max(0) as u128;
+                }
+                assert!(
+                    started.elapsed() < until,
+                    "the dead endpoint's circuit never opened"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            };
+            tokio::time::sleep(until.saturating_sub(started.elapsed())).await;
+            let arrivals = bad.arrivals.as_mut().unwrap();
+            let mut after = 0;
+            while let Ok(Some((_, at))) =
+                tokio::time::timeout(Duration::from_millis(100), arrivals.recv()).await
+            {
+                if at > opened {
+                    after += 1;
+                }
+            }
+            let open_for = Duration::from_nanos((now_ns() - opened) as u64);
+            Some((after, open_for))
+        }
+    };
+    daemon.stop().await;
+    drop((bad.child, fast.child, client));
+    drop_db(db).await;
+    (worst, dead)
+}
+
+/// `n` events, one transaction each, of the companies `company(i)`; the
+/// moment each COMMIT returned, by event id.
+async fn enqueue_each(
+    url: &str,
+    n: usize,
+    company: impl Fn(usize) -> i64,
+) -> HashMap<String, u128> {
+    let mut writer = connect(url).await;
+    let mut committed = HashMap::with_capacity(n);
+    for i in 0..n {
+        let tx = writer.transaction().await.unwrap();
+        let id: uuid::Uuid = tx
+            .query_one(
+                "SELECT outbox.enqueue_payment_cancellation($1, $2, $3)",
+                &[&company(i), &(i as i64 + 1), &format!("F-{i}")],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        tx.commit().await.unwrap();
+        committed.insert(id.to_string(), now_ns());
+    }
+    committed
+}
+
+/// The worst arrival-minus-commit of `committed` at `receiver`, ms; waits
+/// up to `limit` for all of them (a missing one counts as the whole wait).
+async fn worst_latency(
+    receiver: &mut Receiver,
+    committed: &HashMap<String, u128>,
+    limit: Duration,
+) -> f64 {
+    let arrivals = receiver.arrivals.as_mut().unwrap();
+    let deadline = Instant::now() + limit;
+    let mut seen = 0;
+    let mut worst: f64 = 0.0;
+    while seen < committed.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, arrivals.recv()).await {
+            Ok(Some((key, at))) => {
+                if let Some(done) = committed.get(&key) {
+                    seen += 1;
+                    worst = worst.max(at.saturating_sub(*done) as f64 / 1e6);
+                }
+            }
+            _ => return limit.as_secs_f64() * 1e3,
+        }
+    }
+    worst
+}
+
+/// 100,000 events of company 1, then one of company 2 during the burst.
+async fn burst(opts: &Opts) -> (f64, f64) {
+    let db = "outboxd_bench_burst";
+    let url = fresh_db(db).await;
+    let client = connect(&url).await;
+    let mut receiver = start_receiver_with(true, &[]).await;
+    client
+        .execute(
+            "INSERT INTO outbox.endpoints (company_id, url) SELECT c, $1 FROM generate_series(1, 2) c",
+            &[&format!("{}/hooks", receiver.url)],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, g, 'B' || g) FROM generate_series(1, 100000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(opts.daemon(), opts.config(), &url, opts.concurrency).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let committed = enqueue_each(&url, 1, |_| 2).await;
+    let single = worst_latency(&mut receiver, &committed, Duration::from_secs(120)).await;
+    super::wait_drained(&client, Duration::from_secs(600)).await;
+    let row = client
+        .query_one(
+            "SELECT count(*)::float8 / extract(epoch FROM max(delivered_at) - min(delivered_at))::float8
+               FROM outbox.events WHERE company_id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rate: f64 = row.get(0);
+    daemon.stop().await;
+    drop((receiver.child, client));
+    drop_db(db).await;
+    (single, rate)
+}
+
+/// The claim's median time over 300 runs, each in a transaction that is
+/// rolled back, so every run sees the same rows: first with 300 endpoints
+/// of 30 due events and 2 live leases each, then with 1,000,000 older
+/// events of one more endpoint whose circuit is open.
+async fn claim_time() -> [f64; 2] {
+    let db = "outboxd_bench_claim";
+    let url = fresh_db(db).await;
+    let setup = connect(&url).await;
+    setup
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url)
+             SELECT c, 'http://127.0.0.1:9/hooks' FROM generate_series(1, 301) c;
+             INSERT INTO outbox.events (company_id, payload, next_attempt_at)
+             SELECT c, jsonb_build_object('companyId', c, 'paymentId', g, 'paymentNumber', g::text),
+                    now() - interval '1 hour' + g * interval '1 second'
+               FROM generate_series(1, 300) c, generate_series(1, 30) g;
+             INSERT INTO outbox.events (company_id, payload, state, lease_owner, attempts, next_attempt_at)
+             SELECT c, jsonb_build_object('companyId', c, 'paymentId', g, 'paymentNumber', g::text),
+                    'leased', 'other', 1, now() + interval '1 hour'
+               FROM generate_series(1, 300) c, generate_series(31, 32) g;
+             VACUUM ANALYZE outbox.events;",
+        )
+        .await
+        .unwrap();
+    let raw = outboxd::config::RawConfig {
+        database: outboxd::config::RawDatabase {
+            url: Some(url.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let pool = outboxd::db::pool(&raw.validate().unwrap().database);
+    let client = pool.get().await.unwrap();
+    let without = median_claim(&client).await;
+    setup
+        .batch_execute(
+            "INSERT INTO outbox.events (company_id, payload, next_attempt_at)
+             SELECT 301, jsonb_build_object('companyId', 301, 'paymentId', g, 'paymentNumber', g::text),
+                    now() - interval '2 days' + g * interval '1 millisecond'
+               FROM generate_series(1, 1000000) g;
+             INSERT INTO outbox.endpoint_circuits (company_id, event_type, state, failures, opened_at, retry_at)
+             VALUES (301, 'payment.cancellation', 'open', 5, now(), now() + interval '1 day');
+             VACUUM ANALYZE outbox.events;",
+        )
+        .await
+        .unwrap();
+    let with = median_claim(&client).await;
+    drop((client, pool, setup));
+    drop_db(db).await;
+    [without, with]
+}
+
+async fn median_claim(client: &deadpool_postgres::Client) -> f64 {
+    let mut times = Vec::with_capacity(300);
+    for _ in 0..300 {
+        client.batch_execute("BEGIN").await.unwrap();
+        let started = Instant::now();
+        let claimed = outboxd::claim::claim(
+            client,
+            outboxd::claim::Mode::Fair,
+            64,
+            "bench",
+            Duration::from_secs(60),
+            8,
+            &outboxd::claim::InFlight::default(),
+        )
+        .await
+        .unwrap();
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+        client.batch_execute("ROLLBACK").await.unwrap();
+        assert_eq!(
+            claimed.events.len(),
+            64,
+            "a full batch of the other endpoints"
+        );
+        assert!(
+            claimed.events.iter().all(|e| e.company_id != 301),
+            "the held endpoint stays held"
+        );
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    times[times.len() / 2]
+}

@@ -1,0 +1,172 @@
+-- claim_fair: lease up to $1 due events to the instance named $2 for $3
+-- milliseconds, taking endpoints (company and event type) in turn, at most
+-- $4 in flight per endpoint on this instance unless the endpoint sets its
+-- own max_in_flight. $5, $6, $7: the endpoints this instance has requests
+-- in flight to, and how many (company ids, event types, counts). Returns
+-- each event with its endpoint settings and whether it is its endpoint's
+-- probe, then rows with a NULL id and a `note` (see the end).
+--
+-- The claim loop uses this one while some endpoint is held (circuit open,
+-- paused, Retry-After) or at its cap, and `claim.sql`, the plain oldest-
+-- first claim, while none is (src/claim.rs says when it switches).
+--
+-- Due: pending with next_attempt_at reached, or leased with the lease run
+-- out (its daemon died mid-delivery). Claiming increments `attempts`, which
+-- fences every later update of this delivery (record.sql). The statement
+-- commits on its own, before any HTTP request is made.
+--
+-- Fair between endpoints, oldest first within one (docs/design/fair-claims/
+-- has the measurements behind each choice):
+-- 1. `active`: a skip scan over events_endpoint_due lists every endpoint with
+--    pending or leased rows and its head (oldest next_attempt_at, then id),
+--    one index descent each: an endpoint with a million queued rows costs
+--    one step.
+-- 2. `sized`: for each endpoint due now, its circuit and its room (its cap
+--    minus what this instance has in flight to it).
+-- 3. `probes`: an open circuit whose cool-down is over (or a half-open one
+--    whose probe's lease ran out) becomes half-open and gets room for one
+--    event, the probe. The circuit row is taken FOR UPDATE SKIP LOCKED, so
+--    of two instances claiming at once only one sends it; the other sees
+--    the circuit open (its snapshot), then half-open.
+-- 4. `cand`: endpoints with room and a closed (or just probing) circuit
+--    that no Retry-After pauses, the $1 longest-waiting first.
+-- 5. `ranked`: each candidate's oldest due rows from its head on, locked
+--    inside the LATERAL (FOR UPDATE SKIP LOCKED): its share of the batch
+--    ($1 over the candidates, rounded up), never more than its room.
+-- 6. `picked`: round robin, every endpoint's first row (the longest-waiting
+--    endpoint first), then every second row, and so on: a company's burst
+--    of 100,000 events takes its turn beside another company's one event
+--    instead of ahead of it.
+--
+-- Cost: a few microseconds per endpoint that has pending or leased rows,
+-- and nothing per row of a held endpoint's backlog (docs/BENCHMARKS.md).
+WITH RECURSIVE active AS (
+    (SELECT e.company_id, e.event_type, e.next_attempt_at AS head_at, e.id AS head_id
+       FROM outbox.events AS e
+      WHERE e.state IN ('pending', 'leased')
+      ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
+      LIMIT 1)
+    UNION ALL
+    SELECT nxt.company_id, nxt.event_type, nxt.next_attempt_at, nxt.id
+      FROM active AS a
+     CROSS JOIN LATERAL (
+           SELECT e.company_id, e.event_type, e.next_attempt_at, e.id
+             FROM outbox.events AS e
+            WHERE e.state IN ('pending', 'leased')
+              AND (e.company_id, e.event_type) > (a.company_id, a.event_type)
+            ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
+            LIMIT 1) AS nxt
+), probes AS (
+    UPDATE outbox.endpoint_circuits AS ci
+       SET state = 'half_open',
+           retry_at = now() + $3::bigint * interval '1 millisecond'
+      FROM (SELECT c.company_id, c.event_type
+              FROM outbox.endpoint_circuits AS c
+             WHERE c.state IN ('open', 'half_open') AND NOT c.manual
+               AND c.retry_at <= now()
+               AND (c.paused_until IS NULL OR c.paused_until <= now())
+               AND EXISTS (SELECT 1 FROM outbox.events AS e
+                            WHERE e.company_id = c.company_id AND e.event_type = c.event_type
+                              AND e.state IN ('pending', 'leased') AND e.next_attempt_at <= now())
+               FOR UPDATE SKIP LOCKED) AS ready
+     WHERE ci.company_id = ready.company_id AND ci.event_type = ready.event_type
+ RETURNING ci.company_id, ci.event_type
+), sized AS (
+    SELECT a.company_id, a.event_type, a.head_at, a.head_id,
+           p.company_id IS NOT NULL AS probe,
+           -- Held: the circuit is not closed (and this claim took no probe),
+           -- or a Retry-After pauses the endpoint.
+           p.company_id IS NULL AND ci.company_id IS NOT NULL
+               AND (ci.state <> 'closed' OR coalesce(ci.paused_until > now(), false)) AS held,
+           CASE WHEN p.company_id IS NOT NULL THEN 1
+                ELSE coalesce(ep.max_in_flight, $4::int) - coalesce(live.n, 0) END AS room
+      FROM active AS a
+      LEFT JOIN probes AS p
+             ON p.company_id = a.company_id AND p.event_type = a.event_type
+      LEFT JOIN outbox.endpoint_circuits AS ci
+             ON ci.company_id = a.company_id AND ci.event_type = a.event_type
+      LEFT JOIN outbox.endpoints AS ep
+             ON ep.company_id = a.company_id AND ep.event_type = a.event_type
+      LEFT JOIN unnest($5::bigint[], $6::text[], $7::int[]) AS live(company_id, event_type, n)
+             ON live.company_id = a.company_id AND live.event_type = a.event_type
+     WHERE a.head_at <= now()
+), cand AS (
+    SELECT s.company_id, s.event_type, s.head_at, s.head_id, s.room, s.probe,
+           count(*) OVER () AS n_cand
+      FROM sized AS s
+     WHERE NOT s.held AND s.room > 0
+     ORDER BY s.probe DESC, s.head_at
+     LIMIT $1
+), ranked AS (
+    SELECT r.id, r.lease_expired, c.probe, c.company_id, c.event_type, c.head_at, c.room,
+           least(c.room, ($1 + c.n_cand - 1) / c.n_cand) AS share,
+           row_number() OVER (PARTITION BY c.company_id, c.event_type
+                              ORDER BY r.next_attempt_at, r.id) AS rn
+      FROM cand AS c
+     CROSS JOIN LATERAL (
+           -- From the head on: the entries before it are of rows claimed
+           -- since the last vacuum, and are not walked again. The bound is
+           -- written on the whole key of events_endpoint_due, which no other
+           -- index can serve (on events_due it would look like a narrow
+           -- range of times, and the planner would sort what it read).
+           SELECT e.id, e.next_attempt_at, e.state = 'leased' AS lease_expired
+             FROM outbox.events AS e
+            WHERE e.company_id = c.company_id AND e.event_type = c.event_type
+              AND e.state IN ('pending', 'leased') AND e.next_attempt_at <= now()
+              AND (e.company_id, e.event_type, e.next_attempt_at, e.id)
+                  >= (c.company_id, c.event_type, c.head_at, c.head_id)
+            ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
+            LIMIT least(c.room, ($1 + c.n_cand - 1) / c.n_cand)
+              FOR UPDATE SKIP LOCKED) AS r
+), picked AS (
+    SELECT id, lease_expired, probe FROM ranked ORDER BY rn, head_at LIMIT $1
+), claimed AS (
+    UPDATE outbox.events AS e
+       SET state = 'leased',
+           attempts = e.attempts + 1,
+           lease_owner = $2,
+           next_attempt_at = now() + $3::bigint * interval '1 millisecond'
+      FROM picked
+     WHERE e.id = picked.id
+ RETURNING e.id, e.event_type, e.company_id, e.payload::text AS payload, e.attempts,
+           e.attempts - e.attempts_at_replay AS attempts_since_replay,
+           -- The retry policy's clock starts at the last replay, if any.
+           -- timestamptz also holds 'infinity' and '-infinity' (a row written
+           -- by hand or restored may carry them), which cannot be subtracted:
+           -- an error here would fail every claim and stall the whole queue.
+           -- '-infinity' counts as older than anything, 'infinity' as new.
+           CASE WHEN isfinite(coalesce(e.replayed_at, e.created_at))
+                THEN (extract(epoch FROM now() - coalesce(e.replayed_at, e.created_at)) * 1000)::bigint
+                WHEN coalesce(e.replayed_at, e.created_at) < now() THEN 9223372036854775807
+                ELSE 0 END AS age_ms,
+           picked.lease_expired, picked.probe
+), notes AS (
+    -- capped: an endpoint with more due than its room, at its cap before
+    -- this claim or filled by it (the loop claims again when one of its
+    -- deliveries ends). more: some endpoint got its whole share but not its
+    -- room and may have more due (the loop claims again at once). held:
+    -- some endpoint with due events is held or at its cap (the loop stays
+    -- with this claim).
+    SELECT s.company_id, s.event_type, 'capped' AS note
+      FROM sized AS s WHERE NOT s.held AND s.room <= 0
+    UNION ALL
+    SELECT r.company_id, r.event_type, 'capped'
+      FROM ranked AS r WHERE r.rn = r.room
+    UNION ALL
+    SELECT NULL, NULL, 'more'
+     WHERE EXISTS (SELECT 1 FROM ranked AS r WHERE r.rn = r.share AND r.share < r.room)
+    UNION ALL
+    SELECT NULL, NULL, 'held'
+     WHERE EXISTS (SELECT 1 FROM sized AS s WHERE s.held OR s.room <= 0 OR s.probe)
+)
+SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,
+       c.age_ms, c.lease_expired, c.probe,
+       ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled, NULL::text AS note
+  FROM claimed AS c
+  LEFT JOIN outbox.endpoints AS ep
+         ON ep.company_id = c.company_id AND ep.event_type = c.event_type
+UNION ALL
+SELECT NULL::uuid, k.event_type, k.company_id, NULL::text, NULL::int, NULL::int,
+       NULL::bigint, NULL::bool, NULL::bool,
+       NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, k.note
+  FROM notes AS k
