@@ -45,6 +45,8 @@ pub struct ClaimedEvent {
     pub lease_expired: bool,
     /// Sent to learn whether an endpoint whose circuit is open is back.
     pub probe: bool,
+    /// Its endpoint's circuit was not closed and clean at the claim.
+    pub circuit_dirty: bool,
     /// The company's endpoint for this event type, if one is configured.
     pub endpoint: Option<Endpoint>,
 }
@@ -479,6 +481,7 @@ fn from_row(row: &tokio_postgres::Row) -> ClaimedEvent {
         age: Duration::from_millis(age_ms.max(0) as u64),
         lease_expired: row.get("lease_expired"),
         probe: row.get("probe"),
+        circuit_dirty: row.get("circuit_dirty"),
         endpoint,
     }
 }

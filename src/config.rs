@@ -176,8 +176,8 @@ pub struct DatabaseConfig {
 pub struct DeliveryConfig {
     /// Deliveries in flight at once, per instance.
     pub concurrency: usize,
-    /// Deliveries in flight to one endpoint at once, counted across every
-    /// instance (an endpoint's `max_in_flight` overrides it).
+    /// Deliveries in flight to one endpoint at once from this instance (an
+    /// endpoint's `max_in_flight` overrides it).
     pub endpoint_concurrency: u32,
     /// Longest wait between two looks for due events when no NOTIFY comes.
     pub poll_interval: Duration,
@@ -371,7 +371,7 @@ const DEFAULT_LOG_LEVEL: &str = "info";
 const DEFAULT_POOL_SIZE: u32 = 4;
 const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
 const DEFAULT_CONCURRENCY: u32 = 64;
-/// Per endpoint, across instances: an eighth of one instance's slots, so a
+/// Per endpoint and instance: an eighth of one instance's slots, so a
 /// slow tenant leaves the rest to the others (README, "Many tenants").
 const DEFAULT_ENDPOINT_CONCURRENCY: u32 = 8;
 

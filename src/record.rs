@@ -16,6 +16,7 @@ use crate::webhook::Refusal;
 use crate::{db, telemetry};
 
 const RECORD_SQL: &str = include_str!("../sql/queries/record.sql");
+const CIRCUITS_SQL: &str = include_str!("../sql/queries/circuits_record.sql");
 
 /// Outcomes written per round trip at most. Under load the recorder takes
 /// whatever has queued up to this; 500 rows of arrays stay well below any
@@ -83,6 +84,9 @@ pub struct Outcome {
     pub notify: bool,
     /// A 429 or 503 with Retry-After: the whole endpoint waits this long.
     pub pause: Option<Duration>,
+    /// The endpoint's circuit was not closed and clean at the claim: this
+    /// outcome is news for it even if it is a success.
+    pub circuit_dirty: bool,
 }
 
 /// What an event refused before sending means (see [`crate::webhook::prepare`]):
@@ -109,6 +113,7 @@ pub fn refused(event: &ClaimedEvent, refusal: &Refusal) -> Outcome {
         http_status: None,
         notify: false,
         pause: None,
+        circuit_dirty: event.circuit_dirty,
     }
 }
 
@@ -197,6 +202,7 @@ pub fn decide(
         http_status,
         notify: next == NextState::Failed,
         pause,
+        circuit_dirty: event.circuit_dirty,
     }
 }
 
@@ -267,7 +273,6 @@ pub async fn write(
     let mut kinds = Vec::with_capacity(n);
     let mut attempt_messages = Vec::with_capacity(n);
     let mut notify = Vec::with_capacity(n);
-    let mut pauses = Vec::with_capacity(n);
     for o in outcomes {
         ids.push(o.event_id);
         attempts.push(o.attempt);
@@ -286,12 +291,7 @@ pub async fn write(
         kinds.push(o.kind.as_str());
         attempt_messages.push(o.response_message.as_deref().or(o.error.as_deref()));
         notify.push(o.notify);
-        pauses.push(o.pause.map(millis));
     }
-    let open_after = circuit.open_after as i32;
-    let cooldown = millis(circuit.cooldown);
-    let max_cooldown = millis(circuit.max_cooldown);
-    let window = millis(notify_window);
     let rows = client
         .query(
             &statement,
@@ -310,26 +310,121 @@ pub async fn write(
                 &owner,
                 &notify,
                 &again,
-                &pauses,
-                &open_after,
-                &cooldown,
-                &max_cooldown,
-                &window,
             ],
         )
         .await?;
-    let mut written = Written::default();
-    for row in &rows {
-        match row.get::<_, Option<Uuid>>(0) {
-            Some(id) => written.marked.push(id),
-            None => written.circuits.push(CircuitChange {
-                company_id: row.get(1),
-                event_type: row.get(2),
-                change: row.get(3),
-            }),
+    let mut written = Written {
+        marked: rows.iter().map(|r| r.get(0)).collect(),
+        circuits: Vec::new(),
+    };
+    // Best effort: the outcomes are written, and a circuit that misses one
+    // group's news still opens on the next failures.
+    match write_circuits(client, outcomes, &written.marked, circuit, notify_window).await {
+        Ok(changes) => written.circuits = changes,
+        Err(e) => {
+            telemetry::database_error("record");
+            tracing::warn!(error = %db::describe(&e), "updating the circuit breakers of a group of outcomes");
         }
     }
     Ok(written)
+}
+
+/// What one endpoint's outcomes in a group say about it.
+#[derive(Debug, Default, PartialEq)]
+struct EndpointNews<'a> {
+    failed: i32,
+    answered: bool,
+    pause: Option<Duration>,
+    /// The last retryable failure's error.
+    error: Option<&'a str>,
+    last_failure_at: Option<SystemTime>,
+    /// Its circuit was not closed and clean when the event was claimed.
+    dirty: bool,
+}
+
+/// The news per endpoint of the marked outcomes, for the endpoints whose
+/// circuit has something to learn: a retryable failure, a Retry-After, or
+/// a circuit that was not closed and clean (an answer closes or clears it).
+fn circuit_news<'a>(
+    outcomes: &'a [Outcome],
+    marked: &[Uuid],
+) -> std::collections::BTreeMap<(i64, &'a str), EndpointNews<'a>> {
+    let marked: std::collections::HashSet<&Uuid> = marked.iter().collect();
+    let mut news: std::collections::BTreeMap<(i64, &str), EndpointNews> = Default::default();
+    for o in outcomes.iter().filter(|o| marked.contains(&o.event_id)) {
+        let n = news
+            .entry((o.company_id, o.event_type.as_str()))
+            .or_default();
+        if o.kind == AttemptKind::Retryable {
+            n.failed += 1;
+            if n.last_failure_at.is_none_or(|at| o.started_at >= at) {
+                n.last_failure_at = Some(o.started_at);
+                n.error = o.error.as_deref();
+            }
+        } else if o.http_status.is_some() {
+            n.answered = true;
+        }
+        n.pause = n.pause.max(o.pause);
+        n.dirty |= o.circuit_dirty;
+    }
+    news.retain(|_, n| n.failed > 0 || n.pause.is_some() || n.dirty);
+    news
+}
+
+/// Moves the circuit breakers of `outcomes`' endpoints
+/// (`sql/queries/circuits_record.sql`), when any has something to learn;
+/// a group of successes to healthy endpoints costs no statement.
+async fn write_circuits(
+    client: &deadpool_postgres::Client,
+    outcomes: &[Outcome],
+    marked: &[Uuid],
+    circuit: &CircuitConfig,
+    notify_window: Duration,
+) -> Result<Vec<CircuitChange>, tokio_postgres::Error> {
+    let news = circuit_news(outcomes, marked);
+    if news.is_empty() {
+        return Ok(Vec::new());
+    }
+    let statement = client.prepare_cached(CIRCUITS_SQL).await?;
+    let mut companies = Vec::with_capacity(news.len());
+    let mut event_types = Vec::with_capacity(news.len());
+    let mut failed = Vec::with_capacity(news.len());
+    let mut answered = Vec::with_capacity(news.len());
+    let mut pauses = Vec::with_capacity(news.len());
+    let mut errors = Vec::with_capacity(news.len());
+    for ((company, event_type), n) in &news {
+        companies.push(*company);
+        event_types.push(*event_type);
+        failed.push(n.failed);
+        answered.push(n.answered);
+        pauses.push(n.pause.map(millis));
+        errors.push(n.error);
+    }
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &companies,
+                &event_types,
+                &failed,
+                &answered,
+                &pauses,
+                &errors,
+                &(circuit.open_after as i32),
+                &millis(circuit.cooldown),
+                &millis(circuit.max_cooldown),
+                &millis(notify_window),
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| CircuitChange {
+            company_id: row.get(0),
+            event_type: row.get(1),
+            change: row.get(2),
+        })
+        .collect())
 }
 
 fn millis(d: Duration) -> i64 {
@@ -659,6 +754,7 @@ mod tests {
             age,
             lease_expired: false,
             probe: false,
+            circuit_dirty: false,
             endpoint: None,
         }
     }

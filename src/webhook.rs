@@ -277,6 +277,7 @@ mod tests {
             age: Duration::ZERO,
             lease_expired: false,
             probe: false,
+            circuit_dirty: false,
             endpoint: None,
         }
     }

@@ -9,9 +9,9 @@
 --    flight, over the daemon's default (`delivery.endpoint_concurrency`).
 -- 2. outbox.endpoint_circuits: the circuit breaker of each endpoint that has
 --    failed, shared by every instance. No row means closed and healthy.
--- 3. Two indexes the fair claim walks (sql/queries/claim.sql). They are
---    built by 0005_endpoint_circuits.online.sql, outside this transaction,
---    with CREATE INDEX CONCURRENTLY: a plain CREATE INDEX on a large outbox
+-- 3. The index the fair claim walks (sql/queries/claim_fair.sql), built
+--    by 0005_endpoint_circuits.online.sql, outside this transaction, with
+--    CREATE INDEX CONCURRENTLY: a plain CREATE INDEX on a large outbox
 --    would block every enqueue until it finished.
 
 ALTER TABLE outbox.endpoints
@@ -22,7 +22,7 @@ ALTER TABLE outbox.endpoints
         CHECK (max_in_flight IS NULL OR max_in_flight BETWEEN 1 AND 1000) NOT VALID;
 
 COMMENT ON COLUMN outbox.endpoints.max_in_flight IS
-    'Requests in flight to this endpoint at most, across all outboxd instances (NULL: delivery.endpoint_concurrency).';
+    'Requests in flight to this endpoint at most, per outboxd instance (NULL: delivery.endpoint_concurrency).';
 
 -- The settings screen gets a readable error for a bad cap, as for the other
 -- columns (the trigger function is replaced, its checks kept).

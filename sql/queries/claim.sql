@@ -31,18 +31,19 @@ WITH due AS (
                               ORDER BY d.next_attempt_at, d.id) AS rn
       FROM due AS d
 ), picked AS (
-    SELECT r.id, r.lease_expired,
+    SELECT r.id, r.lease_expired, coalesce(ci.failures > 0, false) AS circuit_dirty,
            ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled
       FROM ranked AS r
       LEFT JOIN outbox.endpoints AS ep
              ON ep.company_id = r.company_id AND ep.event_type = r.event_type
       LEFT JOIN unnest($5::bigint[], $6::text[], $7::int[]) AS live(company_id, event_type, n)
              ON live.company_id = r.company_id AND live.event_type = r.event_type
+      LEFT JOIN outbox.endpoint_circuits AS ci
+             ON ci.company_id = r.company_id AND ci.event_type = r.event_type
      WHERE r.rn <= coalesce(ep.max_in_flight, $4::int) - coalesce(live.n, 0)
-       -- Held: a circuit that is not closed, or a Retry-After pause.
-       AND NOT EXISTS (SELECT 1 FROM outbox.endpoint_circuits AS ci
-                        WHERE ci.company_id = r.company_id AND ci.event_type = r.event_type
-                          AND (ci.state <> 'closed' OR ci.paused_until > now()))
+       -- Not held: no circuit, or a closed one that no Retry-After pauses.
+       AND (ci.company_id IS NULL
+            OR (ci.state = 'closed' AND (ci.paused_until IS NULL OR ci.paused_until <= now())))
 ), claimed AS (
     UPDATE outbox.events AS e
        SET state = 'leased',
@@ -62,20 +63,19 @@ WITH due AS (
                 THEN (extract(epoch FROM now() - coalesce(e.replayed_at, e.created_at)) * 1000)::bigint
                 WHEN coalesce(e.replayed_at, e.created_at) < now() THEN 9223372036854775807
                 ELSE 0 END AS age_ms,
-           picked.lease_expired,
+           picked.lease_expired, picked.circuit_dirty,
            picked.url, picked.auth_type, picked.username, picked.password, picked.token,
            picked.enabled
 )
 SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,
-       c.age_ms, c.lease_expired, false AS probe,
+       c.age_ms, c.lease_expired, false AS probe, c.circuit_dirty,
        c.url, c.auth_type, c.username, c.password, c.token, c.enabled, NULL::text AS note
   FROM claimed AS c
 UNION ALL
--- held: due rows were left behind (an endpoint at its cap or held), or a
--- circuit waits for its probe, which only the fair claim sends.
+-- held: due rows were left behind, of an endpoint at its cap or held.
+-- (A held endpoint's rows come to the front of the queue in time, and the
+-- fair claim that follows sends its probe.)
 SELECT NULL::uuid, NULL::text, NULL::bigint, NULL::text, NULL::int, NULL::int,
-       NULL::bigint, NULL::bool, NULL::bool,
+       NULL::bigint, NULL::bool, NULL::bool, NULL::bool,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, 'held'
  WHERE (SELECT count(*) FROM due) > (SELECT count(*) FROM picked)
-    OR EXISTS (SELECT 1 FROM outbox.endpoint_circuits AS ci
-                WHERE ci.state IN ('open', 'half_open') AND NOT ci.manual AND ci.retry_at <= now())

@@ -74,6 +74,7 @@ WITH RECURSIVE active AS (
 ), sized AS (
     SELECT a.company_id, a.event_type, a.head_at, a.head_id,
            p.company_id IS NOT NULL AS probe,
+           coalesce(ci.failures > 0 OR ci.state <> 'closed', false) AS circuit_dirty,
            -- Held: the circuit is not closed (and this claim took no probe),
            -- or a Retry-After pauses the endpoint.
            p.company_id IS NULL AND ci.company_id IS NOT NULL
@@ -91,14 +92,14 @@ WITH RECURSIVE active AS (
              ON live.company_id = a.company_id AND live.event_type = a.event_type
      WHERE a.head_at <= now()
 ), cand AS (
-    SELECT s.company_id, s.event_type, s.head_at, s.head_id, s.room, s.probe,
+    SELECT s.company_id, s.event_type, s.head_at, s.head_id, s.room, s.probe, s.circuit_dirty,
            count(*) OVER () AS n_cand
       FROM sized AS s
      WHERE NOT s.held AND s.room > 0
      ORDER BY s.probe DESC, s.head_at
      LIMIT $1
 ), ranked AS (
-    SELECT r.id, r.lease_expired, c.probe, c.company_id, c.event_type, c.head_at, c.room,
+    SELECT r.id, r.lease_expired, c.probe, c.circuit_dirty, c.company_id, c.event_type, c.head_at, c.room,
            least(c.room, ($1 + c.n_cand - 1) / c.n_cand) AS share,
            row_number() OVER (PARTITION BY c.company_id, c.event_type
                               ORDER BY r.next_attempt_at, r.id) AS rn
@@ -119,7 +120,7 @@ WITH RECURSIVE active AS (
             LIMIT least(c.room, ($1 + c.n_cand - 1) / c.n_cand)
               FOR UPDATE SKIP LOCKED) AS r
 ), picked AS (
-    SELECT id, lease_expired, probe FROM ranked ORDER BY rn, head_at LIMIT $1
+    SELECT id, lease_expired, probe, circuit_dirty FROM ranked ORDER BY rn, head_at LIMIT $1
 ), claimed AS (
     UPDATE outbox.events AS e
        SET state = 'leased',
@@ -139,7 +140,7 @@ WITH RECURSIVE active AS (
                 THEN (extract(epoch FROM now() - coalesce(e.replayed_at, e.created_at)) * 1000)::bigint
                 WHEN coalesce(e.replayed_at, e.created_at) < now() THEN 9223372036854775807
                 ELSE 0 END AS age_ms,
-           picked.lease_expired, picked.probe
+           picked.lease_expired, picked.probe, picked.circuit_dirty
 ), notes AS (
     -- capped: an endpoint with more due than its room, at its cap before
     -- this claim or filled by it (the loop claims again when one of its
@@ -160,13 +161,13 @@ WITH RECURSIVE active AS (
      WHERE EXISTS (SELECT 1 FROM sized AS s WHERE s.held OR s.room <= 0 OR s.probe)
 )
 SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,
-       c.age_ms, c.lease_expired, c.probe,
+       c.age_ms, c.lease_expired, c.probe, c.circuit_dirty,
        ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled, NULL::text AS note
   FROM claimed AS c
   LEFT JOIN outbox.endpoints AS ep
          ON ep.company_id = c.company_id AND ep.event_type = c.event_type
 UNION ALL
 SELECT NULL::uuid, k.event_type, k.company_id, NULL::text, NULL::int, NULL::int,
-       NULL::bigint, NULL::bool, NULL::bool,
+       NULL::bigint, NULL::bool, NULL::bool, NULL::bool,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, k.note
   FROM notes AS k

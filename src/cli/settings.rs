@@ -51,7 +51,7 @@ pub struct SetArgs {
     #[arg(long)]
     disabled: bool,
 
-    /// Requests in flight to it at most, across all instances (1-1000;
+    /// Requests in flight to it at most, per outboxd instance (1-1000;
     /// default: the daemon's delivery.endpoint_concurrency)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1000))]
     max_in_flight: Option<i32>,
