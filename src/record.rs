@@ -820,6 +820,62 @@ mod tests {
     }
 
     #[test]
+    fn only_endpoints_with_news_for_their_circuit_are_written() {
+        let s = Duration::from_secs;
+        let at = |secs| SystemTime::UNIX_EPOCH + s(secs);
+        let outcome = |id: u128, company: i64, kind, status, pause, dirty, secs| Outcome {
+            event_id: Uuid::from_u128(id),
+            company_id: company,
+            event_type: "payment.cancellation".into(),
+            age: s(0),
+            attempt: 1,
+            next: NextState::Delivered,
+            kind,
+            response_message: None,
+            error: Some(format!("error of {id}")),
+            started_at: at(secs),
+            duration: s(1),
+            http_status: status,
+            notify: false,
+            pause,
+            circuit_dirty: dirty,
+        };
+        use AttemptKind::*;
+        let outcomes = vec![
+            // 1: healthy, two successes: nothing to write.
+            outcome(1, 1, Success, Some(200), None, false, 0),
+            outcome(2, 1, Success, Some(200), None, false, 0),
+            // 2: two timeouts and a 404 answer; the later timeout's error.
+            outcome(3, 2, Retryable, None, None, false, 5),
+            outcome(4, 2, Retryable, None, None, false, 9),
+            outcome(5, 2, Permanent, Some(404), None, false, 1),
+            // 3: a 429 with Retry-After.
+            outcome(6, 3, Retryable, Some(429), Some(s(30)), false, 0),
+            // 4: a success to an endpoint whose circuit was not clean.
+            outcome(7, 4, Success, Some(200), None, true, 0),
+            // 5: a timeout whose outcome the fence refused: not news.
+            outcome(8, 5, Retryable, None, None, false, 0),
+            // 6: refused before sending (no answer, no failure).
+            outcome(9, 6, NoEndpoint, None, None, false, 0),
+        ];
+        let marked: Vec<Uuid> = (1..=9).filter(|&i| i != 8).map(Uuid::from_u128).collect();
+        let news = circuit_news(&outcomes, &marked);
+        type Row<'a> = (i64, i32, bool, Option<Duration>, Option<&'a str>);
+        let got: Vec<Row> = news
+            .iter()
+            .map(|((company, _), n)| (*company, n.failed, n.answered, n.pause, n.error))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, 2, true, None, Some("error of 4")),
+                (3, 1, false, Some(s(30)), Some("error of 6")),
+                (4, 0, true, None, None),
+            ]
+        );
+    }
+
+    #[test]
     fn the_external_message_is_kept_on_every_outcome() {
         let policy = RetryPolicy::default();
         for verdict in [
