@@ -12,6 +12,27 @@ use outboxd::record::{self, AttemptKind, NextState, Outcome};
 use crate::harness::TestDb;
 use crate::harness::count;
 
+/// The plain claim, as a daemon with nothing in flight makes it.
+async fn claim_plain(
+    client: &deadpool_postgres::Client,
+    limit: usize,
+    owner: &str,
+    lease: Duration,
+) -> Vec<claim::ClaimedEvent> {
+    claim::claim(
+        client,
+        claim::Mode::Plain,
+        limit,
+        owner,
+        lease,
+        8,
+        &claim::InFlight::default(),
+    )
+    .await
+    .unwrap()
+    .events
+}
+
 /// What the daemon makes of a 200 with status "1" for `e`.
 fn delivered(e: &claim::ClaimedEvent) -> Outcome {
     record::decide(
@@ -37,31 +58,9 @@ async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim()
         .await
         .unwrap();
     // Instance A claims with a lease that is already over; B claims again.
-    let a = claim::claim(
-        &client,
-        claim::Mode::Plain,
-        10,
-        "a",
-        Duration::from_millis(1),
-        8,
-        &claim::InFlight::default(),
-    )
-    .await
-    .unwrap()
-    .events;
+    let a = claim_plain(&client, 10, "a", Duration::from_millis(1)).await;
     tokio::time::sleep(Duration::from_millis(20)).await; // let A's 1 ms lease lapse
-    let b = claim::claim(
-        &client,
-        claim::Mode::Plain,
-        10,
-        "b",
-        Duration::from_secs(60),
-        8,
-        &claim::InFlight::default(),
-    )
-    .await
-    .unwrap()
-    .events;
+    let b = claim_plain(&client, 10, "b", Duration::from_secs(60)).await;
     assert_eq!(
         (a[0].attempt, b[0].attempt, b[0].lease_expired),
         (1, 2, true)
@@ -130,18 +129,7 @@ async fn a_group_written_again_after_a_lost_reply_reads_as_marked_not_fenced() {
         )
         .await
         .unwrap();
-    let events = claim::claim(
-        &client,
-        claim::Mode::Plain,
-        10,
-        "a",
-        Duration::from_secs(60),
-        8,
-        &claim::InFlight::default(),
-    )
-    .await
-    .unwrap()
-    .events;
+    let events = claim_plain(&client, 10, "a", Duration::from_secs(60)).await;
     let outcomes: Vec<Outcome> = events.iter().map(delivered).collect();
     assert_eq!(
         record::write(

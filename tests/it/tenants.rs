@@ -41,6 +41,19 @@ fn ok() -> Reply {
     Reply::Json(200, json!({"status": "1", "message": "ok"}))
 }
 
+/// A receiver that answers its first `failing` requests 503, then success.
+async fn down_for(failing: u32) -> Receiver {
+    let seen = Arc::new(AtomicU32::new(0));
+    Receiver::start(move |_, _| {
+        if seen.fetch_add(1, Ordering::SeqCst) < failing {
+            Reply::Json(503, json!({"status": "0", "message": "down"}))
+        } else {
+            ok()
+        }
+    })
+    .await
+}
+
 /// The most requests that were in flight at once, for a receiver that
 /// answers each after exactly `hold`: a request is still in flight when
 /// another arrives less than `hold` after it. The answer to one and the
@@ -238,16 +251,7 @@ async fn the_circuit_opens_after_failures_in_a_row_probes_and_closes() {
     let client = db.client().await;
     // Requests 1-4 fail with 503 (the 4th is the first probe), then all
     // succeed.
-    let seen = Arc::new(AtomicU32::new(0));
-    let counter = seen.clone();
-    let receiver = Receiver::start(move |_, _| {
-        if counter.fetch_add(1, Ordering::SeqCst) < 4 {
-            Reply::Json(503, json!({"status": "0", "message": "down"}))
-        } else {
-            ok()
-        }
-    })
-    .await;
+    let receiver = down_for(4).await;
     endpoint(&client, 1, &receiver.url("/erp"), None).await;
     enqueue(&client, 1, 10).await;
     let daemon = Daemon::start(&db, &circuit_settings("1s")).await;
@@ -393,16 +397,7 @@ async fn an_endpoint_going_down_and_coming_back_sends_one_email_each_way() {
     let client = db.client().await;
     // Down for the first 5 requests (3 open the circuit, then two probes
     // fail), then back.
-    let seen = Arc::new(AtomicU32::new(0));
-    let counter = seen.clone();
-    let receiver = Receiver::start(move |_, _| {
-        if counter.fetch_add(1, Ordering::SeqCst) < 5 {
-            Reply::Json(503, json!({"status": "0", "message": "maintenance"}))
-        } else {
-            ok()
-        }
-    })
-    .await;
+    let receiver = down_for(5).await;
     endpoint(&client, 6316, &receiver.url("/erp"), None).await;
     enqueue(&client, 6316, 12).await;
     let port = crate::smtp::free_port();
