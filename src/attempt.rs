@@ -8,7 +8,7 @@
 //!    [`record::refused`] when step 1 refused).
 //!
 //! [`deliver`] runs one on its own task and hands the outcome to the
-//! recorder, which writes it (`record::run`).
+//! recorder, which writes it (`record::Recorder::run`).
 
 use std::sync::Arc;
 use std::time::SystemTime;

@@ -21,7 +21,7 @@
 //!    that into its start limit, after which systemd gives up.
 //! 1. **Serve**: the claim loop ([`ClaimLoop`]) starts one delivery task
 //!    per claimed event ([`attempt::deliver`]), whose outcome goes to the
-//!    recorder ([`record::run`]). The mailer, the queue gauges, retention,
+//!    recorder ([`record::Recorder::run`]). The mailer, the queue gauges, retention,
 //!    the metrics upkeep and the listener run beside it as [`service`]s. The
 //!    claim loop and the recorder feed heartbeats; systemd's watchdog is
 //!    pinged while they keep their promises ([`crate::service`] says why).

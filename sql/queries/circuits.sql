@@ -1,7 +1,8 @@
 -- circuits: the endpoints whose circuit is not closed (open, half-open,
 -- paused by an operator) or that a Retry-After holds, for `outboxd status`,
--- with what each has in flight and waiting. One range of events_leased and
--- of events_endpoint_due per such endpoint; healthy endpoints cost nothing.
+-- with what each has in flight (live leases, every instance) and waiting.
+-- Each such endpoint's range of events_endpoint_due is read, its whole
+-- backlog (about 0.1 s per million rows); healthy endpoints cost nothing.
 SELECT c.company_id, c.event_type, c.state, c.manual, c.opened_at,
        CASE WHEN isfinite(c.retry_at) THEN c.retry_at END AS retry_at,
        CASE WHEN c.paused_until > now() THEN c.paused_until END AS paused_until,

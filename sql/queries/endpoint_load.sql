@@ -1,7 +1,7 @@
 -- endpoint_load: what one endpoint has in the queue, for `outboxd endpoint
 -- show`: requests in flight now (live leases, every instance), events due
 -- and waiting, and events scheduled for a later retry. Reads the endpoint's
--- range of events_endpoint_due and events_leased only.
+-- range of events_endpoint_due: its whole backlog, which is what it counts.
 --
 --  $1 bigint  company
 --  $2 text    event type
