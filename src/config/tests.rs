@@ -25,6 +25,10 @@ fn empty_config_uses_the_defaults() {
     assert_eq!(config.database.pg.get_user(), Some("postgres"));
     assert_eq!(config.database.connect_timeout, Duration::from_secs(5));
     assert_eq!(config.database.schema_wait, Duration::from_secs(120));
+    assert_eq!(config.delivery.endpoint_concurrency, 8);
+    assert_eq!(config.circuit, CircuitConfig::default());
+    assert_eq!(config.circuit.open_after, 5);
+    assert_eq!(config.circuit.max_hold, Duration::from_secs(24 * 3600));
     assert_eq!(config.database.pg.get_application_name(), Some("outboxd"));
     assert_eq!(config.log.level, "info");
     assert_eq!(config.log.format, LogFormat::Text);
@@ -53,6 +57,26 @@ fn each_bad_value_is_reported_under_its_key() {
             "[database]\nconnect_timeout = \"0s\"",
             &["database.connect_timeout"],
         ),
+        ("[delivery]\nendpoint_concurrency = 1", &[]),
+        ("[delivery]\nendpoint_concurrency = 1000", &[]),
+        (
+            "[delivery]\nendpoint_concurrency = 0",
+            &["delivery.endpoint_concurrency"],
+        ),
+        (
+            "[delivery]\nendpoint_concurrency = 1001",
+            &["delivery.endpoint_concurrency"],
+        ),
+        ("[circuit]\nopen_after = 1\ncooldown = \"1s\"", &[]),
+        ("[circuit]\nopen_after = 0", &["circuit.open_after"]),
+        ("[circuit]\ncooldown = \"0s\"", &["circuit.cooldown"]),
+        ("[circuit]\ncooldown = \"soon\"", &["circuit.cooldown"]),
+        (
+            "[circuit]\ncooldown = \"5m\"\nmax_cooldown = \"1m\"",
+            &["circuit.max_cooldown"],
+        ),
+        ("[circuit]\nmax_hold = \"0s\"", &["circuit.max_hold"]),
+        ("[circuit]\nmax_hold = \"2h\"", &[]),
         ("[database]\nschema_wait = \"0s\"", &[]),
         ("[database]\nschema_wait = \"5m\"", &[]),
         (
