@@ -108,10 +108,26 @@ impl Room {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// What the last claim found at its cap, and what it started.
-    fn claimed(&self, capped: HashSet<EndpointKey>, events: &[ClaimedEvent]) {
+    /// What the last claim found at its cap, and what it started. `before`
+    /// is what was in flight when the claim was made: a delivery to a capped
+    /// endpoint that ended while the claim ran found it not yet marked
+    /// capped and woke nobody, so that wake-up is made here.
+    fn claimed(&self, capped: HashSet<EndpointKey>, events: &[ClaimedEvent], before: &InFlight) {
         let mut state = self.state();
+        let ended_meanwhile = capped.iter().any(|key| {
+            let then = before
+                .company_ids
+                .iter()
+                .zip(&before.event_types)
+                .zip(&before.counts)
+                .find(|((c, t), _)| **c == key.0 && **t == key.1)
+                .map_or(0, |(_, n)| *n as u32);
+            state.in_flight.get(key).copied().unwrap_or(0) < then
+        });
         state.capped = capped;
+        if ended_meanwhile {
+            self.freed.notify_one();
+        }
         for e in events {
             *state
                 .in_flight
@@ -122,15 +138,25 @@ impl Room {
 
     /// A delivery to this endpoint ended and its outcome was written.
     pub fn finished(&self, company_id: i64, event_type: &str) {
-        let key = (company_id, event_type.to_owned());
+        self.all_finished([(company_id, event_type)]);
+    }
+
+    /// Deliveries to these endpoints ended (a group of outcomes was
+    /// written): all counted down under one lock, then one wake-up, so the
+    /// next claim sees the whole group's room, not the first outcome's.
+    pub fn all_finished<'a>(&self, endpoints: impl IntoIterator<Item = (i64, &'a str)>) {
         let mut state = self.state();
-        if let Some(n) = state.in_flight.get_mut(&key) {
-            *n -= 1;
-            if *n == 0 {
-                state.in_flight.remove(&key);
+        let mut freed = false;
+        for (company_id, event_type) in endpoints {
+            let key = (company_id, event_type.to_owned());
+            if let Some(n) = state.in_flight.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    state.in_flight.remove(&key);
+                }
             }
+            freed |= state.capped.remove(&key);
         }
-        let freed = state.capped.remove(&key);
         drop(state);
         if freed {
             self.freed.notify_one();
@@ -243,16 +269,19 @@ impl ClaimLoop<'_> {
                         .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.claim_limit))),
                 };
                 let (events, more) = match claimed {
-                    Ok(Claim {
-                        events,
-                        capped,
-                        more,
-                        held,
-                    }) => {
+                    Ok((
+                        Claim {
+                            events,
+                            capped,
+                            more,
+                            held,
+                        },
+                        before,
+                    )) => {
                         if std::mem::take(&mut failing) {
                             systemd::status("delivering");
                         }
-                        self.room.claimed(capped, &events);
+                        self.room.claimed(capped, &events, &before);
                         // A plain claim that left events behind says nothing
                         // of the rest of the queue: look again, fairly, now.
                         let again = more || (held && mode == Mode::Plain);
@@ -311,11 +340,12 @@ impl ClaimLoop<'_> {
         recorder_died
     }
 
-    async fn claim(&self, mode: Mode, wanted: usize) -> Result<Claim, String> {
+    async fn claim(&self, mode: Mode, wanted: usize) -> Result<(Claim, InFlight), String> {
         let client = db::Checkout::get(self.pool)
             .await
             .map_err(|e| format!("no database connection: {}", db::describe_pool(&e)))?;
         let delivery = &self.config.delivery;
+        let in_flight = self.room.in_flight();
         let claimed = claim(
             &client,
             mode,
@@ -323,9 +353,10 @@ impl ClaimLoop<'_> {
             self.owner,
             delivery.lease,
             delivery.endpoint_concurrency,
-            &self.room.in_flight(),
+            &in_flight,
         )
         .await
+        .map(|claim| (claim, in_flight))
         .map_err(|e| e.to_string());
         client.done();
         claimed

@@ -535,9 +535,8 @@ impl Recorder {
                     }
                 }
             }
-            for o in &batch {
-                self.room.finished(o.company_id, &o.event_type);
-            }
+            self.room
+                .all_finished(batch.iter().map(|o| (o.company_id, o.event_type.as_str())));
             batch.clear();
         }
         heartbeat.retire();
