@@ -103,6 +103,18 @@ pub struct InFlight {
     pub counts: Vec<i32>,
 }
 
+impl InFlight {
+    /// What was in flight to `key` (0: nothing).
+    fn count(&self, key: &EndpointKey) -> u32 {
+        self.company_ids
+            .iter()
+            .zip(&self.event_types)
+            .zip(&self.counts)
+            .find(|((c, t), _)| **c == key.0 && **t == key.1)
+            .map_or(0, |(_, n)| *n as u32)
+    }
+}
+
 impl Room {
     fn state(&self) -> std::sync::MutexGuard<'_, RoomState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
@@ -114,16 +126,9 @@ impl Room {
     /// capped and woke nobody, so that wake-up is made here.
     fn claimed(&self, capped: HashSet<EndpointKey>, events: &[ClaimedEvent], before: &InFlight) {
         let mut state = self.state();
-        let ended_meanwhile = capped.iter().any(|key| {
-            let then = before
-                .company_ids
-                .iter()
-                .zip(&before.event_types)
-                .zip(&before.counts)
-                .find(|((c, t), _)| **c == key.0 && **t == key.1)
-                .map_or(0, |(_, n)| *n as u32);
-            state.in_flight.get(key).copied().unwrap_or(0) < then
-        });
+        let ended_meanwhile = capped
+            .iter()
+            .any(|key| state.in_flight.get(key).copied().unwrap_or(0) < before.count(key));
         state.capped = capped;
         if ended_meanwhile {
             self.freed.notify_one();

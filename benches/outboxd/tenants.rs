@@ -78,21 +78,8 @@ async fn beside(
     let client = connect(&url).await;
     let mut bad = start_receiver_with(true, trouble).await;
     let mut fast = start_receiver_with(true, &[]).await;
-    client
-        .execute(
-            "INSERT INTO outbox.endpoints (company_id, url) VALUES (1, $1)",
-            &[&format!("{}/hooks", bad.url)],
-        )
-        .await
-        .unwrap();
-    client
-        .execute(
-            "INSERT INTO outbox.endpoints (company_id, url)
-             SELECT c, $1 FROM generate_series(2, 11) c",
-            &[&format!("{}/hooks", fast.url)],
-        )
-        .await
-        .unwrap();
+    endpoints(&client, 1..=1, &bad).await;
+    endpoints(&client, 2..=11, &fast).await;
     client
         .execute(
             "SELECT outbox.enqueue_payment_cancellation(1, g, 'S' || g) FROM generate_series(1, $1::bigint) g",
@@ -147,6 +134,21 @@ async fn beside(
     drop((bad.child, fast.child, client));
     drop_db(db).await;
     (worst, dead)
+}
+
+/// The companies `ids` get endpoints at `receiver`.
+async fn endpoints(
+    client: &tokio_postgres::Client,
+    ids: std::ops::RangeInclusive<i64>,
+    receiver: &Receiver,
+) {
+    client
+        .execute(
+            "INSERT INTO outbox.endpoints (company_id, url) SELECT c, $3 FROM generate_series($1::bigint, $2::bigint) c",
+            &[ids.start(), ids.end(), &format!("{}/hooks", receiver.url)],
+        )
+        .await
+        .unwrap();
 }
 
 /// `n` events, one transaction each, of the companies `company(i)`; the
@@ -206,13 +208,7 @@ async fn burst(opts: &Opts) -> (f64, f64) {
     let url = fresh_db(db).await;
     let client = connect(&url).await;
     let mut receiver = start_receiver_with(true, &[]).await;
-    client
-        .execute(
-            "INSERT INTO outbox.endpoints (company_id, url) SELECT c, $1 FROM generate_series(1, 2) c",
-            &[&format!("{}/hooks", receiver.url)],
-        )
-        .await
-        .unwrap();
+    endpoints(&client, 1..=2, &receiver).await;
     client
         .execute(
             "SELECT outbox.enqueue_payment_cancellation(1, g, 'B' || g) FROM generate_series(1, 100000) g",

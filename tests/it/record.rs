@@ -33,6 +33,27 @@ async fn claim_plain(
     .events
 }
 
+/// Writes `outcomes` as `owner` with the default circuit settings; returns
+/// the ids marked.
+async fn write(
+    client: &deadpool_postgres::Client,
+    owner: &str,
+    outcomes: &[Outcome],
+    again: bool,
+) -> Vec<uuid::Uuid> {
+    record::write(
+        client,
+        owner,
+        outcomes,
+        again,
+        &CircuitConfig::default(),
+        Duration::from_secs(900),
+    )
+    .await
+    .unwrap()
+    .marked
+}
+
 /// What the daemon makes of a 200 with status "1" for `e`.
 fn delivered(e: &claim::ClaimedEvent) -> Outcome {
     record::decide(
@@ -71,32 +92,8 @@ async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim()
     failed.next = NextState::Failed;
     failed.kind = AttemptKind::Rejected;
     failed.error = Some("rejected".into());
-    assert_eq!(
-        record::write(
-            &client,
-            "b",
-            &[failed],
-            false,
-            &CircuitConfig::default(),
-            Duration::from_secs(900)
-        )
-        .await
-        .unwrap()
-        .marked
-        .len(),
-        1
-    );
-    let late = record::write(
-        &client,
-        "a",
-        &[delivered(&a[0])],
-        false,
-        &CircuitConfig::default(),
-        Duration::from_secs(900),
-    )
-    .await
-    .unwrap()
-    .marked;
+    assert_eq!(write(&client, "b", &[failed], false).await.len(), 1);
+    let late = write(&client, "a", &[delivered(&a[0])], false).await;
     assert!(late.is_empty(), "fenced out");
 
     let row = client
@@ -131,52 +128,11 @@ async fn a_group_written_again_after_a_lost_reply_reads_as_marked_not_fenced() {
         .unwrap();
     let events = claim_plain(&client, 10, "a", Duration::from_secs(60)).await;
     let outcomes: Vec<Outcome> = events.iter().map(delivered).collect();
-    assert_eq!(
-        record::write(
-            &client,
-            "a",
-            &outcomes,
-            false,
-            &CircuitConfig::default(),
-            Duration::from_secs(900)
-        )
-        .await
-        .unwrap()
-        .marked
-        .len(),
-        3
-    );
+    assert_eq!(write(&client, "a", &outcomes, false).await.len(), 3);
     // The same group once more, as the recorder does after an error whose
     // commit may have gone through.
-    assert_eq!(
-        record::write(
-            &client,
-            "a",
-            &outcomes,
-            true,
-            &CircuitConfig::default(),
-            Duration::from_secs(900)
-        )
-        .await
-        .unwrap()
-        .marked
-        .len(),
-        3
-    );
-    assert!(
-        record::write(
-            &client,
-            "a",
-            &outcomes,
-            false,
-            &CircuitConfig::default(),
-            Duration::from_secs(900)
-        )
-        .await
-        .unwrap()
-        .marked
-        .is_empty()
-    );
+    assert_eq!(write(&client, "a", &outcomes, true).await.len(), 3);
+    assert!(write(&client, "a", &outcomes, false).await.is_empty());
     let attempts = count(&client, "SELECT count(*) FROM outbox.attempts").await;
     assert_eq!(attempts, 3, "no attempt logged twice");
 }

@@ -73,6 +73,18 @@ fn max_in_flight(requests: &[Received], hold: Duration) -> usize {
         .unwrap_or(0)
 }
 
+/// Waits until `n` events are delivered.
+async fn all_delivered(client: &Client, n: i64, timeout: Duration) {
+    eventually_count(
+        client,
+        "all delivered",
+        timeout,
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+        n,
+    )
+    .await
+}
+
 async fn circuit(client: &Client, company: i64) -> Option<(String, i32)> {
     client
         .query_opt(
@@ -148,14 +160,7 @@ async fn an_endpoint_may_set_its_own_cap() {
     let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__ENDPOINT_CONCURRENCY", "8")]).await;
     let all = slow.wait_for(6, SECS(15)).await;
     assert_eq!(max_in_flight(&all, SECS(2)), 2);
-    eventually_count(
-        &client,
-        "all delivered",
-        SECS(10),
-        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
-        6,
-    )
-    .await;
+    all_delivered(&client, 6, SECS(10)).await;
     daemon.stop().await;
 }
 
@@ -265,14 +270,7 @@ async fn the_circuit_opens_after_failures_in_a_row_probes_and_closes() {
     })
     .await;
     let all = receiver.wait_for(14, SECS(20)).await;
-    eventually_count(
-        &client,
-        "all delivered",
-        SECS(10),
-        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
-        10,
-    )
-    .await;
+    all_delivered(&client, 10, SECS(10)).await;
     // Open: nothing for the cool-down (1 s), then one probe, which fails;
     // open again for twice as long, then the probe that closes it.
     let gap = |i: usize| all[i].at.duration_since(all[i - 1].at);
@@ -333,14 +331,7 @@ async fn retry_after_pauses_the_whole_endpoint_and_not_the_others() {
     // The 429 named 2 s: no other event of that endpoint went out before.
     let gap = all[1].at.duration_since(all[0].at);
     assert!(gap >= MS(1950), "next request after {gap:?}");
-    eventually_count(
-        &client,
-        "all delivered",
-        SECS(10),
-        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
-        8,
-    )
-    .await;
+    all_delivered(&client, 8, SECS(10)).await;
     daemon.stop().await;
 }
 
@@ -412,14 +403,7 @@ async fn an_endpoint_going_down_and_coming_back_sends_one_email_each_way() {
             .map(|(k, v)| (k.to_string(), v.to_string())),
     );
     let daemon = crate::notify::start(&db, &env).await;
-    eventually_count(
-        &client,
-        "all delivered",
-        SECS(30),
-        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
-        12,
-    )
-    .await;
+    all_delivered(&client, 12, SECS(30)).await;
     let mails = smtp.wait_for(2, SECS(20)).await;
     // The circuit opened, re-opened twice (failed probes: no email) and
     // closed: two emails, no digest (no event failed for good).
