@@ -369,7 +369,9 @@ async fn preload(client: &Client, n: usize, companies: usize, receiver_url: &str
 }
 
 /// Waits until no event is pending or leased. The check reads one entry
-/// of the daemon's own `events_due` index: counting the backlog instead
+/// of each of the daemon's own claim indexes (`events_pending_due`,
+/// `events_lease_expiry`; before migration 0006 one `events_due` held
+/// both, which the first branch then reads): counting the backlog instead
 /// took PostgreSQL tens of milliseconds per check at 1M rows, CPU the drain
 /// being measured then lacked.
 async fn wait_drained(client: &Client, limit: Duration) {
@@ -377,8 +379,12 @@ async fn wait_drained(client: &Client, limit: Duration) {
     loop {
         let left = client
             .query_opt(
-                "SELECT 1 FROM outbox.events WHERE state IN ('pending', 'leased')
-                  ORDER BY next_attempt_at LIMIT 1",
+                "(SELECT 1 FROM outbox.events WHERE state = 'pending'
+                   ORDER BY next_attempt_at LIMIT 1)
+                 UNION ALL
+                 (SELECT 1 FROM outbox.events WHERE state = 'leased'
+                   ORDER BY next_attempt_at LIMIT 1)
+                 LIMIT 1",
                 &[],
             )
             .await

@@ -392,6 +392,19 @@ fn shutdown_on_signals(
     }))
 }
 
+/// The indexes a `migrate` run built and dropped outside its transaction.
+fn print_online(report: &migrate::Report) {
+    if !report.built.is_empty() {
+        println!("built indexes online: {}", report.built.join(", "));
+    }
+    if !report.dropped.is_empty() {
+        println!(
+            "dropped replaced indexes online: {}",
+            report.dropped.join(", ")
+        );
+    }
+}
+
 async fn run_migrate(config: &Config) -> Exit {
     let mut client = match db::connect(&config.database).await {
         Ok(client) => client,
@@ -399,9 +412,7 @@ async fn run_migrate(config: &Config) -> Exit {
     };
     match migrate::migrate(&mut client).await {
         Ok(report) if report.applied.is_empty() => {
-            if !report.built.is_empty() {
-                println!("built indexes online: {}", report.built.join(", "));
-            }
+            print_online(&report);
             println!(
                 "schema is up to date at version {}; nothing to do",
                 report.to
@@ -409,9 +420,7 @@ async fn run_migrate(config: &Config) -> Exit {
             Exit::Ok
         }
         Ok(report) => {
-            if !report.built.is_empty() {
-                println!("built indexes online: {}", report.built.join(", "));
-            }
+            print_online(&report);
             println!(
                 "migrated the outbox schema from version {} to {} (applied {})",
                 report.from,

@@ -167,8 +167,8 @@ const ONE_OFF_SESSION_OPTIONS: &str = "-c lock_timeout=30s -c statement_timeout=
 ///   application's enqueue transactions are not affected.
 /// - `plan_cache_mode=force_custom_plan`, `enable_seqscan=off`,
 ///   `enable_bitmapscan=off`: every pooled statement is built around an
-///   index walked in order (the claim reads `events_due` oldest first and
-///   stops after its LIMIT; marks probe the primary key). Statements are
+///   index walked in order (the claim reads `events_pending_due` oldest
+///   first and stops after its LIMIT; marks probe the primary key). Statements are
 ///   prepared once per connection, and after five runs PostgreSQL may settle
 ///   on a generic plan made from the statistics of that moment, which on a
 ///   young table describe almost no rows: a plan that reads every entry,

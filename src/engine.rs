@@ -54,7 +54,7 @@ use crate::config::{Config, DatabaseConfig};
 use crate::deliver::Deliverer;
 use crate::listen::Listener;
 use crate::mailer::Mailer;
-use crate::maintenance::{HoldLimit, Maintenance, Retention};
+use crate::maintenance::{HoldLimit, LeaseExpiry, Maintenance, Retention};
 use crate::migrate::{self, MigrateError};
 use crate::record;
 use crate::service::{self, Heartbeat, Liveness, Running};
@@ -166,6 +166,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         ),
         hold_limit: service::spawn(
             HoldLimit::new(pool.clone(), &config.circuit, db_limit),
+            &liveness,
+        ),
+        lease_expiry: service::spawn(
+            LeaseExpiry::new(
+                pool.clone(),
+                config.delivery.poll_interval,
+                db_limit,
+                wake.clone(),
+            ),
             &liveness,
         ),
         listener: service::spawn(
@@ -309,6 +318,7 @@ struct Services {
     gauges: Running,
     retention: Running,
     hold_limit: Running,
+    lease_expiry: Running,
     listener: Running,
     mailer: Running,
 }
@@ -323,6 +333,7 @@ impl Services {
         self.mailer.stop();
         self.retention.stop();
         self.hold_limit.stop();
+        self.lease_expiry.stop();
     }
 
     /// After the drain: waits for those, then stops the queue gauges and the
@@ -333,6 +344,7 @@ impl Services {
         self.mailer.join().await;
         self.retention.join().await;
         self.hold_limit.join().await;
+        self.lease_expiry.join().await;
         self.gauges.stop();
         if let Some(upkeep) = &self.upkeep {
             upkeep.stop();

@@ -1,9 +1,10 @@
 //! Periodic upkeep outside the delivery path: the queue gauges, refreshed by
 //! one cheap query every `metrics.refresh_interval` (not per delivery)
-//! ([`Maintenance`]), the retention cleanup ([`Retention`]), and the limit
-//! on how long an open circuit holds an event ([`HoldLimit`]).
+//! ([`Maintenance`]), the retention cleanup ([`Retention`]), the limit
+//! on how long an open circuit holds an event ([`HoldLimit`]), and the
+//! return to the queue of events whose lease ran out ([`LeaseExpiry`]).
 //!
-//! Both are [`Service`]s: `run_once()` does one round and returns what it
+//! All are [`Service`]s: `run_once()` does one round and returns what it
 //! found (what tests call); the service's tick calls it and logs a failure.
 
 use std::time::Duration;
@@ -20,6 +21,94 @@ use crate::telemetry::{
 const QUEUE_SQL: &str = include_str!("../sql/queries/queue_stats.sql");
 const RETENTION_SQL: &str = include_str!("../sql/queries/retention.sql");
 const EXPIRE_HELD_SQL: &str = include_str!("../sql/queries/expire_held.sql");
+const RELEASE_EXPIRED_SQL: &str = include_str!("../sql/queries/release_expired.sql");
+
+/// Events put back in the queue per statement by [`LeaseExpiry`].
+const RELEASE_BATCH: i64 = 1000;
+
+/// Puts back in the queue the events whose lease ran out (their daemon died
+/// mid-delivery), every `delivery.poll_interval`, batch after batch while
+/// there are more, and wakes the claim loop when it did
+/// (`sql/queries/release_expired.sql`). The claims read pending rows only;
+/// this is how such an event gets back to them. Every instance runs it; SKIP
+/// LOCKED keeps them apart.
+pub struct LeaseExpiry {
+    pool: deadpool_postgres::Pool,
+    interval: Duration,
+    limit: Duration,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl Service for LeaseExpiry {
+    const NAME: &'static str = "lease expiry";
+
+    fn tick_limit(&self) -> Duration {
+        self.limit
+    }
+
+    fn after_overrun(&self) -> Duration {
+        self.interval
+    }
+
+    async fn tick(&mut self) -> Next {
+        match self.run_once().await {
+            Ok(0) => {}
+            Ok(released) => {
+                tracing::warn!(
+                    released,
+                    "events whose lease ran out (an instance stopped mid-delivery?) are due again"
+                );
+                if released >= RELEASE_BATCH {
+                    return Next::Now;
+                }
+            }
+            Err(e) => {
+                crate::telemetry::database_error("maintenance");
+                tracing::warn!(error = %e, "putting back events whose lease ran out");
+            }
+        }
+        Next::After(self.interval)
+    }
+}
+
+impl LeaseExpiry {
+    pub fn new(
+        pool: deadpool_postgres::Pool,
+        interval: Duration,
+        limit: Duration,
+        wake: std::sync::Arc<tokio::sync::Notify>,
+    ) -> LeaseExpiry {
+        LeaseExpiry {
+            pool,
+            interval,
+            limit,
+            wake,
+        }
+    }
+
+    /// One batch; returns how many events it put back, and wakes the claim
+    /// loop if any.
+    pub async fn run_once(&self) -> Result<i64, String> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| crate::db::describe_pool(&e))?;
+        let statement = client
+            .prepare_cached(RELEASE_EXPIRED_SQL)
+            .await
+            .map_err(|e| crate::db::describe(&e))?;
+        let row = client
+            .query_one(&statement, &[&RELEASE_BATCH])
+            .await
+            .map_err(|e| crate::db::describe(&e))?;
+        let released: i64 = row.get("released");
+        if released > 0 {
+            self.wake.notify_one();
+        }
+        Ok(released)
+    }
+}
 
 /// Events failed per statement by [`HoldLimit`].
 const HOLD_BATCH: i64 = 1000;

@@ -8,14 +8,17 @@
 //! `outbox.schema_migrations` with an md5 of its text, computed by the server,
 //! so an edited migration is caught instead of silently diverging.
 //!
-//! An index on a table the sales application writes cannot be built inside
-//! that transaction without blocking its writes until the end. Such indexes
-//! go in the migration's `.online.sql` file: after the transaction commits,
-//! each is built with `CREATE INDEX CONCURRENTLY`, still under the lock,
-//! and an invalid leftover of an interrupted build is
-//! dropped and built again. Until every one is valid, [`status`] reports the
-//! schema as [`SchemaState::Incomplete`] and the daemon waits, as for a
-//! migration not yet run.
+//! An index on a table the sales application writes cannot be built (or
+//! dropped) inside that transaction without blocking its writes until the
+//! end. Such indexes go in the migration's `.online.sql` file: after the
+//! transaction commits, each is built with `CREATE INDEX CONCURRENTLY`,
+//! still under the lock, and an invalid leftover of an interrupted build is
+//! dropped and built again; then the indexes a later migration replaced
+//! are dropped with `DROP INDEX CONCURRENTLY`. Until every index still
+//! wanted is valid, [`status`] reports the schema as
+//! [`SchemaState::Incomplete`] and the daemon waits, as for a migration not
+//! yet run. (An old index not dropped yet costs only speed, not correctness,
+//! and does not hold the daemon back.)
 
 use tokio_postgres::{Client, GenericClient};
 
@@ -27,8 +30,10 @@ pub struct Migration {
     pub version: i32,
     pub name: &'static str,
     pub sql: &'static str,
-    /// `CREATE INDEX CONCURRENTLY IF NOT EXISTS <name> ...` statements, each
-    /// ending in `;`, run one by one outside a transaction ("" for none).
+    /// `CREATE INDEX CONCURRENTLY IF NOT EXISTS <name> ...` and `DROP INDEX
+    /// CONCURRENTLY IF EXISTS outbox.<name>` statements, each ending in
+    /// `;`, run one by one outside a transaction ("" for none): the builds
+    /// first, then the drops.
     pub online: &'static str,
 }
 
@@ -65,6 +70,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/migrations/0005_endpoint_circuits.sql"),
         online: include_str!("../sql/migrations/0005_endpoint_circuits.online.sql"),
     },
+    Migration {
+        version: 6,
+        name: "claim_indexes",
+        sql: include_str!("../sql/migrations/0006_claim_indexes.sql"),
+        online: include_str!("../sql/migrations/0006_claim_indexes.online.sql"),
+    },
 ];
 
 impl Migration {
@@ -73,9 +84,9 @@ impl Migration {
         format!("{}{}", self.sql, self.online)
     }
 
-    /// The online part's statements, comments dropped, with the name of
-    /// the index each builds.
-    pub fn online_indexes(&self) -> Vec<OnlineIndex> {
+    /// The online part's statements, comments dropped, each with the name
+    /// of the index it builds or drops.
+    fn online_steps(&self) -> Vec<OnlineIndex> {
         let code: String = self
             .online
             .lines()
@@ -85,24 +96,33 @@ impl Migration {
         code.split(';')
             .map(str::trim)
             .filter(|statement| !statement.is_empty())
-            .map(|statement| OnlineIndex {
-                name: statement
-                    .split_once("IF NOT EXISTS")
-                    .and_then(|(_, rest)| rest.split_whitespace().next())
-                    .unwrap_or_default()
-                    .to_owned(),
-                sql: statement.to_owned(),
+            .map(|statement| {
+                let (drop, rest) = match statement.split_once("IF NOT EXISTS") {
+                    Some((_, rest)) => (false, rest),
+                    None => (
+                        true,
+                        statement.split_once("IF EXISTS").map_or("", |(_, r)| r),
+                    ),
+                };
+                let name = rest.split_whitespace().next().unwrap_or_default();
+                OnlineIndex {
+                    name: name.trim_start_matches("outbox.").to_owned(),
+                    sql: statement.to_owned(),
+                    drop,
+                }
             })
             .collect()
     }
 }
 
-/// One index built outside the migration's transaction.
+/// One index built, or dropped, outside the migration's transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OnlineIndex {
     /// In schema `outbox`.
     pub name: String,
     pub sql: String,
+    /// `DROP INDEX CONCURRENTLY`: an index a later migration replaced.
+    pub drop: bool,
 }
 
 /// The schema version this binary expects.
@@ -139,11 +159,29 @@ pub enum MigrateError {
     Modified { version: i32, name: String },
 }
 
-/// Every online index of the migrations this binary knows, oldest first.
+/// The online indexes of the migrations this binary knows that no later
+/// migration drops, oldest first: the ones the schema needs.
 fn all_online_indexes() -> Vec<OnlineIndex> {
+    let steps: Vec<OnlineIndex> = MIGRATIONS
+        .iter()
+        .flat_map(Migration::online_steps)
+        .collect();
+    steps
+        .iter()
+        .enumerate()
+        .filter(|(i, step)| {
+            !step.drop && !steps[i + 1..].iter().any(|s| s.drop && s.name == step.name)
+        })
+        .map(|(_, step)| step.clone())
+        .collect()
+}
+
+/// The indexes the online parts drop (replaced by others), oldest first.
+fn all_online_drops() -> Vec<OnlineIndex> {
     MIGRATIONS
         .iter()
-        .flat_map(Migration::online_indexes)
+        .flat_map(Migration::online_steps)
+        .filter(|step| step.drop)
         .collect()
 }
 
@@ -164,23 +202,59 @@ async fn missing_indexes(client: &impl GenericClient) -> Result<Vec<String>, Mig
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// Builds the online indexes that are missing or invalid, one statement at
-/// a time outside any transaction, under the migration lock. No statement
-/// timeout applies meanwhile: a build reads the whole table twice.
-async fn build_online(client: &Client) -> Result<Vec<String>, MigrateError> {
+/// The replaced indexes that are still there.
+async fn leftover_indexes(client: &impl GenericClient) -> Result<Vec<String>, MigrateError> {
+    let names: Vec<String> = all_online_drops().into_iter().map(|i| i.name).collect();
+    let rows = client
+        .query(
+            "SELECT n FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i)
+              WHERE to_regclass('outbox.' || quote_ident(u.n)) IS NOT NULL
+              ORDER BY i",
+            &[&names],
+        )
+        .await
+        .map_err(step("looking for replaced indexes"))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Builds the online indexes that are missing or invalid, then drops the
+/// ones they replace, one statement at a time outside any transaction,
+/// under the migration lock. No statement timeout applies meanwhile: a
+/// build reads the whole table twice, and a drop waits for the
+/// transactions that use the index. Returns what it built and dropped.
+async fn build_online(client: &Client) -> Result<(Vec<String>, Vec<String>), MigrateError> {
     let missing = missing_indexes(client).await?;
-    if missing.is_empty() {
-        return Ok(Vec::new());
+    let leftover = leftover_indexes(client).await?;
+    if missing.is_empty() && leftover.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
     }
     client
         .batch_execute("SET statement_timeout = 0; SET client_min_messages = warning")
         .await
         .map_err(step("preparing the online index builds"))?;
-    let built = build_missing(client, &missing).await;
+    let done = match build_missing(client, &missing).await {
+        Ok(built) => drop_leftover(client, &leftover)
+            .await
+            .map(|dropped| (built, dropped)),
+        Err(e) => Err(e),
+    };
     let _ = client
         .batch_execute("RESET statement_timeout; RESET client_min_messages")
         .await;
-    built
+    done
+}
+
+async fn drop_leftover(client: &Client, leftover: &[String]) -> Result<Vec<String>, MigrateError> {
+    let mut dropped = Vec::new();
+    for index in all_online_drops()
+        .into_iter()
+        .filter(|i| leftover.contains(&i.name))
+    {
+        let what = format!("dropping the replaced index outbox.{} online", index.name);
+        client.batch_execute(&index.sql).await.map_err(step(what))?;
+        dropped.push(index.name);
+    }
+    Ok(dropped)
 }
 
 async fn build_missing(client: &Client, missing: &[String]) -> Result<Vec<String>, MigrateError> {
@@ -223,6 +297,8 @@ pub struct Report {
     pub applied: Vec<i32>,
     /// Online indexes this run built (`outbox.` names).
     pub built: Vec<String>,
+    /// Replaced indexes this run dropped.
+    pub dropped: Vec<String>,
 }
 
 /// How often a `migrate` that finds another one running looks again.
@@ -281,6 +357,7 @@ async fn migrate_locked(client: &mut Client) -> Result<Report, MigrateError> {
         to: from,
         applied: Vec::new(),
         built: Vec::new(),
+        dropped: Vec::new(),
     };
     for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
         let what = format!(
@@ -302,7 +379,7 @@ async fn migrate_locked(client: &mut Client) -> Result<Report, MigrateError> {
     tx.commit()
         .await
         .map_err(step("committing the migration"))?;
-    report.built = build_online(client).await?;
+    (report.built, report.dropped) = build_online(client).await?;
     Ok(report)
 }
 
@@ -425,17 +502,19 @@ mod tests {
     }
 
     #[test]
-    fn online_parts_hold_only_named_concurrent_index_builds() {
-        let indexes = all_online_indexes();
-        assert!(!indexes.is_empty());
-        for index in &indexes {
-            assert!(
-                index
-                    .sql
-                    .starts_with("CREATE INDEX CONCURRENTLY IF NOT EXISTS "),
-                "{}",
-                index.sql
-            );
+    fn online_parts_hold_only_named_concurrent_index_builds_and_drops() {
+        let steps: Vec<OnlineIndex> = MIGRATIONS
+            .iter()
+            .flat_map(Migration::online_steps)
+            .collect();
+        assert!(!steps.is_empty());
+        for index in &steps {
+            let prefix = if index.drop {
+                "DROP INDEX CONCURRENTLY IF EXISTS outbox."
+            } else {
+                "CREATE INDEX CONCURRENTLY IF NOT EXISTS "
+            };
+            assert!(index.sql.starts_with(prefix), "{}", index.sql);
             assert!(
                 !index.name.is_empty()
                     && index
@@ -446,8 +525,23 @@ mod tests {
                 index.name
             );
         }
-        let names: Vec<&str> = indexes.iter().map(|i| i.name.as_str()).collect();
-        assert_eq!(names, ["events_endpoint_due"]);
+        let names = |steps: Vec<OnlineIndex>| -> Vec<String> {
+            steps.into_iter().map(|i| i.name).collect()
+        };
+        // events_endpoint_due (0005) was replaced by 0006, and with it the
+        // claim index of 0001, which no online part built.
+        assert_eq!(
+            names(all_online_indexes()),
+            [
+                "events_pending_due",
+                "events_endpoint_pending",
+                "events_lease_expiry"
+            ]
+        );
+        assert_eq!(
+            names(all_online_drops()),
+            ["events_endpoint_due", "events_due"]
+        );
     }
 
     #[test]

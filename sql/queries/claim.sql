@@ -6,21 +6,24 @@
 --
 -- The plain claim, for while no endpoint is held or at its cap, which is
 -- when oldest first is fair too. It takes the $1 oldest due rows, as one
--- ordered walk of the small partial index events_due (FOR UPDATE SKIP
+-- ordered walk of the partial index events_pending_due (FOR UPDATE SKIP
 -- LOCKED lets several daemons claim side by side without queueing behind
 -- each other's row locks), and leases those whose endpoint has room and no
 -- held circuit. When it leaves any behind, a `note` row says so and the
 -- claim loop takes claim_fair.sql from then on: rows of a held endpoint in
 -- front of the queue would otherwise be walked by every claim.
 --
--- Due: pending with next_attempt_at reached, or leased with the lease run
--- out (its daemon died mid-delivery). Claiming increments `attempts`, which
--- fences every later update of this delivery (record.sql). The statement
--- commits on its own, before any HTTP request is made.
+-- Due: pending with next_attempt_at reached. A row whose lease ran out (its
+-- daemon died mid-delivery) is put back to pending by release_expired.sql,
+-- keeping its lease_owner: that is how `lease_expired` is known here.
+-- Claiming increments `attempts`, which fences every later update of this
+-- delivery (record.sql). The statement commits on its own, before any HTTP
+-- request is made.
 WITH due AS (
-    SELECT e.id, e.company_id, e.event_type, e.next_attempt_at, e.state = 'leased' AS lease_expired
+    SELECT e.id, e.company_id, e.event_type, e.next_attempt_at,
+           e.lease_owner IS NOT NULL AS lease_expired
       FROM outbox.events AS e
-     WHERE e.state IN ('pending', 'leased')
+     WHERE e.state = 'pending'
        AND e.next_attempt_at <= now()
      ORDER BY e.next_attempt_at
      LIMIT $1

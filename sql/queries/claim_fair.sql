@@ -10,15 +10,17 @@
 -- paused, Retry-After) or at its cap, and `claim.sql`, the plain oldest-
 -- first claim, while none is (src/claim.rs says when it switches).
 --
--- Due: pending with next_attempt_at reached, or leased with the lease run
--- out (its daemon died mid-delivery). Claiming increments `attempts`, which
--- fences every later update of this delivery (record.sql). The statement
--- commits on its own, before any HTTP request is made.
+-- Due: pending with next_attempt_at reached. A row whose lease ran out (its
+-- daemon died mid-delivery) is put back to pending by release_expired.sql,
+-- keeping its lease_owner: that is how `lease_expired` is known here.
+-- Claiming increments `attempts`, which fences every later update of this
+-- delivery (record.sql). The statement commits on its own, before any HTTP
+-- request is made.
 --
 -- Fair between endpoints, oldest first within one (docs/design/fair-claims/
 -- has the measurements behind each choice):
--- 1. `active`: a skip scan over events_endpoint_due lists every endpoint with
---    pending or leased rows and its head (oldest next_attempt_at, then id),
+-- 1. `active`: a skip scan over events_endpoint_pending lists every endpoint
+--    with pending rows and its head (oldest next_attempt_at, then id),
 --    one index descent each: an endpoint with a million queued rows costs
 --    one step.
 -- 2. `sized`: for each endpoint due now, its circuit and its room (its cap
@@ -38,12 +40,12 @@
 --    of 100,000 events takes its turn beside another company's one event
 --    instead of ahead of it.
 --
--- Cost: a few microseconds per endpoint that has pending or leased rows,
+-- Cost: a few microseconds per endpoint that has pending rows,
 -- and nothing per row of a held endpoint's backlog (docs/BENCHMARKS.md).
 WITH RECURSIVE active AS (
     (SELECT e.company_id, e.event_type, e.next_attempt_at AS head_at, e.id AS head_id
        FROM outbox.events AS e
-      WHERE e.state IN ('pending', 'leased')
+      WHERE e.state = 'pending'
       ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
       LIMIT 1)
     UNION ALL
@@ -52,7 +54,7 @@ WITH RECURSIVE active AS (
      CROSS JOIN LATERAL (
            SELECT e.company_id, e.event_type, e.next_attempt_at, e.id
              FROM outbox.events AS e
-            WHERE e.state IN ('pending', 'leased')
+            WHERE e.state = 'pending'
               AND (e.company_id, e.event_type) > (a.company_id, a.event_type)
             ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
             LIMIT 1) AS nxt
@@ -67,7 +69,7 @@ WITH RECURSIVE active AS (
                AND (c.paused_until IS NULL OR c.paused_until <= now())
                AND EXISTS (SELECT 1 FROM outbox.events AS e
                             WHERE e.company_id = c.company_id AND e.event_type = c.event_type
-                              AND e.state IN ('pending', 'leased') AND e.next_attempt_at <= now())
+                              AND e.state = 'pending' AND e.next_attempt_at <= now())
                FOR UPDATE SKIP LOCKED) AS ready
      WHERE ci.company_id = ready.company_id AND ci.event_type = ready.event_type
  RETURNING ci.company_id, ci.event_type
@@ -107,13 +109,13 @@ WITH RECURSIVE active AS (
      CROSS JOIN LATERAL (
            -- From the head on: the entries before it are of rows claimed
            -- since the last vacuum, and are not walked again. The bound is
-           -- written on the whole key of events_endpoint_due, which no other
-           -- index can serve (on events_due it would look like a narrow
+           -- written on the whole key of events_endpoint_pending, which no other
+           -- index can serve (on events_pending_due it would look like a narrow
            -- range of times, and the planner would sort what it read).
-           SELECT e.id, e.next_attempt_at, e.state = 'leased' AS lease_expired
+           SELECT e.id, e.next_attempt_at, e.lease_owner IS NOT NULL AS lease_expired
              FROM outbox.events AS e
             WHERE e.company_id = c.company_id AND e.event_type = c.event_type
-              AND e.state IN ('pending', 'leased') AND e.next_attempt_at <= now()
+              AND e.state = 'pending' AND e.next_attempt_at <= now()
               AND (e.company_id, e.event_type, e.next_attempt_at, e.id)
                   >= (c.company_id, c.event_type, c.head_at, c.head_id)
             ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id

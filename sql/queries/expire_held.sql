@@ -7,7 +7,7 @@
 -- Held events are never claimed, so without this an endpoint that stays
 -- down would keep its events waiting, unseen, for ever. Due time and not
 -- creation: an event cannot come due before it was created, so the
--- endpoint's range of events_endpoint_due below the cutoff is exactly the
+-- endpoint's range of events_endpoint_pending below the cutoff is the
 -- rows to fail, read without touching the rest of a large held backlog.
 -- Returns how many were failed.
 WITH held AS (
@@ -21,7 +21,7 @@ WITH held AS (
            SELECT e.id
              FROM outbox.events AS e
             WHERE e.company_id = h.company_id AND e.event_type = h.event_type
-              AND e.state IN ('pending', 'leased')
+              AND e.state = 'pending'
               AND e.next_attempt_at < now() - $1::bigint * interval '1 millisecond'
             ORDER BY e.next_attempt_at
             LIMIT $2

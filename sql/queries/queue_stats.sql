@@ -1,6 +1,8 @@
 -- queue_stats: the gauges, in one statement. Every part reads only a partial
--- index of rows still in flight (events_due, emails_due,
--- notifications_waiting), so the cost follows the backlog, not the history.
+-- index of rows still in flight (events_pending_due, events_lease_expiry,
+-- emails_due, notifications_waiting), so the cost follows the backlog, not
+-- the history. Pending and leased rows are read apart, each from its own
+-- index (no index holds both).
 --
 -- The age is computed outside the aggregate so that a created_at of
 -- '-infinity' (as old as can be) or 'infinity' (new), which a row written by
@@ -20,13 +22,18 @@ SELECT q.pending, q.leased,
        c.open, c.half_open, c.paused,
        greatest((SELECT count(*) FROM outbox.endpoints) - c.open - c.half_open - c.paused, 0) AS closed,
        c.held, c.longest_open_ms
-  FROM (SELECT count(*) FILTER (WHERE state = 'pending') AS pending,
-               count(*) FILTER (WHERE state = 'leased') AS leased,
-               min(created_at) FILTER (WHERE next_attempt_at <= now()) AS oldest_due,
+  FROM (SELECT p.pending, l.leased,
+               -- least() skips NULLs: the older of the two, or NULL if neither.
+               least(p.oldest_due, l.oldest_due) AS oldest_due,
                (SELECT count(*) FROM outbox.emails WHERE state IN ('pending', 'sending'))
              + (SELECT count(*) FROM outbox.notifications WHERE email_id IS NULL) AS emails_queued
-          FROM outbox.events
-         WHERE state IN ('pending', 'leased')) AS q,
+          FROM (SELECT count(*) AS pending,
+                       min(created_at) FILTER (WHERE next_attempt_at <= now()) AS oldest_due
+                  FROM outbox.events WHERE state = 'pending') AS p,
+               -- Leased and due: a lease that ran out, not yet put back.
+               (SELECT count(*) AS leased,
+                       min(created_at) FILTER (WHERE next_attempt_at <= now()) AS oldest_due
+                  FROM outbox.events WHERE state = 'leased') AS l) AS q,
        (SELECT count(*) FILTER (WHERE state = 'open' AND NOT manual) AS open,
                count(*) FILTER (WHERE state = 'half_open' AND NOT manual) AS half_open,
                count(*) FILTER (WHERE manual) AS paused,

@@ -2,12 +2,15 @@
 -- trip, log one attempt row each, and queue an error notification for each
 -- event that failed for good, in the same transaction as its marking.
 --
--- Every event update is fenced: it applies only while the row is still leased
--- at the attempt number this delivery claimed. If the lease ran out and
--- another instance claimed the event again (attempts moved on), this outcome
--- is discarded rather than overwriting the newer one, so an event is marked
--- delivered or failed exactly once. The ids that were marked (or had been,
--- by an earlier try of this same group) are returned.
+-- Every event update is fenced: it applies only while the row still carries
+-- this instance's lease at the attempt number this delivery claimed. If the
+-- lease ran out and another instance claimed the event again (attempts moved
+-- on), this outcome is discarded rather than overwriting the newer one, so
+-- an event is marked delivered or failed exactly once. (A lease that ran out
+-- and was put back in the queue by release_expired.sql keeps its owner and
+-- attempt number until the next claim: a late outcome still counts until
+-- then.) The ids that were marked (or had been, by an earlier try of this
+-- same group) are returned.
 --
 --  $1 uuid[]        event ids
 --  $2 int[]         attempt numbers (the fence)
@@ -45,15 +48,13 @@ WITH outcome AS (
            last_error = o.last_error
       FROM outcome AS o
      WHERE e.id = o.id
-       -- The fence: still leased by this instance at the attempt number it
-       -- claimed. lease_owner is set exactly while a row is leased, so this
-       -- is "state = 'leased'" without naming state: a condition on state
-       -- would let the planner answer it from the events_due partial index,
-       -- which it thinks tiny (few rows are leased when ANALYZE looks) but
-       -- which holds the whole backlog and, until vacuum, the dead entries
-       -- of every recent delivery: measured, each group's update then slowed
-       -- to tens of milliseconds. Written this way it is one primary-key
-       -- probe per outcome.
+       -- The fence: this instance's lease, at the attempt number it
+       -- claimed. It does not name state: a condition on state would let
+       -- the planner answer it from a partial index it thinks tiny (few
+       -- rows are leased when ANALYZE looks) but which holds, until vacuum,
+       -- the dead entries of every recent delivery (measured with the old
+       -- events_due: each group's update slowed to tens of milliseconds).
+       -- Written this way it is one primary-key probe per outcome.
        AND e.lease_owner = $12
        AND e.attempts = o.attempt
  RETURNING e.id, e.attempts, e.company_id, e.event_type

@@ -287,8 +287,9 @@ async fn help_explains_each_subcommand_with_an_example() {
     }
 }
 
-/// Drops the fair claim's indexes and fills `outbox.events` with `rows`
-/// events, as an outbox looks before `migrate` builds them online.
+/// Fills `outbox.events` with `rows` events and gives it the claim indexes
+/// of before migration 0006 instead of its own, as an outbox looks before
+/// `migrate` builds them online and drops the old ones.
 async fn without_online_indexes(db: &TestDb, rows: i64) {
     db.client()
         .await
@@ -302,7 +303,15 @@ async fn without_online_indexes(db: &TestDb, rows: i64) {
         .unwrap();
     db.client()
         .await
-        .batch_execute("DROP INDEX outbox.events_endpoint_due")
+        .batch_execute(
+            "DROP INDEX outbox.events_pending_due, outbox.events_endpoint_pending,
+                        outbox.events_lease_expiry;
+             CREATE INDEX events_due ON outbox.events (next_attempt_at)
+                 WHERE state IN ('pending', 'leased');
+             CREATE INDEX events_endpoint_due
+                 ON outbox.events (company_id, event_type, next_attempt_at, id)
+                 WHERE state IN ('pending', 'leased');",
+        )
         .await
         .unwrap();
 }
@@ -316,7 +325,7 @@ async fn migrate_builds_indexes_online_while_the_application_goes_on_enqueueing(
     let check = run(db.outboxd().arg("check")).await;
     assert_eq!(check.code, Some(3), "{check:?}");
     assert!(
-        check.stderr.contains("outbox.events_endpoint_due"),
+        check.stderr.contains("outbox.events_pending_due"),
         "{check:?}"
     );
 
@@ -351,11 +360,20 @@ async fn migrate_builds_indexes_online_while_the_application_goes_on_enqueueing(
     let (enqueued, worst) = writer.await.unwrap();
     assert_eq!(migrated.code, Some(0), "{migrated:?}");
     assert!(
-        migrated
-            .stdout
-            .contains("built indexes online: events_endpoint_due"),
+        migrated.stdout.contains(
+            "built indexes online: events_pending_due, events_endpoint_pending, events_lease_expiry"
+        ),
         "{migrated:?}"
     );
+    assert!(
+        migrated
+            .stdout
+            .contains("dropped replaced indexes online: events_endpoint_due, events_due"),
+        "{migrated:?}"
+    );
+    let left = "SELECT count(*) FROM pg_class
+                 WHERE relname IN ('events_due', 'events_endpoint_due')";
+    assert_eq!(crate::harness::count(&db.client().await, left).await, 0);
     assert!(
         worst < std::time::Duration::from_secs(1),
         "an enqueue waited {worst:?} during a {took:?} migration"
@@ -373,11 +391,11 @@ async fn an_interrupted_online_build_is_dropped_and_built_again() {
     let client = db.client().await;
     let failed = client
         .batch_execute(
-            "CREATE INDEX CONCURRENTLY events_endpoint_due ON outbox.events ((1 / (company_id - company_id)))",
+            "CREATE INDEX CONCURRENTLY events_endpoint_pending ON outbox.events ((1 / (company_id - company_id)))",
         )
         .await;
     assert!(failed.is_err());
-    let valid = "SELECT count(*) FROM pg_index WHERE indexrelid = 'outbox.events_endpoint_due'::regclass AND indisvalid";
+    let valid = "SELECT count(*) FROM pg_index WHERE indexrelid = 'outbox.events_endpoint_pending'::regclass AND indisvalid";
     assert_eq!(crate::harness::count(&client, valid).await, 0);
     let check = run(db.outboxd().arg("check")).await;
     assert_eq!(check.code, Some(3), "{check:?}");

@@ -54,6 +54,26 @@ async fn write(
     .marked
 }
 
+/// One round of the daemon's lease expiry service: puts back in the queue
+/// the events whose lease ran out; returns how many, and whether it woke
+/// the claim loop.
+async fn release_expired(pool: &deadpool_postgres::Pool) -> (i64, bool) {
+    let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let released = outboxd::maintenance::LeaseExpiry::new(
+        pool.clone(),
+        Duration::from_secs(1),
+        Duration::from_secs(10),
+        wake.clone(),
+    )
+    .run_once()
+    .await
+    .unwrap();
+    let woken = tokio::time::timeout(Duration::from_millis(1), wake.notified())
+        .await
+        .is_ok();
+    (released, woken)
+}
+
 /// What the daemon makes of a 200 with status "1" for `e`.
 fn delivered(e: &claim::ClaimedEvent) -> Outcome {
     record::decide(
@@ -78,9 +98,16 @@ async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim()
         .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, 1, '1')")
         .await
         .unwrap();
-    // Instance A claims with a lease that is already over; B claims again.
+    // Instance A claims with a lease that is already over; the lease expiry
+    // puts it back; B claims again.
     let a = claim_plain(&client, 10, "a", Duration::from_millis(1)).await;
     tokio::time::sleep(Duration::from_millis(20)).await; // let A's 1 ms lease lapse
+    assert!(
+        claim_plain(&client, 10, "b", Duration::from_secs(60))
+            .await
+            .is_empty()
+    );
+    assert_eq!(release_expired(&pool).await.0, 1);
     let b = claim_plain(&client, 10, "b", Duration::from_secs(60)).await;
     assert_eq!(
         (a[0].attempt, b[0].attempt, b[0].lease_expired),
@@ -135,4 +162,78 @@ async fn a_group_written_again_after_a_lost_reply_reads_as_marked_not_fenced() {
     assert!(write(&client, "a", &outcomes, false).await.is_empty());
     let attempts = count(&client, "SELECT count(*) FROM outbox.attempts").await;
     assert_eq!(attempts, 3, "no attempt logged twice");
+}
+
+#[tokio::test]
+async fn a_lease_that_ran_out_goes_back_to_the_queue_and_its_late_outcome_counts_until_claimed_again()
+ {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let client = pool.get().await.unwrap();
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, 1, '1');
+             SELECT outbox.enqueue_payment_cancellation(1, 2, '2');",
+        )
+        .await
+        .unwrap();
+    let a = claim_plain(&client, 10, "a", Duration::from_millis(1)).await;
+    assert_eq!(a.len(), 2);
+    // A live lease is left alone.
+    let live = claim_plain(&client, 10, "a", Duration::from_secs(60)).await;
+    assert!(live.is_empty());
+    tokio::time::sleep(Duration::from_millis(20)).await; // let the 1 ms leases lapse
+    assert_eq!(release_expired(&pool).await, (2, true));
+    assert_eq!(release_expired(&pool).await, (0, false), "once each");
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE state = 'pending' AND lease_owner = 'a'
+                                       AND attempts = 1 AND next_attempt_at <= now())
+               FROM outbox.events",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i64>(0),
+        2,
+        "pending, due, attempt and owner kept"
+    );
+
+    // A's outcome for the first arrives before anyone claims it again: it
+    // is the outcome of a real attempt, and it is recorded.
+    let marked = write(&client, "a", &[delivered(&a[0])], false).await;
+    assert_eq!(marked, [a[0].id]);
+    // The second is claimed again (as a lease taken over), and A's late
+    // outcome for it is then fenced out.
+    let b = claim_plain(&client, 10, "b", Duration::from_secs(60)).await;
+    assert_eq!(
+        b.iter()
+            .map(|e| (e.id, e.attempt, e.lease_expired))
+            .collect::<Vec<_>>(),
+        [(a[1].id, 2, true)]
+    );
+    assert!(
+        write(&client, "a", &[delivered(&a[1])], false)
+            .await
+            .is_empty()
+    );
+    let rows = client
+        .query(
+            "SELECT state, attempts, lease_owner FROM outbox.events ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(String, i32, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("delivered".to_string(), 1, None),
+            ("leased".to_string(), 2, Some("b".to_string()))
+        ]
+    );
 }
