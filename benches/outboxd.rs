@@ -486,7 +486,8 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
     let url = fresh_db(db).await;
     let client = connect(&url).await;
     preload(&client, opts.events, opts.companies, "http://127.0.0.1:9").await;
-    // The daemon's own pool settings (synchronous_commit off included).
+    // The daemon's own pool settings (synchronous_commit off included), and
+    // its plain claim's own session.
     let raw = outboxd::config::RawConfig {
         database: outboxd::config::RawDatabase {
             url: Some(url.clone()),
@@ -494,8 +495,10 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
         },
         ..Default::default()
     };
-    let pool = outboxd::db::pool(&raw.validate().unwrap().database);
-    let claimer = pool.get().await.unwrap();
+    let database = raw.validate().unwrap().database;
+    let pool = outboxd::db::pool(&database);
+    let claim_pool = outboxd::db::claim_pool(&database);
+    let claimer = claim_pool.get().await.unwrap();
     let recorder = pool.get().await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<claim::ClaimedEvent>>(4);
     let postgres_before = postgres_cpu_seconds();

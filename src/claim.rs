@@ -212,7 +212,10 @@ const CLAIM_ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The claim loop and what it needs.
 pub struct ClaimLoop<'a> {
+    /// For the fair claim.
     pub pool: &'a deadpool_postgres::Pool,
+    /// For the plain claim, whose plan is made once (`db::claim_pool`).
+    pub plain_pool: &'a deadpool_postgres::Pool,
     pub owner: &'a str,
     pub config: &'a Config,
     /// Bound on one claim, connection included (`db::round_trip_limit`).
@@ -346,7 +349,11 @@ impl ClaimLoop<'_> {
     }
 
     async fn claim(&self, mode: Mode, wanted: usize) -> Result<(Claim, InFlight), String> {
-        let client = db::Checkout::get(self.pool)
+        let pool = match mode {
+            Mode::Plain => self.plain_pool,
+            Mode::Fair => self.pool,
+        };
+        let client = db::Checkout::get(pool)
             .await
             .map_err(|e| format!("no database connection: {}", db::describe_pool(&e)))?;
         let delivery = &self.config.delivery;

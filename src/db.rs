@@ -179,7 +179,9 @@ const ONE_OFF_SESSION_OPTIONS: &str = "-c lock_timeout=30s -c statement_timeout=
 ///   a plan made per execution p99 is 1 ms. Planning costs about 0.1 ms per
 ///   statement, a few microseconds per event at the daemon's batch sizes.
 ///   Sequential and bitmap scans (which also read every entry) are used
-///   only where no index path exists.
+///   only where no index path exists. (Those cached plans were made with
+///   sequential and bitmap scans allowed, of statements not written for
+///   it. The plain claim now keeps its plan: [`claim_pool`].)
 /// - `jit=off`: every statement is short and planned per execution, so
 ///   compiling it with LLVM can only cost. With the server's default
 ///   (`jit_above_cost` 100,000), a table holding a million queued rows of
@@ -203,18 +205,47 @@ pub fn round_trip_limit(config: &DatabaseConfig) -> Duration {
     config.connect_timeout * 4 + POOLED_STATEMENT_TIMEOUT + Duration::from_secs(5)
 }
 
-/// The connection pool for claiming and recording. Connections are opened
-/// lazily, so building it never fails on an unreachable database; the first
-/// `get()` does, after at most twice the connect timeout.
+/// Added for the plain claim's own session ([`claim_pool`]): its plan is
+/// made once per connection, not at every claim.
+///
+/// The plain claim (`sql/queries/claim.sql`) runs for every claim while no
+/// endpoint is held, one event per claim when the queue is quiet, and
+/// planning it took about as long as running it (0.36-0.45 ms,
+/// docs/BENCHMARKS.md). It is the one pooled statement written so that a
+/// plan made without its parameters, from whatever the statistics say when
+/// it is first run, cannot read more of the queue than the rows it claims;
+/// claim.sql says how.
+const PLAIN_CLAIM_SESSION_OPTIONS: &str = "-c plan_cache_mode=force_generic_plan";
+
+/// The connection pool for recording, the fair claim, the mailer and
+/// upkeep. Connections are opened lazily, so building it never fails on an
+/// unreachable database; the first `get()` does, after at most twice the
+/// connect timeout.
 pub fn pool(config: &DatabaseConfig) -> deadpool_postgres::Pool {
+    build_pool(config, POOLED_SESSION_OPTIONS, config.pool_size)
+}
+
+/// The plain claim's connection, one per daemon (the claim loop makes one
+/// claim at a time), with [`PLAIN_CLAIM_SESSION_OPTIONS`] on top of the
+/// pooled sessions' settings. Nothing else runs on it.
+pub fn claim_pool(config: &DatabaseConfig) -> deadpool_postgres::Pool {
+    build_pool(
+        config,
+        &format!("{POOLED_SESSION_OPTIONS} {PLAIN_CLAIM_SESSION_OPTIONS}"),
+        1,
+    )
+}
+
+fn build_pool(config: &DatabaseConfig, session: &str, size: usize) -> deadpool_postgres::Pool {
     use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
     let mut pg = config.pg.clone();
     // Every pooled statement (claim, record, mailer, gauges) is short. These
     // bounds turn a blocked lock or a dead server into an error the caller
     // retries, instead of a task that hangs (and a shutdown that waits on it).
+    // The operator's own options come last and win.
     let options = match pg.get_options() {
-        Some(own) if !own.trim().is_empty() => format!("{POOLED_SESSION_OPTIONS} {own}"),
-        _ => POOLED_SESSION_OPTIONS.to_string(),
+        Some(own) if !own.trim().is_empty() => format!("{session} {own}"),
+        _ => session.to_string(),
     };
     pg.options(options);
     pg.tcp_user_timeout(Duration::from_secs(30));
@@ -229,7 +260,7 @@ pub fn pool(config: &DatabaseConfig) -> deadpool_postgres::Pool {
         },
     );
     Pool::builder(manager)
-        .max_size(config.pool_size)
+        .max_size(size)
         .runtime(Runtime::Tokio1)
         .timeouts(Timeouts {
             wait: Some(config.connect_timeout * 2),

@@ -126,6 +126,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     };
     let deliverer = Deliverer::new(&config.delivery).map_err(EngineError::Startup)?;
     let pool = db::pool(&config.database);
+    let claim_pool = db::claim_pool(&config.database);
     let db_limit = db::round_trip_limit(&config.database);
     let listening = Arc::new(AtomicBool::new(false));
 
@@ -217,6 +218,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     let mut tasks = JoinSet::new();
     let recorder_died = ClaimLoop {
         pool: &pool,
+        plain_pool: &claim_pool,
         owner: &owner,
         config: &config,
         claim_limit: db_limit,

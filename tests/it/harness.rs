@@ -125,6 +125,11 @@ impl TestDb {
         outboxd::db::pool(&self.config_with(|_| {}).database)
     }
 
+    /// The daemon's plain claim's connection for this database.
+    pub fn claim_pool(&self) -> deadpool_postgres::Pool {
+        outboxd::db::claim_pool(&self.config_with(|_| {}).database)
+    }
+
     /// A new connection to this database.
     pub async fn client(&self) -> Client {
         connect_url(&self.url).await

@@ -6,6 +6,7 @@
 //! databases; `scripts/test` provides one when none answers.
 
 mod bad_receiver;
+mod claim_plan;
 mod cli;
 mod delivery;
 mod faults;
