@@ -170,12 +170,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
             &liveness,
         ),
         lease_expiry: service::spawn(
-            LeaseExpiry::new(
-                pool.clone(),
-                config.delivery.poll_interval,
-                db_limit,
-                wake.clone(),
-            ),
+            LeaseExpiry::new(pool.clone(), &config.delivery, db_limit, wake.clone()),
             &liveness,
         ),
         listener: service::spawn(

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use metrics::gauge;
 
-use crate::config::{CircuitConfig, RetentionConfig};
+use crate::config::{CircuitConfig, DeliveryConfig, RetentionConfig};
 use crate::service::{Next, Service};
 use crate::telemetry::{
     CIRCUIT_OPEN_LONGEST, ENDPOINTS, EVENTS_HELD, EVENTS_LEASED, EVENTS_PENDING,
@@ -27,11 +27,14 @@ const RELEASE_EXPIRED_SQL: &str = include_str!("../sql/queries/release_expired.s
 const RELEASE_BATCH: i64 = 1000;
 
 /// Puts back in the queue the events whose lease ran out (their daemon died
-/// mid-delivery), every `delivery.poll_interval`, batch after batch while
-/// there are more, and wakes the claim loop when it did
-/// (`sql/queries/release_expired.sql`). The claims read pending rows only;
-/// this is how such an event gets back to them. Every instance runs it; SKIP
-/// LOCKED keeps them apart.
+/// mid-delivery), every quarter of `delivery.lease` (at least every
+/// `delivery.poll_interval`), batch after batch while there are more, and
+/// wakes the claim loop when it did (`sql/queries/release_expired.sql`).
+/// The claims read pending rows only; this is how such an event gets back
+/// to them, at most a quarter of a lease after the lease ran out: 15 s with
+/// the default 60 s lease, so that an idle daemon does not ask the database
+/// something every second for what only happens when an instance dies.
+/// Every instance runs it; SKIP LOCKED keeps them apart.
 pub struct LeaseExpiry {
     pool: deadpool_postgres::Pool,
     interval: Duration,
@@ -74,13 +77,13 @@ impl Service for LeaseExpiry {
 impl LeaseExpiry {
     pub fn new(
         pool: deadpool_postgres::Pool,
-        interval: Duration,
+        config: &DeliveryConfig,
         limit: Duration,
         wake: std::sync::Arc<tokio::sync::Notify>,
     ) -> LeaseExpiry {
         LeaseExpiry {
             pool,
-            interval,
+            interval: (config.lease / 4).max(config.poll_interval),
             limit,
             wake,
         }

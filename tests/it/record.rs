@@ -59,9 +59,10 @@ async fn write(
 /// the claim loop.
 async fn release_expired(pool: &deadpool_postgres::Pool) -> (i64, bool) {
     let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+    let config = outboxd::config::RawConfig::default().validate().unwrap();
     let released = outboxd::maintenance::LeaseExpiry::new(
         pool.clone(),
-        Duration::from_secs(1),
+        &config.delivery,
         Duration::from_secs(10),
         wake.clone(),
     )
