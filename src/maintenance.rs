@@ -23,6 +23,24 @@ const RETENTION_SQL: &str = include_str!("../sql/queries/retention.sql");
 const EXPIRE_HELD_SQL: &str = include_str!("../sql/queries/expire_held.sql");
 const RELEASE_EXPIRED_SQL: &str = include_str!("../sql/queries/release_expired.sql");
 
+/// Runs one of the upkeep statements on a pooled connection (prepared once
+/// per connection) and returns its one row; errors as text.
+async fn one_row(
+    pool: &deadpool_postgres::Pool,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<tokio_postgres::Row, String> {
+    let client = pool.get().await.map_err(|e| crate::db::describe_pool(&e))?;
+    let statement = client
+        .prepare_cached(sql)
+        .await
+        .map_err(|e| crate::db::describe(&e))?;
+    client
+        .query_one(&statement, params)
+        .await
+        .map_err(|e| crate::db::describe(&e))
+}
+
 /// Events put back in the queue per statement by [`LeaseExpiry`].
 const RELEASE_BATCH: i64 = 1000;
 
@@ -92,19 +110,7 @@ impl LeaseExpiry {
     /// One batch; returns how many events it put back, and wakes the claim
     /// loop if any.
     pub async fn run_once(&self) -> Result<i64, String> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| crate::db::describe_pool(&e))?;
-        let statement = client
-            .prepare_cached(RELEASE_EXPIRED_SQL)
-            .await
-            .map_err(|e| crate::db::describe(&e))?;
-        let row = client
-            .query_one(&statement, &[&RELEASE_BATCH])
-            .await
-            .map_err(|e| crate::db::describe(&e))?;
+        let row = one_row(&self.pool, RELEASE_EXPIRED_SQL, &[&RELEASE_BATCH]).await?;
         let released: i64 = row.get("released");
         if released > 0 {
             self.wake.notify_one();
@@ -172,21 +178,14 @@ impl HoldLimit {
 
     /// One batch; returns how many events it failed.
     pub async fn run_once(&self) -> Result<i64, String> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| crate::db::describe_pool(&e))?;
-        let statement = client
-            .prepare_cached(EXPIRE_HELD_SQL)
-            .await
-            .map_err(|e| crate::db::describe(&e))?;
         let max_hold_ms = self.max_hold.as_millis() as i64;
         let readable = humantime::format_duration(self.max_hold).to_string();
-        let row = client
-            .query_one(&statement, &[&max_hold_ms, &HOLD_BATCH, &readable])
-            .await
-            .map_err(|e| crate::db::describe(&e))?;
+        let row = one_row(
+            &self.pool,
+            EXPIRE_HELD_SQL,
+            &[&max_hold_ms, &HOLD_BATCH, &readable],
+        )
+        .await?;
         Ok(row.get("failed"))
     }
 }
@@ -371,28 +370,18 @@ impl Retention {
 
     /// One batch.
     pub async fn run_once(&self) -> Result<Deleted, String> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| crate::db::describe_pool(&e))?;
         let ms = |d: Duration| d.as_millis() as i64;
-        let statement = client
-            .prepare_cached(RETENTION_SQL)
-            .await
-            .map_err(|e| crate::db::describe(&e))?;
-        let row = client
-            .query_one(
-                &statement,
-                &[
-                    &ms(self.config.delivered),
-                    &ms(self.config.failed),
-                    &ms(self.config.emails),
-                    &self.config.batch_size,
-                ],
-            )
-            .await
-            .map_err(|e| crate::db::describe(&e))?;
+        let row = one_row(
+            &self.pool,
+            RETENTION_SQL,
+            &[
+                &ms(self.config.delivered),
+                &ms(self.config.failed),
+                &ms(self.config.emails),
+                &self.config.batch_size,
+            ],
+        )
+        .await?;
         Ok(Deleted {
             events: row.get("events"),
             emails: row.get("emails"),

@@ -186,17 +186,11 @@ async fn a_lease_that_ran_out_goes_back_to_the_queue_and_its_late_outcome_counts
     tokio::time::sleep(Duration::from_millis(20)).await; // let the 1 ms leases lapse
     assert_eq!(release_expired(&pool).await, (2, true));
     assert_eq!(release_expired(&pool).await, (0, false), "once each");
-    let row = client
-        .query_one(
-            "SELECT count(*) FILTER (WHERE state = 'pending' AND lease_owner = 'a'
-                                       AND attempts = 1 AND next_attempt_at <= now())
-               FROM outbox.events",
-            &[],
-        )
-        .await
-        .unwrap();
+    let back = "SELECT count(*) FROM outbox.events
+                 WHERE state = 'pending' AND lease_owner = 'a'
+                   AND attempts = 1 AND next_attempt_at <= now()";
     assert_eq!(
-        row.get::<_, i64>(0),
+        count(&client, back).await,
         2,
         "pending, due, attempt and owner kept"
     );
