@@ -3,8 +3,8 @@
 //! or anything else on the private network (SSRF).
 //!
 //! By default every special-purpose range is refused: loopback, private,
-//! link-local, CGNAT, multicast, unspecified, IPv6 unique-local,
-//! documentation and reserved ranges. `delivery.allowed_networks` opts ranges
+//! link-local, CGNAT, multicast, unspecified, IPv6 unique-local and
+//! site-local, documentation and reserved ranges. `delivery.allowed_networks` opts ranges
 //! back in. The check applies to the address outboxd actually connects to:
 //! the resolver drops refused addresses after DNS, and the connector checks
 //! the connected socket's peer again, so neither an IP literal nor a DNS
@@ -53,6 +53,8 @@ const BLOCKED: &[(&str, &str)] = &[
     ("2001:db8::/32", "documentation"),
     ("fc00::/7", "unique local (IPv6 private network)"),
     ("fe80::/10", "link-local"),
+    // Deprecated (RFC 3879) but still routed inside some networks.
+    ("fec0::/10", "site-local (deprecated IPv6 private network)"),
     ("ff00::/8", "multicast"),
 ];
 
@@ -113,8 +115,11 @@ impl Policy {
 }
 
 /// The IPv4 address inside an IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible
-/// (::a.b.c.d), NAT64 (64:ff9b::/96) or 6to4 (2002::/16) IPv6 address, so
-/// that a private IPv4 address cannot hide in IPv6 notation.
+/// (::a.b.c.d), NAT64 (64:ff9b::/96), 6to4 (2002::/16) or Teredo
+/// (2001::/32, RFC 4380: the client's address, inverted, in the last 32
+/// bits) IPv6 address, so that a private IPv4 address cannot hide in IPv6
+/// notation. The local-use translation prefix 64:ff9b:1::/48 (RFC 8215) is
+/// not unwrapped: it is refused whole, as its translators are private.
 fn canonical(addr: IpAddr) -> IpAddr {
     let IpAddr::V6(v6) = addr else { return addr };
     if let Some(v4) = v6.to_ipv4_mapped() {
@@ -130,6 +135,9 @@ fn canonical(addr: IpAddr) -> IpAddr {
     }
     if s[0] == 0x2002 {
         return IpAddr::V4(embedded(s[1], s[2]));
+    }
+    if s[..2] == [0x2001, 0] {
+        return IpAddr::V4(embedded(!s[6], !s[7]));
     }
     addr
 }
@@ -276,6 +284,13 @@ mod tests {
             ("64:ff9b::a00:1", Some("private network")),
             ("2002:a00:1::1", Some("private network")),
             ("::ffff:8.8.8.8", None),
+            ("fec0::1", Some("site-local")),
+            ("64:ff9b:1::808:808", Some("local-use IPv4/IPv6 translation")),
+            // Teredo: server 65.54.227.120, client 10.0.0.1 / 127.0.0.1 /
+            // 8.8.8.8, each stored inverted.
+            ("2001:0:4136:e378:8000:63bf:f5ff:fffe", Some("private network")),
+            ("2001:0:4136:e378:8000:63bf:80ff:fffe", Some("loopback")),
+            ("2001:0:4136:e378:8000:63bf:f7f7:f7f7", None),
         ];
         for (addr, want) in cases {
             let got = policy.check(addr.parse().unwrap());
