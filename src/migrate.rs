@@ -76,6 +76,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/migrations/0006_claim_indexes.sql"),
         online: include_str!("../sql/migrations/0006_claim_indexes.online.sql"),
     },
+    Migration {
+        version: 7,
+        name: "notifications_go_with_their_email",
+        sql: include_str!("../sql/migrations/0007_notifications_go_with_their_email.sql"),
+        online: "",
+    },
 ];
 
 impl Migration {

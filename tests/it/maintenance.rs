@@ -173,3 +173,63 @@ async fn queue_gauges_survive_infinite_timestamps() {
         "{age:?}"
     );
 }
+
+#[tokio::test]
+async fn deleting_an_old_email_does_not_email_its_failures_again() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // A failed event replayed yesterday (so retention keeps it), whose
+    // failure was emailed 31 days ago; retention keeps sent emails 30 days.
+    client
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url, notify_emails)
+             VALUES (3, 'https://erp.example.com/hooks', '{ops@example.com}');
+             INSERT INTO outbox.events (company_id, payload, state, attempts, created_at, replayed_at, attempts_at_replay)
+             VALUES (3, '{}', 'failed', 4, now() - interval '40 days', now() - interval '1 day', 3);
+             INSERT INTO outbox.emails (company_id, event_type, recipients, state, sent_at, created_at)
+             VALUES (3, 'payment.cancellation', '{ops@example.com}', 'sent',
+                     now() - interval '31 days', now() - interval '31 days');
+             INSERT INTO outbox.notifications (event_id, company_id, event_type, endpoint_url, email_id, created_at)
+             SELECT e.id, 3, 'payment.cancellation', 'https://erp.example.com/hooks', m.id,
+                    now() - interval '31 days'
+               FROM outbox.events AS e, outbox.emails AS m;",
+        )
+        .await
+        .unwrap();
+
+    let deleted = retention(&db, 100).run_once().await.unwrap();
+    assert_eq!(
+        deleted,
+        Deleted {
+            events: 0,
+            emails: 1
+        }
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox.notifications").await,
+        0,
+        "the email's notifications went with it"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox.events").await,
+        1
+    );
+
+    // The mailer, gathering at once, finds nothing to tell.
+    let config = db.config_with(|raw| {
+        raw.notify.gather = Some("1ms".into());
+        raw.notify.window = Some("1ms".into());
+    });
+    let mailer = outboxd::mailer::Mailer::new(
+        db.pool(),
+        "test".into(),
+        config.notify,
+        outboxd::db::round_trip_limit(&config.database),
+    );
+    let report = mailer.run_once().await.unwrap();
+    assert_eq!(report.gathered, 0);
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox.emails").await,
+        0
+    );
+}
