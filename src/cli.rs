@@ -458,6 +458,15 @@ async fn run_check(config: &Config) -> Exit {
     match migrate::status(&client).await {
         Ok(SchemaState::Current { version }) => {
             println!("schema: ok (version {version})");
+            match migrate::leftover_indexes(&client).await {
+                Ok(left) if !left.is_empty() => println!(
+                    "schema: replaced indexes still there: {} (they slow writes to outbox.events; \
+                     `outboxd migrate` drops them without blocking)",
+                    left.join(", ")
+                ),
+                Ok(_) => {}
+                Err(e) => return migrate_failed(&e),
+            }
             check_smtp(config).await
         }
         Ok(state) => {

@@ -208,8 +208,10 @@ async fn missing_indexes(client: &impl GenericClient) -> Result<Vec<String>, Mig
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-/// The replaced indexes that are still there.
-async fn leftover_indexes(client: &impl GenericClient) -> Result<Vec<String>, MigrateError> {
+/// The indexes a migration replaced that are still there (a `migrate`
+/// interrupted after its builds): they cost the writes of `outbox.events`
+/// some speed, nothing else, and the next `migrate` drops them.
+pub async fn leftover_indexes(client: &impl GenericClient) -> Result<Vec<String>, MigrateError> {
     let names: Vec<String> = all_online_drops().into_iter().map(|i| i.name).collect();
     let rows = client
         .query(

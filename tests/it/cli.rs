@@ -406,3 +406,37 @@ async fn an_interrupted_online_build_is_dropped_and_built_again() {
     let check = run(db.outboxd().arg("check")).await;
     assert_eq!(check.code, Some(0), "{check:?}");
 }
+
+#[tokio::test]
+async fn check_names_a_replaced_index_left_behind_and_migrate_drops_it() {
+    let db = TestDb::new().await;
+    // As after a `migrate` interrupted between 0006's builds and its drops.
+    db.client()
+        .await
+        .batch_execute(
+            "CREATE INDEX events_due ON outbox.events (next_attempt_at)
+                 WHERE state IN ('pending', 'leased')",
+        )
+        .await
+        .unwrap();
+    let check = run(db.outboxd().arg("check")).await;
+    assert_eq!(check.code, Some(0), "{check:?}");
+    assert!(
+        check
+            .stdout
+            .contains("replaced indexes still there: events_due"),
+        "{check:?}"
+    );
+
+    let migrated = run(db.outboxd().arg("migrate")).await;
+    assert_eq!(migrated.code, Some(0), "{migrated:?}");
+    assert!(
+        migrated
+            .stdout
+            .contains("dropped replaced indexes online: events_due"),
+        "{migrated:?}"
+    );
+    let check = run(db.outboxd().arg("check")).await;
+    assert_eq!(check.code, Some(0), "{check:?}");
+    assert!(!check.stdout.contains("replaced indexes"), "{check:?}");
+}
