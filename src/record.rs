@@ -90,9 +90,12 @@ pub struct Outcome {
 }
 
 /// What an event refused before sending means (see [`crate::webhook::prepare`]):
-/// failed for good with the reason, so it is not retried in a loop, and no
-/// email, since the company cannot fix it. A missing or disabled endpoint is
-/// `no_endpoint`, the rest `permanent`.
+/// failed for good with the reason, so it is not retried in a loop. No
+/// email for a missing or disabled endpoint or a broken payload, which the
+/// company cannot fix; but one when the attempts ran out through leases
+/// that ran out: real requests were made (maybe received), and the event
+/// was not delivered. A missing or disabled endpoint is `no_endpoint`, the
+/// rest `permanent`.
 pub fn refused(event: &ClaimedEvent, refusal: &Refusal) -> Outcome {
     let kind = match refusal {
         Refusal::NoEndpoint { .. } | Refusal::Disabled { .. } => AttemptKind::NoEndpoint,
@@ -111,7 +114,7 @@ pub fn refused(event: &ClaimedEvent, refusal: &Refusal) -> Outcome {
         started_at: SystemTime::now(),
         duration: Duration::ZERO,
         http_status: None,
-        notify: false,
+        notify: matches!(refusal, Refusal::BudgetSpent { .. }),
         pause: None,
         circuit_dirty: event.circuit_dirty,
     }

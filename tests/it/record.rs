@@ -232,3 +232,55 @@ async fn a_lease_that_ran_out_goes_back_to_the_queue_and_its_late_outcome_counts
         ]
     );
 }
+
+#[tokio::test]
+async fn an_event_whose_attempts_ran_out_with_its_leases_fails_and_its_company_is_told() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let client = pool.get().await.unwrap();
+    // Four claims whose leases ran out (their daemon died each time): the
+    // fifth claim is over a budget of 4 attempts.
+    client
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url, notify_emails)
+             VALUES (1, 'https://erp.example.com/hooks', '{ops@example.com}');
+             SELECT outbox.enqueue_payment_cancellation(1, 1, '1');
+             UPDATE outbox.events SET attempts = 4, lease_owner = 'dead';",
+        )
+        .await
+        .unwrap();
+    let claimed = claim_plain(&client, 10, "a", Duration::from_secs(60)).await;
+    let refusal = outboxd::webhook::prepare(&claimed[0], 4).unwrap_err();
+    assert!(
+        matches!(
+            refusal,
+            outboxd::webhook::Refusal::BudgetSpent { attempts: 4 }
+        ),
+        "{refusal:?}"
+    );
+    let marked = write(
+        &client,
+        "a",
+        &[record::refused(&claimed[0], &refusal)],
+        false,
+    )
+    .await;
+    assert_eq!(marked, [claimed[0].id]);
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE state = 'failed'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.notifications WHERE email_id IS NULL"
+        )
+        .await,
+        1,
+        "a notification waits for the mailer"
+    );
+}
