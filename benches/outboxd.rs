@@ -151,6 +151,19 @@ async fn fresh_db(name: &str) -> String {
     url
 }
 
+/// The daemon's database settings for `url` (everything else default), for
+/// phases that run its statements through its own pools.
+fn daemon_database(url: &str) -> outboxd::config::DatabaseConfig {
+    let raw = outboxd::config::RawConfig {
+        database: outboxd::config::RawDatabase {
+            url: Some(url.to_string()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    raw.validate().unwrap().database
+}
+
 async fn drop_db(name: &str) {
     let admin = connect(&admin_url()).await;
     let _ = admin
@@ -488,14 +501,7 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
     preload(&client, opts.events, opts.companies, "http://127.0.0.1:9").await;
     // The daemon's own pool settings (synchronous_commit off included), and
     // its plain claim's own session.
-    let raw = outboxd::config::RawConfig {
-        database: outboxd::config::RawDatabase {
-            url: Some(url.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let database = raw.validate().unwrap().database;
+    let database = daemon_database(&url);
     let pool = outboxd::db::pool(&database);
     let claim_pool = outboxd::db::claim_pool(&database);
     let claimer = claim_pool.get().await.unwrap();

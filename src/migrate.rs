@@ -191,38 +191,53 @@ fn all_online_drops() -> Vec<OnlineIndex> {
         .collect()
 }
 
-/// The online indexes not (yet) built and valid.
-async fn missing_indexes(client: &impl GenericClient) -> Result<Vec<String>, MigrateError> {
-    let names: Vec<String> = all_online_indexes().into_iter().map(|i| i.name).collect();
+/// Of `indexes`, in order, those whose state in the database `keep` (given
+/// whether the index exists and whether it is valid) selects.
+async fn indexes_where(
+    client: &impl GenericClient,
+    indexes: Vec<OnlineIndex>,
+    keep: fn(bool, bool) -> bool,
+) -> Result<Vec<OnlineIndex>, MigrateError> {
+    let names: Vec<&str> = indexes.iter().map(|i| i.name.as_str()).collect();
     let rows = client
         .query(
-            "SELECT n FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i)
-              WHERE NOT EXISTS (SELECT 1 FROM pg_index AS x
-                                 WHERE x.indexrelid = to_regclass('outbox.' || quote_ident(u.n))
-                                   AND x.indisvalid)
-              ORDER BY i",
+            "SELECT x.indexrelid IS NOT NULL, coalesce(x.indisvalid, false)
+               FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i)
+               LEFT JOIN pg_index AS x
+                      ON x.indexrelid = to_regclass('outbox.' || quote_ident(u.n))
+              ORDER BY u.i",
             &[&names],
         )
         .await
         .map_err(step("looking for the online indexes"))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(indexes
+        .into_iter()
+        .zip(rows)
+        .filter(|(_, row)| keep(row.get(0), row.get(1)))
+        .map(|(index, _)| index)
+        .collect())
+}
+
+/// The online indexes not (yet) built and valid.
+async fn missing_indexes(client: &impl GenericClient) -> Result<Vec<OnlineIndex>, MigrateError> {
+    indexes_where(client, all_online_indexes(), |_, valid| !valid).await
 }
 
 /// The indexes a migration replaced that are still there (a `migrate`
 /// interrupted after its builds): they cost the writes of `outbox.events`
 /// some speed, nothing else, and the next `migrate` drops them.
+async fn leftover(client: &impl GenericClient) -> Result<Vec<OnlineIndex>, MigrateError> {
+    indexes_where(client, all_online_drops(), |exists, _| exists).await
+}
+
+/// The names of the replaced indexes still there (see [`leftover`]), for
+/// `outboxd check`.
 pub async fn leftover_indexes(client: &impl GenericClient) -> Result<Vec<String>, MigrateError> {
-    let names: Vec<String> = all_online_drops().into_iter().map(|i| i.name).collect();
-    let rows = client
-        .query(
-            "SELECT n FROM unnest($1::text[]) WITH ORDINALITY AS u(n, i)
-              WHERE to_regclass('outbox.' || quote_ident(u.n)) IS NOT NULL
-              ORDER BY i",
-            &[&names],
-        )
-        .await
-        .map_err(step("looking for replaced indexes"))?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(leftover(client)
+        .await?
+        .into_iter()
+        .map(|i| i.name)
+        .collect())
 }
 
 /// Builds the online indexes that are missing or invalid, then drops the
@@ -232,7 +247,7 @@ pub async fn leftover_indexes(client: &impl GenericClient) -> Result<Vec<String>
 /// transactions that use the index. Returns what it built and dropped.
 async fn build_online(client: &Client) -> Result<(Vec<String>, Vec<String>), MigrateError> {
     let missing = missing_indexes(client).await?;
-    let leftover = leftover_indexes(client).await?;
+    let leftover = leftover(client).await?;
     if missing.is_empty() && leftover.is_empty() {
         return Ok((Vec::new(), Vec::new()));
     }
@@ -240,24 +255,24 @@ async fn build_online(client: &Client) -> Result<(Vec<String>, Vec<String>), Mig
         .batch_execute("SET statement_timeout = 0; SET client_min_messages = warning")
         .await
         .map_err(step("preparing the online index builds"))?;
-    let done = match build_missing(client, &missing).await {
-        Ok(built) => drop_leftover(client, &leftover)
-            .await
-            .map(|dropped| (built, dropped)),
-        Err(e) => Err(e),
-    };
+    let done = async {
+        let built = build_missing(client, missing).await?;
+        let dropped = drop_leftover(client, leftover).await?;
+        Ok((built, dropped))
+    }
+    .await;
     let _ = client
         .batch_execute("RESET statement_timeout; RESET client_min_messages")
         .await;
     done
 }
 
-async fn drop_leftover(client: &Client, leftover: &[String]) -> Result<Vec<String>, MigrateError> {
+async fn drop_leftover(
+    client: &Client,
+    leftover: Vec<OnlineIndex>,
+) -> Result<Vec<String>, MigrateError> {
     let mut dropped = Vec::new();
-    for index in all_online_drops()
-        .into_iter()
-        .filter(|i| leftover.contains(&i.name))
-    {
+    for index in leftover {
         let what = format!("dropping the replaced index outbox.{} online", index.name);
         client.batch_execute(&index.sql).await.map_err(step(what))?;
         dropped.push(index.name);
@@ -265,12 +280,12 @@ async fn drop_leftover(client: &Client, leftover: &[String]) -> Result<Vec<Strin
     Ok(dropped)
 }
 
-async fn build_missing(client: &Client, missing: &[String]) -> Result<Vec<String>, MigrateError> {
+async fn build_missing(
+    client: &Client,
+    missing: Vec<OnlineIndex>,
+) -> Result<Vec<String>, MigrateError> {
     let mut built = Vec::new();
-    for index in all_online_indexes()
-        .into_iter()
-        .filter(|i| missing.contains(&i.name))
-    {
+    for index in missing {
         let what = format!("building index outbox.{} online", index.name);
         // An interrupted build leaves an invalid index, which IF NOT
         // EXISTS would take for done.
@@ -485,7 +500,7 @@ pub async fn status(client: &Client) -> Result<SchemaState, MigrateError> {
         match missing_indexes(client).await?.into_iter().next() {
             Some(index) => Ok(SchemaState::Incomplete {
                 version: database,
-                index,
+                index: index.name,
             }),
             None => Ok(SchemaState::Current { version: database }),
         }

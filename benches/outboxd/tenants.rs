@@ -18,7 +18,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::{Daemon, Opts, Receiver, connect, drop_db, fresh_db, now_ns, start_receiver_with};
+use super::{
+    Daemon, Opts, Receiver, connect, daemon_database, drop_db, fresh_db, now_ns,
+    start_receiver_with,
+};
 
 pub struct Tenants {
     /// Worst enqueue-to-delivered of the ten fast companies, ms.
@@ -266,14 +269,7 @@ async fn claim_time() -> [f64; 2] {
         .batch_execute("VACUUM ANALYZE outbox.events")
         .await
         .unwrap();
-    let raw = outboxd::config::RawConfig {
-        database: outboxd::config::RawDatabase {
-            url: Some(url.clone()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let pool = outboxd::db::pool(&raw.validate().unwrap().database);
+    let pool = outboxd::db::pool(&daemon_database(&url));
     let client = pool.get().await.unwrap();
     let without = median_claim(&client).await;
     setup
