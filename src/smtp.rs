@@ -1,10 +1,11 @@
 //! Sending one email over SMTP with mail-send: one connection, one SMTP
 //! transaction per recipient, so a recipient the server refuses does not
-//! hold back the others.
+//! hold back the others. Each step of a transaction is judged apart
+//! ([`judge`]): only a refused RCPT TO is about the recipient.
 
 use std::time::Duration;
 
-use mail_send::smtp::message::Message;
+use mail_send::smtp::message::Parameters;
 use mail_send::{Credentials, SmtpClient, SmtpClientBuilder};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -15,10 +16,11 @@ use crate::config::{SmtpConfig, SmtpTls};
 pub struct SendReport {
     /// Accepted by the server.
     pub accepted: Vec<String>,
-    /// Refused for good (a 5xx reply): not tried again.
+    /// Refused for good (a 5xx reply to RCPT TO): not tried again.
     pub refused: Vec<(String, String)>,
-    /// Not sent this time (a 4xx reply, or the connection failed before
-    /// their turn), with the reason; tried again later.
+    /// Not sent this time, with the reason; tried again later: a 4xx reply
+    /// to RCPT TO, any refusal of our sender (MAIL FROM) or of the message
+    /// (DATA), or a connection that failed before their turn.
     pub deferred: Vec<(String, String)>,
 }
 
@@ -82,33 +84,136 @@ async fn send_each<T: AsyncRead + AsyncWrite + Unpin>(
 ) -> SendReport {
     let mut report = SendReport::default();
     for (i, rcpt) in recipients.iter().enumerate() {
-        let envelope = Message::new(config.from.as_str(), [rcpt.as_str()], message);
-        match client.send(envelope).await {
-            Ok(_) => report.accepted.push(rcpt.clone()),
-            Err(mail_send::Error::UnexpectedReply(reply)) => {
-                let reason = format!("{} {}", reply.code, reply.message.trim());
-                if (500..600).contains(&reply.code) {
-                    report.refused.push((rcpt.clone(), reason));
-                } else {
-                    report.deferred.push((rcpt.clone(), reason));
-                }
-                // Back to a clean state for the next recipient's MAIL FROM.
-                if let Err(e) = client.rset().await {
-                    let reason = format!("resetting the SMTP session: {}", describe(&e));
-                    defer_rest(&mut report, &recipients[i + 1..], &reason);
-                    return report;
-                }
+        let refusal = match transaction(&mut client, config, message, rcpt).await {
+            Ok(()) => {
+                report.accepted.push(rcpt.clone());
+                continue;
             }
-            Err(e) => {
-                let reason = describe(&e);
-                defer_rest(&mut report, &recipients[i..], &reason);
+            Err(Failed::Refused(stage, reply)) => (stage, reply),
+            Err(Failed::Broken(e)) => {
+                defer_rest(&mut report, &recipients[i..], &describe(&e));
                 return report;
             }
+        };
+        let (stage, reply) = refusal;
+        let reason = stage.explain(config, &reply);
+        match judge(stage, reply.code) {
+            Verdict::RecipientRefused => report.refused.push((rcpt.clone(), reason)),
+            Verdict::RecipientDeferred => report.deferred.push((rcpt.clone(), reason)),
+            Verdict::EveryoneDeferred => {
+                // About our sender or our message, so the same for every
+                // recipient: all wait for the next try, and the session ends.
+                defer_rest(&mut report, &recipients[i..], &reason);
+                let _ = tokio::time::timeout(Duration::from_secs(5), client.quit()).await;
+                return report;
+            }
+        }
+        // Back to a clean state for the next recipient's MAIL FROM.
+        if let Err(e) = client.rset().await {
+            let reason = format!("resetting the SMTP session: {}", describe(&e));
+            defer_rest(&mut report, &recipients[i + 1..], &reason);
+            return report;
         }
     }
     // A polite goodbye; the report stands whatever the server says to it.
     let _ = tokio::time::timeout(Duration::from_secs(5), client.quit()).await;
     report
+}
+
+/// The step of an SMTP transaction that the server refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// MAIL FROM: our sender address (or our session: no AUTH, a relay
+    /// that does not know us).
+    Sender,
+    /// RCPT TO: this one recipient.
+    Recipient,
+    /// DATA, or the reply to the message itself: its size or content.
+    Message,
+}
+
+impl Stage {
+    fn explain(self, config: &SmtpConfig, reply: &Reply) -> String {
+        let said = format!("{} {}", reply.code, reply.message.trim());
+        match self {
+            Stage::Sender => format!(
+                "the SMTP server refused the sender {} (smtp.from): {said}",
+                config.from
+            ),
+            Stage::Recipient => said,
+            Stage::Message => format!("the SMTP server refused the message: {said}"),
+        }
+    }
+}
+
+/// What a refused step means for the email.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// This recipient will never take it (a 5xx to RCPT TO): not tried again.
+    RecipientRefused,
+    /// This recipient not now (a 4xx to RCPT TO): tried again later.
+    RecipientDeferred,
+    /// The server will not take this email from us now, for anyone: every
+    /// recipient not yet reached is tried again later. A 5xx here is about
+    /// our configuration or our message, which the operator can fix (and the
+    /// failing sends are alerted on); it is never a reason to drop the email.
+    EveryoneDeferred,
+}
+
+/// Only a refusal of RCPT TO is about the recipient; a refusal of MAIL FROM
+/// or of the message is about us, whatever its code.
+pub fn judge(stage: Stage, code: u16) -> Verdict {
+    match stage {
+        Stage::Recipient if (500..600).contains(&code) => Verdict::RecipientRefused,
+        Stage::Recipient => Verdict::RecipientDeferred,
+        Stage::Sender | Stage::Message => Verdict::EveryoneDeferred,
+    }
+}
+
+/// A server's reply to a refused step.
+struct Reply {
+    code: u16,
+    message: String,
+}
+
+enum Failed {
+    /// The server answered the step with a refusal.
+    Refused(Stage, Reply),
+    /// The connection failed (I/O, timeout, an unreadable reply).
+    Broken(mail_send::Error),
+}
+
+/// One SMTP transaction for one recipient, each step told apart so that a
+/// refusal is judged by what was refused.
+async fn transaction<T: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut SmtpClient<T>,
+    config: &SmtpConfig,
+    message: &[u8],
+    rcpt: &str,
+) -> Result<(), Failed> {
+    let at = |stage| {
+        move |e| match e {
+            mail_send::Error::UnexpectedReply(reply) => Failed::Refused(
+                stage,
+                Reply {
+                    code: reply.code,
+                    message: reply.message,
+                },
+            ),
+            other => Failed::Broken(other),
+        }
+    };
+    let none = Parameters::default();
+    client
+        .mail_from(&config.from, &none)
+        .await
+        .map_err(at(Stage::Sender))?;
+    client
+        .rcpt_to(rcpt, &none)
+        .await
+        .map_err(at(Stage::Recipient))?;
+    client.data(message).await.map_err(at(Stage::Message))?;
+    Ok(())
 }
 
 fn defer_rest(report: &mut SendReport, rest: &[String], reason: &str) {
@@ -155,5 +260,33 @@ pub async fn probe(config: &SmtpConfig) -> Result<(), String> {
             "no answer within {}",
             humantime::format_duration(config.timeout * 2)
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refused_recipient_is_dropped_and_only_that_recipient() {
+        use Stage::*;
+        use Verdict::*;
+        let table = [
+            // (stage, code, verdict)
+            (Recipient, 550, RecipientRefused), // mailbox unavailable
+            (Recipient, 553, RecipientRefused), // mailbox name not allowed
+            (Recipient, 450, RecipientDeferred), // mailbox busy
+            (Recipient, 452, RecipientDeferred), // too many recipients
+            (Sender, 530, EveryoneDeferred),    // authentication required
+            (Sender, 550, EveryoneDeferred),    // sender not permitted
+            (Sender, 553, EveryoneDeferred),    // sender address rejected
+            (Sender, 451, EveryoneDeferred),    // local error
+            (Message, 552, EveryoneDeferred),   // message too large
+            (Message, 554, EveryoneDeferred),   // transaction failed (content)
+            (Message, 451, EveryoneDeferred),   // try again later
+        ];
+        for (stage, code, verdict) in table {
+            assert_eq!(judge(stage, code), verdict, "{stage:?} {code}");
+        }
     }
 }

@@ -390,3 +390,139 @@ async fn no_email_for_a_missing_endpoint_or_a_delivered_event() {
         0
     );
 }
+
+/// Issue 14.1: a refusal of our sender is about us, not the recipients. An
+/// hour of refusals at the default timings (`notify.retry_delay` 30 s,
+/// doubling: tries at 0, 0.5, 1.5, 3.5, 7.5, 15.5 and 31.5 min) is 7 refused
+/// tries; here the delay is 10 ms so they come in a second. Meanwhile more
+/// failures make a second email. Once the server accepts the sender, every
+/// recipient gets each email exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn after_an_hour_of_a_refused_sender_every_notification_arrives_exactly_once() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = rejecting_receiver().await;
+    let recipients = ["ops@example.com", "cfo@example.com"];
+    endpoint(&client, 6316, &receiver.url("/"), &recipients).await;
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &["--refuse-sender"]).await;
+    let env = smtp_env(
+        port,
+        &[
+            ("OUTBOXD_NOTIFY__RETRY_DELAY", "10ms"),
+            ("OUTBOXD_NOTIFY__POLL_INTERVAL", "20ms"),
+            ("OUTBOXD_NOTIFY__GATHER", "50ms"),
+            ("OUTBOXD_NOTIFY__WINDOW", "1s"),
+        ],
+    );
+    let daemon = start(&db, &env).await;
+    let enqueue = |number: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT outbox.enqueue_payment_cancellation(6316, 1, $1)",
+                    &[&number],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    enqueue("FIRST").await;
+    smtp.wait_for_refusals(3, SECS(20)).await;
+    enqueue("SECOND").await;
+    // The second failure waits out the window, then gets its own email, which
+    // is refused too; the first email has been refused an hour's worth.
+    eventually_count(
+        &client,
+        "two emails, each refused, the first 7 times",
+        SECS(20),
+        "SELECT count(*) FROM outbox.emails
+          WHERE state = 'pending' AND sent_to = '{}' AND refused = '{}'
+            AND last_error LIKE '%refused the sender outboxd@sales.example.com (smtp.from): 553%'
+            AND attempts >= CASE WHEN id = (SELECT min(id) FROM outbox.emails) THEN 7 ELSE 1 END",
+        2,
+    )
+    .await;
+    assert!(smtp.mails().is_empty());
+    let refusals = smtp.wait_for_refusals(8, SECS(5)).await;
+    assert!(refusals.iter().all(|r| r == "MAIL FROM"), "{refusals:?}");
+    assert!(
+        daemon
+            .log()
+            .iter()
+            .any(|l| l.contains("will retry") && l.contains("refused the sender")),
+        "each refused try is logged with its reason"
+    );
+
+    smtp.accept_sender();
+    eventually_count(
+        &client,
+        "both emails sent",
+        SECS(20),
+        "SELECT count(*) FROM outbox.emails
+          WHERE state = 'sent' AND refused = '{}' AND cardinality(sent_to) = 2",
+        2,
+    )
+    .await;
+    daemon.stop().await;
+    // Nothing is left that could send again, and each (recipient, failure)
+    // arrived once.
+    let mails = smtp.mails();
+    assert_eq!(mails.len(), 4, "two emails, two recipients each");
+    for number in ["FIRST", "SECOND"] {
+        for rcpt in recipients {
+            let got = mails
+                .iter()
+                .filter(|m| m.rcpt_tos == [rcpt] && m.part("text/plain").contains(number))
+                .count();
+            assert_eq!(got, 1, "{rcpt} told of {number}");
+        }
+    }
+}
+
+/// Issue 14.1: a message the server refuses (554 after DATA) stays queued
+/// for every recipient, with the reason; none is marked refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_message_is_retried_for_every_recipient_not_dropped() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = rejecting_receiver().await;
+    endpoint(
+        &client,
+        6316,
+        &receiver.url("/"),
+        &["ops@example.com", "cfo@example.com"],
+    )
+    .await;
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &["--refuse-data"]).await;
+    let daemon = start(&db, &smtp_env(port, &[])).await;
+    client
+        .query_one(
+            "SELECT outbox.enqueue_payment_cancellation(6316, 1, '1')",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually_count(
+        &client,
+        "the email tried twice and still waiting for both recipients",
+        SECS(20),
+        "SELECT count(*) FROM outbox.emails
+          WHERE state = 'pending' AND attempts >= 2 AND sent_to = '{}' AND refused = '{}'
+            AND last_error LIKE '%refused the message: 554%'",
+        1,
+    )
+    .await;
+    daemon.stop().await;
+    // One DATA per try: the first refusal ends the session, so the second
+    // recipient is not sent the same refused message again.
+    let refusals = smtp.wait_for_refusals(2, SECS(5)).await;
+    let tries = count(&client, "SELECT attempts::bigint FROM outbox.emails").await;
+    assert!(
+        refusals.len() as i64 <= tries,
+        "{refusals:?} in {tries} tries"
+    );
+    assert!(smtp.mails().is_empty());
+}

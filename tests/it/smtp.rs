@@ -39,8 +39,10 @@ impl Mail {
 }
 
 pub struct SmtpServer {
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     mails: watch::Receiver<Vec<Mail>>,
+    /// Steps refused by --refuse-sender or --refuse-data ("MAIL FROM", "DATA").
+    refusals: watch::Receiver<Vec<String>>,
 }
 
 /// The Python that has aiosmtpd: Debian's, which the package installs into.
@@ -80,6 +82,7 @@ impl SmtpServer {
         let stdout = child.stdout.take().unwrap();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (tx, rx) = watch::channel(Vec::new());
+        let (refused_tx, refusals) = watch::channel(Vec::new());
         tokio::spawn(async move {
             let mut ready = Some(ready_tx);
             let mut lines = tokio::io::BufReader::new(stdout).lines();
@@ -89,6 +92,11 @@ impl SmtpServer {
                     if let Some(r) = ready.take() {
                         let _ = r.send(());
                     }
+                    continue;
+                }
+                if let Some(step) = v.get("refused") {
+                    let step = step.as_str().unwrap().to_string();
+                    refused_tx.send_modify(|r| r.push(step));
                     continue;
                 }
                 let strings = |k: &str| -> Vec<String> {
@@ -116,8 +124,28 @@ impl SmtpServer {
             .expect("the SMTP server did not start within 20 s")
             .expect("the SMTP server exited before it was ready");
         SmtpServer {
-            _child: child,
+            child,
             mails: rx,
+            refusals,
+        }
+    }
+
+    /// Tells a server started with --refuse-sender to accept the sender
+    /// from now on (SIGUSR1).
+    pub fn accept_sender(&self) {
+        let pid = self.child.id().expect("the SMTP server is running") as i32;
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+    }
+
+    /// Waits until at least `n` steps were refused; panics after `timeout`.
+    pub async fn wait_for_refusals(&self, n: usize, timeout: Duration) -> Vec<String> {
+        let mut rx = self.refusals.clone();
+        match tokio::time::timeout(timeout, rx.wait_for(|r| r.len() >= n)).await {
+            Ok(Ok(refusals)) => refusals.clone(),
+            _ => panic!(
+                "expected {n} refusals within {timeout:?}, got {:?}",
+                self.refusals.borrow()
+            ),
         }
     }
 

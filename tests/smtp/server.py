@@ -14,6 +14,12 @@ answer to DATA (after the message's closing dot), comes that much later. The
 wait is an asyncio.sleep, so other sessions go on meanwhile; a message is
 printed when its 250 is sent, as a real server would have accepted it then
 (also when the client gave up waiting).
+Refusals of us rather than of a recipient: --refuse-sender answers MAIL FROM
+with 553 until the server gets SIGUSR1 (then it accepts the sender as usual);
+--size-limit BYTES answers a longer message with 552 (aiosmtpd's own limit,
+also advertised as SIZE in EHLO); --refuse-data answers every message with
+554. The refusals of MAIL FROM and --refuse-data are printed as
+{"refused": "MAIL FROM" | "DATA"}.
 """
 import argparse
 import asyncio
@@ -29,12 +35,27 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 
 class Handler:
-    def __init__(self, refuse, defer, delay_rcpt=0.0, delay_data=0.0):
+    def __init__(self, refuse, defer, delay_rcpt=0.0, delay_data=0.0,
+                 refuse_sender=False, refuse_data=False):
         self.refuse = set(refuse)
         self.defer = set(defer)
         self.delay_rcpt = delay_rcpt
         self.delay_data = delay_data
+        self.refuse_sender = refuse_sender
+        self.refuse_data = refuse_data
         self.lock = threading.Lock()
+
+    def report(self, record):
+        with self.lock:
+            print(json.dumps(record), flush=True)
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.refuse_sender:
+            self.report({"refused": "MAIL FROM"})
+            return "553 5.7.1 sender address not permitted"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.delay_rcpt > 0:
@@ -49,6 +70,9 @@ class Handler:
     async def handle_DATA(self, server, session, envelope):
         if self.delay_data > 0:
             await asyncio.sleep(self.delay_data)
+        if self.refuse_data:
+            self.report({"refused": "DATA"})
+            return "554 5.6.0 message content rejected"
         raw = envelope.original_content or envelope.content
         msg = email.message_from_bytes(raw, policy=email.policy.default)
         parts = {}
@@ -68,8 +92,7 @@ class Handler:
             "defects": defects,
             "raw": raw.decode("utf-8", "replace"),
         }
-        with self.lock:
-            print(json.dumps(record), flush=True)
+        self.report(record)
         return "250 2.0.0 accepted"
 
 
@@ -82,6 +105,9 @@ def main():
     ap.add_argument("--password")
     ap.add_argument("--delay-rcpt", type=float, default=0.0, metavar="SECONDS")
     ap.add_argument("--delay-data", type=float, default=0.0, metavar="SECONDS")
+    ap.add_argument("--refuse-sender", action="store_true")
+    ap.add_argument("--refuse-data", action="store_true")
+    ap.add_argument("--size-limit", type=int, metavar="BYTES")
     args = ap.parse_args()
 
     kwargs = {}
@@ -96,16 +122,18 @@ def main():
 
         kwargs = {"authenticator": authenticator, "auth_required": True, "auth_require_tls": False}
 
-    controller = Controller(
-        Handler(args.refuse, args.defer, args.delay_rcpt, args.delay_data),
-        hostname="127.0.0.1", port=args.port, **kwargs
-    )
+    if args.size_limit:
+        kwargs["data_size_limit"] = args.size_limit
+    handler = Handler(args.refuse, args.defer, args.delay_rcpt, args.delay_data,
+                      args.refuse_sender, args.refuse_data)
+    controller = Controller(handler, hostname="127.0.0.1", port=args.port, **kwargs)
     controller.start()
     print(json.dumps({"ready": args.port}), flush=True)
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGUSR1, lambda *_: setattr(handler, "refuse_sender", False))
     # Also stop when the test process goes away and closes our stdin.
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
     stop.wait()
