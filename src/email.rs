@@ -8,6 +8,7 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
+use crate::classify::truncate_chars;
 use crate::webhook::{PAYMENT_CANCELLATION, PaymentCancellation};
 
 /// One failed event, as the email reports it.
@@ -95,12 +96,52 @@ reachable from outboxd, and that its credentials are right. Then have the event 
 (replayed) with the event id above; it keeps its Idempotency-Key, so the external system can \
 recognise a repeat.";
 
+/// Events a digest lists in full; the others it counts and says how to see.
+/// Fifty is more than anyone reads in one email and keeps the message small
+/// whatever the backlog: about 1 KB per event in each of the two parts for
+/// a payment cancellation (about 100 KB in all), and with every value at
+/// its cut ([`MAX_VALUE_CHARS`]; the URL at the schema's 2,048) well under
+/// 2 MB, a fifth of the 10 MB that common relays accept (Postfix's default
+/// `message_size_limit`, Amazon SES).
+pub const DIGEST_LISTED: usize = 50;
+
+/// A value longer than this (an order list, another type's payload, the
+/// external system's message) is cut in the email, with "…"; the full text
+/// is in the database.
+pub const MAX_VALUE_CHARS: usize = 500;
+
+/// The failures an email reports: the first [`DIGEST_LISTED`] in full, and
+/// how many there are in all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    /// Oldest failure first; not empty.
+    pub listed: Vec<FailedEvent>,
+    /// All the email's events, listed or not.
+    pub total: i64,
+    /// When the oldest of all of them was created: where a listing of the
+    /// rest starts.
+    pub since: Option<SystemTime>,
+}
+
 /// Renders the email for `events` (all of one company and event type),
-/// which must not be empty.
+/// every one listed; `events` must not be empty.
 pub fn render(events: &[FailedEvent]) -> Rendered {
+    render_digest(&Digest {
+        listed: events.to_vec(),
+        total: events.len() as i64,
+        since: None,
+    })
+}
+
+/// Renders a digest: the listed events in full, then, when there are more,
+/// their count and how to see them.
+pub fn render_digest(digest: &Digest) -> Rendered {
+    let events = &digest.listed[..];
     let first = &events[0];
+    let total = digest.total.max(events.len() as i64);
+    let unlisted = total - events.len() as i64;
     let name = webhook_name(&first.event_type);
-    let subject = if events.len() == 1 {
+    let subject = if total == 1 {
         format!(
             "{name} webhook failed: {} (company {})",
             describe(first).headline,
@@ -108,22 +149,26 @@ pub fn render(events: &[FailedEvent]) -> Rendered {
         )
     } else {
         format!(
-            "{name} webhook failed for {} events (company {})",
-            events.len(),
+            "{name} webhook failed for {total} events (company {})",
             first.company_id
         )
+    };
+    let for_how_many = if total == 1 {
+        String::new()
+    } else if unlisted > 0 {
+        format!(
+            " for {total} events; the first {} are listed here",
+            events.len()
+        )
+    } else {
+        format!(" for {total} events")
     };
 
     let mut text = String::new();
     let _ = writeln!(
         text,
-        "The {name} webhook of company {} could not be delivered{}.\n",
+        "The {name} webhook of company {} could not be delivered{for_how_many}.\n",
         first.company_id,
-        if events.len() == 1 {
-            String::new()
-        } else {
-            format!(" for {} events", events.len())
-        }
     );
     let mut html = String::new();
     let _ = write!(
@@ -131,11 +176,7 @@ pub fn render(events: &[FailedEvent]) -> Rendered {
         "<html><body style=\"font-family: sans-serif\">\n<p>The {} webhook of company {} could not be delivered{}.</p>\n",
         escape(&name),
         first.company_id,
-        if events.len() == 1 {
-            String::new()
-        } else {
-            format!(" for {} events", events.len())
-        }
+        escape(&for_how_many),
     );
 
     for (i, event) in events.iter().enumerate() {
@@ -150,7 +191,16 @@ pub fn render(events: &[FailedEvent]) -> Rendered {
             ("First attempt", time(event.first_attempt)),
             ("Last attempt", time(event.last_attempt)),
         ]);
-        let title = if events.len() == 1 {
+        // Each value cut, so that no one row makes the email large; the
+        // endpoint is whole (the schema keeps it to 2,048 characters).
+        let rows: Vec<(&str, String)> = rows
+            .into_iter()
+            .map(|(label, value)| match label {
+                "Endpoint" => (label, value),
+                _ => (label, truncate_chars(&value, MAX_VALUE_CHARS)),
+            })
+            .collect();
+        let title = if total == 1 {
             capitalise(&what.headline)
         } else {
             format!("{}. {}", i + 1, capitalise(&what.headline))
@@ -176,6 +226,18 @@ pub fn render(events: &[FailedEvent]) -> Rendered {
         }
         let _ = writeln!(html, "</table>");
     }
+    if unlisted > 0 {
+        let rest = the_rest(first.company_id, unlisted, digest.since);
+        let _ = writeln!(text, "{}\n", wrap(&rest.said, 72));
+        for command in &rest.commands {
+            let _ = writeln!(text, "  {command}");
+        }
+        let _ = writeln!(text);
+        let _ = writeln!(html, "<p>{}</p>", escape(&rest.said));
+        for command in &rest.commands {
+            let _ = writeln!(html, "<pre>{}</pre>", escape(command));
+        }
+    }
     let _ = writeln!(text, "{}", wrap(NEXT_STEPS, 72));
     let _ = writeln!(
         text,
@@ -190,6 +252,38 @@ pub fn render(events: &[FailedEvent]) -> Rendered {
         subject,
         text,
         html,
+    }
+}
+
+/// What a digest says of the events it does not list.
+struct TheRest {
+    said: String,
+    commands: Vec<String>,
+}
+
+fn the_rest(company_id: i64, unlisted: i64, since: Option<SystemTime>) -> TheRest {
+    let since = since
+        .map(|t| format!(" --since {}", humantime::format_rfc3339_seconds(t)))
+        .unwrap_or_default();
+    let more = if unlisted == 1 {
+        "1 more event".to_string()
+    } else {
+        format!("{unlisted} more events")
+    };
+    TheRest {
+        said: format!(
+            "{more} failed in the same window and {} not listed, to keep this email small. \
+             The sales application shows each payment's message. Your outboxd operator can \
+             list them (up to 10000 at a time), and retry them all at once once the cause is \
+             fixed:",
+            if unlisted == 1 { "is" } else { "are" }
+        ),
+        commands: vec![
+            format!(
+                "outboxd events list --company {company_id} --state failed{since} --limit 10000"
+            ),
+            format!("outboxd events retry --company {company_id} --state failed{since}"),
+        ],
     }
 }
 
@@ -465,6 +559,48 @@ mod tests {
             assert!(r.text.contains(&format!("Payment P-{i}\n")), "P-{i}");
             assert!(r.html.contains(&format!("Payment P-{i}</h3>")), "P-{i}");
         }
+    }
+
+    #[test]
+    fn a_long_digest_lists_the_first_events_and_says_how_many_more_and_how_to_see_them() {
+        let listed: Vec<_> = (1..=DIGEST_LISTED)
+            .map(|i| failed(&format!("P-{i}"), None, Some("HTTP 503")))
+            .collect();
+        let r = render_digest(&Digest {
+            listed,
+            total: 20_000,
+            since: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000)),
+        });
+        assert_eq!(
+            r.subject,
+            "Payment Cancellation webhook failed for 20000 events (company 6316)"
+        );
+        for part in [&r.text, &r.html] {
+            for want in [
+                "for 20000 events; the first 50 are listed here",
+                "19950 more events failed in the same window",
+                "outboxd events list --company 6316 --state failed --since 2026-11-18T",
+                "outboxd events retry --company 6316 --state failed --since 2026-11-18T",
+                "Payment P-50",
+            ] {
+                assert!(part.contains(want), "{want:?} missing from:\n{part}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_value_makes_an_event_long() {
+        let mut e = failed("1", Some(&"m".repeat(5_000)), Some("rejected"));
+        e.payload = e
+            .payload
+            .replace("17899,17900", &vec!["17899"; 2_000].join(","));
+        let r = render(&[e]);
+        assert!(
+            r.text.len() < 4 * MAX_VALUE_CHARS + 2_000,
+            "{}",
+            r.text.len()
+        );
+        assert!(r.text.contains(&format!("{}…", "m".repeat(100))));
     }
 
     #[test]

@@ -243,10 +243,10 @@ impl Mailer {
         let content = match email.circuit() {
             Some(circuit) => Some(circuit),
             None => {
-                let events = self
+                let digest = self
                     .bounded("loading an email's events", load_content(client, email.id))
                     .await?;
-                (!events.is_empty()).then(|| email::render(&events))
+                digest.map(|digest| email::render_digest(&digest))
             }
         };
         let todo: Vec<String> = email
@@ -393,15 +393,23 @@ impl ClaimedEmail {
     }
 }
 
+/// The email's first [`email::DIGEST_LISTED`] events and its count; None
+/// when its events were all deleted.
 async fn load_content(
     client: &impl GenericClient,
     email_id: i64,
-) -> Result<Vec<FailedEvent>, NotifyError> {
+) -> Result<Option<email::Digest>, NotifyError> {
+    let listed = email::DIGEST_LISTED as i64;
     let rows = client
-        .query(CONTENT_SQL, &[&email_id])
+        .query(CONTENT_SQL, &[&email_id, &listed])
         .await
         .map_err(step("loading an email's events"))?;
-    Ok(rows
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let total: i64 = first.get("total");
+    let since: Option<SystemTime> = first.get("since");
+    let listed = rows
         .iter()
         .map(|r| FailedEvent {
             id: r.get("id"),
@@ -415,7 +423,12 @@ async fn load_content(
             first_attempt: r.get::<_, Option<SystemTime>>("first_attempt"),
             last_attempt: r.get::<_, Option<SystemTime>>("last_attempt"),
         })
-        .collect())
+        .collect();
+    Ok(Some(email::Digest {
+        listed,
+        total,
+        since,
+    }))
 }
 
 /// The MIME message: multipart/alternative with the text and HTML parts, To

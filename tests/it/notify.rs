@@ -9,7 +9,7 @@ use tokio_postgres::Client;
 use crate::harness::count;
 use crate::harness::{Daemon, TestDb, eventually_count};
 use crate::receiver::{Receiver, Reply};
-use crate::smtp::{SmtpServer, free_port};
+use crate::smtp::{Mail, SmtpServer, free_port};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
@@ -525,4 +525,124 @@ async fn a_refused_message_is_retried_for_every_recipient_not_dropped() {
         "{refusals:?} in {tries} tries"
     );
     assert!(smtp.mails().is_empty());
+}
+
+/// One digest of `failures` failed events, staged in SQL as record.sql
+/// leaves them (failed, an attempt, a notification each), sent by a daemon
+/// to an SMTP server that takes at most 1 MiB per message. Returns the
+/// message and the daemon's peak resident memory (VmHWM) in KiB.
+async fn one_digest_of(failures: i64) -> (Mail, u64) {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    endpoint(
+        &client,
+        6316,
+        "https://erp.example.com/hooks",
+        &["ops@example.com"],
+    )
+    .await;
+    client
+        .execute(
+            "WITH failed AS (
+                 INSERT INTO outbox.events (company_id, payload, state, attempts,
+                                            response_message, last_error, created_at)
+                 SELECT 6316,
+                        jsonb_build_object('companyId', 6316, 'paymentId', 100000 + g,
+                                           'paymentNumber', 'P-' || g, 'orderIds', '17899,17900'),
+                        'failed', 1, 'Payment P-' || g || ' is already settled',
+                        'rejected by the external system (status 0)',
+                        now() - interval '1 minute' + g * interval '1 millisecond'
+                   FROM generate_series(1, $1::bigint) AS g
+                 RETURNING id, created_at
+             ), tried AS (
+                 INSERT INTO outbox.attempts (event_id, attempt, started_at, duration_ms,
+                                              http_status, outcome, message)
+                 SELECT id, 1, created_at, 12, 200, 'rejected', 'already settled' FROM failed
+             )
+             INSERT INTO outbox.notifications (event_id, company_id, event_type, endpoint_url,
+                                               created_at)
+             SELECT id, 6316, 'payment.cancellation', 'https://erp.example.com/hooks', created_at
+               FROM failed",
+            &[&failures],
+        )
+        .await
+        .unwrap();
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &["--size-limit", "1048576"]).await;
+    let env = smtp_env(
+        port,
+        &[
+            ("OUTBOXD_NOTIFY__GATHER", "100ms"),
+            ("OUTBOXD_NOTIFY__WINDOW", "1h"),
+        ],
+    );
+    let daemon = start(&db, &env).await;
+    let mail = smtp.wait_for(1, SECS(60)).await.remove(0);
+    eventually_count(
+        &client,
+        "the one email marked sent",
+        SECS(10),
+        "SELECT count(*) FROM outbox.emails WHERE state = 'sent' AND sent_to = '{ops@example.com}'",
+        1,
+    )
+    .await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status");
+    daemon.stop().await;
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox.emails").await,
+        1
+    );
+    assert_eq!(smtp.mails().len(), 1);
+    (mail, peak_kib)
+}
+
+/// Issue 14.2: 20,000 failures in one window make one email that lists the
+/// first 50 in full, gives the count and says how to see the rest, under
+/// 256 KiB (a payment cancellation's failure takes about 1 KB in each part);
+/// the daemon's peak memory does not grow with the number of failures.
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_thousand_failures_make_one_small_digest_and_memory_stays_flat() {
+    let (small, small_peak) = one_digest_of(1_000).await;
+    let (mail, peak) = one_digest_of(20_000).await;
+    assert!(
+        mail.raw.len() < 256 * 1024,
+        "the digest is {} bytes",
+        mail.raw.len()
+    );
+    assert!(mail.defects.is_empty(), "MIME defects: {:?}", mail.defects);
+    assert!(
+        mail.subject.contains("failed for 20000 events"),
+        "{}",
+        mail.subject
+    );
+    for part in ["text/plain", "text/html"] {
+        let body = mail.part(part);
+        for want in [
+            "for 20000 events; the first 50 are listed here",
+            "19950 more events failed in the same window",
+            "outboxd events list --company 6316 --state failed --since ",
+            "outboxd events retry --company 6316 --state failed --since ",
+            "Payment P-1 is already settled",
+            "Payment P-50 is already settled",
+        ] {
+            assert!(body.contains(want), "{part} lacks {want:?}");
+        }
+        assert!(!body.contains("Payment P-51 "), "{part} lists a 51st event");
+    }
+    assert!(small.subject.contains("failed for 1000 events"));
+    // Flat: the same peak within 8 MiB, where listing every event made the
+    // 20,000 digest alone tens of MB.
+    assert!(
+        peak <= small_peak + 8 * 1024,
+        "peak memory {small_peak} KiB with 1,000 failures, {peak} KiB with 20,000"
+    );
+    eprintln!(
+        "digest of 20,000: {} bytes; peak memory {small_peak} KiB (1,000) and {peak} KiB (20,000)",
+        mail.raw.len()
+    );
 }
