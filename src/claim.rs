@@ -293,7 +293,11 @@ impl ClaimLoop<'_> {
                         // A plain claim that left events behind says nothing
                         // of the rest of the queue: look again, fairly, now.
                         let again = more || (held && mode == Mode::Plain);
-                        mode = if held { Mode::Fair } else { Mode::Plain };
+                        let next = if held { Mode::Fair } else { Mode::Plain };
+                        if next != mode {
+                            tracing::debug!(mode = ?next, "claim mode changed");
+                            mode = next;
+                        }
                         (events, again)
                     }
                     Err(e) => {
@@ -484,11 +488,18 @@ pub async fn claim(
         .map_err(describe)?;
     let mut claim = Claim::default();
     for row in &rows {
-        if row.get::<_, Option<Uuid>>("id").is_some() {
-            claim.events.push(from_row(row));
-            continue;
-        }
         match row.get::<_, Option<&str>>("note") {
+            None => claim.events.push(from_row(row)),
+            Some("worn_out") => {
+                let id: Uuid = row.get("id");
+                let attempts: i32 = row.get("attempts");
+                tracing::warn!(
+                    event_id = %id,
+                    attempts,
+                    "event failed unsent: its attempts are at the schema's limit (a row written by hand?)"
+                );
+                crate::telemetry::completed(row.get("event_type"), "failed");
+            }
             Some("capped") => {
                 claim
                     .capped

@@ -70,14 +70,24 @@ WITH due AS (
             OR (ci.state = 'closed' AND (ci.paused_until IS NULL OR ci.paused_until <= now())))
 ), claimed AS (
     UPDATE outbox.events AS e
-       SET state = 'leased',
-           attempts = e.attempts + 1,
-           lease_owner = $2,
-           next_attempt_at = now() + $3::bigint * interval '1 millisecond'
+       -- A row at the schema's bound on attempts (events_attempts_bounded;
+       -- only a hand-written one can be there) cannot be claimed once more:
+       -- adding one would fail the check and with it this whole statement,
+       -- every claim, for as long as the row is due. It fails instead, with
+       -- the reason, unsent, and comes back as a `worn_out` note.
+       SET state = CASE WHEN e.attempts < 1000000 THEN 'leased' ELSE 'failed' END,
+           attempts = e.attempts + CASE WHEN e.attempts < 1000000 THEN 1 ELSE 0 END,
+           lease_owner = CASE WHEN e.attempts < 1000000 THEN $2 END,
+           next_attempt_at = CASE WHEN e.attempts < 1000000
+                                  THEN now() + $3::bigint * interval '1 millisecond'
+                                  ELSE e.next_attempt_at END,
+           last_error = CASE WHEN e.attempts < 1000000 THEN e.last_error
+                             ELSE 'not sent: attempts is at its limit of 1000000 '
+                                  '(a row written by hand?); replay it after fixing attempts' END
      -- By primary key, the ids as an array: no join with the table, so no
      -- plan can read more of it than these rows.
      WHERE e.id = ANY (ARRAY(SELECT p.id FROM picked AS p))
- RETURNING e.id, e.event_type, e.company_id, e.payload::text AS payload, e.attempts,
+ RETURNING e.id, e.state, e.event_type, e.company_id, e.payload::text AS payload, e.attempts,
            e.attempts - e.attempts_at_replay AS attempts_since_replay,
            -- The retry policy's clock starts at the last replay, if any.
            -- timestamptz also holds 'infinity' and '-infinity' (a row written
@@ -91,7 +101,9 @@ WITH due AS (
 )
 SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,
        c.age_ms, p.lease_expired, false AS probe, p.circuit_dirty,
-       p.url, p.auth_type, p.username, p.password, p.token, p.enabled, NULL::text AS note
+       p.url, p.auth_type, p.username, p.password, p.token, p.enabled, 
+       -- worn_out: failed above, at the bound on attempts; not to be sent.
+       CASE WHEN c.state = 'failed' THEN 'worn_out' END AS note
   FROM claimed AS c
   JOIN picked AS p ON p.id = c.id
 UNION ALL

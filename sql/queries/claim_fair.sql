@@ -125,13 +125,23 @@ WITH RECURSIVE active AS (
     SELECT id, lease_expired, probe, circuit_dirty FROM ranked ORDER BY rn, head_at LIMIT $1
 ), claimed AS (
     UPDATE outbox.events AS e
-       SET state = 'leased',
-           attempts = e.attempts + 1,
-           lease_owner = $2,
-           next_attempt_at = now() + $3::bigint * interval '1 millisecond'
+       -- A row at the schema's bound on attempts (events_attempts_bounded;
+       -- only a hand-written one can be there) cannot be claimed once more:
+       -- adding one would fail the check and with it this whole statement,
+       -- every claim, for as long as the row is due. It fails instead, with
+       -- the reason, unsent, and comes back as a `worn_out` note.
+       SET state = CASE WHEN e.attempts < 1000000 THEN 'leased' ELSE 'failed' END,
+           attempts = e.attempts + CASE WHEN e.attempts < 1000000 THEN 1 ELSE 0 END,
+           lease_owner = CASE WHEN e.attempts < 1000000 THEN $2 END,
+           next_attempt_at = CASE WHEN e.attempts < 1000000
+                                  THEN now() + $3::bigint * interval '1 millisecond'
+                                  ELSE e.next_attempt_at END,
+           last_error = CASE WHEN e.attempts < 1000000 THEN e.last_error
+                             ELSE 'not sent: attempts is at its limit of 1000000 '
+                                  '(a row written by hand?); replay it after fixing attempts' END
       FROM picked
      WHERE e.id = picked.id
- RETURNING e.id, e.event_type, e.company_id, e.payload::text AS payload, e.attempts,
+ RETURNING e.id, e.state, e.event_type, e.company_id, e.payload::text AS payload, e.attempts,
            e.attempts - e.attempts_at_replay AS attempts_since_replay,
            -- The retry policy's clock starts at the last replay, if any.
            -- timestamptz also holds 'infinity' and '-infinity' (a row written
@@ -164,7 +174,9 @@ WITH RECURSIVE active AS (
 )
 SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,
        c.age_ms, c.lease_expired, c.probe, c.circuit_dirty,
-       ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled, NULL::text AS note
+       ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled, 
+       -- worn_out: failed above, at the bound on attempts; not to be sent.
+       CASE WHEN c.state = 'failed' THEN 'worn_out' END AS note
   FROM claimed AS c
   LEFT JOIN outbox.endpoints AS ep
          ON ep.company_id = c.company_id AND ep.event_type = c.event_type

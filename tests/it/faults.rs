@@ -1182,3 +1182,93 @@ async fn rows_with_an_infinite_created_at_do_not_stall_the_queue() {
     assert_no_panic(&daemon);
     assert!(daemon.stop().await.success());
 }
+
+/// Issue 14.4: a row at the schema's bound on attempts (1000000, only
+/// written by hand) cannot be claimed once more; before, the claim's `+ 1`
+/// failed the check and with it every claim while the row was due. It now
+/// fails unsent with the reason, through the plain claim and the fair one
+/// (taken while another endpoint is paused), and the rest is delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    for company in 1..=3 {
+        endpoint(&client, company, "payment.cancellation", &receiver.url("/")).await;
+    }
+    // At the front of the queue: due before everything else.
+    let worn_out = |company: i64| {
+        format!(
+            r#"INSERT INTO outbox.events (company_id, payload, attempts, next_attempt_at)
+               VALUES ({company}, '{{"companyId": {company}, "paymentId": 1, "paymentNumber": "W"}}',
+                       1000000, now() - interval '1 hour')
+               RETURNING id"#
+        )
+    };
+    let plain: uuid::Uuid = client.query_one(&worn_out(1), &[]).await.unwrap().get(0);
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, g, 'P' || g) FROM generate_series(2, 4) g",
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(&db, QUICK).await;
+    eventually("the three good events delivered", SECS(15), || async {
+        delivered(&client).await == 3
+    })
+    .await;
+    let (state, attempts, text, _, _) = outcome_of(&client, plain).await;
+    assert_eq!((state.as_str(), attempts), ("failed", 1_000_000));
+    assert!(text.contains("attempts is at its limit"), "{text}");
+
+    // The fair claim: company 3's endpoint is paused, so some endpoint is
+    // held and the claim loop takes claim_fair.sql.
+    let out = crate::harness::run(db.outboxd().args(["endpoint", "pause", "--company", "3"])).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    client
+        .execute(
+            "SELECT outbox.enqueue_payment_cancellation(3, 1, 'HELD')",
+            &[],
+        )
+        .await
+        .unwrap();
+    daemon
+        .wait_for_log("claim mode changed mode=Fair", SECS(15))
+        .await;
+    let fair: uuid::Uuid = client.query_one(&worn_out(2), &[]).await.unwrap().get(0);
+    client
+        .execute(
+            "SELECT outbox.enqueue_payment_cancellation(2, 9, 'P9')",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually(
+        "the fair claim's good event delivered",
+        SECS(15),
+        || async { delivered(&client).await == 4 },
+    )
+    .await;
+    let (state, attempts, text, _, _) = outcome_of(&client, fair).await;
+    assert_eq!((state.as_str(), attempts), ("failed", 1_000_000));
+    assert!(text.contains("attempts is at its limit"), "{text}");
+    assert_eq!(
+        receiver.received().len(),
+        4,
+        "neither worn-out row was sent"
+    );
+    assert!(
+        !daemon.log().iter().any(|l| l.contains("claim failed")),
+        "every claim worked"
+    );
+    assert_eq!(
+        daemon
+            .log()
+            .iter()
+            .filter(|l| l.contains("attempts are at the schema's limit"))
+            .count(),
+        2
+    );
+    assert_no_panic(&daemon);
+    assert!(daemon.stop().await.success());
+}
