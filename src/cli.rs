@@ -451,8 +451,15 @@ async fn run_check(config: &Config) -> Exit {
         Ok(row) => row.get::<_, String>(0),
         Err(e) => return fail(&db::describe(&e)),
     };
+    let encoding = match db::server_encoding(&client).await {
+        Ok((name, db::Charset::Unicode)) => name,
+        Ok((name, _)) => {
+            format!("{name}: receivers' messages are stored with the characters it lacks escaped")
+        }
+        Err(e) => return fail(&db::describe(&e)),
+    };
     println!(
-        "database: ok ({}, PostgreSQL {version})",
+        "database: ok ({}, PostgreSQL {version}, encoding {encoding})",
         db::target(&config.database.pg)
     );
     match migrate::status(&client).await {

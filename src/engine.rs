@@ -140,18 +140,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     tokio::spawn(systemd::watchdog(liveness.clone(), watchdog_stop.clone()));
     let _watchdog = watchdog_stop.clone().drop_guard();
     let startup = liveness.register("start-up");
-    match wait_for_database(&pool, &config.database, db_limit, &shutdown, startup).await {
-        Ok(true) => {}
-        Ok(false) => {
-            tracing::info!("stopped before the database could be reached");
-            admin.stop().await;
-            return Ok(Summary { abandoned: 0 });
-        }
-        Err(e) => {
-            admin.stop().await;
-            return Err(e);
-        }
-    }
+    let charset =
+        match wait_for_database(&pool, &config.database, db_limit, &shutdown, startup).await {
+            Ok(Some(charset)) => charset,
+            Ok(None) => {
+                tracing::info!("stopped before the database could be reached");
+                admin.stop().await;
+                return Ok(Summary { abandoned: 0 });
+            }
+            Err(e) => {
+                admin.stop().await;
+                return Err(e);
+            }
+        };
 
     // Phase one: the services, the recorder, the claim loop.
     let wake = Arc::new(Notify::new());
@@ -195,6 +196,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         circuit: config.circuit.clone(),
         notify_window: config.notify.window,
         room: room.clone(),
+        charset,
     };
     let mut recorder = tokio::spawn(recorder.run(outcomes_rx, liveness.register("recorder")));
     let context = Arc::new(attempt::Context {
@@ -366,27 +368,28 @@ enum Unusable {
     Refused(EngineError),
 }
 
-/// Phase zero: until the database answers and its schema is current (true),
-/// or `shutdown` (false). Each failure is logged and shown in systemd's
-/// STATUS=; `heartbeat` promises each try's and each wait's bound.
+/// Phase zero: until the database answers and its schema is current (what
+/// its encoding can store), or `shutdown` (None). Each failure is logged and
+/// shown in systemd's STATUS=; `heartbeat` promises each try's and each
+/// wait's bound.
 async fn wait_for_database(
     pool: &deadpool_postgres::Pool,
     config: &DatabaseConfig,
     limit: Duration,
     shutdown: &CancellationToken,
     heartbeat: Heartbeat,
-) -> Result<bool, EngineError> {
+) -> Result<Option<db::Charset>, EngineError> {
     let mut delay = FIRST_START_RETRY;
     let mut behind_since: Option<Instant> = None;
     let result = loop {
         heartbeat.within(limit);
         let checked = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(false),
+            _ = shutdown.cancelled() => break Ok(None),
             checked = tokio::time::timeout(limit, check_database(pool)) => checked
                 .unwrap_or_else(|_| Err(Unusable::Unreachable(format!("no answer within {limit:?}")))),
         };
         let status = match checked {
-            Ok(()) => break Ok(true),
+            Ok(charset) => break Ok(Some(charset)),
             Err(Unusable::Refused(e)) => break Err(e),
             Err(Unusable::Behind(problem)) => {
                 let since = *behind_since.get_or_insert_with(Instant::now);
@@ -415,7 +418,7 @@ async fn wait_for_database(
         systemd::status(&status);
         heartbeat.within(delay);
         tokio::select! {
-            _ = shutdown.cancelled() => break Ok(false),
+            _ = shutdown.cancelled() => break Ok(None),
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(MAX_START_RETRY);
@@ -425,8 +428,8 @@ async fn wait_for_database(
 }
 
 /// Refuses a schema that is not this binary's; warns when the server does
-/// not vacuum.
-async fn check_database(pool: &deadpool_postgres::Pool) -> Result<(), Unusable> {
+/// not vacuum or cannot store every character; returns what it can store.
+async fn check_database(pool: &deadpool_postgres::Pool) -> Result<db::Charset, Unusable> {
     let client = pool
         .get()
         .await
@@ -453,7 +456,17 @@ async fn check_database(pool: &deadpool_postgres::Pool) -> Result<(), Unusable> 
              down; turn autovacuum on, or VACUUM the outbox tables regularly"
         );
     }
-    Ok(())
+    let (encoding, charset) = db::server_encoding(&client).await.map_err(|e| {
+        Unusable::Unreachable(format!("reading server_encoding: {}", db::describe(&e)))
+    })?;
+    if charset != db::Charset::Unicode {
+        tracing::warn!(
+            encoding,
+            "the database's encoding cannot store every character: characters of receivers' \
+             messages outside it are stored escaped (\\u{{…}}); a UTF8 database stores them as sent"
+        );
+    }
+    Ok(charset)
 }
 
 /// Phase two's first step: lets in-flight deliveries finish within

@@ -486,6 +486,8 @@ pub struct Recorder {
     /// Told when an outcome has been written (or given up on): its
     /// endpoint's place under the cap is free again.
     pub room: std::sync::Arc<Room>,
+    /// What the database's encoding can store: texts are fitted to it.
+    pub charset: db::Charset,
 }
 
 impl Recorder {
@@ -498,8 +500,9 @@ impl Recorder {
     /// the outage outlasts the leases, other instances claim the events
     /// again and the fence discards these late outcomes. Every write is
     /// bounded by `limit`; one that overruns counts as failed and is
-    /// retried. `heartbeat` promises each write's and each pause's bound,
-    /// and nothing while there is nothing to write.
+    /// retried. A group the database refuses for what it carries is written
+    /// one by one ([`write_one_by_one`]). `heartbeat` promises each write's
+    /// and each pause's bound, and nothing while there is nothing to write.
     pub async fn run(self, mut outcomes: mpsc::Receiver<Outcome>, heartbeat: Heartbeat) {
         let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
         let writer = Writer {
@@ -511,32 +514,14 @@ impl Recorder {
             if !next_group(&mut outcomes, &mut batch, self.gather).await {
                 break;
             }
-            let mut delay = Duration::from_secs(1);
-            let mut again = false;
-            loop {
-                match writer.write(&batch, again).await {
-                    Ok(written) => {
-                        writer.written(&batch, &written);
-                        break;
-                    }
-                    Err(e) if e.bad_data => {
-                        // One outcome poisons the group: write them one by
-                        // one so the others land, and record the bad one as
-                        // failed.
-                        telemetry::database_error("record");
-                        tracing::error!(error = %e, "a group of outcomes was refused; recording them one by one");
-                        write_one_by_one(&writer, &batch).await;
-                        break;
-                    }
-                    Err(e) => {
-                        again = true;
-                        telemetry::database_error("record");
-                        tracing::warn!(error = %e, pending = batch.len(), retry_in = ?delay, "recording failed; will retry");
-                        heartbeat.within(delay);
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(30));
-                    }
-                }
+            for outcome in &mut batch {
+                fit_texts(outcome, self.charset);
+            }
+            if let Err(e) = writer.write_until_done(&batch).await {
+                // One outcome poisons the group: write them one by one so
+                // that the others land.
+                tracing::error!(error = %e, "a group of outcomes was refused; recording them one by one");
+                write_one_by_one(&writer, &batch).await;
             }
             self.room
                 .all_finished(batch.iter().map(|o| (o.company_id, o.event_type.as_str())));
@@ -553,6 +538,35 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// Writes `batch`, trying again (1 s, doubling to 30 s) for as long as
+    /// the database cannot be reached or does not answer in time; an error
+    /// only when the database refused the batch for what it carries.
+    async fn write_until_done(&self, batch: &[Outcome]) -> Result<(), RecordError> {
+        let mut delay = Duration::from_secs(1);
+        let mut again = false;
+        loop {
+            match self.write(batch, again).await {
+                Ok(written) => {
+                    self.written(batch, &written);
+                    return Ok(());
+                }
+                Err(e) => {
+                    telemetry::database_error("record");
+                    if e.bad_data {
+                        return Err(e);
+                    }
+                    // The write may have committed before its reply was
+                    // lost: the next try says so (see record.sql's end).
+                    again = true;
+                    tracing::warn!(error = %e, pending = batch.len(), retry_in = ?delay, "recording failed; will retry");
+                    self.heartbeat.within(delay);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
     async fn write(&self, batch: &[Outcome], again: bool) -> Result<Written, RecordError> {
         let limit = self.recorder.limit;
         self.heartbeat.within(limit);
@@ -604,39 +618,63 @@ fn log_circuit(c: &CircuitChange) {
     }
 }
 
-/// Writes each outcome on its own. One the database still refuses becomes a
-/// plain final failure carrying the reason (it has no retry time, message or
-/// status that could be what was refused); if even that is refused, the
-/// event is left to its lease.
+/// Writes each outcome on its own, each retried like a group while the
+/// database is out of reach (a connection lost then is not the outcome's
+/// fault). One the database still refuses for what it carries is written
+/// again without its texts (what the external system said, the error), the
+/// only free-form values in it: the event keeps its real outcome, delivered
+/// or failed or retried, and its attempt row says why the texts are
+/// missing. If even that is refused, the event is left to its lease.
 async fn write_one_by_one(writer: &Writer<'_>, batch: &[Outcome]) {
     for outcome in batch {
         let single = std::slice::from_ref(outcome);
-        match writer.write(single, true).await {
-            Ok(written) => writer.written(single, &written),
-            Err(e) => {
-                let fallback = Outcome {
-                    next: NextState::Failed,
-                    kind: AttemptKind::Permanent,
-                    response_message: None,
-                    error: Some(truncate_chars(
-                        &format!("could not record the outcome: {}", e.message),
-                        MAX_MESSAGE_CHARS,
-                    )),
-                    http_status: None,
-                    notify: false,
-                    pause: None,
-                    ..outcome.clone()
-                };
-                let single = std::slice::from_ref(&fallback);
-                match writer.write(single, true).await {
-                    Ok(written) => writer.written(single, &written),
-                    Err(e) => tracing::error!(
-                        event_id = %outcome.event_id,
-                        error = %e,
-                        "cannot record this outcome at all; the event is retried after its lease"
-                    ),
-                }
-            }
+        let Err(e) = writer.write_until_done(single).await else {
+            continue;
+        };
+        let bare = without_texts(outcome, &e);
+        if let Err(e) = writer.write_until_done(std::slice::from_ref(&bare)).await {
+            tracing::error!(
+                event_id = %outcome.event_id,
+                error = %e,
+                "cannot record this outcome at all; the event is retried after its lease"
+            );
+        }
+    }
+}
+
+/// `outcome` with its free-form texts replaced by why they are missing.
+fn without_texts(outcome: &Outcome, refused: &RecordError) -> Outcome {
+    let why = truncate_chars(
+        &format!(
+            "(not stored: the database refused the text: {})",
+            refused.message
+        ),
+        MAX_MESSAGE_CHARS,
+    );
+    tracing::warn!(
+        event_id = %outcome.event_id,
+        error = %refused.message,
+        "an outcome's texts were refused by the database; its state is recorded without them"
+    );
+    // On a delivered event too: last_error is where the row says what went
+    // wrong with it, and the attempt row takes it as its message.
+    Outcome {
+        response_message: None,
+        error: Some(why),
+        ..outcome.clone()
+    }
+}
+
+/// Fits the outcome's texts to what the database can store (see
+/// [`db::Charset`]), cut again to [`MAX_MESSAGE_CHARS`] when escaping made
+/// them longer.
+fn fit_texts(outcome: &mut Outcome, charset: db::Charset) {
+    for text in [&mut outcome.response_message, &mut outcome.error]
+        .into_iter()
+        .flatten()
+    {
+        if let std::borrow::Cow::Owned(fitted) = charset.storable(text) {
+            *text = truncate_chars(&fitted, MAX_MESSAGE_CHARS);
         }
     }
 }

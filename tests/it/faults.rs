@@ -1272,3 +1272,189 @@ async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
     assert_no_panic(&daemon);
     assert!(daemon.stop().await.success());
 }
+
+// ---------------------------------------------------------------------------
+// Outcomes whose texts the database cannot store (issue 14, point 5)
+// ---------------------------------------------------------------------------
+
+/// A receiver that answers each payment with the status and message the
+/// test gives for its paymentNumber.
+async fn answering(answers: &'static [(&'static str, &'static str, &'static str)]) -> Receiver {
+    Receiver::start(move |req, _| {
+        let number = req.json()["paymentNumber"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let (_, status, message) = answers
+            .iter()
+            .find(|(n, _, _)| *n == number)
+            .copied()
+            .unwrap_or(("", "1", "ok"));
+        Reply::Json(200, json!({"status": status, "message": message}))
+    })
+    .await
+}
+
+async fn event_texts(
+    client: &Client,
+    number: &str,
+) -> (String, Option<String>, Option<String>, Option<String>) {
+    let row = client
+        .query_one(
+            "SELECT e.state, e.response_message, e.last_error,
+                    (SELECT a.message FROM outbox.attempts a WHERE a.event_id = e.id)
+               FROM outbox.events e WHERE e.payload->>'paymentNumber' = $1",
+            &[&number],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2), row.get(3))
+}
+
+/// In a LATIN1 database, a receiver's message with characters LATIN1 lacks
+/// is stored with them escaped, and the event keeps its real outcome. Before,
+/// the server refused the text (22P05) and the fallback marked the
+/// delivered event failed ("could not record the outcome").
+#[tokio::test(flavor = "multi_thread")]
+async fn in_a_latin1_database_a_message_it_cannot_hold_is_stored_escaped_and_the_outcome_kept() {
+    let db = TestDb::new_in_encoding("LATIN1").await;
+    let client = db.client().await;
+    static ANSWERS: &[(&str, &str, &str)] = &[
+        ("EURO", "1", "Zahlung über 50 € storniert ✓"),
+        ("CAFE", "1", "café storniert"),
+        ("TOKYO", "0", "東京: already settled"),
+    ];
+    let receiver = answering(ANSWERS).await;
+    endpoint(&client, 1, "payment.cancellation", &receiver.url("/")).await;
+    let daemon = Daemon::start(&db, QUICK).await;
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, 1, 'EURO');
+             SELECT outbox.enqueue_payment_cancellation(1, 2, 'CAFE');
+             SELECT outbox.enqueue_payment_cancellation(1, 3, 'TOKYO');",
+        )
+        .await
+        .unwrap();
+    eventually_count(
+        &client,
+        "all three in a final state",
+        SECS(15),
+        "SELECT count(*) FROM outbox.events WHERE state IN ('delivered', 'failed')",
+        3,
+    )
+    .await;
+    let euro = event_texts(&client, "EURO").await;
+    assert_eq!(euro.0, "delivered");
+    let stored = "Zahlung über 50 \\u{20ac} storniert \\u{2713}";
+    assert_eq!(euro.1.as_deref(), Some(stored));
+    assert_eq!(euro.3.as_deref(), Some(stored), "the attempt row");
+    let cafe = event_texts(&client, "CAFE").await;
+    assert_eq!(
+        (cafe.0.as_str(), cafe.1.as_deref()),
+        ("delivered", Some("café storniert"))
+    );
+    let tokyo = event_texts(&client, "TOKYO").await;
+    assert_eq!(tokyo.0, "failed", "rejected, as the receiver said");
+    assert_eq!(
+        tokyo.1.as_deref(),
+        Some("\\u{6771}\\u{4eac}: already settled")
+    );
+    assert!(
+        !daemon.log().iter().any(|l| l.contains("refused")),
+        "no write was refused"
+    );
+    assert!(
+        daemon
+            .log()
+            .iter()
+            .any(|l| l.contains("encoding cannot store every character") && l.contains("LATIN1")),
+        "the encoding is checked at start"
+    );
+    assert_eq!(receiver.received().len(), 3, "each sent once");
+    assert!(daemon.stop().await.success());
+
+    let check = crate::harness::run(db.outboxd().arg("check")).await;
+    assert!(check.stdout.contains("encoding LATIN1"), "{check:?}");
+}
+
+/// When the database refuses one outcome's text whatever its encoding
+/// (staged: a trigger on outbox.attempts raises 22P05 for a message with
+/// POISON in it), and the connection is lost while that outcome is written
+/// on its own (the trigger terminates its own backend once), the outcome is
+/// written again after the loss, and then without its texts: the delivered
+/// event stays delivered. Before, the lost connection made the fallback
+/// mark it failed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outcome_whose_text_is_refused_keeps_its_state_through_a_lost_connection() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE SEQUENCE public.poison_seen;
+             CREATE FUNCTION public.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.message LIKE '%POISON%' THEN
+                     -- The second time (the one-by-one write): the connection
+                     -- goes, as in a database restart. A sequence, because it
+                     -- is not rolled back with the statement.
+                     IF nextval('public.poison_seen') = 2 THEN
+                         PERFORM pg_terminate_backend(pg_backend_pid());
+                         PERFORM pg_sleep(5);
+                     END IF;
+                     RAISE EXCEPTION 'staged: this text cannot be stored' USING ERRCODE = '22P05';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse_poison BEFORE INSERT ON outbox.attempts
+                 FOR EACH ROW EXECUTE FUNCTION public.refuse_poison();",
+        )
+        .await
+        .unwrap();
+    static ANSWERS: &[(&str, &str, &str)] = &[("P", "1", "POISON accepted")];
+    let receiver = answering(ANSWERS).await;
+    endpoint(&client, 1, "payment.cancellation", &receiver.url("/")).await;
+    let daemon = Daemon::start(&db, QUICK).await;
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, g, 'G' || g) FROM generate_series(1, 3) g;
+             SELECT outbox.enqueue_payment_cancellation(1, 9, 'P');",
+        )
+        .await
+        .unwrap();
+    eventually_count(
+        &client,
+        "all four in a final state",
+        SECS(20),
+        "SELECT count(*) FROM outbox.events WHERE state IN ('delivered', 'failed')",
+        4,
+    )
+    .await;
+    let poisoned = event_texts(&client, "P").await;
+    assert_eq!(poisoned.0, "delivered", "{poisoned:?}");
+    assert_eq!(poisoned.1, None, "the refused message is not stored");
+    let note = poisoned.2.unwrap_or_default();
+    assert!(
+        note.starts_with("(not stored: the database refused the text:") && note.contains("staged"),
+        "{note}"
+    );
+    assert_eq!(
+        poisoned.3.as_deref(),
+        Some(note.as_str()),
+        "the attempt row"
+    );
+    for g in 1..=3 {
+        assert_eq!(event_texts(&client, &format!("G{g}")).await.0, "delivered");
+    }
+    let seen = count(&client, "SELECT last_value FROM public.poison_seen").await;
+    assert!(seen >= 3, "refused, lost, refused again: {seen}");
+    assert!(
+        daemon
+            .log()
+            .iter()
+            .any(|l| l.contains("recording failed; will retry")),
+        "the lost connection was retried"
+    );
+    assert_eq!(receiver.received().len(), 4, "each sent once");
+    assert_no_panic(&daemon);
+    assert!(daemon.stop().await.success());
+}

@@ -76,7 +76,25 @@ impl TestDb {
         TestDb::empty_on(&admin_url()).await
     }
 
+    /// A fresh migrated database in `encoding` (e.g. "LATIN1"), with the C
+    /// locale, which goes with any encoding.
+    pub async fn new_in_encoding(encoding: &str) -> TestDb {
+        let options =
+            format!("ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
+        let db = TestDb::create(&admin_url(), &options).await;
+        let mut client = db.client().await;
+        outboxd::migrate::migrate(&mut client)
+            .await
+            .expect("migrating the test database");
+        db
+    }
+
     async fn empty_on(admin_url: &str) -> TestDb {
+        TestDb::create(admin_url, "").await
+    }
+
+    /// Creates the database with `options` after CREATE DATABASE's name.
+    async fn create(admin_url: &str, options: &str) -> TestDb {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "outboxd_test_{}_{}",
@@ -88,7 +106,7 @@ impl TestDb {
         // transaction of a multi-statement string.
         for sql in [
             format!("DROP DATABASE IF EXISTS {name}"),
-            format!("CREATE DATABASE {name}"),
+            format!("CREATE DATABASE {name} {options}"),
         ] {
             admin
                 .batch_execute(&sql)
