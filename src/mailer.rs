@@ -3,7 +3,8 @@
 //!
 //! A [`Service`]; each tick ([`Mailer::run_once`]):
 //! 1. gather (unless the tick continues a run of sends): under an advisory
-//!    lock (one instance at a time), endpoints whose oldest waiting
+//!    lock (one instance at a time, the gathering in a statement after the
+//!    one that took it), endpoints whose oldest waiting
 //!    notification has waited `notify.gather` and which had no email within
 //!    `notify.window` get one new email listing all of them
 //!    (`sql/queries/gather_notifications.sql`);
@@ -32,6 +33,8 @@ use crate::service::{Next, Service};
 use crate::{db, smtp};
 
 const GATHER_SQL: &str = include_str!("../sql/queries/gather_notifications.sql");
+/// Taken for the gathering's transaction; false when another instance holds it.
+const GATHER_LOCK_SQL: &str = "SELECT pg_try_advisory_xact_lock($1)";
 const CLAIM_SQL: &str = include_str!("../sql/queries/claim_emails.sql");
 const CONTENT_SQL: &str = include_str!("../sql/queries/email_content.sql");
 const MARK_SQL: &str = include_str!("../sql/queries/mark_email.sql");
@@ -163,12 +166,12 @@ impl Mailer {
     /// due email.
     pub async fn run_once(&self) -> Result<Report, NotifyError> {
         let mut report = Report::default();
-        let client = self.pool.get().await.map_err(|e| NotifyError {
+        let mut client = self.pool.get().await.map_err(|e| NotifyError {
             step: "connecting",
             reason: db::describe_pool(&e),
         })?;
         if !self.continuing {
-            report.gathered = self.gather(&client).await?;
+            report.gathered = self.gather(&mut client).await?;
         }
         let Some(smtp) = &self.config.smtp else {
             return Ok(report);
@@ -200,19 +203,40 @@ impl Mailer {
         Ok(report)
     }
 
-    async fn gather(&self, client: &deadpool_postgres::Client) -> Result<u64, NotifyError> {
+    /// Gathers under the advisory lock (one instance at a time): one
+    /// transaction, the lock taken by its first statement, the gathering
+    /// done by the next, whose snapshot comes after the lock (see
+    /// gather_notifications.sql). An idle mailer costs one transaction per
+    /// tick.
+    async fn gather(&self, client: &mut deadpool_postgres::Client) -> Result<u64, NotifyError> {
         let gather_ms = self.config.gather.as_millis() as i64;
         let window_ms = self.config.window.as_millis() as i64;
-        // Prepared once per connection: an idle mailer costs one statement
-        // per tick.
-        let statement = client
+        let tx = client
+            .transaction()
+            .await
+            .map_err(step("gathering notifications"))?;
+        let lock = tx
+            .prepare_cached(GATHER_LOCK_SQL)
+            .await
+            .map_err(step("gathering notifications"))?;
+        let locked: bool = tx
+            .query_one(&lock, &[&GATHER_LOCK_KEY])
+            .await
+            .map_err(step("gathering notifications"))?
+            .get(0);
+        if !locked {
+            // Another instance is gathering now.
+            return Ok(0);
+        }
+        let statement = tx
             .prepare_cached(GATHER_SQL)
             .await
             .map_err(step("gathering notifications"))?;
-        let created = client
-            .query(&statement, &[&gather_ms, &window_ms, &GATHER_LOCK_KEY])
+        let created = tx
+            .query(&statement, &[&gather_ms, &window_ms])
             .await
             .map_err(step("gathering notifications"))?;
+        tx.commit().await.map_err(step("gathering notifications"))?;
         for row in &created {
             let id: i64 = row.get("id");
             let n: i64 = row.get("notifications");

@@ -2,16 +2,19 @@
 -- email per endpoint per window ($2 ms). An endpoint's notifications are
 -- gathered once the oldest has waited $1 ms (so a burst of failures makes one
 -- digest, not one email each) and no email for that endpoint was created
--- within the window. Only the instance that gets the advisory lock $3 (held
--- for this statement's transaction) gathers, so two instances never gather
--- the same endpoint at once; the others find nothing to do. One statement,
--- so an idle mailer costs one query per tick. Returns the new emails.
-WITH locked AS (
-    SELECT pg_try_advisory_xact_lock($3) AS ok
-), ready AS (
+-- within the window. Returns the new emails.
+--
+-- Run only by the instance holding the gather lock, in the same transaction
+-- and after the statement that took it (src/mailer.rs): so two instances
+-- never gather at once, and this statement's snapshot, taken after the
+-- lock, sees what the previous holder committed. (Taken inside this
+-- statement, the lock came after its snapshot: an instance could get it
+-- just as another committed, then see that one's notifications as still
+-- waiting and make an email with none in it.)
+WITH ready AS (
     SELECT n.company_id, n.event_type
-      FROM outbox.notifications AS n, locked
-     WHERE n.email_id IS NULL AND locked.ok
+      FROM outbox.notifications AS n
+     WHERE n.email_id IS NULL
      GROUP BY n.company_id, n.event_type
     HAVING min(n.created_at) <= now() - $1::bigint * interval '1 millisecond'
        AND NOT EXISTS (

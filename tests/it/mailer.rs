@@ -333,3 +333,115 @@ async fn claim_emails_leases_one_email_at_a_time() {
     // Oldest due first; the fourth claim finds nothing left.
     assert_eq!(claimed, vec![3, 2, 1]);
 }
+
+/// Issue 14.6: two instances gathering at once make one email, holding
+/// every notification. The race, staged: the first gather call of the test
+/// database waits at a gate (a test-held advisory lock) just before taking
+/// the gather lock, so that instance B is inside its gathering, past
+/// whatever snapshot it has, while instance A gathers and commits; then the
+/// gate opens. The gate is a function named like PostgreSQL's lock
+/// function, found first through the database's search_path; it then calls
+/// the real one. Before, B's statement had taken its snapshot before the
+/// lock, saw the notifications A had just emailed as still waiting, and made
+/// a second email with none in it (later "sent" with every recipient
+/// refused).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_gathering_at_once_make_one_email_with_every_notification() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    crate::notify::endpoint(
+        &client,
+        6316,
+        "https://erp.example.com/hooks",
+        &["ops@example.com"],
+    )
+    .await;
+    client
+        .batch_execute(&format!(
+            "WITH failed AS (
+                 INSERT INTO outbox.events (company_id, payload, state, attempts, last_error)
+                 SELECT 6316, jsonb_build_object('companyId', 6316, 'paymentId', g,
+                                                 'paymentNumber', 'P-' || g),
+                        'failed', 1, 'rejected by the external system (status 0)'
+                   FROM generate_series(1, 3) AS g
+                 RETURNING id
+             )
+             INSERT INTO outbox.notifications (event_id, company_id, event_type, endpoint_url,
+                                               created_at)
+             SELECT id, 6316, 'payment.cancellation', 'https://erp.example.com/hooks',
+                    now() - interval '1 minute'
+               FROM failed;
+             CREATE SEQUENCE public.gather_calls;
+             -- A row that commits with the gated instance's gathering.
+             CREATE TABLE public.gate_passed (at timestamptz);
+             CREATE FUNCTION public.pg_try_advisory_xact_lock(key bigint) RETURNS boolean
+             LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF nextval('public.gather_calls') = 1 THEN
+                     PERFORM pg_catalog.pg_advisory_lock_shared(4242);
+                     PERFORM pg_catalog.pg_advisory_unlock_shared(4242);
+                     INSERT INTO public.gate_passed VALUES (now());
+                 END IF;
+                 RETURN pg_catalog.pg_try_advisory_xact_lock(key);
+             END $$;
+             ALTER DATABASE {} SET search_path = public, pg_catalog;",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let gate = db.client().await;
+    gate.execute("SELECT pg_advisory_lock(4242)", &[])
+        .await
+        .unwrap();
+    let env = [
+        ("OUTBOXD_NOTIFY__GATHER", "100ms"),
+        ("OUTBOXD_NOTIFY__POLL_INTERVAL", "100ms"),
+    ];
+    let b = Daemon::start(&db, &env).await;
+    let waiting_at_gate = "SELECT count(*) FROM pg_stat_activity
+                            WHERE datname = current_database()
+                              AND wait_event_type = 'Lock' AND wait_event = 'advisory'";
+    eventually_count(
+        &client,
+        "B waiting at the gate",
+        Duration::from_secs(10),
+        waiting_at_gate,
+        1,
+    )
+    .await;
+    let a = Daemon::start(&db, &env).await;
+    eventually_count(
+        &client,
+        "A's email with all three",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM outbox.notifications WHERE email_id IS NOT NULL",
+        3,
+    )
+    .await;
+    gate.execute("SELECT pg_advisory_unlock(4242)", &[])
+        .await
+        .unwrap();
+    // B's gathering is over once its transaction, with the gate's row in
+    // it, has committed.
+    eventually_count(
+        &client,
+        "B's gathering committed",
+        Duration::from_secs(10),
+        "SELECT count(*) FROM public.gate_passed",
+        1,
+    )
+    .await;
+    assert!(a.stop().await.success());
+    assert!(b.stop().await.success());
+    let emails = client
+        .query(
+            "SELECT e.id, count(n.id) FROM outbox.emails e
+               LEFT JOIN outbox.notifications n ON n.email_id = e.id
+              GROUP BY e.id ORDER BY e.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let counts: Vec<i64> = emails.iter().map(|r| r.get(1)).collect();
+    assert_eq!(counts, [3], "one email, with every notification");
+}
