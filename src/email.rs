@@ -3,13 +3,14 @@
 //! ([`FailedEvent`]) and sends what this renders.
 //!
 //! Nothing secret is in reach here: the rows carry the endpoint URL (which
-//! the schema keeps free of credentials), never its password or token.
+//! the schema keeps free of credentials, and whose query values are shown
+//! as `***`), never its password or token.
 
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use crate::classify::truncate_chars;
-use crate::webhook::{PAYMENT_CANCELLATION, PaymentCancellation};
+use crate::webhook::{PAYMENT_CANCELLATION, PaymentCancellation, shown_url};
 
 /// One failed event, as the email reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,7 +186,7 @@ pub fn render_digest(digest: &Digest) -> Rendered {
         rows.extend(what.details);
         rows.extend([
             ("Event id", event.id.to_string()),
-            ("Endpoint", event.endpoint_url.clone()),
+            ("Endpoint", shown_url(&event.endpoint_url)),
             ("Result", outcome_line(event)),
             ("Attempts", event.attempts.to_string()),
             ("First attempt", time(event.first_attempt)),
@@ -349,7 +350,7 @@ pub fn render_circuit(
                  its requests failed several times in a row, so deliveries to it are paused."
             ),
             vec![
-                ("Endpoint", news.url.clone()),
+                ("Endpoint", shown_url(&news.url)),
                 ("Not reachable since", since),
                 (
                     "Last error",
@@ -373,7 +374,7 @@ pub fn render_circuit(
                  outboxd is delivering to it."
             ),
             vec![
-                ("Endpoint", news.url.clone()),
+                ("Endpoint", shown_url(&news.url)),
                 ("Not reachable from", since),
                 ("Answered again", snapshot_time(news.closed_at.as_deref())),
                 ("Being delivered", waiting),

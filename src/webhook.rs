@@ -228,6 +228,31 @@ impl PaymentCancellation {
     }
 }
 
+/// An endpoint URL as outboxd shows it (emails, logs, `status`, the
+/// endpoint commands): every query value and the fragment replaced by
+/// `***`. The schema refuses credentials before the host (`user:pass@`),
+/// but a receiver may take its token in the query (`?token=…`), and outboxd
+/// cannot tell such a value from a harmless one. Scheme, host, port and path
+/// are kept: they say where the requests go.
+pub fn shown_url(url: &str) -> String {
+    let (rest, fragment) = match url.split_once('#') {
+        Some((rest, _)) => (rest, "#***"),
+        None => (url, ""),
+    };
+    let Some((base, query)) = rest.split_once('?') else {
+        return format!("{rest}{fragment}");
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if !key.is_empty() => format!("{key}=***"),
+            _ if pair.is_empty() => String::new(),
+            _ => "***".to_string(),
+        })
+        .collect();
+    format!("{base}?{}{fragment}", query.join("&"))
+}
+
 fn parse_url(url: &str) -> Result<Uri, BuildError> {
     let uri: Uri = url.parse().map_err(|e| BuildError::Url(format!("{e}")))?;
     match uri.scheme_str() {
@@ -387,6 +412,44 @@ mod tests {
         })
         .unwrap_err();
         assert!(!err.to_string().contains("SECRET"));
+    }
+
+    #[test]
+    fn shown_urls_keep_where_requests_go_and_hide_every_query_value() {
+        let table = [
+            (
+                "https://erp.example.com/hooks",
+                "https://erp.example.com/hooks",
+            ),
+            (
+                "https://erp.example.com:8443/hooks/cancel?token=abc123",
+                "https://erp.example.com:8443/hooks/cancel?token=***",
+            ),
+            (
+                "https://erp.example.com/h?api_key=K&company=6316",
+                "https://erp.example.com/h?api_key=***&company=***",
+            ),
+            (
+                "https://erp.example.com/h?s3cr3t",
+                "https://erp.example.com/h?***",
+            ),
+            (
+                "https://erp.example.com/h?=v&&k=",
+                "https://erp.example.com/h?***&&k=***",
+            ),
+            ("https://erp.example.com/h?", "https://erp.example.com/h?"),
+            (
+                "https://erp.example.com/h#sig=x",
+                "https://erp.example.com/h#***",
+            ),
+            (
+                "https://erp.example.com/h?t=a#b?c=d",
+                "https://erp.example.com/h?t=***#***",
+            ),
+        ];
+        for (url, shown) in table {
+            assert_eq!(shown_url(url), shown, "{url}");
+        }
     }
 
     #[test]

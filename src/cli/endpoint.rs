@@ -463,7 +463,8 @@ impl View {
         View {
             company_id: row.get("company_id"),
             event_type: row.get("event_type"),
-            url: row.get("url"),
+            // As shown: query values hidden (webhook::shown_url).
+            url: crate::webhook::shown_url(row.get("url")),
             auth_type: row.get("auth_type"),
             username: row.get("username"),
             password_set: row.get("password_set"),

@@ -42,7 +42,9 @@ pub async fn run(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
 
     println!(
         "test request: POST {} (company {}, {}, auth {auth_type})",
-        endpoint.url, key.company, key.event
+        crate::webhook::shown_url(&endpoint.url),
+        key.company,
+        key.event
     );
     println!(
         "  event id: {} (random, not in the outbox; sent with the header Outboxd-Test: 1)",

@@ -126,7 +126,9 @@ pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
         .map(|row| FailingEndpoint {
             company_id: row.get("company_id"),
             event_type: row.get("event_type"),
-            url: row.get("url"),
+            url: row
+                .get::<_, Option<&str>>("url")
+                .map(crate::webhook::shown_url),
             failed_events: row.get("failed"),
         })
         .collect();

@@ -646,3 +646,61 @@ async fn twenty_thousand_failures_make_one_small_digest_and_memory_stays_flat() 
         mail.raw.len()
     );
 }
+
+/// Issue 14.8: a token in the endpoint URL's query is sent with every
+/// request, and never shown: not in the email, `status`, the endpoint
+/// commands, `endpoint test`, nor the daemon's log. outboxd shows every
+/// query value as `***` (it cannot tell a token from a harmless value).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_in_the_url_query_is_sent_but_never_shown() {
+    use crate::harness::run;
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = rejecting_receiver().await;
+    let secret = "QUERY-SECRET-tok";
+    let url = receiver.url(&format!("/hooks?token={secret}&company=6316"));
+    endpoint(&client, 6316, &url, &["ops@example.com"]).await;
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &[]).await;
+    let daemon = start(&db, &smtp_env(port, &[])).await;
+    client
+        .query_one(
+            "SELECT outbox.enqueue_payment_cancellation(6316, 1, '1')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mail = smtp.wait_for(1, SECS(20)).await.remove(0);
+    assert_eq!(
+        receiver.received()[0].path,
+        format!("/hooks?token={secret}&company=6316"),
+        "the receiver gets its token"
+    );
+    let shown = receiver.url("/hooks?token=***&company=***");
+    assert!(mail.part("text/plain").contains(&shown), "{}", mail.raw);
+    assert!(!mail.raw.contains(secret), "the email shows the token");
+    let log = daemon.log();
+    daemon.stop().await;
+    assert!(
+        !log.iter().any(|l| l.contains(secret)),
+        "the log shows the token"
+    );
+    for args in [
+        vec!["status"],
+        vec!["endpoint", "show", "--company", "6316"],
+        vec!["endpoint", "list"],
+        vec!["endpoint", "test", "--company", "6316"],
+    ] {
+        let ran = run(db.outboxd().args(&args)).await;
+        assert!(
+            !ran.stdout.contains(secret) && !ran.stderr.contains(secret),
+            "{args:?} shows the token: {ran:?}"
+        );
+        assert!(ran.stdout.contains("token=***"), "{args:?}: {ran:?}");
+    }
+    assert_eq!(
+        receiver.received().last().unwrap().path,
+        format!("/hooks?token={secret}&company=6316"),
+        "endpoint test sends the token too"
+    );
+}
