@@ -19,6 +19,15 @@
 //! [`SchemaState::Incomplete`] and the daemon waits, as for a migration not
 //! yet run. (An old index not dropped yet costs only speed, not correctness,
 //! and does not hold the daemon back.)
+//!
+//! Writing a migration: it runs while the sales application enqueues, so
+//! nothing in its transaction may read or rewrite `outbox.events` (or
+//! another large table) under a lock that blocks writes. Add a check with
+//! `NOT VALID` (new and updated rows are checked, existing ones not read;
+//! they were written by code that already kept the rule), an index in the
+//! `.online.sql` part, a column only without a volatile default (no
+//! rewrite). Only 0003 predates this: its checks scan the table once when a
+//! schema of version 2 or older is upgraded (README, "Under systemd").
 
 use tokio_postgres::{Client, GenericClient};
 
