@@ -704,3 +704,43 @@ async fn a_token_in_the_url_query_is_sent_but_never_shown() {
         "endpoint test sends the token too"
     );
 }
+
+/// Issue 14.1: a message over the relay's size limit (aiosmtpd's, 552 after
+/// DATA) is about the message, not the recipients: the email waits for
+/// every recipient, with the server's reply, and none is marked refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_over_the_relays_size_limit_is_kept_for_every_recipient() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = rejecting_receiver().await;
+    endpoint(
+        &client,
+        6316,
+        &receiver.url("/"),
+        &["ops@example.com", "cfo@example.com"],
+    )
+    .await;
+    let port = free_port();
+    // Any notification email is larger than 1,000 bytes.
+    let smtp = SmtpServer::start(port, &["--size-limit", "1000"]).await;
+    let daemon = start(&db, &smtp_env(port, &[])).await;
+    client
+        .query_one(
+            "SELECT outbox.enqueue_payment_cancellation(6316, 1, '1')",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually_count(
+        &client,
+        "the email tried twice and still waiting for both recipients",
+        SECS(20),
+        "SELECT count(*) FROM outbox.emails
+          WHERE state = 'pending' AND attempts >= 2 AND sent_to = '{}' AND refused = '{}'
+            AND last_error LIKE '%refused the message: 552%'",
+        1,
+    )
+    .await;
+    daemon.stop().await;
+    assert!(smtp.mails().is_empty());
+}
