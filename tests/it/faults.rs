@@ -1458,3 +1458,67 @@ async fn an_outcome_whose_text_is_refused_keeps_its_state_through_a_lost_connect
     assert_no_panic(&daemon);
     assert!(daemon.stop().await.success());
 }
+
+/// Issue 14.7, staged for real: the daemon is killed (SIGKILL) mid-delivery
+/// twice, each time while the receiver holds the request, so both attempts'
+/// leases run out with no outcome; with `retry.max_attempts = 2` the next
+/// claim fails the event, and since real requests were made its company is
+/// told (a notification is queued). Before, no notification was written.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_whose_daemon_died_mid_delivery_every_time_fails_and_its_company_is_told() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start(|_, _| Reply::Hang).await;
+    endpoint(&client, 1, "payment.cancellation", &receiver.url("/")).await;
+    // A request timeout long enough that the kill comes first, and the
+    // shortest lease it allows (2 x 3 s + 10 s).
+    let env = quick(&[
+        ("OUTBOXD_DELIVERY__REQUEST_TIMEOUT", "3s"),
+        ("OUTBOXD_DELIVERY__LEASE", "16s"),
+        ("OUTBOXD_RETRY__MAX_ATTEMPTS", "2"),
+    ]);
+    client
+        .execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, 1, 'DIES')",
+            &[],
+        )
+        .await
+        .unwrap();
+    for attempt in 1..=2 {
+        let mut daemon = Daemon::start(&db, &env).await;
+        receiver.wait_for(attempt, SECS(40)).await;
+        daemon.signal(libc::SIGKILL);
+        daemon.wait(SECS(5)).await;
+    }
+    let daemon = Daemon::start(&db, &env).await;
+    eventually("the event failed", SECS(40), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE state = 'failed'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let row = client
+        .query_one(
+            "SELECT e.attempts, e.last_error,
+                    (SELECT count(*) FROM outbox.notifications n WHERE n.event_id = e.id)
+               FROM outbox.events e",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (attempts, error, notified): (i32, String, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!(
+        attempts, 3,
+        "two claims that died, and the one that gave up"
+    );
+    assert!(
+        error.contains("gave up after 2 attempts without a recorded outcome (leases ran out)"),
+        "{error}"
+    );
+    assert_eq!(notified, 1, "the company is told");
+    assert_eq!(receiver.received().len(), 2, "no third request");
+    assert!(daemon.stop().await.success());
+}
