@@ -78,6 +78,7 @@ async fn route(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/metrics" => {
+            crate::telemetry::scrape(&state.pool);
             let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
             response.headers_mut().insert(
                 CONTENT_TYPE,

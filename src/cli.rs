@@ -458,10 +458,17 @@ async fn run_check(config: &Config) -> Exit {
         }
         Err(e) => return fail(&db::describe(&e)),
     };
+    let tls = match db::describe_tls(&config.database).await {
+        Ok(tls) => tls,
+        Err(e) => return fail(&format!("database TLS: {e}")),
+    };
     println!(
-        "database: ok ({}, PostgreSQL {version}, encoding {encoding})",
+        "database: ok ({}, PostgreSQL {version}, encoding {encoding}, {tls})",
         db::target(&config.database.pg)
     );
+    if let Some(warning) = db::plaintext_warning(&config.database) {
+        println!("database: warning: {warning}");
+    }
     match migrate::status(&client).await {
         Ok(SchemaState::Current { version }) => {
             println!("schema: ok (version {version})");

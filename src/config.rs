@@ -1,5 +1,8 @@
 //! Configuration: built-in defaults, then a TOML file, then `OUTBOXD_…`
 //! environment variables (`OUTBOXD_DATABASE__URL` sets `database.url`).
+//! Only variables of that shape are read; other `OUTBOXD_…` names (no `__`)
+//! are left alone with a warning, and neither `DATABASE_URL` nor libpq's
+//! `PG…` variables are read: what connects where is in one place.
 //!
 //! Loading has two stages. figment extracts [`RawConfig`], which holds what
 //! the operator wrote (durations as strings, every key optional);
@@ -53,6 +56,9 @@ impl fmt::Debug for Secret {
 pub struct Config {
     /// The file that was read, if any.
     pub source: Option<PathBuf>,
+    /// `OUTBOXD_…` variables that are not settings (no `__`), left alone:
+    /// names only, for one warning once logging is up.
+    pub ignored_env: Vec<String>,
     pub database: DatabaseConfig,
     pub delivery: DeliveryConfig,
     pub retry: RetryPolicy,
@@ -171,6 +177,47 @@ pub struct DatabaseConfig {
     /// How long `run` waits for `outboxd migrate` when it finds the schema
     /// older than itself; zero: exit 3 at once.
     pub schema_wait: Duration,
+    /// TLS to the server, for every connection (pool, LISTEN, the CLI).
+    pub tls: DatabaseTls,
+}
+
+/// `database.tls`: libpq's `sslmode` values, less the two that fall back to
+/// plaintext without saying so (`allow`, `prefer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// No TLS (a Unix socket, loopback, or a network you trust).
+    Disable,
+    /// TLS, the server's certificate not checked: encrypted, but open to
+    /// whoever can place themselves in between.
+    Require,
+    /// TLS, the certificate signed by a trusted CA, whatever name it is for.
+    VerifyCa,
+    /// TLS, the certificate signed by a trusted CA and for the host name
+    /// (or address) connected to.
+    VerifyFull,
+}
+
+impl TlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsMode::Disable => "disable",
+            TlsMode::Require => "require",
+            TlsMode::VerifyCa => "verify-ca",
+            TlsMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// TLS settings for the database connections.
+#[derive(Debug, Clone)]
+pub struct DatabaseTls {
+    pub mode: TlsMode,
+    /// PEM CA certificates to trust instead of the system's
+    /// (`database.tls_ca_file`).
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate (PEM) and its PKCS#8 key (PEM, secret), for
+    /// servers that ask for one.
+    pub client: Option<(Vec<u8>, Secret)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,6 +262,12 @@ pub struct LogConfig {
 pub enum LogFormat {
     Text,
     Json,
+    /// Text with each line's syslog priority in front (`<4>` for a
+    /// warning), which systemd's journal reads from stderr
+    /// (`SyslogLevelPrefix=`, on by default) so `journalctl -p` filters
+    /// work; no timestamp, the journal keeps its own. Chosen by itself when
+    /// stderr is the journal (`JOURNAL_STREAM`) and the format is text.
+    Journald,
 }
 
 /// The configuration as written, before validation.
@@ -250,6 +303,10 @@ pub struct RawDatabase {
     pub connect_timeout: Option<String>,
     pub pool_size: Option<u32>,
     pub schema_wait: Option<String>,
+    pub tls: Option<String>,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
 }
 
 // Hand-written so that neither the URL (which may carry a password) nor the
@@ -263,6 +320,10 @@ impl fmt::Debug for RawDatabase {
             .field("connect_timeout", &self.connect_timeout)
             .field("pool_size", &self.pool_size)
             .field("schema_wait", &self.schema_wait)
+            .field("tls", &self.tls)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
             .finish()
     }
 }
@@ -370,7 +431,7 @@ pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postg
 const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 const DEFAULT_LOG_LEVEL: &str = "info";
 const DEFAULT_POOL_SIZE: u32 = 4;
-const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9187";
+const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7464";
 const DEFAULT_CONCURRENCY: u32 = 64;
 /// Per endpoint and instance: an eighth of one instance's slots, so a
 /// slow tenant leaves the rest to the others (README, "Many tenants").
@@ -450,7 +511,25 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
     let raw = extract(source.as_deref())?;
     let mut config = raw.validate()?;
     config.source = source;
+    config.ignored_env = ignored_env_vars();
     Ok(config)
+}
+
+/// `OUTBOXD_…` variables without `__`: not settings (a setting is always
+/// `OUTBOXD_<SECTION>__<KEY>`), so not read. Kubernetes sets such variables
+/// in every pod of a namespace with a Service named `outboxd`
+/// (`OUTBOXD_PORT=tcp://10.0.0.1:80`, `OUTBOXD_SERVICE_HOST`, …).
+/// `OUTBOXD_CONFIG` is the `--config` flag.
+fn ignored_env_vars() -> Vec<String> {
+    let mut names: Vec<String> = std::env::vars_os()
+        .filter_map(|(name, _)| name.into_string().ok())
+        .filter(|name| {
+            name.strip_prefix(ENV_PREFIX)
+                .is_some_and(|rest| !rest.contains("__") && rest != "CONFIG")
+        })
+        .collect();
+    names.sort();
+    names
 }
 
 /// Stage one: file and environment into [`RawConfig`].
@@ -466,7 +545,14 @@ pub fn extract(file: Option<&Path>) -> Result<RawConfig, ConfigError> {
         .collect();
     let mut ignored: Vec<&str> = raw_keys.iter().map(String::as_str).collect();
     ignored.push("config"); // OUTBOXD_CONFIG is the --config flag
-    figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&ignored).split("__"));
+    // Only OUTBOXD_<SECTION>__<KEY> is a setting; an unknown section or key
+    // in that shape is still an error (a typo must not pass).
+    figment = figment.merge(
+        Env::prefixed(ENV_PREFIX)
+            .ignore(&ignored)
+            .filter(|key| key.as_str().contains("__"))
+            .split("__"),
+    );
     for (key, raw) in SECRET_ENV_KEYS.iter().zip(&raw_keys) {
         let name = format!("{ENV_PREFIX}{}", raw.to_uppercase());
         if let Ok(value) = std::env::var(&name) {
@@ -508,6 +594,7 @@ impl RawConfig {
                 Some(log),
             ) if problems.is_empty() => Ok(Config {
                 source: None,
+                ignored_env: Vec::new(),
                 database,
                 delivery,
                 retry,

@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use postgres_native_tls::MakeTlsConnector;
+use tokio_postgres::Client;
 
-use crate::config::DatabaseConfig;
+use crate::config::{DatabaseConfig, DatabaseTls, TlsMode};
 
 #[derive(Debug, thiserror::Error)]
 #[error("connecting to PostgreSQL at {target}: {reason}")]
@@ -33,7 +34,10 @@ pub async fn connect(config: &DatabaseConfig) -> Result<Client, ConnectError> {
         _ => ONE_OFF_SESSION_OPTIONS.to_string(),
     };
     pg.options(options);
-    let attempt = tokio::time::timeout(config.connect_timeout * 2, pg.connect(NoTls));
+    let attempt = tokio::time::timeout(
+        config.connect_timeout * 2,
+        pg.connect(tls_connector(&config.tls)),
+    );
     let (client, connection) = match attempt.await {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => {
@@ -55,6 +59,143 @@ pub async fn connect(config: &DatabaseConfig) -> Result<Client, ConnectError> {
         }
     });
     Ok(client)
+}
+
+/// The TLS side of every database connection, as `database.tls` says (with
+/// `disable` it is never used: the connection's sslmode says no TLS).
+///
+/// libpq's meanings: `require` encrypts without checking the certificate;
+/// `verify-ca` checks that a trusted CA signed it; `verify-full` also that
+/// it names the host connected to (or its IP address). With
+/// `database.tls_ca_file` only those CAs are trusted, as with libpq's
+/// sslrootcert; without it, the system's.
+pub fn tls_connector(tls: &DatabaseTls) -> MakeTlsConnector {
+    MakeTlsConnector::new(
+        native_connector(tls).expect("the TLS settings were checked with the configuration"),
+    )
+}
+
+/// The OpenSSL-backed connector for `tls`; an error names what failed.
+pub fn native_connector(tls: &DatabaseTls) -> Result<native_tls::TlsConnector, String> {
+    let mut builder = native_tls::TlsConnector::builder();
+    match tls.mode {
+        TlsMode::Disable | TlsMode::Require => {
+            builder
+                .danger_accept_invalid_certs(true)
+                .danger_accept_invalid_hostnames(true);
+        }
+        TlsMode::VerifyCa => {
+            builder.danger_accept_invalid_hostnames(true);
+        }
+        TlsMode::VerifyFull => {}
+    }
+    if let Some(pem) = &tls.ca_pem {
+        builder.disable_built_in_roots(true);
+        let certificates = native_tls::Certificate::stack_from_pem(pem)
+            .map_err(|e| format!("database.tls_ca_file: {e}"))?;
+        for certificate in certificates {
+            builder.add_root_certificate(certificate);
+        }
+    }
+    if let Some((cert, key)) = &tls.client {
+        let identity = native_tls::Identity::from_pkcs8(cert, key.expose().as_bytes())
+            .map_err(|e| format!("database.tls_key_file: {e}"))?;
+        builder.identity(identity);
+    }
+    builder.build().map_err(|e| format!("database.tls: {e}"))
+}
+
+/// What `outboxd check` says of TLS: the mode, and with TLS the subject of
+/// the certificate the server presented (read from a handshake of its own
+/// on the first host, made as the connections make theirs, so a refused
+/// certificate is refused here too).
+pub async fn describe_tls(config: &DatabaseConfig) -> Result<String, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_postgres::config::Host;
+    let mode = config.tls.mode.as_str();
+    if config.tls.mode == TlsMode::Disable {
+        return Ok(format!("TLS {mode}"));
+    }
+    let host = match config.pg.get_hosts().first() {
+        Some(Host::Tcp(host)) => host.clone(),
+        Some(Host::Unix(_)) => return Ok(format!("TLS {mode} (a Unix socket: not encrypted)")),
+        None => "localhost".to_string(),
+    };
+    let port = config.pg.get_ports().first().copied().unwrap_or(5432);
+    let connector = tokio_native_tls::TlsConnector::from(native_connector(&config.tls)?);
+    let handshake = async {
+        let mut tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(|e| format!("{host}:{port}: {e}"))?;
+        // SSLRequest: length 8, code 80877103; the server answers S or N.
+        tcp.write_all(&[0, 0, 0, 8, 4, 210, 22, 47])
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut answer = [0u8; 1];
+        tcp.read_exact(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        if answer[0] != b'S' {
+            return Err("the server does not offer TLS".to_string());
+        }
+        let tls = connector
+            .connect(&host, tcp)
+            .await
+            .map_err(|e| format!("TLS handshake: {e}"))?;
+        let certificate = tls
+            .get_ref()
+            .peer_certificate()
+            .map_err(|e| e.to_string())?
+            .ok_or("the server presented no certificate")?;
+        let der = certificate.to_der().map_err(|e| e.to_string())?;
+        let x509 = openssl::x509::X509::from_der(&der).map_err(|e| e.to_string())?;
+        let subject: Vec<String> = x509
+            .subject_name()
+            .entries()
+            .map(|entry| {
+                let name = entry.object().nid().short_name().unwrap_or("?");
+                let value = entry.data().to_string().unwrap_or_default();
+                format!("{name}={value}")
+            })
+            .collect();
+        Ok::<_, String>(subject.join(", "))
+    };
+    let subject = tokio::time::timeout(config.connect_timeout * 2, handshake)
+        .await
+        .map_err(|_| format!("no TLS answer within {:?}", config.connect_timeout * 2))??;
+    Ok(format!("TLS {mode}, server certificate {subject}"))
+}
+
+/// A warning when the connections would carry the tenants' credentials in
+/// clear over a network: TLS disabled towards a host that is neither a Unix
+/// socket nor a loopback address.
+pub fn plaintext_warning(config: &DatabaseConfig) -> Option<String> {
+    use tokio_postgres::config::Host;
+    if config.tls.mode != TlsMode::Disable {
+        return None;
+    }
+    let remote: Vec<String> = config
+        .pg
+        .get_hosts()
+        .iter()
+        .filter_map(|host| match host {
+            Host::Tcp(name) => {
+                let local = name == "localhost"
+                    || name
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                (!local).then(|| name.clone())
+            }
+            Host::Unix(_) => None,
+        })
+        .collect();
+    (!remote.is_empty()).then(|| {
+        format!(
+            "database.tls is \"disable\" towards {}: the connections carry the endpoints' \
+             passwords and tokens in clear; set database.tls = \"verify-full\" (or \"require\")",
+            remote.join(", ")
+        )
+    })
 }
 
 /// `host:port/dbname` for messages, without user or password.
@@ -251,7 +392,7 @@ fn build_pool(config: &DatabaseConfig, session: &str, size: usize) -> deadpool_p
     pg.tcp_user_timeout(Duration::from_secs(30));
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        tls_connector(&config.tls),
         ManagerConfig {
             // Fast: a broken connection shows up as an error on use and is
             // then dropped; a test query before every checkout would add a

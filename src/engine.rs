@@ -140,6 +140,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     tokio::spawn(systemd::watchdog(liveness.clone(), watchdog_stop.clone()));
     let _watchdog = watchdog_stop.clone().drop_guard();
     let startup = liveness.register("start-up");
+    if let Some(warning) = db::plaintext_warning(&config.database) {
+        tracing::warn!("{warning}");
+    }
     let charset =
         match wait_for_database(&pool, &config.database, db_limit, &shutdown, startup).await {
             Ok(Some(charset)) => charset,
@@ -175,7 +178,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
             &liveness,
         ),
         listener: service::spawn(
-            Listener::new(config.database.pg.clone(), wake.clone(), listening.clone()),
+            Listener::new(&config.database, wake.clone(), listening.clone()),
             &liveness,
         ),
         mailer: service::spawn(

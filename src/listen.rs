@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
+use postgres_native_tls::MakeTlsConnector;
 use tokio::sync::Notify;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use crate::db;
 use crate::service::{Next, Service};
@@ -45,6 +46,7 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// `connected` tells whether the listener is up right now.
 pub struct Listener {
     pg: tokio_postgres::Config,
+    tls: MakeTlsConnector,
     wake: Arc<Notify>,
     connected: Arc<AtomicBool>,
     up: Option<Listening>,
@@ -65,13 +67,15 @@ struct Listening {
 
 impl Listener {
     pub fn new(
-        mut pg: tokio_postgres::Config,
+        database: &crate::config::DatabaseConfig,
         wake: Arc<Notify>,
         connected: Arc<AtomicBool>,
     ) -> Listener {
+        let mut pg = database.pg.clone();
         pg.keepalives(true).keepalives_idle(KEEPALIVE_IDLE);
         Listener {
             pg,
+            tls: db::tls_connector(&database.tls),
             wake,
             connected,
             up: None,
@@ -126,7 +130,7 @@ impl Service for Listener {
         let Some(up) = &mut self.up else {
             let limit = self.connect_limit();
             let reconnect = std::mem::replace(&mut self.tried, true);
-            return match tokio::time::timeout(limit, listen(&self.pg)).await {
+            return match tokio::time::timeout(limit, listen(&self.pg, &self.tls)).await {
                 Ok(Ok(up)) => {
                     if reconnect {
                         ::metrics::counter!(crate::telemetry::LISTEN_RECONNECTS).increment(1);
@@ -158,8 +162,11 @@ impl Service for Listener {
 }
 
 /// Connects and LISTENs; the caller bounds it in time.
-async fn listen(pg: &tokio_postgres::Config) -> Result<Listening, String> {
-    let (client, mut connection) = pg.connect(NoTls).await.map_err(|e| db::describe(&e))?;
+async fn listen(pg: &tokio_postgres::Config, tls: &MakeTlsConnector) -> Result<Listening, String> {
+    let (client, mut connection) = pg
+        .connect(tls.clone())
+        .await
+        .map_err(|e| db::describe(&e))?;
     let mut messages: Messages = Box::pin(futures_util::stream::poll_fn(move |cx| {
         connection.poll_message(cx)
     }));

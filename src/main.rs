@@ -21,6 +21,12 @@ fn main() -> ExitCode {
         }
     };
     let log = logging::init(&config.log);
+    if !config.ignored_env.is_empty() {
+        tracing::warn!(
+            variables = %config.ignored_env.join(", "),
+            "ignoring OUTBOXD_ variables that are not settings (a setting is OUTBOXD_<SECTION>__<KEY>)"
+        );
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -265,6 +265,7 @@ impl Maintenance {
         }
         gauge!(EVENTS_HELD).set(stats.held as f64);
         gauge!(CIRCUIT_OPEN_LONGEST).set(stats.longest_open.as_secs_f64());
+        crate::telemetry::queue_gauges_refreshed();
         Ok(stats)
     }
 }

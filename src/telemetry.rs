@@ -38,6 +38,39 @@ pub const CIRCUIT_PROBES: &str = "outboxd_circuit_probes_total";
 pub const CIRCUIT_OPEN_LONGEST: &str = "outboxd_circuit_open_longest_seconds";
 pub const ENDPOINTS: &str = "outboxd_endpoints";
 pub const EVENTS_HELD: &str = "outboxd_events_held";
+pub const QUEUE_GAUGES_REFRESHED: &str = "outboxd_queue_gauges_refreshed_timestamp_seconds";
+pub const DB_POOL_CONNECTIONS: &str = "outboxd_db_pool_connections";
+pub const DB_POOL_MAX: &str = "outboxd_db_pool_max_connections";
+pub const DB_POOL_WAITING: &str = "outboxd_db_pool_waiting";
+
+/// The `process_*` metrics every Prometheus client exports (CPU, memory,
+/// open and allowed file descriptors, threads, start time), read from
+/// /proc at each scrape.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Brings the values that are read rather than counted up to date, just
+/// before `/metrics` renders: the process metrics and the pool's.
+pub fn scrape(pool: &deadpool_postgres::Pool) {
+    process_collector().collect();
+    let status = pool.status();
+    let in_use = status.size.saturating_sub(status.available);
+    gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set(in_use as f64);
+    gauge!(DB_POOL_CONNECTIONS, "state" => "idle").set(status.available as f64);
+    gauge!(DB_POOL_MAX).set(status.max_size as f64);
+    gauge!(DB_POOL_WAITING).set(status.waiting as f64);
+}
+
+/// The queue gauges were refreshed now: the stamp `OutboxdQueueGaugesStale`
+/// watches, so that gauges frozen by failing refreshes are noticed.
+pub fn queue_gauges_refreshed() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    gauge!(QUEUE_GAUGES_REFRESHED).set(now.as_secs_f64());
+}
 
 /// Webhook round trips: most receivers answer in tens of milliseconds; the
 /// top buckets catch the slow ones up to the 10 s default timeout.
@@ -90,6 +123,9 @@ pub fn install() -> Result<PrometheusHandle, String> {
         counter!(CIRCUIT_CHANGES, "change" => change).absolute(0);
     }
     gauge!(LISTEN_CONNECTED).set(0.0);
+    // 0: not refreshed yet, which reads as stale until the first refresh.
+    gauge!(QUEUE_GAUGES_REFRESHED).set(0.0);
+    process_collector().describe();
     Ok(handle)
 }
 
@@ -191,6 +227,20 @@ fn describe() {
     describe_counter!(
         DATABASE_ERRORS,
         "Failed database operations by operation (claim, record, listen, mailer, maintenance)."
+    );
+    describe_gauge!(
+        QUEUE_GAUGES_REFRESHED,
+        metrics::Unit::Seconds,
+        "Unix time of the last successful refresh of the queue gauges (0: none yet); if it stops moving, those gauges are stale."
+    );
+    describe_gauge!(
+        DB_POOL_CONNECTIONS,
+        "Pooled database connections of this instance by state (in_use, idle); LISTEN and the plain claim have their own, not counted."
+    );
+    describe_gauge!(DB_POOL_MAX, "The pool's size limit (database.pool_size).");
+    describe_gauge!(
+        DB_POOL_WAITING,
+        "Tasks waiting for a pooled connection right now."
     );
     describe_gauge!(
         BUILD_INFO,

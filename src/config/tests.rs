@@ -19,6 +19,43 @@ fn problems_of(text: &str) -> Vec<String> {
 }
 
 #[test]
+fn tls_parameters_are_taken_out_of_the_url() {
+    let cases = [
+        (
+            "postgres://u@h:5433/db?sslmode=verify-full&application_name=x",
+            "postgres://u@h:5433/db?application_name=x",
+            Some("verify-full"),
+            None,
+        ),
+        (
+            "postgres://h/db?sslrootcert=%2Fetc%2Fca.pem&sslmode=require",
+            "postgres://h/db",
+            Some("require"),
+            Some("/etc/ca.pem"),
+        ),
+        ("postgres://h/db", "postgres://h/db", None, None),
+        (
+            "host=h dbname=db sslmode=verify-ca  password='a  b'",
+            "host=h dbname=db  password='a  b'",
+            Some("verify-ca"),
+            None,
+        ),
+        (
+            "host=h dbname=db  password='a  b'",
+            "host=h dbname=db  password='a  b'",
+            None,
+            None,
+        ),
+    ];
+    for (url, rest, mode, ca) in cases {
+        let (left, found) = super::sections::take_url_tls(url);
+        assert_eq!(left, rest, "{url}");
+        assert_eq!(found.sslmode.as_deref(), mode, "{url}");
+        assert_eq!(found.sslrootcert.as_deref(), ca, "{url}");
+    }
+}
+
+#[test]
 fn empty_config_uses_the_defaults() {
     let config = RawConfig::default().validate().unwrap();
     assert_eq!(config.database.pg.get_dbname(), Some("postgres"));
@@ -87,9 +124,50 @@ fn each_bad_value_is_reported_under_its_key() {
             "[database]\nurl = \"postgres://h/db?sslmode=bogus\"",
             &["database.url"],
         ),
+        ("[database]\nurl = \"postgres://h/db?sslmode=require\"", &[]),
         (
-            "[database]\nurl = \"postgres://h/db?sslmode=require\"",
+            "[database]\nurl = \"postgres://h/db?sslmode=verify-full\"",
+            &[],
+        ),
+        (
+            "[database]\nurl = \"host=h dbname=db sslmode=verify-ca\"",
+            &[],
+        ),
+        (
+            "[database]\nurl = \"postgres://h/db?sslmode=prefer\"",
             &["database.url"],
+        ),
+        ("[database]\ntls = \"prefer\"", &["database.tls"]),
+        ("[database]\ntls = \"allow\"", &["database.tls"]),
+        ("[database]\ntls = \"on\"", &["database.tls"]),
+        ("[database]\ntls = \"verify-full\"", &[]),
+        (
+            "[database]\nurl = \"postgres://h/db?sslmode=require\"\ntls = \"verify-full\"",
+            &["database.tls"],
+        ),
+        (
+            "[database]\nurl = \"postgres://h/db?sslmode=verify-full\"\ntls = \"verify-full\"",
+            &[],
+        ),
+        (
+            "[database]\ntls_ca_file = \"/nonexistent/ca.pem\"",
+            &["database.tls_ca_file"],
+        ),
+        (
+            "[database]\ntls = \"verify-full\"\ntls_ca_file = \"/nonexistent/ca.pem\"",
+            &["database.tls_ca_file"],
+        ),
+        (
+            "[database]\ntls = \"verify-full\"\ntls_ca_file = \"/etc/hostname\"",
+            &["database.tls_ca_file"],
+        ),
+        (
+            "[database]\ntls = \"require\"\ntls_cert_file = \"/nonexistent/c.pem\"",
+            &["database.tls_cert_file"],
+        ),
+        (
+            "[database]\ntls = \"verify-full\"\nurl = \"postgres://h/db?sslrootcert=system\"",
+            &[],
         ),
         (
             "[database]\nurl = \"postgres://h:notaport/db\"",
@@ -155,7 +233,7 @@ fn each_bad_value_is_reported_under_its_key() {
             &["delivery.allowed_networks[1]"],
         ),
         ("[metrics]\nlisten = \"off\"", &[]),
-        ("[metrics]\nlisten = \"[::1]:9187\"", &[]),
+        ("[metrics]\nlisten = \"[::1]:7464\"", &[]),
         ("[log]\nlevel = \"outboxd=loud\"", &["log.level"]),
         ("[log]\nlevel = \"debug\"\nformat = \"json\"", &[]),
         (

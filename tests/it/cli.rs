@@ -440,3 +440,75 @@ async fn check_names_a_replaced_index_left_behind_and_migrate_drops_it() {
     assert_eq!(check.code, Some(0), "{check:?}");
     assert!(!check.stdout.contains("replaced indexes"), "{check:?}");
 }
+
+/// Issue 15.5: Kubernetes gives every pod of a namespace with a Service
+/// named `outboxd` variables like OUTBOXD_PORT; they are not settings (no
+/// `__`), so they are ignored with one warning naming them, while a
+/// setting-shaped typo still stops the daemon naming the key.
+#[tokio::test]
+async fn kubernetes_service_variables_are_ignored_with_a_warning_and_typos_still_exit_2() {
+    let db = TestDb::new().await;
+    let ran = run(db
+        .outboxd()
+        .env("OUTBOXD_PORT", "tcp://10.0.0.1:80")
+        .env("OUTBOXD_SERVICE_HOST", "10.0.0.1")
+        .arg("check"))
+    .await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let warnings: Vec<&str> = ran
+        .stderr
+        .lines()
+        .filter(|l| l.contains("ignoring OUTBOXD_ variables"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{ran:?}");
+    assert!(
+        warnings[0].contains("OUTBOXD_PORT, OUTBOXD_SERVICE_HOST"),
+        "{ran:?}"
+    );
+    assert!(
+        !ran.stderr.contains("10.0.0.1"),
+        "values are not shown: {ran:?}"
+    );
+
+    let typo = run(db
+        .outboxd()
+        .env("OUTBOXD_PORT", "tcp://10.0.0.1:80")
+        .env("OUTBOXD_LOG__LEVL", "debug")
+        .arg("check"))
+    .await;
+    assert_eq!(typo.code, Some(2), "{typo:?}");
+    assert!(typo.stderr.contains("levl"), "{typo:?}");
+}
+
+/// Issue 15.2: a port already taken fails the start, naming the setting.
+#[tokio::test]
+async fn an_admin_port_in_use_fails_the_start_naming_metrics_listen() {
+    let db = TestDb::new().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let ran = run(db
+        .outboxd()
+        .env("OUTBOXD_METRICS__LISTEN", &addr)
+        .arg("run"))
+    .await;
+    assert_ne!(ran.code, Some(0), "{ran:?}");
+    assert!(
+        ran.stderr
+            .contains(&format!("metrics.listen: cannot serve on {addr}")),
+        "{ran:?}"
+    );
+}
+
+/// Issue 15.2: the default admin port is outside the range Prometheus'
+/// list of default port allocations has given out (9100-9999).
+#[tokio::test]
+async fn the_default_admin_port_is_outside_the_exporters_range() {
+    let listen = outboxd::config::RawConfig::default()
+        .validate()
+        .unwrap()
+        .metrics
+        .listen
+        .expect("on by default");
+    assert_eq!(listen.to_string(), "127.0.0.1:7464");
+    assert!(!(9100..=9999).contains(&listen.port()));
+}

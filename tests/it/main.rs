@@ -17,6 +17,7 @@ mod maintenance;
 mod notify;
 mod ops;
 mod ops_cli;
+mod pg_tls;
 mod private_pg;
 mod proxy;
 mod receiver;

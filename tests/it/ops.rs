@@ -160,6 +160,33 @@ async fn metrics_count_what_was_delivered_failed_and_retried() {
         ),
         1.0
     );
+    // Issue 15.6: the process, the pool, and when the queue gauges were
+    // last refreshed (a Unix time of this minute, not 0).
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
+        "process_threads",
+        "process_start_time_seconds",
+        "outboxd_db_pool_max_connections",
+        "outboxd_db_pool_waiting",
+        "outboxd_db_pool_connections{state=\"in_use\"}",
+        "outboxd_db_pool_connections{state=\"idle\"}",
+    ] {
+        assert!(all.contains_key(name), "{name} missing:\n{exposition}");
+    }
+    assert!(sample(&all, "process_resident_memory_bytes") > 1e6);
+    assert_eq!(sample(&all, "outboxd_db_pool_max_connections"), 4.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let refreshed = sample(&all, "outboxd_queue_gauges_refreshed_timestamp_seconds");
+    assert!(
+        (now - refreshed).abs() < 60.0,
+        "refreshed at {refreshed}, now {now}"
+    );
     // Bounded labels: nothing per company or URL.
     assert!(!exposition.contains("company"), "{exposition}");
     assert!(!exposition.contains("127.0.0.1"), "{exposition}");
@@ -435,4 +462,109 @@ async fn an_idle_daemon_stops_at_once() {
         "{}",
         log.join("\n")
     );
+}
+
+/// Issue 15.4: with `log.format = "journald"` every line starts with its
+/// syslog priority, which the journal reads (`journalctl -p warning`):
+/// errors `<3>`, warnings `<4>`, info `<6>`, debug `<7>`. The error is
+/// staged: a trigger makes the database refuse an outcome's text, which the
+/// recorder logs as an error before writing it again without it.
+#[tokio::test(flavor = "multi_thread")]
+async fn journald_lines_carry_their_priorities() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE FUNCTION public.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.message LIKE '%POISON%' THEN
+                     RAISE EXCEPTION 'staged: not storable' USING ERRCODE = '22P05';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse_poison BEFORE INSERT ON outbox.attempts
+                 FOR EACH ROW EXECUTE FUNCTION public.refuse_poison();",
+        )
+        .await
+        .unwrap();
+    let receiver = Receiver::start(|_, _| {
+        Reply::Json(200, json!({"status": "1", "message": "POISON accepted"}))
+    })
+    .await;
+    let daemon = Daemon::start(&db, &[("OUTBOXD_LOG__FORMAT", "journald")]).await;
+    send_one_event_to(&db, &receiver).await;
+    daemon
+        .wait_for_log("an outcome's texts were refused", SECS(15))
+        .await;
+    let log = daemon.log();
+    let with = |needle: &str| -> String {
+        log.iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in {log:#?}"))
+            .clone()
+    };
+    assert!(with("a group of outcomes was refused").starts_with("<3>"));
+    assert!(with("an outcome's texts were refused").starts_with("<4>"));
+    assert!(with("smtp.host is not set").starts_with("<4>"));
+    assert!(with("outboxd is delivering").starts_with("<6>"));
+    assert!(with("claimed due events").starts_with("<7>"));
+    let unprefixed: Vec<&String> = log
+        .iter()
+        .filter(|l| {
+            !["<3>", "<4>", "<6>", "<7>"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .collect();
+    assert!(
+        unprefixed.is_empty(),
+        "lines without a priority: {unprefixed:#?}"
+    );
+    assert!(daemon.stop().await.success());
+}
+
+/// Issue 15.4: under systemd, stderr is the journal (JOURNAL_STREAM names
+/// its device and inode) and text lines get their priority by themselves.
+/// Here stderr is a file and JOURNAL_STREAM names that file.
+#[tokio::test]
+async fn text_logs_carry_priorities_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    let db = TestDb::new().await;
+    let dir = TempDir::new("journal-stream");
+    let path = dir.join("stderr");
+    let file = std::fs::File::create(&path).unwrap();
+    let meta = file.metadata().unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let status = db
+        .outboxd()
+        .env("JOURNAL_STREAM", &stream)
+        .env("OUTBOXD_PORT", "tcp://10.0.0.1:80")
+        .arg("check")
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let written = std::fs::read_to_string(&path).unwrap();
+    let warning = written
+        .lines()
+        .find(|l| l.contains("ignoring OUTBOXD_ variables"))
+        .unwrap_or_else(|| panic!("no warning in {written:?}"));
+    assert!(warning.starts_with("<4>"), "{written:?}");
+
+    // Another stream (stderr is not the journal): plain text.
+    let other = dir.join("other");
+    let file = std::fs::File::create(&other).unwrap();
+    db.outboxd()
+        .env("JOURNAL_STREAM", &stream)
+        .env("OUTBOXD_PORT", "tcp://10.0.0.1:80")
+        .arg("check")
+        .stdout(std::process::Stdio::null())
+        .stderr(file)
+        .status()
+        .await
+        .unwrap();
+    let written = std::fs::read_to_string(&other).unwrap();
+    assert!(written.lines().all(|l| !l.starts_with('<')), "{written:?}");
 }

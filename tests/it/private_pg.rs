@@ -23,6 +23,18 @@ pub struct PrivatePg {
 impl PrivatePg {
     /// initdb and start a new cluster; panics with the reason if it cannot.
     pub async fn start() -> PrivatePg {
+        PrivatePg::start_with(None).await
+    }
+
+    /// A new cluster with `ssl = on`, serving `cert` and `key` (PEM files),
+    /// whose pg_hba.conf lets only the `postgres` role (the tests' own
+    /// sessions) in without TLS: any other role must come over TLS
+    /// (`hostssl`), and is rejected without it.
+    pub async fn start_tls(cert: &Path, key: &Path) -> PrivatePg {
+        PrivatePg::start_with(Some((cert, key))).await
+    }
+
+    async fn start_with(tls: Option<(&Path, &Path)>) -> PrivatePg {
         let bin = server_bin_dir();
         let dir = TempDir::new("pg");
         let data = dir.join("data");
@@ -57,6 +69,44 @@ impl PrivatePg {
             String::from_utf8_lossy(&ran.stdout),
             String::from_utf8_lossy(&ran.stderr)
         );
+        if let Some((cert, key)) = tls {
+            std::fs::copy(cert, data.join("server.crt")).unwrap();
+            std::fs::copy(key, data.join("server.key")).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                data.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .unwrap();
+            if is_root() {
+                for file in ["server.crt", "server.key"] {
+                    let out = Command::new("chown")
+                        .arg("postgres:")
+                        .arg(data.join(file))
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "chown postgres: {out:?}");
+                }
+            }
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("postgresql.conf"))
+                .unwrap();
+            use std::io::Write;
+            writeln!(
+                conf,
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'"
+            )
+            .unwrap();
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\n\
+                 hostssl all all 127.0.0.1/32 trust\n\
+                 hostnossl all postgres 127.0.0.1/32 trust\n\
+                 hostnossl all all 127.0.0.1/32 reject\n",
+            )
+            .unwrap();
+        }
         let mut pg = PrivatePg {
             bin,
             data,
