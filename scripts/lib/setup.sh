@@ -6,6 +6,7 @@
 #   ensure_build_deps        # C toolchain + OpenSSL headers for openssl-sys
 #   ensure_smtp_test_server  # Python with aiosmtpd, for the tests' SMTP server
 #   ensure_ops_tools         # promtool and systemd-analyze, for the operations tests
+#   ensure_packaging_tools   # cargo-deb, lintian and dpkg-deb, for scripts/package
 #   ensure_postgres          # exports DATABASE_URL pointing at a live server
 #
 # Call ensure_postgres in the shell that runs the tests, not in a subshell such
@@ -265,4 +266,17 @@ ensure_ops_tools() {
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     ((${#missing[@]} == 0)) || _outboxd_apt_install "${missing[@]}"
+}
+
+# cargo-deb (builds the .deb; `cargo install`, a few minutes on 2 cores, only
+# when missing) and Debian's lintian and dpkg-deb, which check what it built.
+ensure_packaging_tools() {
+    local -a missing=()
+    command -v lintian >/dev/null 2>&1 || missing+=(lintian)
+    command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
+    ((${#missing[@]} == 0)) || _outboxd_apt_install "${missing[@]}"
+    if ! cargo deb --version >/dev/null 2>&1; then
+        _outboxd_log "installing cargo-deb with cargo install"
+        cargo install cargo-deb --locked --version "^3"
+    fi
 }

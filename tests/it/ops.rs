@@ -306,8 +306,24 @@ async fn systemd_gets_ready_watchdog_pings_and_stopping() {
 fn the_unit_files_pass_systemd_analyze_verify() {
     // systemd-analyze checks that ExecStart= exists, so the units are
     // checked with the path of the binary this test built.
+    // Documentation= names man:outboxd(1): the man pages are written by
+    // the binary (as the package does) where MANPATH points.
     let dir = TempDir::new("units");
-    for unit in ["outboxd.service", "outboxd-migrate.service"] {
+    let man = dir.join("man");
+    std::fs::create_dir_all(man.join("man1")).unwrap();
+    let wrote = std::process::Command::new(env!("CARGO_BIN_EXE_outboxd"))
+        .arg("man")
+        .arg("--out-dir")
+        .arg(man.join("man1"))
+        .output()
+        .unwrap();
+    assert!(wrote.status.success(), "{wrote:?}");
+    let units = [
+        "outboxd.service",
+        "outboxd-migrate.service",
+        "outboxd@.service",
+    ];
+    for unit in units {
         let text = std::fs::read_to_string(repo_root().join("systemd").join(unit)).unwrap();
         std::fs::write(
             dir.join(unit),
@@ -316,7 +332,13 @@ fn the_unit_files_pass_systemd_analyze_verify() {
         .unwrap();
     }
     let out = std::process::Command::new("systemd-analyze")
-        .args(["verify", "outboxd.service", "outboxd-migrate.service"])
+        .args([
+            "verify",
+            "outboxd.service",
+            "outboxd-migrate.service",
+            "outboxd@2.service",
+        ])
+        .env("MANPATH", &man)
         .current_dir(&dir.0)
         .output()
         .expect("systemd-analyze (Debian package systemd)");
