@@ -774,7 +774,8 @@ fn timed_out() -> Want {
 // TLS
 // ---------------------------------------------------------------------------
 
-fn openssl(dir: &TempDir, args: &[&str]) {
+/// Runs the openssl command in `dir`; panics with its stderr on failure.
+pub(crate) fn openssl(dir: &TempDir, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(&dir.0)

@@ -356,22 +356,10 @@ async fn two_instances_gathering_at_once_make_one_email_with_every_notification(
         &["ops@example.com"],
     )
     .await;
+    crate::notify::stage_failures(&client, 3).await;
     client
         .batch_execute(&format!(
-            "WITH failed AS (
-                 INSERT INTO outbox.events (company_id, payload, state, attempts, last_error)
-                 SELECT 6316, jsonb_build_object('companyId', 6316, 'paymentId', g,
-                                                 'paymentNumber', 'P-' || g),
-                        'failed', 1, 'rejected by the external system (status 0)'
-                   FROM generate_series(1, 3) AS g
-                 RETURNING id
-             )
-             INSERT INTO outbox.notifications (event_id, company_id, event_type, endpoint_url,
-                                               created_at)
-             SELECT id, 6316, 'payment.cancellation', 'https://erp.example.com/hooks',
-                    now() - interval '1 minute'
-               FROM failed;
-             CREATE SEQUENCE public.gather_calls;
+            "CREATE SEQUENCE public.gather_calls;
              -- A row that commits with the gated instance's gathering.
              CREATE TABLE public.gate_passed (at timestamptz);
              CREATE FUNCTION public.pg_try_advisory_xact_lock(key bigint) RETURNS boolean

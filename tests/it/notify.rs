@@ -481,10 +481,11 @@ async fn after_an_hour_of_a_refused_sender_every_notification_arrives_exactly_on
     }
 }
 
-/// Issue 14.1: a message the server refuses (554 after DATA) stays queued
-/// for every recipient, with the reason; none is marked refused.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_refused_message_is_retried_for_every_recipient_not_dropped() {
+/// A rejected event's email, to two recipients, through an SMTP server
+/// started with `server_args`, until it has been tried twice and still waits
+/// for both recipients with a last_error containing `reply`; returns the
+/// server and the number of tries (the daemon is stopped).
+async fn a_refused_message_waits(server_args: &[&str], reply: &str) -> (SmtpServer, i64) {
     let db = TestDb::new().await;
     let client = db.client().await;
     let receiver = rejecting_receiver().await;
@@ -496,7 +497,7 @@ async fn a_refused_message_is_retried_for_every_recipient_not_dropped() {
     )
     .await;
     let port = free_port();
-    let smtp = SmtpServer::start(port, &["--refuse-data"]).await;
+    let smtp = SmtpServer::start(port, server_args).await;
     let daemon = start(&db, &smtp_env(port, &[])).await;
     client
         .query_one(
@@ -509,38 +510,40 @@ async fn a_refused_message_is_retried_for_every_recipient_not_dropped() {
         &client,
         "the email tried twice and still waiting for both recipients",
         SECS(20),
-        "SELECT count(*) FROM outbox.emails
-          WHERE state = 'pending' AND attempts >= 2 AND sent_to = '{}' AND refused = '{}'
-            AND last_error LIKE '%refused the message: 554%'",
+        &format!(
+            "SELECT count(*) FROM outbox.emails
+              WHERE state = 'pending' AND attempts >= 2 AND sent_to = '{{}}' AND refused = '{{}}'
+                AND last_error LIKE '%{reply}%'"
+        ),
         1,
     )
     .await;
     daemon.stop().await;
+    assert!(smtp.mails().is_empty());
+    let tries = count(&client, "SELECT attempts::bigint FROM outbox.emails").await;
+    (smtp, tries)
+}
+
+/// Issue 14.1: a message the server refuses (554 after DATA) stays queued
+/// for every recipient, with the reason; none is marked refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_message_is_retried_for_every_recipient_not_dropped() {
+    let (smtp, tries) =
+        a_refused_message_waits(&["--refuse-data"], "refused the message: 554").await;
     // One DATA per try: the first refusal ends the session, so the second
     // recipient is not sent the same refused message again.
     let refusals = smtp.wait_for_refusals(2, SECS(5)).await;
-    let tries = count(&client, "SELECT attempts::bigint FROM outbox.emails").await;
     assert!(
         refusals.len() as i64 <= tries,
         "{refusals:?} in {tries} tries"
     );
-    assert!(smtp.mails().is_empty());
 }
 
-/// One digest of `failures` failed events, staged in SQL as record.sql
-/// leaves them (failed, an attempt, a notification each), sent by a daemon
-/// to an SMTP server that takes at most 1 MiB per message. Returns the
-/// message and the daemon's peak resident memory (VmHWM) in KiB.
-async fn one_digest_of(failures: i64) -> (Mail, u64) {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    endpoint(
-        &client,
-        6316,
-        "https://erp.example.com/hooks",
-        &["ops@example.com"],
-    )
-    .await;
+/// `n` events of company 6316 that failed as record.sql leaves them: state
+/// failed after one rejected attempt ("Payment P-<n> is already settled"),
+/// each with its notification, created a minute ago (so ready to gather),
+/// a millisecond apart.
+pub(crate) async fn stage_failures(client: &Client, n: i64) {
     client
         .execute(
             "WITH failed AS (
@@ -563,10 +566,27 @@ async fn one_digest_of(failures: i64) -> (Mail, u64) {
                                                created_at)
              SELECT id, 6316, 'payment.cancellation', 'https://erp.example.com/hooks', created_at
                FROM failed",
-            &[&failures],
+            &[&n],
         )
         .await
         .unwrap();
+}
+
+/// One digest of `failures` failed events, staged in SQL as record.sql
+/// leaves them (failed, an attempt, a notification each), sent by a daemon
+/// to an SMTP server that takes at most 1 MiB per message. Returns the
+/// message and the daemon's peak resident memory (VmHWM) in KiB.
+async fn one_digest_of(failures: i64) -> (Mail, u64) {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    endpoint(
+        &client,
+        6316,
+        "https://erp.example.com/hooks",
+        &["ops@example.com"],
+    )
+    .await;
+    stage_failures(&client, failures).await;
     let port = free_port();
     let smtp = SmtpServer::start(port, &["--size-limit", "1048576"]).await;
     let env = smtp_env(
@@ -710,37 +730,6 @@ async fn a_token_in_the_url_query_is_sent_but_never_shown() {
 /// every recipient, with the server's reply, and none is marked refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_over_the_relays_size_limit_is_kept_for_every_recipient() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    let receiver = rejecting_receiver().await;
-    endpoint(
-        &client,
-        6316,
-        &receiver.url("/"),
-        &["ops@example.com", "cfo@example.com"],
-    )
-    .await;
-    let port = free_port();
     // Any notification email is larger than 1,000 bytes.
-    let smtp = SmtpServer::start(port, &["--size-limit", "1000"]).await;
-    let daemon = start(&db, &smtp_env(port, &[])).await;
-    client
-        .query_one(
-            "SELECT outbox.enqueue_payment_cancellation(6316, 1, '1')",
-            &[],
-        )
-        .await
-        .unwrap();
-    eventually_count(
-        &client,
-        "the email tried twice and still waiting for both recipients",
-        SECS(20),
-        "SELECT count(*) FROM outbox.emails
-          WHERE state = 'pending' AND attempts >= 2 AND sent_to = '{}' AND refused = '{}'
-            AND last_error LIKE '%refused the message: 552%'",
-        1,
-    )
-    .await;
-    daemon.stop().await;
-    assert!(smtp.mails().is_empty());
+    a_refused_message_waits(&["--size-limit", "1000"], "refused the message: 552").await;
 }

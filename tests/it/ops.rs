@@ -557,18 +557,21 @@ async fn text_logs_carry_priorities_when_stderr_is_the_journal() {
     let file = std::fs::File::create(&path).unwrap();
     let meta = file.metadata().unwrap();
     let stream = format!("{}:{}", meta.dev(), meta.ino());
-    let status = db
-        .outboxd()
-        .env("JOURNAL_STREAM", &stream)
-        .env("OUTBOXD_PORT", "tcp://10.0.0.1:80")
-        .arg("check")
-        .stdout(std::process::Stdio::null())
-        .stderr(file)
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success());
-    let written = std::fs::read_to_string(&path).unwrap();
+    // `outboxd check` with a non-setting variable, so that it warns; its
+    // stderr goes to `file`; returns what it wrote there.
+    let check = |file: std::fs::File, path: std::path::PathBuf| {
+        let mut cmd = db.outboxd();
+        cmd.env("JOURNAL_STREAM", &stream)
+            .env("OUTBOXD_PORT", "tcp://10.0.0.1:80")
+            .arg("check")
+            .stdout(std::process::Stdio::null())
+            .stderr(file);
+        async move {
+            assert!(cmd.status().await.unwrap().success());
+            std::fs::read_to_string(path).unwrap()
+        }
+    };
+    let written = check(file, path).await;
     let warning = written
         .lines()
         .find(|l| l.contains("ignoring OUTBOXD_ variables"))
@@ -577,16 +580,10 @@ async fn text_logs_carry_priorities_when_stderr_is_the_journal() {
 
     // Another stream (stderr is not the journal): plain text.
     let other = dir.join("other");
-    let file = std::fs::File::create(&other).unwrap();
-    db.outboxd()
-        .env("JOURNAL_STREAM", &stream)
-        .env("OUTBOXD_PORT", "tcp://10.0.0.1:80")
-        .arg("check")
-        .stdout(std::process::Stdio::null())
-        .stderr(file)
-        .status()
-        .await
-        .unwrap();
-    let written = std::fs::read_to_string(&other).unwrap();
+    let written = check(std::fs::File::create(&other).unwrap(), other).await;
+    assert!(
+        written.contains("ignoring OUTBOXD_ variables"),
+        "{written:?}"
+    );
     assert!(written.lines().all(|l| !l.starts_with('<')), "{written:?}");
 }

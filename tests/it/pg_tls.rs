@@ -4,27 +4,14 @@
 //! The daemon (pool, plain claim, LISTEN) and the CLI connect with each
 //! `database.tls` mode; what must be refused is refused, with the reason.
 
-use std::process::Command;
 use std::time::Duration;
 
+use crate::faults::openssl;
 use crate::harness::{Daemon, Ran, TempDir, TestDb, count, eventually, run, url_with_dbname};
 use crate::private_pg::PrivatePg;
 use crate::receiver::Receiver;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
-
-fn openssl(dir: &TempDir, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(&dir.0)
-        .output()
-        .expect("the openssl command (Debian package openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// In `dir`: `ca.pem` (the test's CA), `server.pem` and `server.key` (for
 /// DNS name localhost only, signed by it), and `other-ca.pem`, a CA that
@@ -80,6 +67,40 @@ fn make_certificates(dir: &TempDir) {
             "server.pem",
         ],
     );
+    // A client certificate for the role outboxd_cert (pg_hba `cert`: the
+    // CN is the role), its key in PKCS#8 as outboxd reads it.
+    let request = [
+        &["req", "-new", "-nodes"][..],
+        EC,
+        &[
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=outboxd_cert",
+        ],
+    ]
+    .concat();
+    openssl(dir, &request);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-out",
+            "client.pem",
+        ],
+    );
 }
 
 /// `outboxd` pointed at `url` with these `database.*` settings (by
@@ -105,12 +126,19 @@ fn assert_refused(ran: &Ran, what: &str, reason: &str) {
 async fn tls_to_postgresql_verifies_the_server_and_delivers_end_to_end() {
     let certs = TempDir::new("pg-tls");
     make_certificates(&certs);
-    let pg = PrivatePg::start_tls(&certs.join("server.pem"), &certs.join("server.key")).await;
+    let pg = PrivatePg::start_tls(
+        &certs.join("server.pem"),
+        &certs.join("server.key"),
+        &certs.join("ca.pem"),
+    )
+    .await;
     // The tests' own sessions are the postgres role, let in without TLS.
     let db = TestDb::new_on(&pg.admin_url()).await;
     let client = db.client().await;
     client
-        .batch_execute("CREATE ROLE outboxd_tls LOGIN SUPERUSER")
+        .batch_execute(
+            "CREATE ROLE outboxd_tls LOGIN SUPERUSER; CREATE ROLE outboxd_cert LOGIN SUPERUSER",
+        )
         .await
         .unwrap();
     let receiver = Receiver::ok().await;
@@ -212,6 +240,23 @@ async fn tls_to_postgresql_verifies_the_server_and_delivers_end_to_end() {
     // disable: the server itself refuses (hostnossl … reject).
     let ran = run(outboxd(&db, &by_name, &[("tls", "disable")]).arg("check")).await;
     assert_refused(&ran, "without TLS", "no encryption");
+    // A role the server lets in only with a client certificate for it.
+    let as_cert_role = url_with_dbname(
+        &format!("postgres://outboxd_cert@localhost:{}/postgres", pg.port),
+        &db.name,
+    );
+    let client_cert = certs.join("client.pem");
+    let client_key = certs.join("client.key");
+    let with_cert = [
+        ("tls", "verify-full"),
+        ("tls_ca_file", ca),
+        ("tls_cert_file", client_cert.to_str().unwrap()),
+        ("tls_key_file", client_key.to_str().unwrap()),
+    ];
+    let ran = run(outboxd(&db, &as_cert_role, &with_cert).arg("check")).await;
+    assert_eq!(ran.code, Some(0), "{ran:?}");
+    let ran = run(outboxd(&db, &as_cert_role, &verify_full).arg("check")).await;
+    assert_refused(&ran, "without the client certificate", "certificate");
     // prefer would fall back to plaintext: refused before connecting.
     let ran = run(outboxd(&db, &by_name, &[("tls", "prefer")]).arg("check")).await;
     assert_eq!(ran.code, Some(2), "{ran:?}");

@@ -26,15 +26,17 @@ impl PrivatePg {
         PrivatePg::start_with(None).await
     }
 
-    /// A new cluster with `ssl = on`, serving `cert` and `key` (PEM files),
-    /// whose pg_hba.conf lets only the `postgres` role (the tests' own
-    /// sessions) in without TLS: any other role must come over TLS
-    /// (`hostssl`), and is rejected without it.
-    pub async fn start_tls(cert: &Path, key: &Path) -> PrivatePg {
-        PrivatePg::start_with(Some((cert, key))).await
+    /// A new cluster with `ssl = on`, serving `cert` and `key` (PEM files)
+    /// and trusting client certificates signed by `ca`, whose pg_hba.conf
+    /// lets only the `postgres` role (the tests' own sessions) in without
+    /// TLS: any other role must come over TLS (`hostssl`), and is rejected
+    /// without it; the role `outboxd_cert` must also present a client
+    /// certificate for its name (`cert`).
+    pub async fn start_tls(cert: &Path, key: &Path, ca: &Path) -> PrivatePg {
+        PrivatePg::start_with(Some((cert, key, ca))).await
     }
 
-    async fn start_with(tls: Option<(&Path, &Path)>) -> PrivatePg {
+    async fn start_with(tls: Option<(&Path, &Path, &Path)>) -> PrivatePg {
         let bin = server_bin_dir();
         let dir = TempDir::new("pg");
         let data = dir.join("data");
@@ -69,9 +71,10 @@ impl PrivatePg {
             String::from_utf8_lossy(&ran.stdout),
             String::from_utf8_lossy(&ran.stderr)
         );
-        if let Some((cert, key)) = tls {
+        if let Some((cert, key, ca)) = tls {
             std::fs::copy(cert, data.join("server.crt")).unwrap();
             std::fs::copy(key, data.join("server.key")).unwrap();
+            std::fs::copy(ca, data.join("ca.crt")).unwrap();
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(
                 data.join("server.key"),
@@ -79,7 +82,7 @@ impl PrivatePg {
             )
             .unwrap();
             if is_root() {
-                for file in ["server.crt", "server.key"] {
+                for file in ["server.crt", "server.key", "ca.crt"] {
                     let out = Command::new("chown")
                         .arg("postgres:")
                         .arg(data.join(file))
@@ -95,12 +98,14 @@ impl PrivatePg {
             use std::io::Write;
             writeln!(
                 conf,
-                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'"
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+                 ssl_ca_file = 'ca.crt'"
             )
             .unwrap();
             std::fs::write(
                 data.join("pg_hba.conf"),
                 "local all all trust\n\
+                 hostssl all outboxd_cert 127.0.0.1/32 cert\n\
                  hostssl all all 127.0.0.1/32 trust\n\
                  hostnossl all postgres 127.0.0.1/32 trust\n\
                  hostnossl all all 127.0.0.1/32 reject\n",
