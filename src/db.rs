@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use postgres_native_tls::MakeTlsConnector;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, NoTls};
 
 use crate::config::{DatabaseConfig, DatabaseTls, TlsMode};
 
@@ -34,45 +34,57 @@ pub async fn connect(config: &DatabaseConfig) -> Result<Client, ConnectError> {
         _ => ONE_OFF_SESSION_OPTIONS.to_string(),
     };
     pg.options(options);
-    let attempt = tokio::time::timeout(
-        config.connect_timeout * 2,
-        pg.connect(tls_connector(&config.tls)),
-    );
-    let (client, connection) = match attempt.await {
-        Ok(Ok(pair)) => pair,
-        Ok(Err(e)) => {
-            return Err(ConnectError {
-                target: target(&config.pg),
-                reason: describe(&e),
-            });
-        }
-        Err(_) => {
-            return Err(ConnectError {
-                target: target(&config.pg),
-                reason: format!("no answer within {:?}", config.connect_timeout * 2),
-            });
+    let connect = async {
+        match tls_connector(&config.tls) {
+            None => pg.connect(NoTls).await.map(drive),
+            Some(tls) => pg.connect(tls).await.map(drive),
         }
     };
+    let attempt = tokio::time::timeout(config.connect_timeout * 2, connect);
+    match attempt.await {
+        Ok(Ok(client)) => Ok(client),
+        Ok(Err(e)) => Err(ConnectError {
+            target: target(&config.pg),
+            reason: describe(&e),
+        }),
+        Err(_) => Err(ConnectError {
+            target: target(&config.pg),
+            reason: format!("no answer within {:?}", config.connect_timeout * 2),
+        }),
+    }
+}
+
+/// Drives a new connection on a task of its own; the task ends when the
+/// client is dropped.
+fn drive<S, T>((client, connection): (Client, tokio_postgres::Connection<S, T>)) -> Client
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %describe(&e), "database connection closed");
         }
     });
-    Ok(client)
+    client
 }
 
-/// The TLS side of every database connection, as `database.tls` says (with
-/// `disable` it is never used: the connection's sslmode says no TLS).
+/// The TLS side of every database connection, as `database.tls` says.
 ///
 /// libpq's meanings: `require` encrypts without checking the certificate;
 /// `verify-ca` checks that a trusted CA signed it; `verify-full` also that
 /// it names the host connected to (or its IP address). With
 /// `database.tls_ca_file` only those CAs are trusted, as with libpq's
 /// sslrootcert; without it, the system's.
-pub fn tls_connector(tls: &DatabaseTls) -> MakeTlsConnector {
-    MakeTlsConnector::new(
-        native_connector(tls).expect("the TLS settings were checked with the configuration"),
-    )
+///
+/// None with `disable`: no TLS context is built at all (OpenSSL's, with the
+/// system's CAs loaded, costs a few MiB and tens of milliseconds each).
+pub fn tls_connector(tls: &DatabaseTls) -> Option<MakeTlsConnector> {
+    (tls.mode != TlsMode::Disable).then(|| {
+        MakeTlsConnector::new(
+            native_connector(tls).expect("the TLS settings were checked with the configuration"),
+        )
+    })
 }
 
 /// The OpenSSL-backed connector for `tls`; an error names what failed.
@@ -390,16 +402,16 @@ fn build_pool(config: &DatabaseConfig, session: &str, size: usize) -> deadpool_p
     };
     pg.options(options);
     pg.tcp_user_timeout(Duration::from_secs(30));
-    let manager = Manager::from_config(
-        pg,
-        tls_connector(&config.tls),
-        ManagerConfig {
-            // Fast: a broken connection shows up as an error on use and is
-            // then dropped; a test query before every checkout would add a
-            // round trip to every claim.
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager_config = ManagerConfig {
+        // Fast: a broken connection shows up as an error on use and is
+        // then dropped; a test query before every checkout would add a
+        // round trip to every claim.
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match tls_connector(&config.tls) {
+        None => Manager::from_config(pg, NoTls, manager_config),
+        Some(tls) => Manager::from_config(pg, tls, manager_config),
+    };
     Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)

@@ -14,7 +14,7 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use postgres_native_tls::MakeTlsConnector;
 use tokio::sync::Notify;
-use tokio_postgres::AsyncMessage;
+use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::db;
 use crate::service::{Next, Service};
@@ -46,7 +46,8 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// `connected` tells whether the listener is up right now.
 pub struct Listener {
     pg: tokio_postgres::Config,
-    tls: MakeTlsConnector,
+    /// None: no TLS (`database.tls = "disable"`).
+    tls: Option<MakeTlsConnector>,
     wake: Arc<Notify>,
     connected: Arc<AtomicBool>,
     up: Option<Listening>,
@@ -162,11 +163,25 @@ impl Service for Listener {
 }
 
 /// Connects and LISTENs; the caller bounds it in time.
-async fn listen(pg: &tokio_postgres::Config, tls: &MakeTlsConnector) -> Result<Listening, String> {
-    let (client, mut connection) = pg
-        .connect(tls.clone())
-        .await
-        .map_err(|e| db::describe(&e))?;
+async fn listen(
+    pg: &tokio_postgres::Config,
+    tls: &Option<MakeTlsConnector>,
+) -> Result<Listening, String> {
+    let describe = |e: tokio_postgres::Error| db::describe(&e);
+    match tls {
+        None => subscribe(pg.connect(NoTls).await.map_err(describe)?).await,
+        Some(tls) => subscribe(pg.connect(tls.clone()).await.map_err(describe)?).await,
+    }
+}
+
+/// LISTENs on a new connection.
+async fn subscribe<S, T>(
+    (client, mut connection): (tokio_postgres::Client, tokio_postgres::Connection<S, T>),
+) -> Result<Listening, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let mut messages: Messages = Box::pin(futures_util::stream::poll_fn(move |cx| {
         connection.poll_message(cx)
     }));

@@ -374,7 +374,9 @@ fn database_tls(
         client,
     };
     // What every connection will build: fail here, naming the setting.
-    if let Err(e) = crate::db::native_connector(&tls) {
+    if tls.mode != TlsMode::Disable
+        && let Err(e) = crate::db::native_connector(&tls)
+    {
         problem(problems, "database.tls", e);
         return None;
     }
