@@ -60,6 +60,7 @@ pub mod maintenance;
 pub mod migrate;
 pub mod record;
 pub mod service;
+pub mod sign;
 pub mod smtp;
 pub mod systemd;
 pub mod telemetry;
