@@ -532,3 +532,53 @@ mod charset_tests {
         }
     }
 }
+
+#[cfg(test)]
+mod plaintext_tests {
+    use crate::config::{RawConfig, RawDatabase};
+
+    fn warning(url: &str, tls: Option<&str>) -> Option<String> {
+        let config = RawConfig {
+            database: RawDatabase {
+                url: Some(url.to_string()),
+                tls: tls.map(str::to_string),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .validate()
+        .expect("a valid configuration");
+        super::plaintext_warning(&config.database)
+    }
+
+    #[test]
+    fn plaintext_towards_another_host_is_warned_about() {
+        let table = [
+            // (url, database.tls, warned)
+            ("postgres://u@127.0.0.1:5432/db", None, false),
+            ("postgres://u@localhost/db", None, false),
+            ("postgres://u@[::1]:5432/db", None, false),
+            ("host=/var/run/postgresql dbname=db", None, false),
+            ("postgres://u@db.internal.example.com/db", None, true),
+            ("postgres://u@10.0.0.5/db", Some("disable"), true),
+            (
+                "postgres://u@db.internal.example.com/db",
+                Some("require"),
+                false,
+            ),
+            (
+                "postgres://u@db.internal.example.com/db?sslmode=verify-full",
+                None,
+                false,
+            ),
+        ];
+        for (url, tls, warned) in table {
+            let got = warning(url, tls);
+            assert_eq!(got.is_some(), warned, "{url} {tls:?}: {got:?}");
+            if let Some(text) = got {
+                assert!(text.contains("database.tls"), "{text}");
+                assert!(!text.contains("u@"), "no user in it: {text}");
+            }
+        }
+    }
+}

@@ -76,6 +76,11 @@ struct Args {
     #[arg(long)]
     quiet: bool,
 
+    /// Print this program's man page (roff) and exit; the package installs
+    /// it as outboxd-receiver(1).
+    #[arg(long, hide = true)]
+    man: bool,
+
     /// Print `arrived <idempotency-key> <unix-time-ns>` for each request as
     /// its head arrives (the benchmark's latency measurement reads these).
     #[arg(long)]
@@ -196,6 +201,15 @@ struct State {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if args.man {
+        let mut page = Vec::new();
+        return match clap_mangen::Man::new(Args::command()).render(&mut page) {
+            Ok(()) if std::io::Write::write_all(&mut std::io::stdout(), &page).is_ok() => {
+                ExitCode::SUCCESS
+            }
+            _ => ExitCode::FAILURE,
+        };
+    }
     let auth = match Auth::from_args(&args) {
         Ok(auth) => auth,
         Err((kind, message)) => Args::command().error(kind, message).exit(),
