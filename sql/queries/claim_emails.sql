@@ -8,6 +8,10 @@ WITH due AS (
       FROM outbox.emails
      WHERE state IN ('pending', 'sending')
        AND next_attempt_at <= now()
+       -- One more try would overflow attempts (only a row written by hand
+       -- gets there) and fail this statement for every email: such a row
+       -- is left alone, still counted as queued (OutboxdNotificationsQueued).
+       AND attempts < 2147483647
      ORDER BY next_attempt_at
      LIMIT 1
        FOR UPDATE SKIP LOCKED

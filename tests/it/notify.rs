@@ -733,3 +733,46 @@ async fn a_message_over_the_relays_size_limit_is_kept_for_every_recipient() {
     // Any notification email is larger than 1,000 bytes.
     a_refused_message_waits(&["--size-limit", "1000"], "refused the message: 552").await;
 }
+
+/// A hand-written email whose attempts are at the integer limit (one more
+/// try would overflow) is left alone instead of failing every email claim:
+/// the other emails go out. Before, the claim failed for as long as that
+/// row was due, and no notification was sent at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_email_at_the_attempts_limit_does_not_stop_the_others() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = rejecting_receiver().await;
+    endpoint(&client, 6316, &receiver.url("/"), &["ops@example.com"]).await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox.emails (company_id, event_type, recipients, attempts, next_attempt_at)
+             VALUES (1, 'payment.cancellation', '{stuck@example.com}', 2147483647,
+                     now() - interval '1 day')",
+        )
+        .await
+        .unwrap();
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &[]).await;
+    let daemon = start(&db, &smtp_env(port, &[])).await;
+    client
+        .query_one(
+            "SELECT outbox.enqueue_payment_cancellation(6316, 1, 'OTHER')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mails = smtp.wait_for(1, SECS(20)).await;
+    assert_eq!(mails[0].rcpt_tos, ["ops@example.com"]);
+    daemon.stop().await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.emails
+              WHERE attempts = 2147483647 AND state = 'pending' AND lease_owner IS NULL",
+        )
+        .await,
+        1,
+        "the stuck email is still there, untouched"
+    );
+}
