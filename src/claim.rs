@@ -57,6 +57,9 @@ pub struct Endpoint {
     pub url: String,
     pub auth: Auth,
     pub enabled: bool,
+    /// Its active signing secrets (`whsec_…`), newest first; empty: its
+    /// requests are not signed.
+    pub signing_secrets: Vec<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -523,6 +526,7 @@ fn from_row(row: &tokio_postgres::Row) -> ClaimedEvent {
             row.get("token"),
         ),
         enabled: row.get("enabled"),
+        signing_secrets: secrets_from(row.get("signing_secrets")),
     });
     let age_ms: i64 = row.get("age_ms");
     ClaimedEvent {
@@ -538,6 +542,15 @@ fn from_row(row: &tokio_postgres::Row) -> ClaimedEvent {
         circuit_dirty: row.get("circuit_dirty"),
         endpoint,
     }
+}
+
+/// An endpoint's signing secrets as the statements return them.
+pub(crate) fn secrets_from(secrets: Option<Vec<String>>) -> Vec<Secret> {
+    secrets
+        .unwrap_or_default()
+        .into_iter()
+        .map(Secret::new)
+        .collect()
 }
 
 /// The schema guarantees basic has both secrets and bearer a token (checked

@@ -166,6 +166,23 @@ impl Deliverer {
         request = request
             .header("idempotency-key", id.clone())
             .header("webhook-id", id);
+        // Signed now, over the exact bytes sent, with this attempt's time.
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        if let Some(signature) = crate::sign::signature_header(
+            &webhook.signing_keys,
+            &webhook.event_id.to_string(),
+            timestamp,
+            &webhook.body,
+        ) {
+            let mut signature =
+                HeaderValue::from_str(&signature).expect("base64 is a valid header value");
+            signature.set_sensitive(true);
+            request = request
+                .header("webhook-timestamp", HeaderValue::from(timestamp))
+                .header("webhook-signature", signature);
+        }
         if let Some(auth) = &webhook.authorization {
             request = request.header(AUTHORIZATION, auth.clone());
         }

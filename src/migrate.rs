@@ -91,6 +91,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../sql/migrations/0007_notifications_go_with_their_email.sql"),
         online: "",
     },
+    Migration {
+        version: 8,
+        name: "signing_secrets",
+        sql: include_str!("../sql/migrations/0008_signing_secrets.sql"),
+        online: "",
+    },
 ];
 
 impl Migration {

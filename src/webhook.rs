@@ -43,6 +43,10 @@ pub struct Webhook {
     pub event_id: Uuid,
     /// A test request, not an event: sent with [`TEST_HEADER`].
     pub test: bool,
+    /// Keys to sign with ([`crate::sign`]), newest first; empty: unsigned.
+    /// The signature is made when the request is sent, with that moment as
+    /// `webhook-timestamp`.
+    pub signing_keys: Vec<crate::sign::SigningKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,6 +57,8 @@ pub enum BuildError {
     Url(String),
     #[error("invalid endpoint credentials: {0}")]
     Credentials(&'static str),
+    #[error("invalid signing secret: {0}")]
+    SigningSecret(crate::sign::SecretError),
 }
 
 /// Why an event is not sent at all.
@@ -105,7 +111,19 @@ pub fn build(event: &ClaimedEvent, endpoint: &Endpoint) -> Result<Webhook, Build
         authorization,
         event_id: event.id,
         test: false,
+        signing_keys: signing_keys(endpoint)?,
     })
+}
+
+/// The endpoint's secrets as keys. The schema checks their form, so a bad
+/// one is a row written around it: the event is refused rather than sent
+/// unsigned to a receiver that expects signatures.
+fn signing_keys(endpoint: &Endpoint) -> Result<Vec<crate::sign::SigningKey>, BuildError> {
+    endpoint
+        .signing_secrets
+        .iter()
+        .map(|s| crate::sign::SigningKey::parse(s.expose()).map_err(BuildError::SigningSecret))
+        .collect()
 }
 
 /// A test request to `endpoint`, as `outboxd endpoint test` sends it: a
@@ -134,6 +152,7 @@ pub fn build_test(
         authorization: authorization(&endpoint.auth)?,
         event_id: uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid(),
         test: true,
+        signing_keys: signing_keys(endpoint)?,
     })
 }
 
@@ -469,6 +488,7 @@ mod tests {
                 token: Secret::new("tok-123"),
             },
             enabled: true,
+            signing_secrets: Vec::new(),
         };
         let first = build_test(PAYMENT_CANCELLATION, 6316, &endpoint).unwrap();
         assert!(first.test);

@@ -7,6 +7,7 @@
 #   ensure_smtp_test_server  # Python with aiosmtpd, for the tests' SMTP server
 #   ensure_ops_tools         # promtool and systemd-analyze, for the operations tests
 #   ensure_packaging_tools   # cargo-deb, lintian and dpkg-deb, for scripts/package
+#   ensure_standardwebhooks  # PyPI standardwebhooks, the tests' signature verifier
 #   ensure_postgres          # exports DATABASE_URL pointing at a live server
 #
 # Call ensure_postgres in the shell that runs the tests, not in a subshell such
@@ -279,4 +280,20 @@ ensure_packaging_tools() {
         _outboxd_log "installing cargo-deb with cargo install"
         cargo install cargo-deb --locked --version "^3"
     fi
+}
+
+# A Python with the standardwebhooks package from PyPI, the independent
+# verifier of signed requests in the tests (tests/webhooks/verifier.py), in
+# a virtual environment of its own; exports STANDARDWEBHOOKS_PYTHON.
+ensure_standardwebhooks() {
+    local venv="${XDG_CACHE_HOME:-$HOME/.cache}/outboxd/test-venv"
+    if ! "$venv/bin/python" -c 'import standardwebhooks' >/dev/null 2>&1; then
+        _outboxd_log "installing standardwebhooks from PyPI into $venv"
+        if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+            _outboxd_apt_install python3-venv
+            python3 -m venv "$venv"
+        fi
+        "$venv/bin/pip" install --quiet --disable-pip-version-check 'standardwebhooks==1.1.0'
+    fi
+    export STANDARDWEBHOOKS_PYTHON="$venv/bin/python"
 }

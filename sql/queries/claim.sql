@@ -50,10 +50,16 @@ WITH due AS (
     -- with LIMIT 1 leaves the planner no other way in, whatever it thinks
     -- of the tables' sizes: see the note on plans above).
     SELECT r.id, r.lease_expired, coalesce(ci.failures > 0, false) AS circuit_dirty,
-           ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled
+           ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled,
+           ep.signing_secrets
       FROM ranked AS r
       LEFT JOIN LATERAL (
-            SELECT x.url, x.auth_type, x.username, x.password, x.token, x.enabled, x.max_in_flight
+            SELECT x.url, x.auth_type, x.username, x.password, x.token, x.enabled, x.max_in_flight,
+                   -- Its active signing secrets, newest first (none: unsigned).
+                   ARRAY(SELECT s.secret FROM outbox.endpoint_signing_secrets AS s
+                          WHERE s.company_id = x.company_id AND s.event_type = x.event_type
+                            AND (s.expires_at IS NULL OR s.expires_at > now())
+                          ORDER BY s.id DESC) AS signing_secrets
               FROM outbox.endpoints AS x
              WHERE x.company_id = r.company_id AND x.event_type = r.event_type
              LIMIT 1) AS ep ON true
@@ -101,7 +107,7 @@ WITH due AS (
 )
 SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,
        c.age_ms, p.lease_expired, false AS probe, p.circuit_dirty,
-       p.url, p.auth_type, p.username, p.password, p.token, p.enabled, 
+       p.url, p.auth_type, p.username, p.password, p.token, p.enabled, p.signing_secrets, 
        -- worn_out: failed above, at the bound on attempts; not to be sent.
        CASE WHEN c.state = 'failed' THEN 'worn_out' END AS note
   FROM claimed AS c
@@ -112,5 +118,6 @@ UNION ALL
 -- fair claim that follows sends its probe.)
 SELECT NULL::uuid, NULL::text, NULL::bigint, NULL::text, NULL::int, NULL::int,
        NULL::bigint, NULL::bool, NULL::bool, NULL::bool,
-       NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, 'held'
+       NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
+       'held'
  WHERE (SELECT count(*) FROM due) > (SELECT count(*) FROM picked)

@@ -174,7 +174,12 @@ WITH RECURSIVE active AS (
 )
 SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,
        c.age_ms, c.lease_expired, c.probe, c.circuit_dirty,
-       ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled, 
+       ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled,
+       -- The endpoint's active signing secrets, newest first (none: unsigned).
+       ARRAY(SELECT s.secret FROM outbox.endpoint_signing_secrets AS s
+              WHERE s.company_id = ep.company_id AND s.event_type = ep.event_type
+                AND (s.expires_at IS NULL OR s.expires_at > now())
+              ORDER BY s.id DESC) AS signing_secrets, 
        -- worn_out: failed above, at the bound on attempts; not to be sent.
        CASE WHEN c.state = 'failed' THEN 'worn_out' END AS note
   FROM claimed AS c
@@ -183,5 +188,6 @@ SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since
 UNION ALL
 SELECT NULL::uuid, k.event_type, k.company_id, NULL::text, NULL::int, NULL::int,
        NULL::bigint, NULL::bool, NULL::bool, NULL::bool,
-       NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, k.note
+       NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
+       k.note
   FROM notes AS k

@@ -18,8 +18,12 @@ pub async fn run(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
     let row = client
         .query_opt(
-            "SELECT url, auth_type, username, password, token, enabled
-               FROM outbox.endpoints WHERE company_id = $1 AND event_type = $2",
+            "SELECT url, auth_type, username, password, token, enabled,
+                    ARRAY(SELECT s.secret FROM outbox.endpoint_signing_secrets AS s
+                           WHERE s.company_id = e.company_id AND s.event_type = e.event_type
+                             AND (s.expires_at IS NULL OR s.expires_at > now())
+                           ORDER BY s.id DESC) AS signing_secrets
+               FROM outbox.endpoints AS e WHERE company_id = $1 AND event_type = $2",
             &[&key.company, &key.event],
         )
         .await
@@ -36,6 +40,7 @@ pub async fn run(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
             row.get("token"),
         ),
         enabled: row.get("enabled"),
+        signing_secrets: crate::claim::secrets_from(row.get("signing_secrets")),
     };
     let request = webhook::build_test(&key.event, key.company, &endpoint)
         .map_err(|e| CliError::Failed(format!("cannot build the test request: {e}")))?;

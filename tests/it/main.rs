@@ -23,6 +23,7 @@ mod proxy;
 mod receiver;
 mod record;
 mod sd_notify;
+mod signing;
 mod smtp;
 mod sql_contract;
 mod tenants;

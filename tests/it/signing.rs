@@ -1,0 +1,254 @@
+//! Signed webhooks (issue 16) checked by an independent implementation: the
+//! `standardwebhooks` package from PyPI, run as a real HTTP receiver
+//! (`tests/webhooks/verifier.py`, Python from `STANDARDWEBHOOKS_PYTHON`,
+//! which scripts/test sets up). Secrets are written in SQL, as the sales
+//! application's settings screen would.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::watch;
+
+use crate::harness::{Daemon, TempDir, TestDb, eventually_count, repo_root};
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// The verifier, holding the secret in `secret_file`.
+struct Verifier {
+    _child: tokio::process::Child,
+    port: u16,
+    /// Each request: (verified, error, headers, body).
+    seen: watch::Receiver<Vec<Value>>,
+}
+
+impl Verifier {
+    async fn start(secret_file: &std::path::Path) -> Verifier {
+        let python = std::env::var("STANDARDWEBHOOKS_PYTHON").unwrap_or_else(|_| {
+            panic!("STANDARDWEBHOOKS_PYTHON is not set: run the tests with scripts/test")
+        });
+        let mut child = tokio::process::Command::new(python)
+            .arg(repo_root().join("tests/webhooks/verifier.py"))
+            .arg("--secret-file")
+            .arg(secret_file)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting tests/webhooks/verifier.py");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first: Value =
+            serde_json::from_str(&lines.next_line().await.unwrap().unwrap()).unwrap();
+        let port = first["ready"].as_u64().expect("a ready line") as u16;
+        let (tx, seen) = watch::channel(Vec::new());
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                tx.send_modify(|s| s.push(v));
+            }
+        });
+        Verifier {
+            _child: child,
+            port,
+            seen,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/hooks", self.port)
+    }
+
+    async fn wait_for(&self, n: usize) -> Vec<Value> {
+        let mut rx = self.seen.clone();
+        tokio::time::timeout(SECS(20), rx.wait_for(|s| s.len() >= n))
+            .await
+            .unwrap_or_else(|_| panic!("expected {n} requests at the verifier"))
+            .unwrap()
+            .clone()
+    }
+}
+
+/// POSTs `body` with `headers` to the verifier; its answer's status field.
+async fn post(url: &str, headers: &[(&str, String)], body: &str) -> String {
+    use http_body_util::{BodyExt, Full};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<bytes::Bytes>>();
+    let mut request = hyper::Request::post(url);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let request = request
+        .body(Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    v["status"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn signed_requests_verify_with_the_standard_webhooks_library_through_a_rotation() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let dir = TempDir::new("signing");
+    let (_, old) = outboxd::sign::SigningKey::generate().unwrap();
+    let (_, new) = outboxd::sign::SigningKey::generate().unwrap();
+    // Company 1's receiver holds the old secret, company 2's the new one.
+    let (old_file, new_file) = (dir.join("old"), dir.join("new"));
+    std::fs::write(&old_file, &old).unwrap();
+    std::fs::write(&new_file, &new).unwrap();
+    let with_old = Verifier::start(&old_file).await;
+    let with_new = Verifier::start(&new_file).await;
+    for (company, verifier) in [(1_i64, &with_old), (2, &with_new)] {
+        client
+            .execute(
+                "INSERT INTO outbox.endpoints (company_id, url, auth_type, token)
+                 VALUES ($1, $2, 'bearer', 'bearer-token')",
+                &[&company, &verifier.url()],
+            )
+            .await
+            .unwrap();
+    }
+    let add = |company: i64, secret: &str, expires: &str| {
+        format!(
+            "INSERT INTO outbox.endpoint_signing_secrets (company_id, event_type, secret, expires_at)
+             VALUES ({company}, 'payment.cancellation', '{secret}', {expires})"
+        )
+    };
+    client.batch_execute(&add(1, &old, "NULL")).await.unwrap();
+    let daemon = Daemon::start(&db, &[]).await;
+    let enqueue = |company: i64, number: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT outbox.enqueue_payment_cancellation($1, 7, $2, ARRAY[17899, 17900])",
+                    &[&company, &number],
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let delivered = |n: i64| {
+        let client = &client;
+        async move {
+            eventually_count(
+                client,
+                "events delivered",
+                SECS(20),
+                "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+                n,
+            )
+            .await
+        }
+    };
+
+    // One secret: verified, over the exact documented body.
+    enqueue(1, "ONE").await;
+    let seen = with_old.wait_for(1).await;
+    assert_eq!(seen[0]["verified"], true, "{:?}", seen[0]);
+    assert_eq!(
+        seen[0]["body"],
+        r#"{"companyId": 1, "paymentId": 7, "paymentNumber": "ONE", "orderIds": "17899,17900"}"#
+    );
+    let signature = seen[0]["headers"]["webhook-signature"].as_str().unwrap();
+    assert_eq!(signature.split(' ').count(), 1);
+    assert_eq!(
+        seen[0]["headers"]["authorization"], "Bearer bearer-token",
+        "the auth type is independent of signing"
+    );
+    delivered(1).await;
+
+    // A rotation: both secrets on both endpoints, the old one expiring in
+    // an hour. Each request carries two signatures; each receiver, holding
+    // one secret, verifies.
+    client
+        .batch_execute(&format!(
+            "DELETE FROM outbox.endpoint_signing_secrets;
+             {}; {}; {}; {};",
+            add(1, &old, "now() + interval '1 hour'"),
+            add(1, &new, "NULL"),
+            add(2, &old, "now() + interval '1 hour'"),
+            add(2, &new, "NULL"),
+        ))
+        .await
+        .unwrap();
+    enqueue(1, "ROT1").await;
+    enqueue(2, "ROT2").await;
+    let at_old = with_old.wait_for(2).await;
+    let at_new = with_new.wait_for(1).await;
+    for seen in [&at_old[1], &at_new[0]] {
+        assert_eq!(seen["verified"], true, "{seen:?}");
+        let signature = seen["headers"]["webhook-signature"].as_str().unwrap();
+        assert_eq!(signature.split(' ').count(), 2, "{signature}");
+    }
+    delivered(3).await;
+
+    // The old secret expired: the receiver that still holds it refuses
+    // (status 0, the event fails with its reason); the new one verifies.
+    client
+        .batch_execute(
+            "UPDATE outbox.endpoint_signing_secrets SET expires_at = now() - interval '1 second'
+              WHERE expires_at IS NOT NULL",
+        )
+        .await
+        .unwrap();
+    enqueue(1, "EXP1").await;
+    enqueue(2, "EXP2").await;
+    let at_old = with_old.wait_for(3).await;
+    let at_new = with_new.wait_for(2).await;
+    assert_eq!(at_old[2]["verified"], false, "{:?}", at_old[2]);
+    assert_eq!(at_new[1]["verified"], true, "{:?}", at_new[1]);
+    eventually_count(
+        &client,
+        "the event signed only with the new secret fails at the old receiver",
+        SECS(20),
+        "SELECT count(*) FROM outbox.events WHERE state = 'failed'
+            AND response_message LIKE 'signature not verified%'",
+        1,
+    )
+    .await;
+    let log = daemon.log();
+    assert!(daemon.stop().await.success());
+    for secret in [&old, &new] {
+        let key = &secret["whsec_".len()..];
+        assert!(!log.iter().any(|l| l.contains(key)), "a secret in the log");
+    }
+
+    // The verifier itself refuses a tampered body and a stale timestamp.
+    let real = &at_new[1];
+    let headers: Vec<(&str, String)> = ["webhook-id", "webhook-timestamp", "webhook-signature"]
+        .iter()
+        .map(|h| (*h, real["headers"][*h].as_str().unwrap().to_string()))
+        .collect();
+    let body = real["body"].as_str().unwrap();
+    assert_eq!(
+        post(&with_new.url(), &headers, body).await,
+        "1",
+        "as sent: verified"
+    );
+    let tampered = body.replace("\"paymentId\": 7", "\"paymentId\": 8");
+    assert_eq!(
+        post(&with_new.url(), &headers, &tampered).await,
+        "0",
+        "a tampered body"
+    );
+    let key = outboxd::sign::SigningKey::parse(&new).unwrap();
+    let stale = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        - 600;
+    let id = headers[0].1.clone();
+    let stale_headers = vec![
+        ("webhook-id", id.clone()),
+        ("webhook-timestamp", stale.to_string()),
+        ("webhook-signature", key.sign(&id, stale, body.as_bytes())),
+    ];
+    assert_eq!(
+        post(&with_new.url(), &stale_headers, body).await,
+        "0",
+        "10 minutes old"
+    );
+}
