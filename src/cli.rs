@@ -19,6 +19,7 @@ mod generate;
 mod probe;
 mod replay;
 pub mod rules;
+mod secret;
 mod settings;
 mod status;
 mod table;

@@ -125,6 +125,12 @@ pub enum EndpointCommand {
     ///
     ///   $ outboxd endpoint test --company 6316
     Test(EndpointKey),
+
+    /// Signing secrets (Standard Webhooks): rotate, list
+    Secret {
+        #[command(subcommand)]
+        command: super::secret::SecretCommand,
+    },
 }
 
 /// Which endpoint: company and event type.
@@ -154,6 +160,7 @@ pub async fn run(command: EndpointCommand, config: &Config) -> Result<(), CliErr
         EndpointCommand::Reset(key) => reset(&key, config).await,
         EndpointCommand::Remove(key) => remove(&key, config).await,
         EndpointCommand::Test(key) => probe::run(&key, config).await,
+        EndpointCommand::Secret { command } => super::secret::run(command, config).await,
     }
 }
 
@@ -188,6 +195,9 @@ async fn set(settings: Settings, config: &Config) -> Result<(), CliError> {
         .await
         .map_err(|e| CliError::database("saving the endpoint", &e))?;
     let inserted: bool = row.get("inserted");
+    if let Some(secret) = &settings.signing_secret {
+        super::secret::replace(&client, settings.company, &settings.event, secret).await?;
+    }
     let row = client
         .query_one(
             ENDPOINTS_SQL,
@@ -337,7 +347,7 @@ async fn reset(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
     Ok(())
 }
 
-async fn endpoint_exists(
+pub(super) async fn endpoint_exists(
     client: &tokio_postgres::Client,
     key: &EndpointKey,
 ) -> Result<(), CliError> {

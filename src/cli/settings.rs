@@ -55,6 +55,12 @@ pub struct SetArgs {
     /// default: the daemon's delivery.endpoint_concurrency)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1000))]
     max_in_flight: Option<i32>,
+
+    /// File holding a Standard Webhooks signing secret (whsec_…): it
+    /// replaces the endpoint's secrets, and every request is signed with
+    /// it. Left out, the secrets stay as they are (`endpoint secret`).
+    #[arg(long, value_name = "FILE")]
+    signing_secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -73,6 +79,8 @@ pub struct Settings {
     pub notify: Vec<String>,
     pub enabled: bool,
     pub max_in_flight: Option<i32>,
+    /// The one signing secret to keep, when given.
+    pub signing_secret: Option<Secret>,
 }
 
 impl SetArgs {
@@ -90,8 +98,19 @@ impl SetArgs {
             problems.push(format!("--notify: {e}"));
         }
         let auth = self.auth(&mut problems);
+        let signing_secret = self.signing_secret_file.as_deref().and_then(|path| {
+            let text = secret("--signing-secret-file", Some(path), "", &mut problems)?;
+            match crate::sign::SigningKey::parse(text.expose()) {
+                Ok(_) => Some(Secret::new(text.expose().trim())),
+                Err(e) => {
+                    problems.push(format!("--signing-secret-file: {e}"));
+                    None
+                }
+            }
+        });
         match auth {
             Some(auth) if problems.is_empty() => Ok(Settings {
+                signing_secret,
                 company: self.company,
                 event: self.event,
                 url: self.url,

@@ -252,3 +252,145 @@ async fn signed_requests_verify_with_the_standard_webhooks_library_through_a_rot
         "10 minutes old"
     );
 }
+
+/// The CLI side (issue 16, point 3): `endpoint secret rotate` prints a new
+/// secret once and keeps the old one for `--keep-old`; `endpoint secret
+/// list` shows fingerprints, never a secret; `endpoint test` signs like a
+/// delivery (checked by the same independent verifier); `endpoint set
+/// --signing-secret-file` replaces the secrets and refuses a bad one.
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_are_rotated_listed_by_fingerprint_and_signed_by_endpoint_test() {
+    use crate::harness::run;
+    let db = TestDb::new().await;
+    let dir = TempDir::new("signing-cli");
+    let held = dir.join("held");
+    std::fs::write(&held, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+    let verifier = Verifier::start(&held).await;
+    let outboxd = |args: &[&str]| {
+        let mut cmd = db.outboxd();
+        cmd.args(args);
+        cmd
+    };
+    let set = run(&mut outboxd(&[
+        "endpoint",
+        "set",
+        "--company",
+        "6316",
+        "--url",
+        &verifier.url(),
+    ]))
+    .await;
+    assert_eq!(set.code, Some(0), "{set:?}");
+    let key = ["--company", "6316"];
+    let rotate = |keep: &'static str| {
+        let mut cmd = db.outboxd();
+        cmd.args([
+            "endpoint",
+            "secret",
+            "rotate",
+            "--company",
+            "6316",
+            "--keep-old",
+            keep,
+        ]);
+        async move { run(&mut cmd).await }
+    };
+
+    // The first secret: printed alone on stdout; the receiver takes it.
+    let first = rotate("24h").await;
+    assert_eq!(first.code, Some(0), "{first:?}");
+    let first_secret = first.stdout.trim().to_string();
+    assert!(
+        outboxd::sign::SigningKey::parse(&first_secret).is_ok(),
+        "{first:?}"
+    );
+    assert!(
+        first.stderr.contains("signs its requests from now on"),
+        "{first:?}"
+    );
+    std::fs::write(&held, &first_secret).unwrap();
+    let test = run(&mut outboxd(&[&["endpoint", "test"][..], &key].concat())).await;
+    assert_eq!(test.code, Some(0), "endpoint test signs: {test:?}");
+    assert_eq!(verifier.wait_for(1).await[0]["verified"], true);
+
+    // A rotation keeping the old one for an hour: the receiver still on the
+    // old secret verifies (two signatures).
+    let second = rotate("1h").await;
+    assert_eq!(second.code, Some(0), "{second:?}");
+    let second_secret = second.stdout.trim().to_string();
+    assert_ne!(second_secret, first_secret);
+    assert!(second.stderr.contains("stay valid until"), "{second:?}");
+    let test = run(&mut outboxd(&[&["endpoint", "test"][..], &key].concat())).await;
+    assert_eq!(test.code, Some(0), "{test:?}");
+    let seen = verifier.wait_for(2).await;
+    assert_eq!(seen[1]["verified"], true);
+    let signatures = seen[1]["headers"]["webhook-signature"].as_str().unwrap();
+    assert_eq!(signatures.split(' ').count(), 2, "{signatures}");
+
+    // Ending the old ones now: the receiver on the first secret refuses.
+    let third = rotate("0s").await;
+    assert_eq!(third.code, Some(0), "{third:?}");
+    assert!(third.stderr.contains("ended now"), "{third:?}");
+    let test = run(&mut outboxd(&[&["endpoint", "test"][..], &key].concat())).await;
+    assert_eq!(test.code, Some(1), "{test:?}");
+    assert_eq!(verifier.wait_for(3).await[2]["verified"], false);
+
+    // The list: fingerprints and states, never a secret.
+    let list = run(&mut outboxd(
+        &[&["endpoint", "secret", "list"][..], &key].concat(),
+    ))
+    .await;
+    assert_eq!(list.code, Some(0), "{list:?}");
+    let fingerprint = |s: &str| outboxd::sign::SigningKey::parse(s).unwrap().fingerprint();
+    let third_secret = third.stdout.trim().to_string();
+    for secret in [&first_secret, &second_secret, &third_secret] {
+        assert!(list.stdout.contains(&fingerprint(secret)), "{list:?}");
+        let encoded = &secret["whsec_".len()..];
+        for ran in [&list, &test] {
+            assert!(
+                !ran.stdout.contains(encoded) && !ran.stderr.contains(encoded),
+                "{ran:?}"
+            );
+        }
+    }
+    assert_eq!(list.stdout.matches(" active").count(), 1, "{list:?}");
+    assert_eq!(list.stdout.matches(" expired").count(), 2, "{list:?}");
+
+    // set --signing-secret-file: a bad file is refused naming the flag, a
+    // good one replaces every secret.
+    let bad = dir.join("bad");
+    std::fs::write(&bad, "not-a-secret-at-all").unwrap();
+    let url = verifier.url();
+    let set_with = |file: &std::path::Path| {
+        let mut cmd = db.outboxd();
+        cmd.args(["endpoint", "set", "--company", "6316", "--url", &url])
+            .arg("--signing-secret-file")
+            .arg(file);
+        async move { run(&mut cmd).await }
+    };
+    let refused = set_with(&bad).await;
+    assert_eq!(refused.code, Some(2), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("--signing-secret-file: a signing secret starts with whsec_")
+    );
+    assert!(
+        !refused.stderr.contains("not-a-secret-at-all"),
+        "{refused:?}"
+    );
+    let set = set_with(&held).await;
+    assert_eq!(set.code, Some(0), "{set:?}");
+    let list = run(&mut outboxd(
+        &[&["endpoint", "secret", "list"][..], &key].concat(),
+    ))
+    .await;
+    assert_eq!(list.stdout.matches(" active").count(), 1, "{list:?}");
+    assert_eq!(list.stdout.matches(" expired").count(), 0, "{list:?}");
+    assert!(
+        list.stdout.contains(&fingerprint(&first_secret)),
+        "{list:?}"
+    );
+    let test = run(&mut outboxd(&[&["endpoint", "test"][..], &key].concat())).await;
+    assert_eq!(test.code, Some(0), "{test:?}");
+}
