@@ -96,6 +96,67 @@ impl SigningKey {
     }
 }
 
+/// How far a request's `webhook-timestamp` may be from the receiver's clock,
+/// either way, as the specification's libraries allow: 5 minutes.
+pub const TOLERANCE_SECS: i64 = 5 * 60;
+
+/// Why a receiver refuses a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("missing {0}")]
+    Missing(&'static str),
+    #[error("webhook-timestamp is not a number of seconds")]
+    Timestamp,
+    #[error("webhook-timestamp is {0} s away from now (more than 5 minutes)")]
+    OutOfTolerance(i64),
+    #[error("no signature in webhook-signature matches")]
+    NoMatch,
+}
+
+impl SigningKey {
+    /// Checks a request as a receiver does: the timestamp within
+    /// [`TOLERANCE_SECS`] of `now`, and one of the `v1` signatures in
+    /// `signatures` made with this key over `"{id}.{timestamp}.{body}"`.
+    /// The comparison is the `hmac` crate's, in constant time.
+    pub fn verify(
+        &self,
+        id: Option<&str>,
+        timestamp: Option<&str>,
+        signatures: Option<&str>,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), VerifyError> {
+        let id = id.ok_or(VerifyError::Missing("webhook-id"))?;
+        let timestamp = timestamp.ok_or(VerifyError::Missing("webhook-timestamp"))?;
+        let signatures = signatures.ok_or(VerifyError::Missing("webhook-signature"))?;
+        let timestamp: i64 = timestamp
+            .trim()
+            .parse()
+            .map_err(|_| VerifyError::Timestamp)?;
+        let off = now.saturating_sub(timestamp);
+        if off.abs() > TOLERANCE_SECS {
+            return Err(VerifyError::OutOfTolerance(off));
+        }
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes a key of any length");
+        mac.update(id.as_bytes());
+        mac.update(b".");
+        mac.update(timestamp.to_string().as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        let matches = signatures
+            .split(' ')
+            .filter_map(|one| one.strip_prefix("v1,"))
+            .filter_map(|encoded| STANDARD.decode(encoded).ok())
+            .any(|given| mac.clone().verify_slice(&given).is_ok());
+        if matches {
+            Ok(())
+        } else {
+            Err(VerifyError::NoMatch)
+        }
+    }
+}
+
 /// The `webhook-signature` header for `keys`: one signature each, in order,
 /// separated by spaces. None without keys (the endpoint does not sign).
 pub fn signature_header(
@@ -164,6 +225,63 @@ mod tests {
         assert_ne!(
             old.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, b"{}"),
             parts[1]
+        );
+    }
+
+    #[test]
+    fn a_receiver_accepts_what_was_signed_and_nothing_else() {
+        let key = SigningKey::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        let (other, _) = SigningKey::generate().unwrap();
+        let (id, ts, body) = (
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            br#"{"test": 2432232314}"#,
+        );
+        let both = signature_header(&[other.clone(), key.clone()], id, ts, body).unwrap();
+        let ts_text = ts.to_string();
+        let check = |sigs: &str, body: &[u8], now: i64| {
+            key.verify(Some(id), Some(&ts_text), Some(sigs), body, now)
+        };
+        use VerifyError::*;
+        let table: [(&str, &[u8], i64, Result<(), VerifyError>); 7] = [
+            (
+                "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+                body,
+                ts,
+                Ok(()),
+            ),
+            (&both, body, ts + 299, Ok(())),
+            (&both, body, ts - 300, Ok(())),
+            (&both, b"{\"test\": 2432232315}", ts, Err(NoMatch)),
+            (&both, body, ts + 301, Err(OutOfTolerance(301))),
+            (
+                "v1a,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
+                body,
+                ts,
+                Err(NoMatch),
+            ),
+            ("v1,not base64", body, ts, Err(NoMatch)),
+        ];
+        for (sigs, body, now, want) in table {
+            assert_eq!(check(sigs, body, now), want, "{sigs} at {now}");
+        }
+        assert_eq!(
+            other.verify(
+                Some(id),
+                Some(&ts_text),
+                Some("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="),
+                body,
+                ts
+            ),
+            Err(NoMatch)
+        );
+        assert_eq!(
+            key.verify(None, Some("1"), Some("v1,x"), body, 1),
+            Err(Missing("webhook-id"))
+        );
+        assert_eq!(
+            key.verify(Some(id), Some("soon"), Some("v1,x"), body, 1),
+            Err(Timestamp)
         );
     }
 

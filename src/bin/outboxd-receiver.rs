@@ -76,6 +76,13 @@ struct Args {
     #[arg(long)]
     quiet: bool,
 
+    /// File holding the endpoint's Standard Webhooks signing secret
+    /// (whsec_…): every request must then carry a webhook-signature made
+    /// with it and a webhook-timestamp within 5 minutes of now, or it is
+    /// answered {"status": "0", "message": why}
+    #[arg(long, value_name = "FILE")]
+    signing_secret_file: Option<std::path::PathBuf>,
+
     /// Print this program's man page (roff) and exit; the package installs
     /// it as outboxd-receiver(1).
     #[arg(long, hide = true)]
@@ -192,6 +199,8 @@ fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
 
 /// What the server shares with every connection.
 struct State {
+    /// Requests must be signed with this key (--signing-secret-file).
+    signing: Option<outboxd::sign::SigningKey>,
     auth: Auth,
     quiet: bool,
     arrivals: bool,
@@ -214,7 +223,29 @@ fn main() -> ExitCode {
         Ok(auth) => auth,
         Err((kind, message)) => Args::command().error(kind, message).exit(),
     };
+    let signing = match &args.signing_secret_file {
+        None => None,
+        Some(path) => {
+            let text = match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                Err(e) => {
+                    eprintln!("outboxd-receiver: cannot read {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            match outboxd::sign::SigningKey::parse(&text) {
+                Ok(key) => Some(key),
+                Err(e) => Args::command()
+                    .error(
+                        ErrorKind::ValueValidation,
+                        format!("--signing-secret-file: {e}"),
+                    )
+                    .exit(),
+            }
+        }
+    };
     let state = Arc::new(State {
+        signing,
         auth,
         quiet: args.quiet,
         arrivals: args.arrivals,
@@ -402,6 +433,7 @@ async fn answer(
     if !state.auth.allows(request.headers().get(AUTHORIZATION)) {
         return refuse(StatusCode::UNAUTHORIZED, "unauthorized");
     }
+    let headers = request.headers().clone();
     let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<LengthLimitError>() => {
@@ -409,6 +441,27 @@ async fn answer(
         }
         Err(_) => return refuse(StatusCode::BAD_REQUEST, "cannot read body"),
     };
+
+    // A signature that does not verify: answered like a rejected payload,
+    // with the reason (never the secret or the expected signature).
+    if let Some(key) = &state.signing {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let checked = key.verify(
+            header("webhook-id"),
+            header("webhook-timestamp"),
+            header("webhook-signature"),
+            &body,
+            now,
+        );
+        if let Err(e) = checked {
+            let problem = format!("signature not verified: {e}");
+            let body = product_json("0", "message", &problem);
+            return (StatusCode::OK, Outcome::Rejected(problem), body);
+        }
+    }
 
     // Payload problems are answered with HTTP 200 and status "0": that is how
     // the product tells outboxd "delivered, but rejected".

@@ -394,3 +394,114 @@ async fn secrets_are_rotated_listed_by_fingerprint_and_signed_by_endpoint_test()
     let test = run(&mut outboxd(&[&["endpoint", "test"][..], &key].concat())).await;
     assert_eq!(test.code, Some(0), "{test:?}");
 }
+
+/// The reference receiver (issue 16, point 4) with `--signing-secret-file`:
+/// outboxd's signed deliveries are accepted; a request with no signature, a
+/// changed body or a stale timestamp is answered status 0 with the reason.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reference_receiver_verifies_signatures() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let dir = TempDir::new("signing-receiver");
+    let (key, secret) = outboxd::sign::SigningKey::generate().unwrap();
+    let file = dir.join("whsec");
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    let mut receiver = tokio::process::Command::new(env!("CARGO_BIN_EXE_outboxd-receiver"))
+        .args(["--listen", "127.0.0.1:0", "--signing-secret-file"])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(receiver.stdout.take().unwrap()).lines();
+    let first = lines.next_line().await.unwrap().unwrap();
+    let base = first.trim_start_matches("listening on ").to_string();
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    for company in [1_i64, 2] {
+        client
+            .execute(
+                "INSERT INTO outbox.endpoints (company_id, url) VALUES ($1, $2)",
+                &[&company, &format!("{base}/hooks")],
+            )
+            .await
+            .unwrap();
+    }
+    // Company 1 signs; company 2 does not.
+    client
+        .execute(
+            "INSERT INTO outbox.endpoint_signing_secrets (company_id, event_type, secret)
+             VALUES (1, 'payment.cancellation', $1)",
+            &[&secret],
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(&db, &[]).await;
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, 11, 'SIGNED');
+             SELECT outbox.enqueue_payment_cancellation(2, 12, 'UNSIGNED');",
+        )
+        .await
+        .unwrap();
+    eventually_count(
+        &client,
+        "both final",
+        SECS(20),
+        "SELECT count(*) FROM outbox.events WHERE state IN ('delivered', 'failed')",
+        2,
+    )
+    .await;
+    let state = |number: &'static str| {
+        let client = &client;
+        async move {
+            let row = client
+                .query_one(
+                    "SELECT state, response_message FROM outbox.events
+                      WHERE payload->>'paymentNumber' = $1",
+                    &[&number],
+                )
+                .await
+                .unwrap();
+            (row.get::<_, String>(0), row.get::<_, Option<String>>(1))
+        }
+    };
+    assert_eq!(state("SIGNED").await.0, "delivered");
+    let (unsigned, message) = state("UNSIGNED").await;
+    assert_eq!(unsigned, "failed");
+    assert_eq!(
+        message.as_deref(),
+        Some("signature not verified: missing webhook-timestamp")
+    );
+    assert!(daemon.stop().await.success());
+
+    // Requests made here: a changed body, a stale timestamp, and, as a
+    // control, a correct one.
+    let url = format!("{base}/hooks");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let body = r#"{"companyId": 1, "paymentId": 13, "paymentNumber": "X"}"#;
+    let signed = |ts: i64, signed_body: &str| {
+        vec![
+            (
+                "webhook-id",
+                "01938a4c-5f0e-7c3a-9b1d-2f6e8a4b7c90".to_string(),
+            ),
+            ("webhook-timestamp", ts.to_string()),
+            (
+                "webhook-signature",
+                key.sign(
+                    "01938a4c-5f0e-7c3a-9b1d-2f6e8a4b7c90",
+                    ts,
+                    signed_body.as_bytes(),
+                ),
+            ),
+        ]
+    };
+    assert_eq!(post(&url, &signed(now, body), body).await, "1");
+    let changed = body.replace("13", "14");
+    assert_eq!(post(&url, &signed(now, body), &changed).await, "0");
+    assert_eq!(post(&url, &signed(now - 600, body), body).await, "0");
+    assert_eq!(post(&url, &signed(now + 600, body), body).await, "0");
+}
