@@ -243,7 +243,9 @@ mod tests {
             key.verify(Some(id), Some(&ts_text), Some(sigs), body, now)
         };
         use VerifyError::*;
-        let table: [(&str, &[u8], i64, Result<(), VerifyError>); 7] = [
+        // (signatures, body, the receiver's clock, verdict)
+        type Case<'a> = (&'a str, &'a [u8], i64, Result<(), VerifyError>);
+        let table: [Case; 7] = [
             (
                 "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=",
                 body,
