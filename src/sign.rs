@@ -85,6 +85,12 @@ impl SigningKey {
 
     /// `v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">`.
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
+        let mac = self.mac(id, timestamp, body);
+        format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+    }
+
+    /// The MAC over what the specification signs: `"{id}.{timestamp}.{body}"`.
+    fn mac(&self, id: &str, timestamp: i64, body: &[u8]) -> Hmac<Sha256> {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes a key of any length");
         mac.update(id.as_bytes());
@@ -92,7 +98,7 @@ impl SigningKey {
         mac.update(timestamp.to_string().as_bytes());
         mac.update(b".");
         mac.update(body);
-        format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+        mac
     }
 }
 
@@ -137,13 +143,7 @@ impl SigningKey {
         if off.abs() > TOLERANCE_SECS {
             return Err(VerifyError::OutOfTolerance(off));
         }
-        let mut mac =
-            Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes a key of any length");
-        mac.update(id.as_bytes());
-        mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
+        let mac = self.mac(id, timestamp, body);
         let matches = signatures
             .split(' ')
             .filter_map(|one| one.strip_prefix("v1,"))
