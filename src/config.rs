@@ -515,6 +515,12 @@ pub fn load(explicit: Option<&Path>) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
+/// Whether an `OUTBOXD_` variable (named without the prefix) is a setting:
+/// `<SECTION>__<KEY>`.
+fn is_setting(name: &str) -> bool {
+    name.contains("__")
+}
+
 /// `OUTBOXD_…` variables without `__`: not settings (a setting is always
 /// `OUTBOXD_<SECTION>__<KEY>`), so not read. Kubernetes sets such variables
 /// in every pod of a namespace with a Service named `outboxd`
@@ -525,7 +531,7 @@ fn ignored_env_vars() -> Vec<String> {
         .filter_map(|(name, _)| name.into_string().ok())
         .filter(|name| {
             name.strip_prefix(ENV_PREFIX)
-                .is_some_and(|rest| !rest.contains("__") && rest != "CONFIG")
+                .is_some_and(|rest| !is_setting(rest) && rest != "CONFIG")
         })
         .collect();
     names.sort();
@@ -550,7 +556,7 @@ pub fn extract(file: Option<&Path>) -> Result<RawConfig, ConfigError> {
     figment = figment.merge(
         Env::prefixed(ENV_PREFIX)
             .ignore(&ignored)
-            .filter(|key| key.as_str().contains("__"))
+            .filter(|key| is_setting(key.as_str()))
             .split("__"),
     );
     for (key, raw) in SECRET_ENV_KEYS.iter().zip(&raw_keys) {

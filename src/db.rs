@@ -472,7 +472,8 @@ impl Charset {
     /// `\u{…}` (its code point in hex), so that it can be stored and still
     /// read.
     pub fn storable(self, text: &str) -> std::borrow::Cow<'_, str> {
-        if text.chars().all(|c| self.holds(c)) {
+        // UTF8 holds anything: no look at the text, on every outcome.
+        if self == Charset::Unicode || text.chars().all(|c| self.holds(c)) {
             return std::borrow::Cow::Borrowed(text);
         }
         let mut out = String::with_capacity(text.len() + 16);

@@ -129,7 +129,11 @@ pub(super) fn take_url_tls(url: &str) -> (String, UrlTls) {
                 let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
                 match found.slot(key) {
                     Some(slot) => {
-                        *slot = Some(percent_decode(value));
+                        *slot = Some(
+                            percent_encoding::percent_decode_str(value)
+                                .decode_utf8_lossy()
+                                .into_owned(),
+                        );
                         false
                     }
                     None => true,
@@ -184,25 +188,6 @@ pub(super) fn take_url_tls(url: &str) -> (String, UrlTls) {
     }
     kept.push_str(&url[last_end..]);
     (kept, found)
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `database.tls` and its files, each also accepted in the URL under
@@ -485,27 +470,13 @@ impl RawDelivery {
         }
         let tls_ca_pem = match &self.tls_ca_file {
             None => Some(None),
-            Some(path) => match std::fs::read(path) {
-                Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => {
-                    Some(Some(pem))
-                }
-                Ok(_) => {
-                    problem(
-                        problems,
-                        "delivery.tls_ca_file",
-                        format!("{} holds no PEM certificate", path.display()),
-                    );
-                    None
-                }
-                Err(e) => {
-                    problem(
-                        problems,
-                        "delivery.tls_ca_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    );
-                    None
-                }
-            },
+            Some(path) => read_pem(
+                problems,
+                "delivery.tls_ca_file",
+                &path.display().to_string(),
+                "CERTIFICATE",
+            )
+            .map(Some),
         };
         let endpoint_concurrency = in_range(
             problems,

@@ -1278,6 +1278,39 @@ async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
 // Outcomes whose texts the database cannot store (issue 14, point 5)
 // ---------------------------------------------------------------------------
 
+/// Stages a text the database refuses whatever its encoding: a trigger on
+/// outbox.attempts raises 22P05 for a message with POISON in it. With
+/// `cut_once`, the second such write (the one-by-one one after its group was
+/// refused) loses its connection first, as in a database restart: the
+/// trigger terminates its own backend (a sequence counts, since it is not
+/// rolled back with the statement).
+pub(crate) async fn refuse_poison(client: &Client, cut_once: bool) {
+    let cut = if cut_once {
+        "IF nextval('public.poison_seen') = 2 THEN
+             PERFORM pg_terminate_backend(pg_backend_pid());
+             PERFORM pg_sleep(5);
+         END IF;"
+    } else {
+        ""
+    };
+    client
+        .batch_execute(&format!(
+            "CREATE SEQUENCE public.poison_seen;
+             CREATE FUNCTION public.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF NEW.message LIKE '%POISON%' THEN
+                     {cut}
+                     RAISE EXCEPTION 'staged: this text cannot be stored' USING ERRCODE = '22P05';
+                 END IF;
+                 RETURN NEW;
+             END $$;
+             CREATE TRIGGER refuse_poison BEFORE INSERT ON outbox.attempts
+                 FOR EACH ROW EXECUTE FUNCTION public.refuse_poison();"
+        ))
+        .await
+        .unwrap();
+}
+
 /// A receiver that answers each payment with the status and message the
 /// test gives for its paymentNumber.
 async fn answering(answers: &'static [(&'static str, &'static str, &'static str)]) -> Receiver {
@@ -1389,28 +1422,7 @@ async fn in_a_latin1_database_a_message_it_cannot_hold_is_stored_escaped_and_the
 async fn an_outcome_whose_text_is_refused_keeps_its_state_through_a_lost_connection() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    client
-        .batch_execute(
-            "CREATE SEQUENCE public.poison_seen;
-             CREATE FUNCTION public.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 IF NEW.message LIKE '%POISON%' THEN
-                     -- The second time (the one-by-one write): the connection
-                     -- goes, as in a database restart. A sequence, because it
-                     -- is not rolled back with the statement.
-                     IF nextval('public.poison_seen') = 2 THEN
-                         PERFORM pg_terminate_backend(pg_backend_pid());
-                         PERFORM pg_sleep(5);
-                     END IF;
-                     RAISE EXCEPTION 'staged: this text cannot be stored' USING ERRCODE = '22P05';
-                 END IF;
-                 RETURN NEW;
-             END $$;
-             CREATE TRIGGER refuse_poison BEFORE INSERT ON outbox.attempts
-                 FOR EACH ROW EXECUTE FUNCTION public.refuse_poison();",
-        )
-        .await
-        .unwrap();
+    refuse_poison(&client, true).await;
     static ANSWERS: &[(&str, &str, &str)] = &[("P", "1", "POISON accepted")];
     let receiver = answering(ANSWERS).await;
     endpoint(&client, 1, "payment.cancellation", &receiver.url("/")).await;

@@ -495,20 +495,7 @@ async fn an_idle_daemon_stops_at_once() {
 async fn journald_lines_carry_their_priorities() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    client
-        .batch_execute(
-            "CREATE FUNCTION public.refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 IF NEW.message LIKE '%POISON%' THEN
-                     RAISE EXCEPTION 'staged: not storable' USING ERRCODE = '22P05';
-                 END IF;
-                 RETURN NEW;
-             END $$;
-             CREATE TRIGGER refuse_poison BEFORE INSERT ON outbox.attempts
-                 FOR EACH ROW EXECUTE FUNCTION public.refuse_poison();",
-        )
-        .await
-        .unwrap();
+    crate::faults::refuse_poison(&client, false).await;
     let receiver = Receiver::start(|_, _| {
         Reply::Json(200, json!({"status": "1", "message": "POISON accepted"}))
     })
