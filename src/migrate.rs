@@ -28,6 +28,14 @@
 //! `.online.sql` part, a column only without a volatile default (no
 //! rewrite). Only 0003 predates this: its checks scan the table once when a
 //! schema of version 2 or older is upgraded (README, "Under systemd").
+//!
+//! A change of the catalogue (a dropped constraint or trigger) still needs
+//! a brief exclusive lock on the table. Queued behind an application
+//! transaction that holds the table for minutes, it would hold up every
+//! enqueue behind it for as long. So the migration transaction waits for a
+//! lock at most [`LOCK_WAIT`] and, refused, rolls back and tries again a
+//! little later ([`migrate_locked`]): the enqueues wait at most that long
+//! per try.
 
 use tokio_postgres::{Client, GenericClient};
 
@@ -96,6 +104,12 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "signing_secrets",
         sql: include_str!("../sql/migrations/0008_signing_secrets.sql"),
         online: "",
+    },
+    Migration {
+        version: 9,
+        name: "light_enqueue",
+        sql: include_str!("../sql/migrations/0009_light_enqueue.sql"),
+        online: include_str!("../sql/migrations/0009_light_enqueue.online.sql"),
     },
 ];
 
@@ -375,18 +389,83 @@ pub async fn migrate(client: &mut Client) -> Result<Report, MigrateError> {
     migrated
 }
 
+/// Longest wait for one lock in the migration transaction; see the module
+/// documentation. A transaction of the sales application's is over in
+/// milliseconds, so a longer wait means one that is not, and waiting on
+/// behind it would only hold up the enqueues queued behind the migration.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Pause before the next try after [`LOCK_WAIT`] ran out, doubling up to
+/// [`LOCK_RETRY_MAX`]: enqueues flow freely between tries.
+const LOCK_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(500);
+const LOCK_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Applies the pending migrations in one transaction, trying again while a
+/// lock it needs is held by another transaction for longer than
+/// [`LOCK_WAIT`]; then builds the online indexes.
 async fn migrate_locked(client: &mut Client) -> Result<Report, MigrateError> {
+    let mut pause = LOCK_RETRY_FIRST;
+    let report = loop {
+        match migrate_transaction(client).await {
+            Err(Attempt::LockBusy(reason)) => {
+                tracing::warn!(
+                    error = %reason,
+                    retry_in = ?pause,
+                    "a lock the migration needs is held by another transaction; trying again \
+                     (enqueues are not held up meanwhile)"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(LOCK_RETRY_MAX);
+            }
+            Err(Attempt::Failed(e)) => return Err(e),
+            Ok(report) => break report,
+        }
+    };
+    let mut report = report;
+    (report.built, report.dropped) = build_online(client).await?;
+    Ok(report)
+}
+
+/// How one try of the migration transaction ended, if not applied.
+enum Attempt {
+    /// A lock was not granted within [`LOCK_WAIT`]; nothing was applied.
+    LockBusy(String),
+    Failed(MigrateError),
+}
+
+impl From<MigrateError> for Attempt {
+    fn from(e: MigrateError) -> Attempt {
+        Attempt::Failed(e)
+    }
+}
+
+/// A step of the migration transaction, telling a lock timeout apart.
+fn tx_step(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Attempt {
+    let what = what.into();
+    move |e| {
+        if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+            Attempt::LockBusy(format!("{what}: {}", db::describe(&e)))
+        } else {
+            Attempt::Failed(step(what)(e))
+        }
+    }
+}
+
+async fn migrate_transaction(client: &mut Client) -> Result<Report, Attempt> {
     let tx = client
         .transaction()
         .await
-        .map_err(step("starting the migration transaction"))?;
+        .map_err(tx_step("starting the migration transaction"))?;
     // "schema already exists, skipping" and the like are expected here.
-    tx.batch_execute("SET LOCAL client_min_messages = warning")
-        .await
-        .map_err(step("starting the migration transaction"))?;
+    tx.batch_execute(&format!(
+        "SET LOCAL client_min_messages = warning; SET LOCAL lock_timeout = '{}ms'",
+        LOCK_WAIT.as_millis()
+    ))
+    .await
+    .map_err(tx_step("starting the migration transaction"))?;
     tx.batch_execute(BOOTSTRAP)
         .await
-        .map_err(step("creating outbox.schema_migrations"))?;
+        .map_err(tx_step("creating outbox.schema_migrations"))?;
 
     let applied = verify_applied(&tx).await?;
     let from = applied.last().copied().unwrap_or(0);
@@ -404,20 +483,19 @@ async fn migrate_locked(client: &mut Client) -> Result<Report, MigrateError> {
         );
         tx.batch_execute(migration.sql)
             .await
-            .map_err(step(what.clone()))?;
+            .map_err(tx_step(what.clone()))?;
         tx.execute(
             "INSERT INTO outbox.schema_migrations (version, name, checksum) VALUES ($1, $2, md5($3))",
             &[&migration.version, &migration.name, &migration.text()],
         )
         .await
-        .map_err(step(what))?;
+        .map_err(tx_step(what))?;
         report.applied.push(migration.version);
         report.to = migration.version;
     }
     tx.commit()
         .await
-        .map_err(step("committing the migration"))?;
-    (report.built, report.dropped) = build_online(client).await?;
+        .map_err(tx_step("committing the migration"))?;
     Ok(report)
 }
 
@@ -567,18 +645,24 @@ mod tests {
             steps.into_iter().map(|i| i.name).collect()
         };
         // events_endpoint_due (0005) was replaced by 0006, and with it the
-        // claim index of 0001, which no online part built.
+        // claim index of 0001, which no online part built; 0009 replaced
+        // 0001's company index.
         assert_eq!(
             names(all_online_indexes()),
             [
                 "events_pending_due",
                 "events_endpoint_pending",
-                "events_lease_expiry"
+                "events_lease_expiry",
+                "events_company_settled"
             ]
         );
         assert_eq!(
             names(all_online_drops()),
-            ["events_endpoint_due", "events_due"]
+            [
+                "events_endpoint_due",
+                "events_due",
+                "events_company_created"
+            ]
         );
     }
 

@@ -76,11 +76,11 @@ WITH due AS (
             OR (ci.state = 'closed' AND (ci.paused_until IS NULL OR ci.paused_until <= now())))
 ), claimed AS (
     UPDATE outbox.events AS e
-       -- A row at the schema's bound on attempts (events_attempts_bounded;
-       -- only a hand-written one can be there) cannot be claimed once more:
-       -- adding one would fail the check and with it this whole statement,
-       -- every claim, for as long as the row is due. It fails instead, with
-       -- the reason, unsent, and comes back as a `worn_out` note.
+       -- A row with a million attempts or more (only a hand-written one
+       -- can get there) is not claimed once more: near the integer limit,
+       -- adding one would fail this whole statement, every claim, for as
+       -- long as the row is due. It fails instead, with the reason, unsent,
+       -- and comes back as a `worn_out` note.
        SET state = CASE WHEN e.attempts < 1000000 THEN 'leased' ELSE 'failed' END,
            attempts = e.attempts + CASE WHEN e.attempts < 1000000 THEN 1 ELSE 0 END,
            lease_owner = CASE WHEN e.attempts < 1000000 THEN $2 END,
@@ -94,7 +94,11 @@ WITH due AS (
      -- plan can read more of it than these rows.
      WHERE e.id = ANY (ARRAY(SELECT p.id FROM picked AS p))
  RETURNING e.id, e.state, e.event_type, e.company_id, e.payload::text AS payload, e.attempts,
-           e.attempts - e.attempts_at_replay AS attempts_since_replay,
+           -- In bigint, bounded: a hand-written attempts_at_replay (the
+           -- table has no CHECK constraints since 0009) must not overflow
+           -- and fail every claim.
+           greatest(least(e.attempts::bigint - e.attempts_at_replay, 2147483647), 0)::int
+               AS attempts_since_replay,
            -- The retry policy's clock starts at the last replay, if any.
            -- timestamptz also holds 'infinity' and '-infinity' (a row written
            -- by hand or restored may carry them), which cannot be subtracted:

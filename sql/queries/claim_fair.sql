@@ -125,11 +125,11 @@ WITH RECURSIVE active AS (
     SELECT id, lease_expired, probe, circuit_dirty FROM ranked ORDER BY rn, head_at LIMIT $1
 ), claimed AS (
     UPDATE outbox.events AS e
-       -- A row at the schema's bound on attempts (events_attempts_bounded;
-       -- only a hand-written one can be there) cannot be claimed once more:
-       -- adding one would fail the check and with it this whole statement,
-       -- every claim, for as long as the row is due. It fails instead, with
-       -- the reason, unsent, and comes back as a `worn_out` note.
+       -- A row with a million attempts or more (only a hand-written one
+       -- can get there) is not claimed once more: near the integer limit,
+       -- adding one would fail this whole statement, every claim, for as
+       -- long as the row is due. It fails instead, with the reason, unsent,
+       -- and comes back as a `worn_out` note.
        SET state = CASE WHEN e.attempts < 1000000 THEN 'leased' ELSE 'failed' END,
            attempts = e.attempts + CASE WHEN e.attempts < 1000000 THEN 1 ELSE 0 END,
            lease_owner = CASE WHEN e.attempts < 1000000 THEN $2 END,
@@ -142,7 +142,11 @@ WITH RECURSIVE active AS (
       FROM picked
      WHERE e.id = picked.id
  RETURNING e.id, e.state, e.event_type, e.company_id, e.payload::text AS payload, e.attempts,
-           e.attempts - e.attempts_at_replay AS attempts_since_replay,
+           -- In bigint, bounded: a hand-written attempts_at_replay (the
+           -- table has no CHECK constraints since 0009) must not overflow
+           -- and fail every claim.
+           greatest(least(e.attempts::bigint - e.attempts_at_replay, 2147483647), 0)::int
+               AS attempts_since_replay,
            -- The retry policy's clock starts at the last replay, if any.
            -- timestamptz also holds 'infinity' and '-infinity' (a row written
            -- by hand or restored may carry them), which cannot be subtracted:

@@ -1,17 +1,51 @@
 -- events_list: `outboxd events list`, newest first. Every filter is
--- optional (NULL: no filter); with a company, the index
--- events_company_created serves both the filter and the order.
+-- optional (NULL: no filter).
+--
+-- With a company, each state is read from an index that holds it by
+-- company: delivered and failed events from events_company_settled, newest
+-- first, stopping at the limit; pending ones from events_endpoint_pending;
+-- leased ones from events_lease_expiry (the few in flight). Without one,
+-- the whole table is read (an operator's occasional look).
 --
 --  $1 bigint      company
 --  $2 text        state: pending | leased | delivered | failed
 --  $3 timestamptz created at or after
 --  $4 bigint      at most this many rows
+WITH listed AS (
+    (SELECT e.*
+       FROM outbox.events AS e
+      WHERE $1::bigint IS NOT NULL AND e.company_id = $1
+        AND e.state IN ('delivered', 'failed')
+        AND ($2::text IS NULL OR e.state = $2)
+        AND ($3::timestamptz IS NULL OR e.created_at >= $3)
+      ORDER BY e.created_at DESC, e.id DESC
+      LIMIT $4)
+    UNION ALL
+    (SELECT e.*
+       FROM outbox.events AS e
+      WHERE $1::bigint IS NOT NULL AND e.company_id = $1
+        AND e.state = 'pending'
+        AND ($2::text IS NULL OR e.state = $2)
+        AND ($3::timestamptz IS NULL OR e.created_at >= $3))
+    UNION ALL
+    (SELECT e.*
+       FROM outbox.events AS e
+      WHERE $1::bigint IS NOT NULL AND e.company_id = $1
+        AND e.state = 'leased'
+        AND ($2::text IS NULL OR e.state = $2)
+        AND ($3::timestamptz IS NULL OR e.created_at >= $3))
+    UNION ALL
+    (SELECT e.*
+       FROM outbox.events AS e
+      WHERE $1::bigint IS NULL
+        AND ($2::text IS NULL OR e.state = $2)
+        AND ($3::timestamptz IS NULL OR e.created_at >= $3)
+      ORDER BY e.created_at DESC, e.id DESC
+      LIMIT $4)
+)
 SELECT id, event_type, company_id, payload, state, attempts, next_attempt_at,
        lease_owner, created_at, delivered_at, response_message, last_error,
        replayed_at, attempts_at_replay
-  FROM outbox.events
- WHERE ($1::bigint IS NULL OR company_id = $1)
-   AND ($2::text IS NULL OR state = $2)
-   AND ($3::timestamptz IS NULL OR created_at >= $3)
+  FROM listed
  ORDER BY created_at DESC, id DESC
  LIMIT $4

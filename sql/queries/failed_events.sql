@@ -1,4 +1,5 @@
--- failed_events: the failed events of one company, oldest first, for
+-- failed_events: the failed events of one company, oldest first (from
+-- events_company_settled), for
 -- `outboxd events retry --company ID --state failed`; replay.sql then moves
 -- them.
 --

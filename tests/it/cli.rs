@@ -287,9 +287,9 @@ async fn help_explains_each_subcommand_with_an_example() {
     }
 }
 
-/// Fills `outbox.events` with `rows` events and gives it the claim indexes
-/// of before migration 0006 instead of its own, as an outbox looks before
-/// `migrate` builds them online and drops the old ones.
+/// Fills `outbox.events` with `rows` events and gives it the indexes of
+/// before migrations 0006 and 0009 instead of its own, as an outbox looks
+/// before `migrate` builds them online and drops the old ones.
 async fn without_online_indexes(db: &TestDb, rows: i64) {
     db.client()
         .await
@@ -305,7 +305,8 @@ async fn without_online_indexes(db: &TestDb, rows: i64) {
         .await
         .batch_execute(
             "DROP INDEX outbox.events_pending_due, outbox.events_endpoint_pending,
-                        outbox.events_lease_expiry;
+                        outbox.events_lease_expiry, outbox.events_company_settled;
+             CREATE INDEX events_company_created ON outbox.events (company_id, created_at);
              CREATE INDEX events_due ON outbox.events (next_attempt_at)
                  WHERE state IN ('pending', 'leased');
              CREATE INDEX events_endpoint_due
@@ -361,14 +362,15 @@ async fn migrate_builds_indexes_online_while_the_application_goes_on_enqueueing(
     assert_eq!(migrated.code, Some(0), "{migrated:?}");
     assert!(
         migrated.stdout.contains(
-            "built indexes online: events_pending_due, events_endpoint_pending, events_lease_expiry"
+            "built indexes online: events_pending_due, events_endpoint_pending, events_lease_expiry, \
+             events_company_settled"
         ),
         "{migrated:?}"
     );
     assert!(
         migrated
             .stdout
-            .contains("dropped replaced indexes online: events_endpoint_due, events_due"),
+            .contains("dropped replaced indexes online: events_endpoint_due, events_due, events_company_created"),
         "{migrated:?}"
     );
     let left = "SELECT count(*) FROM pg_class

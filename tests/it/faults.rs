@@ -1274,6 +1274,75 @@ async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
     assert!(daemon.stop().await.success());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn hand_written_counts_at_the_integer_limits_cannot_stop_the_claims() {
+    // outbox.events has no CHECK constraints (migration 0009: each cost
+    // every enqueue), so a row written by hand may carry any count. None
+    // may make a claim statement overflow: that would stop every claim
+    // for as long as the row is due.
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    endpoint(&client, 1, "payment.cancellation", &receiver.url("/")).await;
+    let row = |attempts: &str, at_replay: &str| {
+        format!(
+            r#"INSERT INTO outbox.events (company_id, payload, attempts, attempts_at_replay, next_attempt_at)
+               VALUES (1, '{{"companyId": 1, "paymentId": 1, "paymentNumber": "H"}}',
+                       {attempts}, {at_replay}, now() - interval '1 hour')
+               RETURNING id"#
+        )
+    };
+    let at_limit: uuid::Uuid = client
+        .query_one(&row("2147483647", "0"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let replay_below: uuid::Uuid = client
+        .query_one(&row("5", "-2147483648"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let negative: uuid::Uuid = client.query_one(&row("-7", "0"), &[]).await.unwrap().get(0);
+    client
+        .execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, 2, 'GOOD')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(&db, QUICK).await;
+    for (id, what) in [
+        (at_limit, "attempts at the integer limit"),
+        (replay_below, "attempts_at_replay at its lowest"),
+        (negative, "negative attempts"),
+    ] {
+        wait_final(&client, id, what).await;
+    }
+    eventually("the good event delivered", SECS(15), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE payload->>'paymentNumber' = 'GOOD' AND state = 'delivered'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let (state, attempts, text, _, _) = outcome_of(&client, at_limit).await;
+    assert_eq!((state.as_str(), attempts), ("failed", i32::MAX));
+    assert!(text.contains("attempts is at its limit"), "{text}");
+    // Its retry budget reads as spent, not as an overflow.
+    let (state, _, text, _, _) = outcome_of(&client, replay_below).await;
+    assert_eq!(state, "failed", "{text}");
+    assert!(text.contains("gave up"), "{text}");
+    assert_eq!(outcome_of(&client, negative).await.0, "delivered");
+    assert!(
+        !daemon.log().iter().any(|l| l.contains("claim failed")),
+        "every claim worked"
+    );
+    assert_no_panic(&daemon);
+    assert!(daemon.stop().await.success());
+}
+
 // ---------------------------------------------------------------------------
 // Outcomes whose texts the database cannot store (issue 14, point 5)
 // ---------------------------------------------------------------------------

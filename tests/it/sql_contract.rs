@@ -32,9 +32,35 @@ async fn error_of(client: &Client, sql: &str) -> (SqlState, String, String) {
     )
 }
 
+/// Notifications on `outbox_events` up to a marker sent from another
+/// session after everything before it committed (notifications arrive in
+/// commit order, so what came before the marker is all there is).
+async fn notifications_before_marker(
+    db: &TestDb,
+    notifications: &mut tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+) -> usize {
+    db.client()
+        .await
+        .batch_execute("NOTIFY outbox_events, 'marker'")
+        .await
+        .unwrap();
+    let mut wakeups = 0;
+    loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), notifications.recv())
+            .await
+            .expect("notifications stopped arriving")
+            .expect("listener closed");
+        if n.payload() == "marker" {
+            return wakeups;
+        }
+        wakeups += 1;
+    }
+}
+
 #[tokio::test]
-async fn rolled_back_enqueue_leaves_no_row() {
+async fn a_rolled_back_enqueue_leaves_no_row_and_wakes_nothing() {
     let db = TestDb::new().await;
+    let (_listener, mut notifications) = db.listen("outbox_events").await;
     let mut client = db.client().await;
     let tx = client.transaction().await.unwrap();
     tx.query_one(
@@ -52,6 +78,26 @@ async fn rolled_back_enqueue_leaves_no_row() {
     assert_eq!(event_count(&other).await, 0, "not visible outside it");
     tx.rollback().await.unwrap();
     assert_eq!(event_count(&client).await, 0);
+    assert_eq!(
+        notifications_before_marker(&db, &mut notifications).await,
+        0,
+        "a rolled-back enqueue must not wake the daemon"
+    );
+    // The same enqueue committed does (it is the first in a quiet spell
+    // whose quarter second, set by the rolled-back one, has passed).
+    let quiet = std::time::Duration::from_millis(260);
+    tokio::time::sleep(quiet).await;
+    client
+        .execute(
+            "SELECT outbox.enqueue_payment_cancellation(6316, 222125, '2271')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        notifications_before_marker(&db, &mut notifications).await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -164,7 +210,14 @@ async fn bad_enqueue_calls_fail_the_callers_own_transaction() {
         ),
         ("6316, 222125, ''", "payment_number must not be blank"),
         ("6316, 222125, '   '", "payment_number must not be blank"),
-        ("6316, 222125, NULL", "payment_number must not be blank"),
+        (
+            "6316, 222125, NULL",
+            "payment_number must be a non-blank string, got NULL",
+        ),
+        (
+            "6316, 222125, repeat('9', 256)",
+            "payment_number is longer than 255 characters",
+        ),
         (
             "6316, 222125, '2271', ARRAY[17899,17900,17899]",
             "order id 17899 is repeated",
@@ -176,6 +229,24 @@ async fn bad_enqueue_calls_fail_the_callers_own_transaction() {
         (
             "6316, 222125, '2271', ARRAY[0]",
             "order id 0 is not a positive integer",
+        ),
+        (
+            "6316, 222125, '2271', ARRAY[5,NULL,-3]",
+            "order_ids must not contain NULL (position 2)",
+        ),
+        (
+            "6316, 222125, '2271', ARRAY[[1,2],[3,4]]",
+            "order_ids must be a one-dimensional array",
+        ),
+        // Subscripts that do not start at 1.
+        (
+            "6316, 222125, '2271', '[0:2]={5,6,5}'::bigint[]",
+            "order id 5 is repeated",
+        ),
+        // Over 32 orders, repeats are found by a query instead.
+        (
+            "6316, 222125, '2271', ARRAY(SELECT g FROM generate_series(1, 40) g) || 17::bigint",
+            "order id 17 is repeated",
         ),
     ];
     let db = TestDb::new().await;
@@ -277,41 +348,65 @@ async fn generic_enqueue_takes_other_event_types_and_checks_known_ones() {
 }
 
 #[tokio::test]
-async fn one_notification_per_transaction_however_many_events() {
+async fn enqueues_notify_at_most_once_per_quarter_second_whoever_enqueues() {
     let db = TestDb::new().await;
     let (_listener, mut notifications) = db.listen("outbox_events").await;
-    let mut client = db.client().await;
 
+    // One transaction of many events: one notification.
+    let mut client = db.client().await;
     let tx = client.transaction().await.unwrap();
-    // Many rows in one statement, and more statements in the same transaction.
     tx.batch_execute(
         "SELECT outbox.enqueue_payment_cancellation(6316, g, 'P-' || g) FROM generate_series(1, 50) g;
-         SELECT outbox.enqueue_payment_cancellation(6316, 1000, 'P-1000');
-         INSERT INTO outbox.events (company_id, payload) VALUES (1, '{}'), (2, '{}');",
+         SELECT outbox.enqueue('invoice.created', 6316, '{}');",
     )
     .await
     .unwrap();
     tx.commit().await.unwrap();
-    // A marker from a later transaction: notifications arrive in commit
-    // order, so everything the enqueue sent is in before it.
-    client
-        .batch_execute("NOTIFY outbox_events, 'marker'")
-        .await
-        .unwrap();
+    assert_eq!(
+        notifications_before_marker(&db, &mut notifications).await,
+        1
+    );
 
-    let mut wakeups = 0;
-    loop {
-        let n = tokio::time::timeout(std::time::Duration::from_secs(10), notifications.recv())
-            .await
-            .expect("notifications stopped arriving")
-            .expect("listener closed");
-        if n.payload() == "marker" {
-            break;
-        }
-        wakeups += 1;
+    // Four sessions committing single-event transactions as fast as they
+    // can for a second and a half: thousands of enqueues, a handful of
+    // notifications, every one of the events there.
+    let started = std::time::Instant::now();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let url = db.url.clone();
+            tokio::spawn(async move {
+                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                tokio::spawn(connection);
+                let mut n = 0i64;
+                while started.elapsed() < std::time::Duration::from_millis(1500) {
+                    n += 1;
+                    client
+                        .execute(
+                            "SELECT outbox.enqueue_payment_cancellation(7, $1, 'W')",
+                            &[&(w * 1_000_000 + n)],
+                        )
+                        .await
+                        .unwrap();
+                }
+                n
+            })
+        })
+        .collect();
+    let mut enqueued = 0;
+    for writer in writers {
+        enqueued += writer.await.unwrap();
     }
-    assert_eq!(wakeups, 1);
-    assert_eq!(event_count(&client).await, 53);
+    let took = started.elapsed();
+    let wakeups = notifications_before_marker(&db, &mut notifications).await;
+    let most = (took.as_millis() / 250 + 1) as usize;
+    assert!(
+        (1..=most).contains(&wakeups),
+        "{wakeups} notifications for {enqueued} enqueues in {took:?}: at most {most}"
+    );
+    assert!(enqueued > 100, "only {enqueued} enqueues in {took:?}");
+    assert_eq!(event_count(&client).await, 51 + enqueued);
 }
 
 #[tokio::test]
@@ -500,19 +595,21 @@ async fn check_constraints_hold_even_with_the_validation_trigger_disabled() {
     );
 }
 
-#[tokio::test]
-async fn the_documented_grants_are_enough_for_the_application() {
-    let db = TestDb::new().await;
+/// Runs `check` as a role with the README's grants for the application,
+/// made for this test and dropped after it.
+async fn as_the_application<F, Fut>(db: &TestDb, check: F)
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+{
     let role = format!("{}_app", db.name);
     let admin = db.client().await;
-    // The README's grants, for a role of this test's own.
     admin
         .batch_execute(&format!(
             "CREATE ROLE {role};
              GRANT USAGE ON SCHEMA outbox TO {role};
              GRANT EXECUTE ON FUNCTION outbox.enqueue_payment_cancellation(bigint, bigint, text, bigint[]),
                                        outbox.enqueue(text, bigint, jsonb) TO {role};
-             GRANT INSERT ON outbox.events TO {role};
              GRANT SELECT ON outbox.events, outbox.attempts TO {role};
              GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.endpoints TO {role};"
         ))
@@ -521,6 +618,20 @@ async fn the_documented_grants_are_enough_for_the_application() {
     let result = async {
         let client = db.client().await;
         client.batch_execute(&format!("SET ROLE {role}")).await?;
+        check(client).await
+    }
+    .await;
+    admin
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn the_documented_grants_let_the_application_enqueue_only_through_the_functions() {
+    let db = TestDb::new().await;
+    as_the_application(&db, |client| async move {
         client
             .batch_execute(
                 "INSERT INTO outbox.endpoints (company_id, url) VALUES (6316, 'https://x.example/h');
@@ -529,33 +640,81 @@ async fn the_documented_grants_are_enough_for_the_application() {
                  SELECT state, response_message FROM outbox.events;",
             )
             .await?;
-        // What the application must not be able to do.
-        let denied = client
-            .batch_execute("UPDATE outbox.events SET state = 'delivered'")
-            .await
-            .unwrap_err();
-        assert_eq!(denied.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
-        Ok::<_, tokio_postgres::Error>(())
-    }
+        // What the application must not be able to do: write a row around
+        // the functions' checks, or move one.
+        for sql in [
+            "INSERT INTO outbox.events (company_id, payload) VALUES (6316, '{}')",
+            "INSERT INTO outbox.events (company_id, payload, state) VALUES (6316, '{}', 'delivered')",
+            "UPDATE outbox.events SET state = 'delivered'",
+            "DELETE FROM outbox.events",
+            "SELECT setval('outbox.wakeup', 0)",
+        ] {
+            let denied = client.batch_execute(sql).await.unwrap_err();
+            assert_eq!(
+                denied.code(),
+                Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+                "{sql}: {denied}"
+            );
+        }
+        Ok(())
+    })
     .await;
-    admin
-        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
-        .await
-        .unwrap();
-    result.unwrap();
+    let admin = db.client().await;
     assert_eq!(event_count(&admin).await, 2);
+    assert_eq!(
+        count(
+            &admin,
+            "SELECT count(*) FROM outbox.events WHERE state = 'pending' AND attempts = 0"
+        )
+        .await,
+        2
+    );
 }
 
 #[tokio::test]
-async fn attempts_near_the_integer_limit_are_refused() {
-    // Such a row would make every claim overflow and stop all deliveries.
+async fn the_callers_search_path_cannot_reach_into_the_enqueue() {
+    // The enqueue runs with its owner's rights; a function of the caller's
+    // own, found first on the caller's search_path, must not run in it.
     let db = TestDb::new().await;
+    let admin = db.client().await;
+    let schema = format!("{}_app", db.name);
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema};
+             CREATE FUNCTION {schema}.btrim(text) RETURNS text LANGUAGE plpgsql AS
+                 $$ BEGIN RAISE EXCEPTION 'the caller''s btrim ran as %', current_user; END $$;"
+        ))
+        .await
+        .unwrap();
     let client = db.client().await;
-    let (code, _, _) = error_of(
-        &client,
-        "INSERT INTO outbox.events (company_id, payload, attempts) VALUES (1, '{}', 2147483647)",
-    )
-    .await;
-    assert_eq!(code, SqlState::CHECK_VIOLATION);
-    assert_eq!(event_count(&client).await, 0);
+    client
+        .batch_execute(&format!("SET search_path = {schema}, pg_catalog"))
+        .await
+        .unwrap();
+    // The caller's own function does run in the caller's own statements.
+    let hijack = client.batch_execute("SELECT btrim('x')").await.unwrap_err();
+    let hijack = outboxd::db::describe(&hijack);
+    assert!(hijack.contains("the caller's btrim ran"), "{hijack}");
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(6316, 222125, '2271', ARRAY[1, 2]);
+             SELECT outbox.enqueue('payment.cancellation', 6316,
+                                   '{\"companyId\": 6316, \"paymentId\": 3, \"paymentNumber\": \"9\"}')",
+        )
+        .await
+        .unwrap();
+    assert_eq!(event_count(&admin).await, 2);
+    let fixed: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_proc
+              WHERE pronamespace = 'outbox'::regnamespace
+                AND proname IN ('enqueue', 'enqueue_payment_cancellation')
+                AND prosecdef
+                AND proconfig = ARRAY['search_path=pg_catalog, pg_temp']",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(fixed, 2, "both run as their owner with a fixed search_path");
 }
