@@ -4,6 +4,10 @@
 //!
 //! The loop claims only as many events as it has free delivery slots, so a
 //! claimed event starts at once and never waits out its lease in a queue.
+//! Woken by NOTIFY, it keeps looking every few milliseconds while events
+//! keep coming ([`FollowUp`]): the enqueue notifies at most once per quarter
+//! second (migration 0009), and this is how the events in between are
+//! found without waiting for the poll.
 //! The claim is fair between endpoints and keeps each under its cap; an
 //! endpoint left at its cap is remembered in [`Room`], and the recorder
 //! wakes the loop when one of that endpoint's deliveries has been marked.
@@ -14,6 +18,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -209,6 +214,54 @@ const MAX_CLAIM_BATCH: usize = 500;
 /// is unchanged.
 const CLAIM_GATHER_WAIT: Duration = Duration::from_millis(2);
 
+/// How long the loop keeps looking after a wake-up by NOTIFY or a claim
+/// that found events. The enqueue functions notify at most once per 250 ms
+/// (migration 0009): an enqueue that did not notify because another had,
+/// and that commits within 250 ms of its call, is found by a follow-up
+/// look, not the poll. (Test: `follow_up_outlasts_the_enqueues_quiet_window`.)
+const FOLLOW_UP_HOLD: Duration = Duration::from_millis(500);
+
+/// Follow-up looks start this soon after a claim that found events, and
+/// each one that finds nothing waits twice as long as the one before, up
+/// to [`FOLLOW_UP_MAX_GAP`]. At a steady stream of events the loop so
+/// claims every few milliseconds (an event waits about 1 ms for it); after
+/// a lone event it looks about 30 times in the half second that follows
+/// (each an index probe that finds nothing), then goes back to waiting for
+/// NOTIFY and the poll. An event enqueued meanwhile waits at most 20 ms.
+const FOLLOW_UP_FIRST_GAP: Duration = Duration::from_millis(2);
+const FOLLOW_UP_MAX_GAP: Duration = Duration::from_millis(20);
+
+/// The follow-up looks after a wake-up: see [`FOLLOW_UP_HOLD`].
+#[derive(Debug, Clone, Copy, Default)]
+struct FollowUp {
+    /// Look again until then (None: wait for NOTIFY or the poll).
+    until: Option<Instant>,
+    /// The wait before the next look.
+    gap: Duration,
+}
+
+impl FollowUp {
+    /// Events arrived (a NOTIFY, or a claim that found some): look again
+    /// soon, for a while.
+    fn arrived(&mut self, now: Instant) {
+        self.until = Some(now + FOLLOW_UP_HOLD);
+        self.gap = FOLLOW_UP_FIRST_GAP;
+    }
+
+    /// How long to wait before the next look, if a follow-up is due before
+    /// `poll`; each such wait is twice the one before (bounded).
+    fn next_wait(&mut self, now: Instant, poll: Duration) -> Option<Duration> {
+        let until = self.until?;
+        if now >= until {
+            self.until = None;
+            return None;
+        }
+        let wait = self.gap.min(until - now);
+        self.gap = (self.gap * 2).min(FOLLOW_UP_MAX_GAP);
+        (wait < poll).then_some(wait)
+    }
+}
+
 /// Wait after a failed claim before the next, so a database outage does not
 /// turn into a tight error loop.
 const CLAIM_ERROR_BACKOFF: Duration = Duration::from_secs(1);
@@ -250,6 +303,7 @@ impl ClaimLoop<'_> {
         let mut failing = false;
         // Plain until a claim leaves due events behind.
         let mut mode = Mode::Plain;
+        let mut follow_up = FollowUp::default();
         let recorder_died = 'serve: loop {
             // Claim until a claim comes back short (nothing more is due) or
             // shutdown; with every slot busy, wait for one to free up.
@@ -318,6 +372,7 @@ impl ClaimLoop<'_> {
                 let got = events.len();
                 if got > 0 {
                     tracing::debug!(claimed = got, wanted, "claimed due events");
+                    follow_up.arrived(Instant::now());
                 }
                 telemetry::claimed(got, events.iter().filter(|e| e.lease_expired).count());
                 for probe in events.iter().filter(|e| e.probe) {
@@ -343,12 +398,19 @@ impl ClaimLoop<'_> {
             }
 
             let poll = jittered(poll_interval);
-            heartbeat.within(poll);
+            let (wait, source) = match follow_up.next_wait(Instant::now(), poll) {
+                Some(soon) => (soon, "follow_up"),
+                None => (poll, "poll"),
+            };
+            heartbeat.within(wait);
             tokio::select! {
                 _ = shutdown.cancelled() => break 'serve false,
-                _ = self.wake.notified() => telemetry::wakeup("notify"),
+                _ = self.wake.notified() => {
+                    telemetry::wakeup("notify");
+                    follow_up.arrived(Instant::now());
+                }
                 _ = self.room.freed() => telemetry::wakeup("room"),
-                _ = tokio::time::sleep(poll) => telemetry::wakeup("poll"),
+                _ = tokio::time::sleep(wait) => telemetry::wakeup(source),
             }
         };
         heartbeat.retire();
@@ -577,7 +639,70 @@ pub(crate) fn auth_from(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::time::{Instant, sleep};
+    use tokio::time::sleep;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    /// The waits of the follow-up looks after one arrival, none finding
+    /// anything, until they end.
+    fn follow_up_waits(poll: Duration) -> Vec<Duration> {
+        let start = Instant::now();
+        let mut now = start;
+        let mut follow_up = FollowUp::default();
+        follow_up.arrived(now);
+        let mut waits = Vec::new();
+        while let Some(wait) = follow_up.next_wait(now, poll) {
+            waits.push(wait);
+            now += wait;
+        }
+        waits
+    }
+
+    #[test]
+    fn follow_up_looks_start_soon_back_off_and_end() {
+        let waits = follow_up_waits(MS(1000));
+        assert_eq!(waits[..5], [MS(2), MS(4), MS(8), MS(16), MS(20)]);
+        assert!(waits[5..].iter().all(|w| *w <= MS(20)), "{waits:?}");
+        let total: Duration = waits.iter().sum();
+        assert_eq!(total, FOLLOW_UP_HOLD);
+        // About 30 statements after a lone event, not hundreds.
+        assert!((20..=30).contains(&waits.len()), "{} looks", waits.len());
+    }
+
+    #[test]
+    fn follow_up_outlasts_the_enqueues_quiet_window() {
+        // Migration 0009 notifies at most once per this long; an event
+        // committed within it must meet a follow-up look, with room for the
+        // rest of its transaction.
+        let sql = include_str!("../sql/migrations/0009_light_enqueue.sql");
+        let quiet_ms: u64 = sql
+            .split("now_ms + ")
+            .nth(1)
+            .and_then(|rest| rest.split(')').next())
+            .and_then(|n| n.trim().parse().ok())
+            .expect("the quiet window in 0009");
+        assert!(FOLLOW_UP_HOLD >= MS(quiet_ms) * 2, "{quiet_ms} ms");
+    }
+
+    #[test]
+    fn no_follow_up_without_an_arrival_nor_one_later_than_the_poll() {
+        let mut idle = FollowUp::default();
+        assert_eq!(idle.next_wait(Instant::now(), MS(1000)), None);
+        // A poll shorter than the first gap: the poll comes first.
+        assert_eq!(follow_up_waits(MS(1)), []);
+    }
+
+    #[test]
+    fn events_found_bring_the_follow_up_back_to_its_first_gap() {
+        let mut now = Instant::now();
+        let mut follow_up = FollowUp::default();
+        follow_up.arrived(now);
+        for _ in 0..4 {
+            now += follow_up.next_wait(now, MS(1000)).unwrap();
+        }
+        follow_up.arrived(now);
+        assert_eq!(follow_up.next_wait(now, MS(1000)), Some(MS(2)));
+    }
 
     // Paused clock: a wait shows as time advanced, none as zero; sleeps
     // end in order without real time passing.

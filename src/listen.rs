@@ -1,6 +1,7 @@
 //! The wake-up hint: a dedicated connection (outside the pool) that LISTENs
-//! on `outbox_events`, which the enqueue trigger NOTIFYs once per inserting
-//! transaction.
+//! on `outbox_events`, which the enqueue functions NOTIFY at most once per
+//! quarter second, whoever enqueues (migration 0009); the claim loop then
+//! looks again every few milliseconds for a while (`claim::FollowUp`).
 //!
 //! NOTIFY is only a hint. Polling is what guarantees progress: notifications
 //! sent while this connection is down are lost, so every (re)connect wakes the
@@ -19,7 +20,8 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use crate::db;
 use crate::service::{Next, Service};
 
-/// The channel the `events_notify` trigger notifies.
+/// The channel the enqueue functions notify (at most once per quarter
+/// second: migration 0009).
 pub const CHANNEL: &str = "outbox_events";
 
 /// Reconnect delays start here and double up to [`MAX_RECONNECT_DELAY`].

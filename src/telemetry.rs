@@ -104,7 +104,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
     for operation in ["claim", "record", "listen", "mailer", "maintenance"] {
         counter!(DATABASE_ERRORS, "operation" => operation).absolute(0);
     }
-    for source in ["notify", "poll", "room"] {
+    for source in ["notify", "follow_up", "poll", "room"] {
         counter!(WAKEUPS, "source" => source).absolute(0);
     }
     for name in [
@@ -207,7 +207,10 @@ fn describe() {
         LISTEN_RECONNECTS,
         "LISTEN connections re-established after a loss."
     );
-    describe_counter!(WAKEUPS, "Delivery loop wake-ups by source (notify, poll).");
+    describe_counter!(
+        WAKEUPS,
+        "Delivery loop wake-ups by source: notify, follow_up (a look soon after events arrived), poll, room (a capped endpoint's delivery ended)."
+    );
     describe_counter!(
         NOTIFICATIONS_SENT,
         "Error-notification emails finished (every recipient accepted or refused)."

@@ -648,23 +648,6 @@ async fn an_event_committed_while_idle_arrives_long_before_the_poll_interval() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn without_the_notify_trigger_events_still_arrive_by_polling() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    client
-        .batch_execute("DROP TRIGGER events_notify ON outbox.events")
-        .await
-        .unwrap();
-    let receiver = Receiver::ok().await;
-    set_endpoint(&client, 6316, &receiver.url("/"), "none").await;
-    let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__POLL_INTERVAL", "300ms")]).await;
-    let id = enqueue(&client, 6316, 222125, "2271", None).await;
-    receiver.wait_for(1, SECS(10)).await;
-    wait_state(&client, id, "delivered", SECS(10)).await;
-    daemon.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn run_refuses_a_lease_not_comfortably_longer_than_the_request_timeout() {
     let db = TestDb::new().await;
     let ran = crate::harness::run(

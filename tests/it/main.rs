@@ -27,3 +27,4 @@ mod signing;
 mod smtp;
 mod sql_contract;
 mod tenants;
+mod wakeup;
