@@ -8,6 +8,7 @@
 #   ensure_ops_tools         # promtool and systemd-analyze, for the operations tests
 #   ensure_packaging_tools   # cargo-deb, lintian and dpkg-deb, for scripts/package
 #   ensure_standardwebhooks  # PyPI standardwebhooks, the tests' signature verifier
+#   ensure_previous_release  # the previous release's daemon, for the upgrade test
 #   ensure_postgres          # exports DATABASE_URL pointing at a live server
 #
 # Call ensure_postgres in the shell that runs the tests, not in a subshell such
@@ -296,4 +297,34 @@ ensure_standardwebhooks() {
         "$venv/bin/pip" install --quiet --disable-pip-version-check 'standardwebhooks==1.1.0'
     fi
     export STANDARDWEBHOOKS_PYTHON="$venv/bin/python"
+}
+
+# The daemon of the release before this one's schema changes, for the
+# upgrade test (tests/it/upgrade.rs: a daemon of the previous release keeps
+# delivering while `outboxd migrate` upgrades its schema). The release is
+# the commit named in tests/previous-release, taken from this clone's git
+# history and built once into target/previous/<commit>/; exports
+# PREVIOUS_OUTBOXD. Its binary is renamed while built so that it shares the
+# compiled dependencies in target/ without replacing target/debug/outboxd.
+ensure_previous_release() {
+    local commit out src target="${CARGO_TARGET_DIR:-$PWD/target}"
+    commit=$(tr -d '[:space:]' < tests/previous-release)
+    out="$target/previous/$commit/outboxd"
+    if [[ ! -x "$out" ]]; then
+        if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
+            _outboxd_log "the previous release $commit (tests/previous-release) is not in this clone's history; the upgrade test needs it: git fetch --unshallow"
+            return 1
+        fi
+        _outboxd_log "building the previous release ${commit:0:12} for the upgrade test (about a minute, once)"
+        src=$(mktemp -d)
+        git archive "$commit" | tar -x -C "$src"
+        mv "$src/src/main.rs" "$src/src/bin/outboxd-previous.rs"
+        sed -i '/^default-run *=/d' "$src/Cargo.toml"
+        cargo build --locked --manifest-path "$src/Cargo.toml" \
+            --target-dir "$target" --bin outboxd-previous
+        mkdir -p "${out%/*}"
+        cp "$target/debug/outboxd-previous" "$out"
+        rm -rf "$src"
+    fi
+    export PREVIOUS_OUTBOXD="$out"
 }

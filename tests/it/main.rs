@@ -27,4 +27,5 @@ mod signing;
 mod smtp;
 mod sql_contract;
 mod tenants;
+mod upgrade;
 mod wakeup;
