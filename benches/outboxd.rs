@@ -5,7 +5,7 @@
 //! cargo bench --bench outboxd                     # 100k events, 100 companies
 //! cargo bench --bench outboxd -- --large          # also a 1M backlog
 //! cargo bench --bench outboxd -- --events 20000 --latency-seconds 10
-//! cargo bench --bench outboxd -- --only drain      # or sql, latency, tenants, signing
+//! cargo bench --bench outboxd -- --only drain      # or sql, latency, tenants, signing, enqueue
 //! ```
 //!
 //! Phases, each on a fresh database (`DATABASE_URL`, default the local
@@ -22,8 +22,13 @@
 //! 5. idle: statements per second and CPU of a daemon with nothing to do;
 //! 6. tenants: a slow, a dead and a bursting company beside the others, and
 //!    the claim's cost with a held backlog (`outboxd/tenants.rs`);
-//! 7. signing: CPU per signed request (`src/sign.rs`), in this process.
+//! 7. signing: CPU per signed request (`src/sign.rs`), in this process;
+//! 8. enqueue: the application's transactions per second with outboxd's
+//!    enqueue against the same with a bare outbox insert, at 8, 32 and 64
+//!    writers (`outboxd/enqueue.rs`).
 
+#[path = "outboxd/enqueue.rs"]
+mod enqueue;
 #[path = "outboxd/tenants.rs"]
 mod tenants;
 
@@ -60,6 +65,13 @@ struct Opts {
     /// The daemon's delivery.concurrency (also the SQL-only batch size).
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Length of each run of the enqueue phase.
+    #[arg(long, default_value_t = 10)]
+    enqueue_seconds: u64,
+    /// Runs of each kind (outboxd's enqueue, the bare insert) per writer
+    /// count in the enqueue phase, alternating.
+    #[arg(long, default_value_t = 2)]
+    enqueue_rounds: usize,
     /// Run only these phases (for quick re-measurement), e.g.
     /// `--only drain` or `--only sql,latency`.
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -91,6 +103,8 @@ enum Phase {
     Tenants,
     /// The cost of signing one request (src/sign.rs), in this process.
     Signing,
+    /// The enqueue's cost in the application's transactions, against a bare insert.
+    Enqueue,
 }
 
 impl Opts {
@@ -586,6 +600,9 @@ struct Latency {
     /// The same, counted from the moment COMMIT was sent: includes the
     /// writer's own commit (its WAL flush).
     from_commit_sent: [f64; 4],
+    /// The first event after the idle measurement (over 30 s without
+    /// events), from COMMIT returning, ms.
+    first_after_idle: f64,
 }
 
 async fn latency(opts: &Opts) -> (Latency, f64, f64) {
@@ -622,6 +639,34 @@ async fn latency(opts: &Opts) -> (Latency, f64, f64) {
     let idle_qps = (after - before) as f64 / (idle_for.as_secs_f64() + 1.0);
     let idle_cpu = (daemon.cpu_seconds() - cpu_before) / (idle_for.as_secs_f64() + 1.0);
 
+    // The first event after that idle time (over 30 s): woken by NOTIFY
+    // from a standstill, its commit to its arrival.
+    let mut writer = connect(&url).await;
+    let first_after_idle_ms = {
+        let arrivals = receiver.arrivals.as_mut().unwrap();
+        let tx = writer.transaction().await.unwrap();
+        let id: uuid::Uuid = tx
+            .query_one(
+                "SELECT outbox.enqueue_payment_cancellation(1, 1, 'idle')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        tx.commit().await.unwrap();
+        let committed = now_ns();
+        let key = id.to_string();
+        loop {
+            let (arrived, at) = tokio::time::timeout(Duration::from_secs(10), arrivals.recv())
+                .await
+                .expect("the first event after idle arrived within 10 s")
+                .unwrap();
+            if arrived == key {
+                break at.saturating_sub(committed) as f64 / 1e6;
+            }
+        }
+    };
+
     // Steady load: one event per transaction at `rate` per second.
     let total = (opts.rate * opts.latency_seconds) as usize;
     eprintln!(
@@ -631,7 +676,6 @@ async fn latency(opts: &Opts) -> (Latency, f64, f64) {
     let mut committed: HashMap<String, (u128, u128)> = HashMap::with_capacity(total);
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / opts.rate as f64));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut writer = connect(&url).await;
     for i in 0..total {
         ticker.tick().await;
         let tx = writer.transaction().await.unwrap();
@@ -640,7 +684,7 @@ async fn latency(opts: &Opts) -> (Latency, f64, f64) {
                 "SELECT outbox.enqueue_payment_cancellation($1, $2, $3)",
                 &[
                     &(1 + (i % opts.companies) as i64),
-                    &(i as i64 + 1),
+                    &(i as i64 + 2),
                     &format!("L-{i}"),
                 ],
             )
@@ -677,6 +721,7 @@ async fn latency(opts: &Opts) -> (Latency, f64, f64) {
         sent: latencies.len(),
         from_commit: summary(latencies),
         from_commit_sent: summary(latencies_sent),
+        first_after_idle: first_after_idle_ms,
     };
     daemon.stop().await;
     drop(receiver.child);
@@ -739,6 +784,11 @@ fn main() {
             None
         };
         let signing = opts.runs(Phase::Signing).then(signing_cost);
+        let enqueue = if opts.runs(Phase::Enqueue) {
+            Some(enqueue::run(&opts).await)
+        } else {
+            None
+        };
 
         println!();
         println!(
@@ -806,6 +856,23 @@ fn main() {
                 t.claim_ms[1] / t.claim_ms[0]
             );
         }
+        if let Some(costs) = enqueue {
+            for c in costs {
+                println!(
+                    "| enqueue, {} writers, {}: the application's UPDATE + one enqueue, against the same with a bare outbox insert | {:.0} tps against {:.0} tps: ratio {:.2} (worst round {:.2}); {:.1} NOTIFY/s |",
+                    c.writers,
+                    match c.protocol {
+                        enqueue::Protocol::Prepared => "prepared statements",
+                        enqueue::Protocol::Simple => "simple protocol",
+                    },
+                    c.outboxd_tps,
+                    c.bare_tps,
+                    c.outboxd_tps / c.bare_tps,
+                    c.worst_round_ratio,
+                    c.notifies_per_second
+                );
+            }
+        }
         if let Some([one, two]) = signing {
             println!(
                 "| signing one Payment Cancellation request (HMAC-SHA256, Standard Webhooks): one secret / two during a rotation | {one:.2} µs / {two:.2} µs of one core |"
@@ -861,6 +928,10 @@ fn print_latency(opts: &Opts, lat: &Latency, idle_qps: f64, idle_cpu: f64) {
     let [p50, p95, p99, max] = lat.from_commit_sent;
     println!(
         "| the same from COMMIT sent (adds the writer's WAL flush) | p50 {p50:.1} ms, p95 {p95:.1} ms, p99 {p99:.1} ms, max {max:.1} ms |"
+    );
+    println!(
+        "| the first event after over 30 s idle, from COMMIT returning | {:.1} ms |",
+        lat.first_after_idle
     );
     println!(
         "| idle | {:.1} statements/s, {:.2}% of a core |",
