@@ -24,15 +24,35 @@ async fn endpoint(db: &TestDb, company: i64, url: &str) {
         .unwrap();
 }
 
-/// Notifications on `outbox_events` a listener of the test's received up
-/// to a marker sent after everything before it committed.
+/// The channel of the test's markers, which the daemon does not listen on
+/// (a marker on its own channel would wake it).
+const MARKER: &str = "outboxd_test_marker";
+
+/// A session of the test's LISTENing on the daemon's channel and on the
+/// marker channel: PostgreSQL delivers both in commit order.
+async fn listen(
+    db: &TestDb,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
+) {
+    let (client, notifications) = db.listen("outbox_events").await;
+    client
+        .batch_execute(&format!("LISTEN {MARKER}"))
+        .await
+        .unwrap();
+    (client, notifications)
+}
+
+/// Notifications on `outbox_events` the test's session received up to a
+/// marker sent after everything before it committed.
 async fn notifications_up_to_marker(
     db: &TestDb,
     notifications: &mut tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
 ) -> usize {
     db.client()
         .await
-        .batch_execute("NOTIFY outbox_events, 'marker'")
+        .batch_execute(&format!("NOTIFY {MARKER}"))
         .await
         .unwrap();
     let mut seen = 0;
@@ -41,7 +61,7 @@ async fn notifications_up_to_marker(
             .await
             .expect("notifications stopped arriving")
             .expect("listener closed");
-        if n.payload() == "marker" {
+        if n.channel() == MARKER {
             return seen;
         }
         seen += 1;
@@ -56,7 +76,7 @@ async fn a_burst_committed_right_after_a_wake_up_arrives_without_waiting_for_the
     // A poll a minute apart: anything late waited for it.
     let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__POLL_INTERVAL", "60s")]).await;
     daemon.wait_for_log("outboxd is delivering", SECS(5)).await;
-    let (_listener, mut notifications) = db.listen("outbox_events").await;
+    let (_listener, mut notifications) = listen(&db).await;
 
     // As right after an enqueue that notified: the next minute is quiet
     // (no enqueue in it notifies), and the daemon has been woken.
@@ -130,7 +150,7 @@ async fn a_stopped_daemon_cannot_fill_the_notify_queue_and_enqueues_keep_committ
     let receiver = Receiver::ok().await;
     endpoint(&db, 7, &receiver.url("/")).await;
     let mut daemon = Daemon::start(&db, &[]).await;
-    let (_listener, mut notifications) = db.listen("outbox_events").await;
+    let (_listener, mut notifications) = listen(&db).await;
     let admin = db.client().await;
     let before = queue_usage(&admin).await;
     daemon.signal(libc::SIGSTOP);
@@ -179,15 +199,17 @@ async fn a_stopped_daemon_cannot_fill_the_notify_queue_and_enqueues_keep_committ
          ({:.1}/s); pg_notification_queue_usage {before} -> {after}",
         sent as f64 / took.as_secs_f64()
     );
+    // The queue grows by what is sent (its usage moves only once the
+    // stopped session's socket buffers, a few hundred KB, are full, which
+    // at four small notifications a second takes days): so the rate is
+    // what is checked. One notification per commit would fill the 8 GB
+    // queue in hours at this machine's rate (docs/RELIABILITY.md).
     let most = (took.as_millis() / 250 + 1) as usize;
     assert!(
         sent <= most,
         "{sent} notifications in {took:?}: at most {most}"
     );
     assert!(commits > 500, "only {commits} commits in {took:?}");
-    // The queue holds at most a page of them: a full one (8 GB) is years
-    // away at this rate. One per commit would have filled pages.
-    assert!(after - before < 2e-6, "{before} -> {after}");
 
     // Woken again, the daemon delivers every one.
     daemon.signal(libc::SIGCONT);
@@ -217,7 +239,7 @@ async fn a_row_no_notification_announced_still_arrives_by_polling() {
     let receiver = Receiver::ok().await;
     endpoint(&db, 6316, &receiver.url("/")).await;
     let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__POLL_INTERVAL", "300ms")]).await;
-    let (_listener, mut notifications) = db.listen("outbox_events").await;
+    let (_listener, mut notifications) = listen(&db).await;
     db.client()
         .await
         .batch_execute(
