@@ -174,6 +174,18 @@ impl TestDb {
         (client, rx)
     }
 
+    /// A session LISTENing on the daemon's channel `outbox_events` and on
+    /// [`MARKER`], which the daemon does not listen on: PostgreSQL delivers
+    /// both in commit order (see [`notifications_before_marker`]).
+    pub async fn listen_with_marker(&self) -> (Client, mpsc::UnboundedReceiver<Notification>) {
+        let (client, notifications) = self.listen("outbox_events").await;
+        client
+            .batch_execute(&format!("LISTEN {MARKER}"))
+            .await
+            .unwrap();
+        (client, notifications)
+    }
+
     /// `outboxd` as a child process pointed at this database, with the
     /// repository's reference config.
     pub fn outboxd(&self) -> tokio::process::Command {
@@ -587,5 +599,34 @@ where
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The channel of the tests' markers (a marker on `outbox_events` would
+/// wake a daemon).
+pub const MARKER: &str = "outboxd_test_marker";
+
+/// The notifications on `outbox_events` that a session of
+/// [`TestDb::listen_with_marker`] received before a marker sent now, after
+/// everything before it committed: all there were.
+pub async fn notifications_before_marker(
+    db: &TestDb,
+    notifications: &mut mpsc::UnboundedReceiver<Notification>,
+) -> usize {
+    db.client()
+        .await
+        .batch_execute(&format!("NOTIFY {MARKER}"))
+        .await
+        .unwrap();
+    let mut seen = 0;
+    loop {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), notifications.recv())
+            .await
+            .expect("notifications stopped arriving")
+            .expect("listener closed");
+        if n.channel() == MARKER {
+            return seen;
+        }
+        seen += 1;
     }
 }

@@ -6,7 +6,7 @@ use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use crate::harness::TestDb;
-use crate::harness::count;
+use crate::harness::{count, notifications_before_marker};
 
 async fn event_count(client: &Client) -> i64 {
     client
@@ -32,35 +32,10 @@ async fn error_of(client: &Client, sql: &str) -> (SqlState, String, String) {
     )
 }
 
-/// Notifications on `outbox_events` up to a marker sent from another
-/// session after everything before it committed (notifications arrive in
-/// commit order, so what came before the marker is all there is).
-async fn notifications_before_marker(
-    db: &TestDb,
-    notifications: &mut tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
-) -> usize {
-    db.client()
-        .await
-        .batch_execute("NOTIFY outbox_events, 'marker'")
-        .await
-        .unwrap();
-    let mut wakeups = 0;
-    loop {
-        let n = tokio::time::timeout(std::time::Duration::from_secs(10), notifications.recv())
-            .await
-            .expect("notifications stopped arriving")
-            .expect("listener closed");
-        if n.payload() == "marker" {
-            return wakeups;
-        }
-        wakeups += 1;
-    }
-}
-
 #[tokio::test]
 async fn a_rolled_back_enqueue_leaves_no_row_and_wakes_nothing() {
     let db = TestDb::new().await;
-    let (_listener, mut notifications) = db.listen("outbox_events").await;
+    let (_listener, mut notifications) = db.listen_with_marker().await;
     let mut client = db.client().await;
     let tx = client.transaction().await.unwrap();
     tx.query_one(
@@ -350,7 +325,7 @@ async fn generic_enqueue_takes_other_event_types_and_checks_known_ones() {
 #[tokio::test]
 async fn enqueues_notify_at_most_once_per_quarter_second_whoever_enqueues() {
     let db = TestDb::new().await;
-    let (_listener, mut notifications) = db.listen("outbox_events").await;
+    let (_listener, mut notifications) = db.listen_with_marker().await;
 
     // One transaction of many events: one notification.
     let mut client = db.client().await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Daemon, TestDb, count, eventually};
+use crate::harness::{Daemon, TestDb, count, eventually, notifications_before_marker};
 use crate::receiver::Receiver;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -24,50 +24,6 @@ async fn endpoint(db: &TestDb, company: i64, url: &str) {
         .unwrap();
 }
 
-/// The channel of the test's markers, which the daemon does not listen on
-/// (a marker on its own channel would wake it).
-const MARKER: &str = "outboxd_test_marker";
-
-/// A session of the test's LISTENing on the daemon's channel and on the
-/// marker channel: PostgreSQL delivers both in commit order.
-async fn listen(
-    db: &TestDb,
-) -> (
-    tokio_postgres::Client,
-    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
-) {
-    let (client, notifications) = db.listen("outbox_events").await;
-    client
-        .batch_execute(&format!("LISTEN {MARKER}"))
-        .await
-        .unwrap();
-    (client, notifications)
-}
-
-/// Notifications on `outbox_events` the test's session received up to a
-/// marker sent after everything before it committed.
-async fn notifications_up_to_marker(
-    db: &TestDb,
-    notifications: &mut tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::Notification>,
-) -> usize {
-    db.client()
-        .await
-        .batch_execute(&format!("NOTIFY {MARKER}"))
-        .await
-        .unwrap();
-    let mut seen = 0;
-    loop {
-        let n = tokio::time::timeout(SECS(10), notifications.recv())
-            .await
-            .expect("notifications stopped arriving")
-            .expect("listener closed");
-        if n.channel() == MARKER {
-            return seen;
-        }
-        seen += 1;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_committed_right_after_a_wake_up_arrives_without_waiting_for_the_poll() {
     let db = TestDb::new().await;
@@ -76,7 +32,7 @@ async fn a_burst_committed_right_after_a_wake_up_arrives_without_waiting_for_the
     // A poll a minute apart: anything late waited for it.
     let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__POLL_INTERVAL", "60s")]).await;
     daemon.wait_for_log("outboxd is delivering", SECS(5)).await;
-    let (_listener, mut notifications) = listen(&db).await;
+    let (_listener, mut notifications) = db.listen_with_marker().await;
 
     // As right after an enqueue that notified: the next minute is quiet
     // (no enqueue in it notifies), and the daemon has been woken.
@@ -88,7 +44,10 @@ async fn a_burst_committed_right_after_a_wake_up_arrives_without_waiting_for_the
         )
         .await
         .unwrap();
-    assert_eq!(notifications_up_to_marker(&db, &mut notifications).await, 1);
+    assert_eq!(
+        notifications_before_marker(&db, &mut notifications).await,
+        1
+    );
 
     // The burst: 40 single-event transactions from four sessions.
     let started = Instant::now();
@@ -117,7 +76,7 @@ async fn a_burst_committed_right_after_a_wake_up_arrives_without_waiting_for_the
     }
     let committed = started.elapsed();
     assert_eq!(
-        notifications_up_to_marker(&db, &mut notifications).await,
+        notifications_before_marker(&db, &mut notifications).await,
         0,
         "the burst itself notified nothing"
     );
@@ -150,7 +109,7 @@ async fn a_stopped_daemon_cannot_fill_the_notify_queue_and_enqueues_keep_committ
     let receiver = Receiver::ok().await;
     endpoint(&db, 7, &receiver.url("/")).await;
     let mut daemon = Daemon::start(&db, &[]).await;
-    let (_listener, mut notifications) = listen(&db).await;
+    let (_listener, mut notifications) = db.listen_with_marker().await;
     let admin = db.client().await;
     let before = queue_usage(&admin).await;
     daemon.signal(libc::SIGSTOP);
@@ -193,7 +152,7 @@ async fn a_stopped_daemon_cannot_fill_the_notify_queue_and_enqueues_keep_committ
     let took = started.elapsed();
     let after = queue_usage(&admin).await;
     let commits = committed.load(Ordering::Relaxed);
-    let sent = notifications_up_to_marker(&db, &mut notifications).await;
+    let sent = notifications_before_marker(&db, &mut notifications).await;
     eprintln!(
         "{commits} enqueuing commits in {took:?} beside a stopped listener: {sent} notifications \
          ({:.1}/s); pg_notification_queue_usage {before} -> {after}",
@@ -239,7 +198,7 @@ async fn a_row_no_notification_announced_still_arrives_by_polling() {
     let receiver = Receiver::ok().await;
     endpoint(&db, 6316, &receiver.url("/")).await;
     let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__POLL_INTERVAL", "300ms")]).await;
-    let (_listener, mut notifications) = listen(&db).await;
+    let (_listener, mut notifications) = db.listen_with_marker().await;
     db.client()
         .await
         .batch_execute(
@@ -248,7 +207,10 @@ async fn a_row_no_notification_announced_still_arrives_by_polling() {
         )
         .await
         .unwrap();
-    assert_eq!(notifications_up_to_marker(&db, &mut notifications).await, 0);
+    assert_eq!(
+        notifications_before_marker(&db, &mut notifications).await,
+        0
+    );
     receiver.wait_for(1, SECS(10)).await;
     assert!(daemon.stop().await.success());
 }
