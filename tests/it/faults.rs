@@ -1318,14 +1318,13 @@ async fn hand_written_counts_at_the_integer_limits_cannot_stop_the_claims() {
     ] {
         wait_final(&client, id, what).await;
     }
-    eventually("the good event delivered", SECS(15), || async {
-        count(
-            &client,
-            "SELECT count(*) FROM outbox.events WHERE payload->>'paymentNumber' = 'GOOD' AND state = 'delivered'",
-        )
-        .await
-            == 1
-    })
+    crate::harness::eventually_count(
+        &client,
+        "the good event delivered",
+        SECS(15),
+        "SELECT count(*) FROM outbox.events WHERE payload->>'paymentNumber' = 'GOOD' AND state = 'delivered'",
+        1,
+    )
     .await;
     let (state, attempts, text, _, _) = outcome_of(&client, at_limit).await;
     assert_eq!((state.as_str(), attempts), ("failed", i32::MAX));

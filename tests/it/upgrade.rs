@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Daemon, TempDir, TestDb, count, eventually, run};
+use crate::harness::{Daemon, TempDir, TestDb, count, eventually_count, run};
 use crate::receiver::Receiver;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -152,14 +152,13 @@ async fn the_light_enqueue_migration_keeps_enqueues_flowing_and_the_previous_dae
     );
 
     // The previous release's daemon delivers everything, once each.
-    eventually("every new event delivered", SECS(60), || async {
-        count(
-            &client,
-            "SELECT count(*) FROM outbox.events WHERE state <> 'delivered'",
-        )
-        .await
-            == 0
-    })
+    eventually_count(
+        &client,
+        "every new event delivered",
+        SECS(60),
+        "SELECT count(*) FROM outbox.events WHERE state <> 'delivered'",
+        0,
+    )
     .await;
     assert_eq!(
         count(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::harness::{Daemon, TestDb, count, eventually, notifications_before_marker};
+use crate::harness::{Daemon, TestDb, count, eventually_count, notifications_before_marker};
 use crate::receiver::Receiver;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -173,14 +173,13 @@ async fn a_stopped_daemon_cannot_fill_the_notify_queue_and_enqueues_keep_committ
     // Woken again, the daemon delivers every one.
     daemon.signal(libc::SIGCONT);
     let client = db.client().await;
-    eventually("every event delivered", SECS(60), || async {
-        count(
-            &client,
-            "SELECT count(*) FROM outbox.events WHERE state <> 'delivered'",
-        )
-        .await
-            == 0
-    })
+    eventually_count(
+        &client,
+        "every event delivered",
+        SECS(60),
+        "SELECT count(*) FROM outbox.events WHERE state <> 'delivered'",
+        0,
+    )
     .await;
     assert_eq!(
         count(&client, "SELECT count(*) FROM outbox.events").await,
