@@ -41,9 +41,10 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 use tokio_postgres::{Client, NoTls};
 
-use outboxd::claim;
-use outboxd::classify::Verdict;
-use outboxd::record::{self, Outcome};
+use outboxd::http::classify::Verdict;
+use outboxd::model::{ClaimedEvent, Outcome};
+use outboxd::store::claim;
+use outboxd::{policy, store};
 
 #[derive(Parser, Debug)]
 struct Opts {
@@ -164,7 +165,7 @@ async fn fresh_db(name: &str) -> String {
         .unwrap();
     let url = url_with_dbname(&admin_url(), name);
     let mut client = connect(&url).await;
-    outboxd::migrate::migrate(&mut client).await.unwrap();
+    outboxd::store::migrate::migrate(&mut client).await.unwrap();
     url
 }
 
@@ -519,11 +520,11 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
     // The daemon's own pool settings (synchronous_commit off included), and
     // its plain claim's own session.
     let database = daemon_database(&url);
-    let pool = outboxd::db::pool(&database);
-    let claim_pool = outboxd::db::claim_pool(&database);
+    let pool = outboxd::store::pool::pool(&database);
+    let claim_pool = outboxd::store::pool::claim_pool(&database);
     let claimer = claim_pool.get().await.unwrap();
     let recorder = pool.get().await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<claim::ClaimedEvent>>(4);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<ClaimedEvent>>(4);
     let postgres_before = postgres_cpu_seconds();
     let started = Instant::now();
     let batch = opts.concurrency;
@@ -560,7 +561,7 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
                     message: Some("ok".into()),
                 };
                 let duration = Duration::from_millis(1);
-                record::decide(
+                policy::decide(
                     e,
                     verdict,
                     SystemTime::now(),
@@ -571,7 +572,7 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
                 )
             })
             .collect();
-        record::write(
+        store::record::write(
             &recorder,
             "bench",
             &outcomes,
@@ -885,7 +886,7 @@ fn main() {
 /// Payment Cancellation body, with one secret and with two (a rotation):
 /// the median of 5 rounds of 100,000 signatures each.
 fn signing_cost() -> [f64; 2] {
-    use outboxd::sign::{SigningKey, signature_header};
+    use outboxd::http::sign::{SigningKey, signature_header};
     let body = br#"{"companyId": 6316, "paymentId": 222125, "paymentNumber": "2271", "orderIds": "17899,17900"}"#;
     let id = "01938a4c-5f0e-7c3a-9b1d-2f6e8a4b7c90";
     let keys: Vec<SigningKey> = (0..2).map(|_| SigningKey::generate().unwrap().0).collect();

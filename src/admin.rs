@@ -107,11 +107,11 @@ async fn ready(state: &State) -> Result<(), String> {
             .pool
             .get()
             .await
-            .map_err(|e| crate::db::describe_pool(&e))?;
+            .map_err(|e| crate::store::pool::describe_pool(&e))?;
         client
             .simple_query("SELECT 1")
             .await
-            .map_err(|e| crate::db::describe(&e))?;
+            .map_err(|e| crate::store::pool::describe(&e))?;
         Ok::<(), String>(())
     };
     match tokio::time::timeout(READY_CHECK_TIMEOUT, check).await {

@@ -33,10 +33,10 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::db;
 use crate::engine::{self, EngineError};
 use crate::logging::LogHandle;
-use crate::migrate::{self, MigrateError, SchemaState};
+use crate::store::migrate::{self, MigrateError, SchemaState};
+use crate::store::pool as db;
 
 pub use generate::run_without_config;
 
@@ -498,7 +498,7 @@ async fn check_smtp(config: &Config) -> Exit {
         return Exit::Ok;
     };
     let target = format!("{}:{} ({:?})", smtp.host, smtp.port, smtp.tls);
-    match crate::smtp::probe(smtp).await {
+    match crate::notify::smtp::probe(smtp).await {
         Ok(()) => {
             println!("smtp: ok ({target})");
             Exit::Ok

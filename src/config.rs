@@ -22,34 +22,13 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::Deserialize;
 
 use crate::backoff::RetryPolicy;
+pub use crate::model::Secret;
 
 /// Where `--config` falls back to when it is not given, in order.
 pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["./config.toml", "/etc/outboxd/config.toml"];
 
 /// Environment variables with this prefix override the file.
 pub const ENV_PREFIX: &str = "OUTBOXD_";
-
-/// A password or token. Its `Debug` prints a placeholder and it has no
-/// `Display`, so it cannot end up in a log line or an error by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself, for the one place that has to send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]

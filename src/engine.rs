@@ -20,8 +20,8 @@
 //!    it would run into the unit's `TimeoutStartSec`, and the restarts after
 //!    that into its start limit, after which systemd gives up.
 //! 1. **Serve**: the claim loop ([`ClaimLoop`]) starts one delivery task
-//!    per claimed event ([`attempt::deliver`]), whose outcome goes to the
-//!    recorder ([`record::Recorder::run`]). The mailer, the queue gauges, retention,
+//!    per claimed event ([`executor::deliver`]), whose outcome goes to the
+//!    recorder ([`completer::Recorder::run`]). The mailer, the queue gauges, retention,
 //!    the metrics upkeep and the listener run beside it as [`service`]s. The
 //!    claim loop and the recorder feed heartbeats; systemd's watchdog is
 //!    pinged while they keep their promises ([`crate::service`] says why).
@@ -49,17 +49,18 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::claim::{self, ClaimLoop};
 use crate::config::{Config, DatabaseConfig};
-use crate::deliver::Deliverer;
+use crate::http::client::Deliverer;
 use crate::listen::Listener;
-use crate::mailer::Mailer;
 use crate::maintenance::{HoldLimit, LeaseExpiry, Maintenance, Retention};
-use crate::migrate::{self, MigrateError};
-use crate::record;
+use crate::notify::mailer::Mailer;
+use crate::pipeline::producer::{self, ClaimLoop};
+use crate::pipeline::{completer, executor};
 use crate::service::{self, Heartbeat, Liveness, Running};
+use crate::store::migrate::{self, MigrateError};
+use crate::store::pool as db;
 use crate::telemetry::Upkeep;
-use crate::{admin, attempt, db, systemd, telemetry};
+use crate::{admin, systemd, telemetry};
 
 /// Waits between tries to reach the database at start: doubling from the
 /// first to the last. 5 s at most, so deliveries start within 5 s of the
@@ -83,7 +84,7 @@ pub const RUNTIME_STOP: Duration = Duration::from_secs(1);
 /// systemd's `TimeoutStopSec` must stay above it.
 pub fn stop_budget(config: &Config) -> Duration {
     let drain = config.delivery.drain_timeout + FINAL_RECORD_TIMEOUT;
-    let beside = crate::mailer::STOP_GRACE.max(service::DEFAULT_STOP_GRACE);
+    let beside = crate::notify::mailer::STOP_GRACE.max(service::DEFAULT_STOP_GRACE);
     drain.max(beside) + service::DEFAULT_STOP_GRACE.max(ADMIN_STOP) + RUNTIME_STOP
 }
 
@@ -190,8 +191,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     // recorder writes the previous group, and beyond that they wait, which
     // holds back new claims while the database is slow.
     let (outcomes_tx, outcomes_rx) = mpsc::channel(config.delivery.concurrency * 2);
-    let room = Arc::new(claim::Room::default());
-    let recorder = record::Recorder {
+    let room = Arc::new(producer::Room::default());
+    let recorder = completer::Recorder {
         pool: pool.clone(),
         owner: owner.clone(),
         gather: config.delivery.concurrency,
@@ -202,7 +203,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         charset,
     };
     let mut recorder = tokio::spawn(recorder.run(outcomes_rx, liveness.register("recorder")));
-    let context = Arc::new(attempt::Context {
+    let context = Arc::new(executor::Context {
         deliverer,
         retry: config.retry.clone(),
         outcomes: outcomes_tx,
@@ -475,7 +476,7 @@ async fn check_database(pool: &deadpool_postgres::Pool) -> Result<db::Charset, U
 /// Phase two's first step: lets in-flight deliveries finish within
 /// `deadline`; returns how many were abandoned to their leases.
 async fn drain(tasks: &mut JoinSet<()>, deadline: Duration) -> usize {
-    claim::reap(tasks);
+    producer::reap(tasks);
     let in_flight = tasks.len();
     tracing::info!(in_flight, deadline = ?deadline, "shutting down: finishing in-flight deliveries");
     let drained = tokio::time::timeout(deadline, async {

@@ -42,26 +42,19 @@
 //! functions) lives in `sql/migrations/` and is documented in the README.
 
 pub mod admin;
-pub mod attempt;
 pub mod backoff;
-pub mod claim;
-pub mod classify;
 pub mod cli;
 pub mod config;
-pub mod db;
-pub mod deliver;
-pub mod email;
 pub mod engine;
-pub mod guard;
+pub mod http;
 pub mod listen;
 pub mod logging;
-pub mod mailer;
 pub mod maintenance;
-pub mod migrate;
-pub mod record;
+pub mod model;
+pub mod notify;
+pub mod pipeline;
+pub mod policy;
 pub mod service;
-pub mod sign;
-pub mod smtp;
+pub mod store;
 pub mod systemd;
 pub mod telemetry;
-pub mod webhook;

@@ -17,8 +17,8 @@ use postgres_native_tls::MakeTlsConnector;
 use tokio::sync::Notify;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::db;
 use crate::service::{Next, Service};
+use crate::store::pool as db;
 
 /// The channel the enqueue functions notify (at most once per quarter
 /// second: migration 0009).

@@ -30,15 +30,18 @@ async fn one_row(
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<tokio_postgres::Row, String> {
-    let client = pool.get().await.map_err(|e| crate::db::describe_pool(&e))?;
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| crate::store::pool::describe_pool(&e))?;
     let statement = client
         .prepare_cached(sql)
         .await
-        .map_err(|e| crate::db::describe(&e))?;
+        .map_err(|e| crate::store::pool::describe(&e))?;
     client
         .query_one(&statement, params)
         .await
-        .map_err(|e| crate::db::describe(&e))
+        .map_err(|e| crate::store::pool::describe(&e))
 }
 
 /// Events put back in the queue per statement by [`LeaseExpiry`].
@@ -252,10 +255,10 @@ impl Maintenance {
             .pool
             .get()
             .await
-            .map_err(|e| crate::db::describe_pool(&e))?;
+            .map_err(|e| crate::store::pool::describe_pool(&e))?;
         let stats = queue_stats(&client)
             .await
-            .map_err(|e| crate::db::describe(&e))?;
+            .map_err(|e| crate::store::pool::describe(&e))?;
         gauge!(EVENTS_PENDING).set(stats.pending as f64);
         gauge!(EVENTS_LEASED).set(stats.leased as f64);
         gauge!(OLDEST_DUE_AGE).set(stats.oldest_due_age.as_secs_f64());

@@ -269,7 +269,7 @@ async fn claim_time() -> [f64; 2] {
         .batch_execute("VACUUM ANALYZE outbox.events")
         .await
         .unwrap();
-    let pool = outboxd::db::pool(&daemon_database(&url));
+    let pool = outboxd::store::pool::pool(&daemon_database(&url));
     let client = pool.get().await.unwrap();
     let without = median_claim(&client).await;
     setup
@@ -298,14 +298,14 @@ async fn median_claim(client: &deadpool_postgres::Client) -> f64 {
     for _ in 0..300 {
         client.batch_execute("BEGIN").await.unwrap();
         let started = Instant::now();
-        let claimed = outboxd::claim::claim(
+        let claimed = outboxd::store::claim::claim(
             client,
-            outboxd::claim::Mode::Fair,
+            outboxd::store::claim::Mode::Fair,
             64,
             "bench",
             Duration::from_secs(60),
             8,
-            &outboxd::claim::InFlight::default(),
+            &outboxd::store::claim::InFlight::default(),
         )
         .await
         .unwrap();

@@ -200,7 +200,7 @@ fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
 /// What the server shares with every connection.
 struct State {
     /// Requests must be signed with this key (--signing-secret-file).
-    signing: Option<outboxd::sign::SigningKey>,
+    signing: Option<outboxd::http::sign::SigningKey>,
     auth: Auth,
     quiet: bool,
     arrivals: bool,
@@ -233,7 +233,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match outboxd::sign::SigningKey::parse(&text) {
+            match outboxd::http::sign::SigningKey::parse(&text) {
                 Ok(key) => Some(key),
                 Err(e) => Args::command()
                     .error(

@@ -15,9 +15,8 @@ use tokio_postgres::Row;
 use super::settings::{SetArgs, Settings};
 use super::table::{self, Table};
 use super::{CliError, connect_current, probe, rules};
-use crate::claim::Auth;
 use crate::config::Config;
-use crate::webhook::PAYMENT_CANCELLATION;
+use crate::model::{Auth, PAYMENT_CANCELLATION, shown_url};
 
 const ENDPOINTS_SQL: &str = include_str!("../../sql/queries/endpoints.sql");
 const UPSERT_SQL: &str = include_str!("../../sql/queries/endpoint_upsert.sql");
@@ -474,7 +473,7 @@ impl View {
             company_id: row.get("company_id"),
             event_type: row.get("event_type"),
             // As shown: query values hidden (webhook::shown_url).
-            url: crate::webhook::shown_url(row.get("url")),
+            url: shown_url(row.get("url")),
             auth_type: row.get("auth_type"),
             username: row.get("username"),
             password_set: row.get("password_set"),

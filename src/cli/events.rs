@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use super::table::{self, Table, or_dash};
 use super::{CliError, connect_current, print_json, replay, rules};
-use crate::classify::truncate_chars;
 use crate::config::Config;
+use crate::http::classify::truncate_chars;
 
 const LIST_SQL: &str = include_str!("../../sql/queries/events_list.sql");
 const EVENT_SQL: &str = include_str!("../../sql/queries/event.sql");

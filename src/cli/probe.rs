@@ -1,6 +1,6 @@
 //! `outboxd endpoint test`: one marked test request to a company's endpoint,
 //! sent and judged exactly as the daemon sends and judges events
-//! ([`crate::webhook::build_test`], [`Deliverer`], `Sent::verdict`), so an
+//! ([`crate::http::request::build_test`], [`Deliverer`], `Sent::verdict`), so an
 //! admin sees what a real event would get. It reads the endpoint and writes
 //! nothing: no event, no attempt, no notification.
 
@@ -8,11 +8,12 @@ use std::time::SystemTime;
 
 use super::endpoint::{EndpointKey, not_found};
 use super::{CliError, connect_current};
-use crate::claim::{Endpoint, auth_from};
-use crate::classify::Verdict;
 use crate::config::Config;
-use crate::deliver::Deliverer;
-use crate::webhook;
+use crate::http::classify::Verdict;
+use crate::http::client::Deliverer;
+use crate::http::request as webhook;
+use crate::model::{Endpoint, shown_url};
+use crate::store::claim::{auth_from, secrets_from};
 
 pub async fn run(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
@@ -40,14 +41,14 @@ pub async fn run(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
             row.get("token"),
         ),
         enabled: row.get("enabled"),
-        signing_secrets: crate::claim::secrets_from(row.get("signing_secrets")),
+        signing_secrets: secrets_from(row.get("signing_secrets")),
     };
     let request = webhook::build_test(&key.event, key.company, &endpoint)
         .map_err(|e| CliError::Failed(format!("cannot build the test request: {e}")))?;
 
     println!(
         "test request: POST {} (company {}, {}, auth {auth_type})",
-        crate::webhook::shown_url(&endpoint.url),
+        shown_url(&endpoint.url),
         key.company,
         key.event
     );

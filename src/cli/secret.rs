@@ -1,5 +1,5 @@
 //! `outboxd endpoint secret …`: an endpoint's Standard Webhooks signing
-//! secrets (`outbox.endpoint_signing_secrets`, see [`crate::sign`]). A new
+//! secrets (`outbox.endpoint_signing_secrets`, see [`crate::http::sign`]). A new
 //! secret is printed once, on stdout alone, so that a script can hand it on;
 //! afterwards only its fingerprint is ever shown.
 
@@ -10,8 +10,9 @@ use clap::Subcommand;
 use super::endpoint::{EndpointKey, endpoint_exists};
 use super::table::{self, Table};
 use super::{CliError, connect_current};
-use crate::config::{Config, Secret};
-use crate::sign::SigningKey;
+use crate::config::Config;
+use crate::http::sign::SigningKey;
+use crate::model::Secret;
 
 const ROTATE_SQL: &str = include_str!("../../sql/queries/secret_rotate.sql");
 const REPLACE_SQL: &str = include_str!("../../sql/queries/secret_replace.sql");

@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, ValueEnum};
 
 use super::{CliError, rules};
-use crate::claim::Auth;
-use crate::config::{self, Secret};
-use crate::webhook::PAYMENT_CANCELLATION;
+use crate::config;
+use crate::model::{Auth, PAYMENT_CANCELLATION, Secret};
 
 #[derive(Debug, Args)]
 pub struct SetArgs {
@@ -100,7 +99,7 @@ impl SetArgs {
         let auth = self.auth(&mut problems);
         let signing_secret = self.signing_secret_file.as_deref().and_then(|path| {
             let text = secret("--signing-secret-file", Some(path), "", &mut problems)?;
-            match crate::sign::SigningKey::parse(text.expose()) {
+            match crate::http::sign::SigningKey::parse(text.expose()) {
                 Ok(_) => Some(Secret::new(text.expose().trim())),
                 Err(e) => {
                     problems.push(format!("--signing-secret-file: {e}"));

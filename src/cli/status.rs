@@ -128,7 +128,7 @@ pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
             event_type: row.get("event_type"),
             url: row
                 .get::<_, Option<&str>>("url")
-                .map(crate::webhook::shown_url),
+                .map(crate::model::shown_url),
             failed_events: row.get("failed"),
         })
         .collect();

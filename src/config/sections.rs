@@ -360,7 +360,7 @@ fn database_tls(
     };
     // What every connection will build: fail here, naming the setting.
     if tls.mode != TlsMode::Disable
-        && let Err(e) = crate::db::native_connector(&tls)
+        && let Err(e) = crate::store::pool::native_connector(&tls)
     {
         problem(problems, "database.tls", e);
         return None;

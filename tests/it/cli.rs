@@ -17,7 +17,10 @@ async fn migrate_creates_the_schema_and_a_second_run_changes_nothing() {
     let db = TestDb::empty().await;
     let first = run(db.outboxd().arg("migrate")).await;
     assert_eq!(first.code, Some(0), "{first:?}");
-    let want = format!("from version 0 to {}", outboxd::migrate::latest_version());
+    let want = format!(
+        "from version 0 to {}",
+        outboxd::store::migrate::latest_version()
+    );
     assert!(first.stdout.contains(&want), "{first:?}");
     for table in [
         "outbox.events",
@@ -77,7 +80,7 @@ async fn concurrent_migrations_apply_each_version_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(rows, outboxd::migrate::latest_version() as i64);
+    assert_eq!(rows, outboxd::store::migrate::latest_version() as i64);
 }
 
 #[tokio::test]
@@ -126,7 +129,7 @@ async fn check_passes_on_a_migrated_database() {
     assert!(ran.stdout.contains("database: ok"), "{ran:?}");
     let want = format!(
         "schema: ok (version {})",
-        outboxd::migrate::latest_version()
+        outboxd::store::migrate::latest_version()
     );
     assert!(ran.stdout.contains(&want), "{ran:?}");
 }

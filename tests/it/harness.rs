@@ -65,7 +65,7 @@ impl TestDb {
     pub async fn new_on(admin: &str) -> TestDb {
         let db = TestDb::empty_on(admin).await;
         let mut client = db.client().await;
-        outboxd::migrate::migrate(&mut client)
+        outboxd::store::migrate::migrate(&mut client)
             .await
             .expect("migrating the test database");
         db
@@ -83,7 +83,7 @@ impl TestDb {
             format!("ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0");
         let db = TestDb::create(&admin_url(), &options).await;
         let mut client = db.client().await;
-        outboxd::migrate::migrate(&mut client)
+        outboxd::store::migrate::migrate(&mut client)
             .await
             .expect("migrating the test database");
         db
@@ -111,7 +111,7 @@ impl TestDb {
             admin
                 .batch_execute(&sql)
                 .await
-                .unwrap_or_else(|e| panic!("{sql}: {}", outboxd::db::describe(&e)));
+                .unwrap_or_else(|e| panic!("{sql}: {}", outboxd::store::pool::describe(&e)));
         }
         TestDb {
             url: url_with_dbname(admin_url, &name),
@@ -140,12 +140,12 @@ impl TestDb {
     /// The daemon's connection pool for this database (its session settings
     /// included), for tests that drive the library directly.
     pub fn pool(&self) -> deadpool_postgres::Pool {
-        outboxd::db::pool(&self.config_with(|_| {}).database)
+        outboxd::store::pool::pool(&self.config_with(|_| {}).database)
     }
 
     /// The daemon's plain claim's connection for this database.
     pub fn claim_pool(&self) -> deadpool_postgres::Pool {
-        outboxd::db::claim_pool(&self.config_with(|_| {}).database)
+        outboxd::store::pool::claim_pool(&self.config_with(|_| {}).database)
     }
 
     /// A new connection to this database.

@@ -18,9 +18,9 @@ fn retention(db: &TestDb, batch_size: u32) -> Retention {
         }
     });
     Retention::new(
-        outboxd::db::pool(&config.database),
+        outboxd::store::pool::pool(&config.database),
         config.retention,
-        outboxd::db::round_trip_limit(&config.database),
+        outboxd::store::pool::round_trip_limit(&config.database),
     )
 }
 
@@ -220,11 +220,11 @@ async fn deleting_an_old_email_does_not_email_its_failures_again() {
         raw.notify.gather = Some("1ms".into());
         raw.notify.window = Some("1ms".into());
     });
-    let mailer = outboxd::mailer::Mailer::new(
+    let mailer = outboxd::notify::mailer::Mailer::new(
         db.pool(),
         "test".into(),
         config.notify,
-        outboxd::db::round_trip_limit(&config.database),
+        outboxd::store::pool::round_trip_limit(&config.database),
     );
     let report = mailer.run_once().await.unwrap();
     assert_eq!(report.gathered, 0);

@@ -4,10 +4,12 @@
 use std::time::{Duration, SystemTime};
 
 use outboxd::backoff::RetryPolicy;
-use outboxd::claim;
-use outboxd::classify::Verdict;
 use outboxd::config::CircuitConfig;
-use outboxd::record::{self, AttemptKind, NextState, Outcome};
+use outboxd::http::classify::Verdict;
+use outboxd::model::{AttemptKind, ClaimedEvent, NextState, Outcome, Refusal};
+use outboxd::policy;
+use outboxd::store::claim;
+use outboxd::store::record;
 
 use crate::harness::TestDb;
 use crate::harness::count;
@@ -18,7 +20,7 @@ async fn claim_plain(
     limit: usize,
     owner: &str,
     lease: Duration,
-) -> Vec<claim::ClaimedEvent> {
+) -> Vec<ClaimedEvent> {
     claim::claim(
         client,
         claim::Mode::Plain,
@@ -76,8 +78,8 @@ async fn release_expired(pool: &deadpool_postgres::Pool) -> (i64, bool) {
 }
 
 /// What the daemon makes of a 200 with status "1" for `e`.
-fn delivered(e: &claim::ClaimedEvent) -> Outcome {
-    record::decide(
+fn delivered(e: &ClaimedEvent) -> Outcome {
+    policy::decide(
         e,
         Verdict::Delivered {
             message: Some("ok".into()),
@@ -250,18 +252,15 @@ async fn an_event_whose_attempts_ran_out_with_its_leases_fails_and_its_company_i
         .await
         .unwrap();
     let claimed = claim_plain(&client, 10, "a", Duration::from_secs(60)).await;
-    let refusal = outboxd::webhook::prepare(&claimed[0], 4).unwrap_err();
+    let refusal = outboxd::http::request::prepare(&claimed[0], 4).unwrap_err();
     assert!(
-        matches!(
-            refusal,
-            outboxd::webhook::Refusal::BudgetSpent { attempts: 4 }
-        ),
+        matches!(refusal, Refusal::BudgetSpent { attempts: 4 }),
         "{refusal:?}"
     );
     let marked = write(
         &client,
         "a",
-        &[record::refused(&claimed[0], &refusal)],
+        &[policy::refused(&claimed[0], &refusal)],
         false,
     )
     .await;

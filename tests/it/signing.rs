@@ -92,8 +92,8 @@ async fn signed_requests_verify_with_the_standard_webhooks_library_through_a_rot
     let db = TestDb::new().await;
     let client = db.client().await;
     let dir = TempDir::new("signing");
-    let (_, old) = outboxd::sign::SigningKey::generate().unwrap();
-    let (_, new) = outboxd::sign::SigningKey::generate().unwrap();
+    let (_, old) = outboxd::http::sign::SigningKey::generate().unwrap();
+    let (_, new) = outboxd::http::sign::SigningKey::generate().unwrap();
     // Company 1's receiver holds the old secret, company 2's the new one.
     let (old_file, new_file) = (dir.join("old"), dir.join("new"));
     std::fs::write(&old_file, &old).unwrap();
@@ -234,7 +234,7 @@ async fn signed_requests_verify_with_the_standard_webhooks_library_through_a_rot
         "0",
         "a tampered body"
     );
-    let key = outboxd::sign::SigningKey::parse(&new).unwrap();
+    let key = outboxd::http::sign::SigningKey::parse(&new).unwrap();
     let stale = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -301,7 +301,7 @@ async fn secrets_are_rotated_listed_by_fingerprint_and_signed_by_endpoint_test()
     assert_eq!(first.code, Some(0), "{first:?}");
     let first_secret = first.stdout.trim().to_string();
     assert!(
-        outboxd::sign::SigningKey::parse(&first_secret).is_ok(),
+        outboxd::http::sign::SigningKey::parse(&first_secret).is_ok(),
         "{first:?}"
     );
     assert!(
@@ -341,7 +341,11 @@ async fn secrets_are_rotated_listed_by_fingerprint_and_signed_by_endpoint_test()
     ))
     .await;
     assert_eq!(list.code, Some(0), "{list:?}");
-    let fingerprint = |s: &str| outboxd::sign::SigningKey::parse(s).unwrap().fingerprint();
+    let fingerprint = |s: &str| {
+        outboxd::http::sign::SigningKey::parse(s)
+            .unwrap()
+            .fingerprint()
+    };
     let third_secret = third.stdout.trim().to_string();
     for secret in [&first_secret, &second_secret, &third_secret] {
         assert!(list.stdout.contains(&fingerprint(secret)), "{list:?}");
@@ -403,7 +407,7 @@ async fn the_reference_receiver_verifies_signatures() {
     let db = TestDb::new().await;
     let client = db.client().await;
     let dir = TempDir::new("signing-receiver");
-    let (key, secret) = outboxd::sign::SigningKey::generate().unwrap();
+    let (key, secret) = outboxd::http::sign::SigningKey::generate().unwrap();
     let file = dir.join("whsec");
     std::fs::write(&file, format!("{secret}\n")).unwrap();
     let mut receiver = tokio::process::Command::new(env!("CARGO_BIN_EXE_outboxd-receiver"))

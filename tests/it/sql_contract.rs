@@ -668,7 +668,7 @@ async fn the_callers_search_path_cannot_reach_into_the_enqueue() {
         .unwrap();
     // The caller's own function does run in the caller's own statements.
     let hijack = client.batch_execute("SELECT btrim('x')").await.unwrap_err();
-    let hijack = outboxd::db::describe(&hijack);
+    let hijack = outboxd::store::pool::describe(&hijack);
     assert!(hijack.contains("the caller's btrim ran"), "{hijack}");
     client
         .batch_execute(

@@ -17,10 +17,10 @@ use hyper_tls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::classify::{self, Answer, Verdict};
 use crate::config::DeliveryConfig;
-use crate::guard::{self, GuardedConnector, Policy};
-use crate::webhook::{self, Webhook};
+use crate::http::classify::{self, Answer, Verdict};
+use crate::http::guard::{self, GuardedConnector, Policy};
+use crate::http::request::{self as webhook, Webhook};
 
 /// Idle keep-alive connections are closed after this long. Receivers behind
 /// load balancers commonly drop idle connections after 60 s or more; closing
@@ -171,7 +171,7 @@ impl Deliverer {
             let timestamp = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
-            if let Some(signature) = crate::sign::signature_header(
+            if let Some(signature) = crate::http::sign::signature_header(
                 &webhook.signing_keys,
                 &event_id,
                 timestamp,

@@ -39,7 +39,7 @@
 
 use tokio_postgres::{Client, GenericClient};
 
-use crate::db;
+use crate::store::pool as db;
 
 /// One migration file.
 #[derive(Debug, Clone, Copy)]
@@ -60,56 +60,56 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "outbox_schema",
-        sql: include_str!("../sql/migrations/0001_outbox_schema.sql"),
+        sql: include_str!("../../sql/migrations/0001_outbox_schema.sql"),
         online: "",
     },
     Migration {
         version: 2,
         name: "notifications",
-        sql: include_str!("../sql/migrations/0002_notifications.sql"),
+        sql: include_str!("../../sql/migrations/0002_notifications.sql"),
         online: "",
     },
     Migration {
         version: 3,
         name: "replay",
-        sql: include_str!("../sql/migrations/0003_replay.sql"),
+        sql: include_str!("../../sql/migrations/0003_replay.sql"),
         online: "",
     },
     Migration {
         version: 4,
         name: "retention",
-        sql: include_str!("../sql/migrations/0004_retention.sql"),
+        sql: include_str!("../../sql/migrations/0004_retention.sql"),
         online: "",
     },
     Migration {
         version: 5,
         name: "endpoint_circuits",
-        sql: include_str!("../sql/migrations/0005_endpoint_circuits.sql"),
-        online: include_str!("../sql/migrations/0005_endpoint_circuits.online.sql"),
+        sql: include_str!("../../sql/migrations/0005_endpoint_circuits.sql"),
+        online: include_str!("../../sql/migrations/0005_endpoint_circuits.online.sql"),
     },
     Migration {
         version: 6,
         name: "claim_indexes",
-        sql: include_str!("../sql/migrations/0006_claim_indexes.sql"),
-        online: include_str!("../sql/migrations/0006_claim_indexes.online.sql"),
+        sql: include_str!("../../sql/migrations/0006_claim_indexes.sql"),
+        online: include_str!("../../sql/migrations/0006_claim_indexes.online.sql"),
     },
     Migration {
         version: 7,
         name: "notifications_go_with_their_email",
-        sql: include_str!("../sql/migrations/0007_notifications_go_with_their_email.sql"),
+        sql: include_str!("../../sql/migrations/0007_notifications_go_with_their_email.sql"),
         online: "",
     },
     Migration {
         version: 8,
         name: "signing_secrets",
-        sql: include_str!("../sql/migrations/0008_signing_secrets.sql"),
+        sql: include_str!("../../sql/migrations/0008_signing_secrets.sql"),
         online: "",
     },
     Migration {
         version: 9,
         name: "light_enqueue",
-        sql: include_str!("../sql/migrations/0009_light_enqueue.sql"),
-        online: include_str!("../sql/migrations/0009_light_enqueue.online.sql"),
+        sql: include_str!("../../sql/migrations/0009_light_enqueue.sql"),
+        online: include_str!("../../sql/migrations/0009_light_enqueue.online.sql"),
     },
 ];
 

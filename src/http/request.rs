@@ -13,13 +13,12 @@ use base64::Engine as _;
 use bytes::Bytes;
 use hyper::Uri;
 use hyper::header::HeaderValue;
-use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::claim::{Auth, ClaimedEvent, Endpoint};
-
-/// The event type of the Payment Cancellation webhook.
-pub const PAYMENT_CANCELLATION: &str = "payment.cancellation";
+use crate::http::sign::{SecretError, SigningKey};
+use crate::model::{
+    Auth, ClaimedEvent, Endpoint, PAYMENT_CANCELLATION, PaymentCancellation, Refusal,
+};
 
 /// `User-Agent` of every request.
 pub const USER_AGENT: &str = concat!("outboxd/", env!("CARGO_PKG_VERSION"));
@@ -43,10 +42,10 @@ pub struct Webhook {
     pub event_id: Uuid,
     /// A test request, not an event: sent with [`TEST_HEADER`].
     pub test: bool,
-    /// Keys to sign with ([`crate::sign`]), newest first; empty: unsigned.
+    /// Keys to sign with ([`crate::http::sign`]), newest first; empty: unsigned.
     /// The signature is made when the request is sent, with that moment as
     /// `webhook-timestamp`.
-    pub signing_keys: Vec<crate::sign::SigningKey>,
+    pub signing_keys: Vec<SigningKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,22 +57,7 @@ pub enum BuildError {
     #[error("invalid endpoint credentials: {0}")]
     Credentials(&'static str),
     #[error("invalid signing secret: {0}")]
-    SigningSecret(crate::sign::SecretError),
-}
-
-/// Why an event is not sent at all.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// Claims count attempts, so an event whose deliveries keep dying with
-    /// their daemon (leases running out) stops here instead of looping.
-    #[error("gave up after {attempts} attempts without a recorded outcome (leases ran out)")]
-    BudgetSpent { attempts: i32 },
-    #[error("no endpoint configured for company {company_id} and event type {event_type}")]
-    NoEndpoint { company_id: i64, event_type: String },
-    #[error("the endpoint of company {company_id} for {event_type} is disabled")]
-    Disabled { company_id: i64, event_type: String },
-    #[error(transparent)]
-    Invalid(#[from] BuildError),
+    SigningSecret(SecretError),
 }
 
 /// Everything decided before a request goes out: whether `event` may be
@@ -97,7 +81,7 @@ pub fn prepare(event: &ClaimedEvent, max_attempts: u32) -> Result<Webhook, Refus
             event_type: event.event_type.clone(),
         });
     }
-    Ok(build(event, endpoint)?)
+    build(event, endpoint).map_err(|e| Refusal::Invalid(e.to_string()))
 }
 
 /// Builds the request for `event` to `endpoint`.
@@ -118,11 +102,11 @@ pub fn build(event: &ClaimedEvent, endpoint: &Endpoint) -> Result<Webhook, Build
 /// The endpoint's secrets as keys. The schema checks their form, so a bad
 /// one is a row written around it: the event is refused rather than sent
 /// unsigned to a receiver that expects signatures.
-fn signing_keys(endpoint: &Endpoint) -> Result<Vec<crate::sign::SigningKey>, BuildError> {
+fn signing_keys(endpoint: &Endpoint) -> Result<Vec<SigningKey>, BuildError> {
     endpoint
         .signing_secrets
         .iter()
-        .map(|s| crate::sign::SigningKey::parse(s.expose()).map_err(BuildError::SigningSecret))
+        .map(|s| SigningKey::parse(s.expose()).map_err(BuildError::SigningSecret))
         .collect()
 }
 
@@ -162,7 +146,8 @@ pub fn build_test(
 /// stored.
 pub fn body(event: &ClaimedEvent) -> Result<Bytes, BuildError> {
     if event.event_type == PAYMENT_CANCELLATION {
-        let payload = PaymentCancellation::parse(&event.payload, event.company_id)?;
+        let payload = PaymentCancellation::parse(&event.payload, event.company_id)
+            .map_err(BuildError::Payload)?;
         Ok(Bytes::from(payload.render()))
     } else if event.payload.trim_start().starts_with('{') {
         Ok(Bytes::from(event.payload.clone()))
@@ -171,105 +156,6 @@ pub fn body(event: &ClaimedEvent) -> Result<Bytes, BuildError> {
             "the payload is not a JSON object".into(),
         ))
     }
-}
-
-/// The Payment Cancellation webhook body.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PaymentCancellation {
-    pub company_id: i64,
-    pub payment_id: i64,
-    pub payment_number: String,
-    #[serde(default)]
-    pub order_ids: Option<String>,
-}
-
-impl PaymentCancellation {
-    /// Parses and checks a stored payload the way the enqueue function would
-    /// have; `company_id` is the event's own column, which the payload must
-    /// match so one tenant's event never reaches another tenant's endpoint.
-    pub fn parse(payload: &str, company_id: i64) -> Result<Self, BuildError> {
-        // serde also reads a struct from a JSON array of its fields in
-        // order, so `[6316, 1, "1"]` would pass and go out re-rendered as an
-        // object. The contract's payload is an object; anything else is a
-        // row written around the enqueue functions.
-        if !payload.trim_start().starts_with('{') {
-            return Err(BuildError::Payload(
-                "the payload is not a JSON object".into(),
-            ));
-        }
-        let p: PaymentCancellation = serde_json::from_str(payload)
-            .map_err(|e| BuildError::Payload(format!("not a payment cancellation ({e})")))?;
-        if p.company_id <= 0 {
-            return Err(BuildError::Payload("companyId must be positive".into()));
-        }
-        if p.company_id != company_id {
-            return Err(BuildError::Payload(format!(
-                "companyId {} does not match the event's company_id {company_id}",
-                p.company_id
-            )));
-        }
-        if p.payment_id <= 0 {
-            return Err(BuildError::Payload("paymentId must be positive".into()));
-        }
-        if p.payment_number.trim().is_empty() {
-            return Err(BuildError::Payload("paymentNumber is blank".into()));
-        }
-        if let Some(ids) = &p.order_ids {
-            let valid = !ids.is_empty()
-                && ids.split(',').all(|id| {
-                    !id.is_empty() && !id.starts_with('0') && id.bytes().all(|b| b.is_ascii_digit())
-                });
-            if !valid {
-                return Err(BuildError::Payload(
-                    "orderIds must be comma-separated order ids".into(),
-                ));
-            }
-        }
-        Ok(p)
-    }
-
-    /// The body exactly as documented, `orderIds` only when present.
-    pub fn render(&self) -> String {
-        // serde_json quotes and escapes the one free-text field.
-        let number = serde_json::to_string(&self.payment_number).expect("a string serializes");
-        let mut out = format!(
-            "{{\"companyId\": {}, \"paymentId\": {}, \"paymentNumber\": {number}",
-            self.company_id, self.payment_id
-        );
-        if let Some(ids) = &self.order_ids {
-            out.push_str(", \"orderIds\": \"");
-            out.push_str(ids); // digits and commas only, checked in parse
-            out.push('"');
-        }
-        out.push('}');
-        out
-    }
-}
-
-/// An endpoint URL as outboxd shows it (emails, logs, `status`, the
-/// endpoint commands): every query value and the fragment replaced by
-/// `***`. The schema refuses credentials before the host (`user:pass@`),
-/// but a receiver may take its token in the query (`?token=…`), and outboxd
-/// cannot tell such a value from a harmless one. Scheme, host, port and path
-/// are kept: they say where the requests go.
-pub fn shown_url(url: &str) -> String {
-    let (rest, fragment) = match url.split_once('#') {
-        Some((rest, _)) => (rest, "#***"),
-        None => (url, ""),
-    };
-    let Some((base, query)) = rest.split_once('?') else {
-        return format!("{rest}{fragment}");
-    };
-    let query: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((key, _)) if !key.is_empty() => format!("{key}=***"),
-            _ if pair.is_empty() => String::new(),
-            _ => "***".to_string(),
-        })
-        .collect();
-    format!("{base}?{}{fragment}", query.join("&"))
 }
 
 fn parse_url(url: &str) -> Result<Uri, BuildError> {
@@ -431,44 +317,6 @@ mod tests {
         })
         .unwrap_err();
         assert!(!err.to_string().contains("SECRET"));
-    }
-
-    #[test]
-    fn shown_urls_keep_where_requests_go_and_hide_every_query_value() {
-        let table = [
-            (
-                "https://erp.example.com/hooks",
-                "https://erp.example.com/hooks",
-            ),
-            (
-                "https://erp.example.com:8443/hooks/cancel?token=abc123",
-                "https://erp.example.com:8443/hooks/cancel?token=***",
-            ),
-            (
-                "https://erp.example.com/h?api_key=K&company=6316",
-                "https://erp.example.com/h?api_key=***&company=***",
-            ),
-            (
-                "https://erp.example.com/h?s3cr3t",
-                "https://erp.example.com/h?***",
-            ),
-            (
-                "https://erp.example.com/h?=v&&k=",
-                "https://erp.example.com/h?***&&k=***",
-            ),
-            ("https://erp.example.com/h?", "https://erp.example.com/h?"),
-            (
-                "https://erp.example.com/h#sig=x",
-                "https://erp.example.com/h#***",
-            ),
-            (
-                "https://erp.example.com/h?t=a#b?c=d",
-                "https://erp.example.com/h?t=***#***",
-            ),
-        ];
-        for (url, shown) in table {
-            assert_eq!(shown_url(url), shown, "{url}");
-        }
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //!    `notify.window` get one new email listing all of them
 //!    (`sql/queries/gather_notifications.sql`);
 //! 2. send one: a due email is leased (`claim_emails.sql`) for as long as
-//!    sending it can take (`Mailer::lease`), rendered ([`crate::email`]),
-//!    sent one SMTP transaction per recipient ([`crate::smtp`]), and marked
+//!    sending it can take (`Mailer::lease`), rendered ([`crate::notify::email`]),
+//!    sent one SMTP transaction per recipient ([`crate::notify::smtp`]), and marked
 //!    with a fenced update (`mark_email.sql`). When one was sent, the next
 //!    tick comes at once. One at a time, because an email leased beside
 //!    others waits for them: ten leased together for one email's time let
@@ -28,16 +28,17 @@ use mail_send::mail_builder::MessageBuilder;
 use tokio_postgres::GenericClient;
 
 use crate::config::{NotifyConfig, SmtpConfig};
-use crate::email::{self, FailedEvent};
+use crate::notify::email::{self, FailedEvent};
+use crate::notify::smtp;
 use crate::service::{Next, Service};
-use crate::{db, smtp};
+use crate::store::pool as db;
 
-const GATHER_SQL: &str = include_str!("../sql/queries/gather_notifications.sql");
+const GATHER_SQL: &str = include_str!("../../sql/queries/gather_notifications.sql");
 /// Taken for the gathering's transaction; false when another instance holds it.
 const GATHER_LOCK_SQL: &str = "SELECT pg_try_advisory_xact_lock($1)";
-const CLAIM_SQL: &str = include_str!("../sql/queries/claim_emails.sql");
-const CONTENT_SQL: &str = include_str!("../sql/queries/email_content.sql");
-const MARK_SQL: &str = include_str!("../sql/queries/mark_email.sql");
+const CLAIM_SQL: &str = include_str!("../../sql/queries/claim_emails.sql");
+const CONTENT_SQL: &str = include_str!("../../sql/queries/email_content.sql");
+const MARK_SQL: &str = include_str!("../../sql/queries/mark_email.sql");
 
 /// Advisory lock key for gathering: "ob-notif" as a big-endian integer.
 const GATHER_LOCK_KEY: i64 = 0x6f622d6e6f746966;

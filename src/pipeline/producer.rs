@@ -20,62 +20,15 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
-use crate::attempt;
-use crate::config::{Config, Secret};
+use crate::config::Config;
+use crate::model::{ClaimedEvent, EndpointKey};
+use crate::pipeline::completer::Freed;
+use crate::pipeline::executor;
 use crate::service::Heartbeat;
-use crate::{db, systemd, telemetry};
-
-const CLAIM_SQL: &str = include_str!("../sql/queries/claim.sql");
-const CLAIM_FAIR_SQL: &str = include_str!("../sql/queries/claim_fair.sql");
-
-/// An event leased to this instance, ready to deliver.
-#[derive(Debug, Clone)]
-pub struct ClaimedEvent {
-    pub id: Uuid,
-    pub event_type: String,
-    pub company_id: i64,
-    /// The stored payload as JSON text.
-    pub payload: String,
-    /// This delivery's attempt number (1 for the first). Fences the record.
-    pub attempt: i32,
-    /// Attempts counted against the retry budget: since the last replay.
-    pub budget_attempt: i32,
-    /// Time since the event was enqueued (or last replayed), by the
-    /// database's clock.
-    pub age: Duration,
-    /// The event was leased before and its lease ran out: a daemon died or
-    /// stalled while delivering it, so the receiver may have it already.
-    pub lease_expired: bool,
-    /// Sent to learn whether an endpoint whose circuit is open is back.
-    pub probe: bool,
-    /// Its endpoint's circuit was not closed and clean at the claim.
-    pub circuit_dirty: bool,
-    /// The company's endpoint for this event type, if one is configured.
-    pub endpoint: Option<Endpoint>,
-}
-
-/// Where and how to deliver, from `outbox.endpoints`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    pub url: String,
-    pub auth: Auth,
-    pub enabled: bool,
-    /// Its active signing secrets (`whsec_…`), newest first; empty: its
-    /// requests are not signed.
-    pub signing_secrets: Vec<Secret>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Auth {
-    None,
-    Basic { username: String, password: Secret },
-    Bearer { token: Secret },
-}
-
-/// An endpoint: company and event type.
-pub type EndpointKey = (i64, String);
+use crate::store::claim::{Claim, InFlight, Mode, claim};
+use crate::store::pool as db;
+use crate::{systemd, telemetry};
 
 /// This instance's requests in flight per endpoint, which the claim keeps
 /// under each endpoint's cap; the endpoints the last claim left at their cap
@@ -101,26 +54,6 @@ pub struct Room {
 struct RoomState {
     in_flight: HashMap<EndpointKey, u32>,
     capped: HashSet<EndpointKey>,
-}
-
-/// What is in flight, as the claim statements take it ($5, $6, $7).
-#[derive(Debug, Default)]
-pub struct InFlight {
-    pub company_ids: Vec<i64>,
-    pub event_types: Vec<String>,
-    pub counts: Vec<i32>,
-}
-
-impl InFlight {
-    /// What was in flight to `key` (0: nothing).
-    fn count(&self, key: &EndpointKey) -> u32 {
-        self.company_ids
-            .iter()
-            .zip(&self.event_types)
-            .zip(&self.counts)
-            .find(|((c, t), _)| **c == key.0 && **t == key.1)
-            .map_or(0, |(_, n)| *n as u32)
-    }
 }
 
 impl Room {
@@ -149,33 +82,6 @@ impl Room {
         }
     }
 
-    /// A delivery to this endpoint ended and its outcome was written.
-    pub fn finished(&self, company_id: i64, event_type: &str) {
-        self.all_finished([(company_id, event_type)]);
-    }
-
-    /// Deliveries to these endpoints ended (a group of outcomes was
-    /// written): all counted down under one lock, then one wake-up, so the
-    /// next claim sees the whole group's room, not the first outcome's.
-    pub fn all_finished<'a>(&self, endpoints: impl IntoIterator<Item = (i64, &'a str)>) {
-        let mut state = self.state();
-        let mut freed = false;
-        for (company_id, event_type) in endpoints {
-            let key = (company_id, event_type.to_owned());
-            if let Some(n) = state.in_flight.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    state.in_flight.remove(&key);
-                }
-            }
-            freed |= state.capped.remove(&key);
-        }
-        drop(state);
-        if freed {
-            self.freed.notify_one();
-        }
-    }
-
     fn in_flight(&self) -> InFlight {
         let state = self.state();
         let mut out = InFlight::default();
@@ -192,12 +98,28 @@ impl Room {
     }
 }
 
-/// Which claim statement: the plain oldest-first one, or the fair one,
-/// taken while some endpoint is held or at its cap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Plain,
-    Fair,
+impl Freed for Room {
+    /// Deliveries to these endpoints ended (a group of outcomes was
+    /// written): all counted down under one lock, then one wake-up, so the
+    /// next claim sees the whole group's room, not the first outcome's.
+    fn finished(&self, endpoints: &[(i64, &str)]) {
+        let mut state = self.state();
+        let mut freed = false;
+        for &(company_id, event_type) in endpoints {
+            let key = (company_id, event_type.to_owned());
+            if let Some(n) = state.in_flight.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    state.in_flight.remove(&key);
+                }
+            }
+            freed |= state.capped.remove(&key);
+        }
+        drop(state);
+        if freed {
+            self.freed.notify_one();
+        }
+    }
 }
 
 /// Largest claim, whatever the concurrency: one statement locking thousands
@@ -301,7 +223,7 @@ pub struct ClaimLoop<'a> {
     pub claim_limit: Duration,
     /// One per delivery in flight.
     pub slots: Arc<Semaphore>,
-    pub context: &'a Arc<attempt::Context>,
+    pub context: &'a Arc<executor::Context>,
     pub wake: &'a Notify,
     pub room: &'a Room,
 }
@@ -412,7 +334,7 @@ impl ClaimLoop<'_> {
                 let mut permits = permits;
                 for event in events {
                     let permit = permits.split(1).expect("one permit per claimed event");
-                    tasks.spawn(attempt::deliver(event, self.context.clone(), permit));
+                    tasks.spawn(executor::deliver(event, self.context.clone(), permit));
                 }
                 drop(permits);
                 if got < wanted && !more {
@@ -520,147 +442,6 @@ fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.9 + fastrand::f64() * 0.2)
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("claiming due events: {0}")]
-pub struct ClaimError(String);
-
-/// What one claim returned.
-#[derive(Debug, Default)]
-pub struct Claim {
-    pub events: Vec<ClaimedEvent>,
-    /// Endpoints left at their cap with more due.
-    pub capped: HashSet<EndpointKey>,
-    /// Some endpoint got only its share of this batch and may have more
-    /// due: claim again at once, even if the batch was short.
-    pub more: bool,
-    /// Some endpoint with due events is held or at its cap, or a circuit
-    /// waits for its probe: the next claim is the fair one.
-    pub held: bool,
-}
-
-/// Leases up to `limit` due events to `owner` for `lease`, with `mode`'s
-/// statement, at most `endpoint_cap` in flight per endpoint on this
-/// instance (counting `in_flight`) unless the endpoint sets its own. Each
-/// statement is prepared once per pooled connection: one round trip per
-/// claim, not two.
-pub async fn claim(
-    client: &deadpool_postgres::Client,
-    mode: Mode,
-    limit: usize,
-    owner: &str,
-    lease: Duration,
-    endpoint_cap: u32,
-    in_flight: &InFlight,
-) -> Result<Claim, ClaimError> {
-    let limit = limit as i64;
-    let lease_ms = lease.as_millis() as i64;
-    let cap = endpoint_cap as i32;
-    let describe = |e: tokio_postgres::Error| ClaimError(db::describe(&e));
-    let sql = match mode {
-        Mode::Plain => CLAIM_SQL,
-        Mode::Fair => CLAIM_FAIR_SQL,
-    };
-    let statement = client.prepare_cached(sql).await.map_err(describe)?;
-    let rows = client
-        .query(
-            &statement,
-            &[
-                &limit,
-                &owner,
-                &lease_ms,
-                &cap,
-                &in_flight.company_ids,
-                &in_flight.event_types,
-                &in_flight.counts,
-            ],
-        )
-        .await
-        .map_err(describe)?;
-    let mut claim = Claim::default();
-    for row in &rows {
-        match row.get::<_, Option<&str>>("note") {
-            None => claim.events.push(from_row(row)),
-            Some("worn_out") => {
-                let id: Uuid = row.get("id");
-                let attempts: i32 = row.get("attempts");
-                tracing::warn!(
-                    event_id = %id,
-                    attempts,
-                    "event failed unsent: its attempts are at the schema's limit (a row written by hand?)"
-                );
-                crate::telemetry::completed(row.get("event_type"), "failed");
-            }
-            Some("capped") => {
-                claim
-                    .capped
-                    .insert((row.get("company_id"), row.get("event_type")));
-            }
-            Some("more") => claim.more = true,
-            _ => claim.held = true,
-        }
-    }
-    Ok(claim)
-}
-
-fn from_row(row: &tokio_postgres::Row) -> ClaimedEvent {
-    let url: Option<String> = row.get("url");
-    let endpoint = url.map(|url| Endpoint {
-        url,
-        auth: auth_from(
-            row.get("auth_type"),
-            row.get("username"),
-            row.get("password"),
-            row.get("token"),
-        ),
-        enabled: row.get("enabled"),
-        signing_secrets: secrets_from(row.get("signing_secrets")),
-    });
-    let age_ms: i64 = row.get("age_ms");
-    ClaimedEvent {
-        id: row.get("id"),
-        event_type: row.get("event_type"),
-        company_id: row.get("company_id"),
-        payload: row.get("payload"),
-        attempt: row.get("attempts"),
-        budget_attempt: row.get("attempts_since_replay"),
-        age: Duration::from_millis(age_ms.max(0) as u64),
-        lease_expired: row.get("lease_expired"),
-        probe: row.get("probe"),
-        circuit_dirty: row.get("circuit_dirty"),
-        endpoint,
-    }
-}
-
-/// An endpoint's signing secrets as the statements return them.
-pub(crate) fn secrets_from(secrets: Option<Vec<String>>) -> Vec<Secret> {
-    secrets
-        .unwrap_or_default()
-        .into_iter()
-        .map(Secret::new)
-        .collect()
-}
-
-/// The schema guarantees basic has both secrets and bearer a token (checked
-/// on write), so missing pieces only appear if someone bypassed it; they then
-/// become empty credentials that the receiver refuses, recorded as such.
-pub(crate) fn auth_from(
-    auth_type: String,
-    username: Option<String>,
-    password: Option<String>,
-    token: Option<String>,
-) -> Auth {
-    match auth_type.as_str() {
-        "basic" => Auth::Basic {
-            username: username.unwrap_or_default(),
-            password: Secret::new(password.unwrap_or_default()),
-        },
-        "bearer" => Auth::Bearer {
-            token: Secret::new(token.unwrap_or_default()),
-        },
-        _ => Auth::None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -699,7 +480,7 @@ mod tests {
         // Migration 0009 notifies at most once per this long; an event
         // committed within it must meet a follow-up look, with room for the
         // rest of its transaction.
-        let sql = include_str!("../sql/migrations/0009_light_enqueue.sql");
+        let sql = include_str!("../../sql/migrations/0009_light_enqueue.sql");
         let quiet_ms: u64 = sql
             .split("now_ms + ")
             .nth(1)

@@ -3,12 +3,12 @@
 //! 1. prepare: decide whether the event may be sent at all and build the
 //!    request ([`webhook::prepare`], the one place for refusals);
 //! 2. send it ([`Deliverer::send`]: one deadline, a capped body);
-//! 3. judge the answer (`Sent::verdict`, which [`crate::classify`] decides);
-//! 4. decide the event's next state ([`record::decide`], or
-//!    [`record::refused`] when step 1 refused).
+//! 3. judge the answer (`Sent::verdict`, which [`crate::http::classify`] decides);
+//! 4. decide the event's next state ([`policy::decide`], or
+//!    [`policy::refused`] when step 1 refused).
 //!
 //! [`deliver`] runs one on its own task and hands the outcome to the
-//! recorder, which writes it (`record::Recorder::run`).
+//! recorder, which writes it ([`crate::pipeline::completer::Recorder::run`]).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -16,10 +16,11 @@ use std::time::SystemTime;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use crate::backoff::RetryPolicy;
-use crate::claim::{ClaimedEvent, Room};
-use crate::deliver::Deliverer;
-use crate::record::{self, AttemptKind, NextState, Outcome};
-use crate::{telemetry, webhook};
+use crate::http::client::Deliverer;
+use crate::http::request as webhook;
+use crate::model::{AttemptKind, ClaimedEvent, NextState, Outcome};
+use crate::pipeline::completer::Freed;
+use crate::{policy, telemetry};
 
 /// What every delivery task shares.
 pub struct Context {
@@ -28,7 +29,7 @@ pub struct Context {
     /// To the recorder.
     pub outcomes: mpsc::Sender<Outcome>,
     /// Requests in flight per endpoint, for the cap.
-    pub room: Arc<Room>,
+    pub room: Arc<dyn Freed>,
 }
 
 /// One event on its own task: the attempt, then the outcome to the
@@ -46,7 +47,9 @@ pub async fn deliver(event: ClaimedEvent, context: Arc<Context>, slot: OwnedSema
     impl Drop for Unrecorded<'_> {
         fn drop(&mut self) {
             if self.2 {
-                self.0.room.finished(self.1.company_id, &self.1.event_type);
+                self.0
+                    .room
+                    .finished(&[(self.1.company_id, &self.1.event_type)]);
             }
         }
     }
@@ -63,11 +66,11 @@ pub async fn deliver(event: ClaimedEvent, context: Arc<Context>, slot: OwnedSema
 /// it on the way.
 pub async fn attempt(event: &ClaimedEvent, deliverer: &Deliverer, retry: &RetryPolicy) -> Outcome {
     let outcome = match webhook::prepare(event, retry.max_attempts) {
-        Err(refusal) => record::refused(event, &refusal),
+        Err(refusal) => policy::refused(event, &refusal),
         Ok(request) => {
             let sent = deliverer.send(&request).await;
             let verdict = sent.verdict(SystemTime::now());
-            record::decide(
+            policy::decide(
                 event,
                 verdict,
                 sent.started_at,

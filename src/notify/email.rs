@@ -9,8 +9,8 @@
 use std::fmt::Write as _;
 use std::time::SystemTime;
 
-use crate::classify::truncate_chars;
-use crate::webhook::{PAYMENT_CANCELLATION, PaymentCancellation, shown_url};
+use crate::http::classify::truncate_chars;
+use crate::model::{PAYMENT_CANCELLATION, PaymentCancellation, shown_url};
 
 /// One failed event, as the email reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,10 @@
+//! The delivery pipeline, one direction: the [`producer`] claims due events
+//! while it has free slots and room under each endpoint's cap, and starts
+//! one [`executor`] task per event; the executor makes the attempt and
+//! hands its outcome to the [`completer`], which writes outcomes in groups
+//! and tells the producer, through [`completer::Freed`], that the
+//! endpoints' places are free again.
+
+pub mod completer;
+pub mod executor;
+pub mod producer;

@@ -1,0 +1,16 @@
+//! The one place that speaks SQL to `outbox.*`: connections and pools
+//! ([`pool`]), the schema and its migrations ([`migrate`]), and one file per
+//! group of statements, each loading its text from `sql/queries/`: the
+//! claim ([`claim`]), marking outcomes and moving circuits ([`record`]),
+//! the periodic upkeep ([`upkeep`]), the notification emails ([`mail`]),
+//! and what the operator's commands read and change ([`endpoints`],
+//! [`events`]). The daemon and the CLI both go through it.
+
+pub mod claim;
+pub mod endpoints;
+pub mod events;
+pub mod mail;
+pub mod migrate;
+pub mod pool;
+pub mod record;
+pub mod upkeep;

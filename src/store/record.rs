@@ -1,0 +1,306 @@
+//! Marking events: the outcomes of many deliveries written in one fenced
+//! round trip (`sql/queries/record.sql`, which also queues a notification
+//! for each final failure), and the circuit breakers of their endpoints
+//! moved by what the group says of them (`circuits_record.sql`).
+
+use std::time::{Duration, SystemTime};
+
+use uuid::Uuid;
+
+use crate::config::CircuitConfig;
+use crate::model::{AttemptKind, NextState, Outcome};
+use crate::store::pool as db;
+use crate::telemetry;
+
+const RECORD_SQL: &str = include_str!("../../sql/queries/record.sql");
+const CIRCUITS_SQL: &str = include_str!("../../sql/queries/circuits_record.sql");
+
+/// No retry is put further out than this, whatever the policy computed: the
+/// database's interval type and the people waiting both have limits.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+#[error("recording delivery outcomes: {message}")]
+pub struct RecordError {
+    pub message: String,
+    /// The statement was refused for what it carried (SQLSTATE class 22,
+    /// data exception, or 23, integrity violation): retrying the same batch
+    /// would fail the same way.
+    pub bad_data: bool,
+}
+
+impl From<tokio_postgres::Error> for RecordError {
+    fn from(e: tokio_postgres::Error) -> RecordError {
+        let bad_data = e
+            .code()
+            .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"));
+        RecordError {
+            message: db::describe(&e),
+            bad_data,
+        }
+    }
+}
+
+/// A circuit breaker that one group of outcomes moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitChange {
+    pub company_id: i64,
+    pub event_type: String,
+    /// opened, reopened (a probe failed) or closed.
+    pub change: String,
+}
+
+/// What one write did.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// The ids whose rows were marked; the others had lost their lease and
+    /// were left alone.
+    pub marked: Vec<Uuid>,
+    pub circuits: Vec<CircuitChange>,
+}
+
+/// Writes `outcomes` in one statement, and moves the circuit breakers of
+/// their endpoints by `circuit` (queuing an email about one that opened or
+/// closed, at most one per `notify_window`).
+/// `again`: this same group was written before and the reply was lost, so
+/// outcomes already applied are reported as marked rather than as fenced.
+pub async fn write(
+    client: &deadpool_postgres::Client,
+    owner: &str,
+    outcomes: &[Outcome],
+    again: bool,
+    circuit: &CircuitConfig,
+    notify_window: Duration,
+) -> Result<Written, RecordError> {
+    let statement = client.prepare_cached(RECORD_SQL).await?;
+    let n = outcomes.len();
+    let mut ids = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut retry_ms = Vec::with_capacity(n);
+    let mut messages = Vec::with_capacity(n);
+    let mut errors = Vec::with_capacity(n);
+    let mut started = Vec::with_capacity(n);
+    let mut durations = Vec::with_capacity(n);
+    let mut statuses = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut attempt_messages = Vec::with_capacity(n);
+    let mut notify = Vec::with_capacity(n);
+    for o in outcomes {
+        ids.push(o.event_id);
+        attempts.push(o.attempt);
+        let (state, delay) = match o.next {
+            NextState::Delivered => ("delivered", None),
+            NextState::Failed => ("failed", None),
+            NextState::Retry(d) => ("pending", Some(d.min(MAX_RETRY_DELAY).as_millis() as i64)),
+        };
+        states.push(state);
+        retry_ms.push(delay);
+        messages.push(o.response_message.as_deref());
+        errors.push(o.error.as_deref());
+        started.push(o.started_at);
+        durations.push(o.duration.as_millis().min(i32::MAX as u128) as i32);
+        statuses.push(o.http_status.map(|s| s as i16));
+        kinds.push(o.kind.as_str());
+        attempt_messages.push(o.response_message.as_deref().or(o.error.as_deref()));
+        notify.push(o.notify);
+    }
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &ids,
+                &attempts,
+                &states,
+                &retry_ms,
+                &messages,
+                &errors,
+                &started,
+                &durations,
+                &statuses,
+                &kinds,
+                &attempt_messages,
+                &owner,
+                &notify,
+                &again,
+            ],
+        )
+        .await?;
+    let mut written = Written {
+        marked: rows.iter().map(|r| r.get(0)).collect(),
+        circuits: Vec::new(),
+    };
+    // Best effort: the outcomes are written, and a circuit that misses one
+    // group's news still opens on the next failures.
+    match write_circuits(client, outcomes, &written.marked, circuit, notify_window).await {
+        Ok(changes) => written.circuits = changes,
+        Err(e) => {
+            telemetry::database_error("record");
+            tracing::warn!(error = %db::describe(&e), "updating the circuit breakers of a group of outcomes");
+        }
+    }
+    Ok(written)
+}
+
+/// What one endpoint's outcomes in a group say about it.
+#[derive(Debug, Default, PartialEq)]
+struct EndpointNews<'a> {
+    failed: i32,
+    answered: bool,
+    pause: Option<Duration>,
+    /// The last retryable failure's error.
+    error: Option<&'a str>,
+    last_failure_at: Option<SystemTime>,
+    /// Its circuit was not closed and clean when the event was claimed.
+    dirty: bool,
+}
+
+/// The news per endpoint of the marked outcomes, for the endpoints whose
+/// circuit has something to learn: a retryable failure, a Retry-After, or
+/// a circuit that was not closed and clean (an answer closes or clears it).
+fn circuit_news<'a>(
+    outcomes: &'a [Outcome],
+    marked: &[Uuid],
+) -> std::collections::BTreeMap<(i64, &'a str), EndpointNews<'a>> {
+    let marked: std::collections::HashSet<&Uuid> = marked.iter().collect();
+    let mut news: std::collections::BTreeMap<(i64, &str), EndpointNews> = Default::default();
+    for o in outcomes.iter().filter(|o| marked.contains(&o.event_id)) {
+        let n = news
+            .entry((o.company_id, o.event_type.as_str()))
+            .or_default();
+        if o.kind == AttemptKind::Retryable {
+            n.failed += 1;
+            if n.last_failure_at.is_none_or(|at| o.started_at >= at) {
+                n.last_failure_at = Some(o.started_at);
+                n.error = o.error.as_deref();
+            }
+        } else if o.http_status.is_some() {
+            n.answered = true;
+        }
+        n.pause = n.pause.max(o.pause);
+        n.dirty |= o.circuit_dirty;
+    }
+    news.retain(|_, n| n.failed > 0 || n.pause.is_some() || n.dirty);
+    news
+}
+
+/// Moves the circuit breakers of `outcomes`' endpoints
+/// (`sql/queries/circuits_record.sql`), when any has something to learn;
+/// a group of successes to healthy endpoints costs no statement.
+async fn write_circuits(
+    client: &deadpool_postgres::Client,
+    outcomes: &[Outcome],
+    marked: &[Uuid],
+    circuit: &CircuitConfig,
+    notify_window: Duration,
+) -> Result<Vec<CircuitChange>, tokio_postgres::Error> {
+    let news = circuit_news(outcomes, marked);
+    if news.is_empty() {
+        return Ok(Vec::new());
+    }
+    let statement = client.prepare_cached(CIRCUITS_SQL).await?;
+    let mut companies = Vec::with_capacity(news.len());
+    let mut event_types = Vec::with_capacity(news.len());
+    let mut failed = Vec::with_capacity(news.len());
+    let mut answered = Vec::with_capacity(news.len());
+    let mut pauses = Vec::with_capacity(news.len());
+    let mut errors = Vec::with_capacity(news.len());
+    for ((company, event_type), n) in &news {
+        companies.push(*company);
+        event_types.push(*event_type);
+        failed.push(n.failed);
+        answered.push(n.answered);
+        pauses.push(n.pause.map(millis));
+        errors.push(n.error);
+    }
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &companies,
+                &event_types,
+                &failed,
+                &answered,
+                &pauses,
+                &errors,
+                &(circuit.open_after as i32),
+                &millis(circuit.cooldown),
+                &millis(circuit.max_cooldown),
+                &millis(notify_window),
+            ],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| CircuitChange {
+            company_id: row.get(0),
+            event_type: row.get(1),
+            change: row.get(2),
+        })
+        .collect())
+}
+
+fn millis(d: Duration) -> i64 {
+    d.as_millis().min(i64::MAX as u128) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_endpoints_with_news_for_their_circuit_are_written() {
+        let s = Duration::from_secs;
+        let at = |secs| SystemTime::UNIX_EPOCH + s(secs);
+        let outcome = |id: u128, company: i64, kind, status, pause, dirty, secs| Outcome {
+            event_id: Uuid::from_u128(id),
+            company_id: company,
+            event_type: "payment.cancellation".into(),
+            age: s(0),
+            attempt: 1,
+            next: NextState::Delivered,
+            kind,
+            response_message: None,
+            error: Some(format!("error of {id}")),
+            started_at: at(secs),
+            duration: s(1),
+            http_status: status,
+            notify: false,
+            pause,
+            circuit_dirty: dirty,
+        };
+        use AttemptKind::*;
+        let outcomes = vec![
+            // 1: healthy, two successes: nothing to write.
+            outcome(1, 1, Success, Some(200), None, false, 0),
+            outcome(2, 1, Success, Some(200), None, false, 0),
+            // 2: two timeouts and a 404 answer; the later timeout's error.
+            outcome(3, 2, Retryable, None, None, false, 5),
+            outcome(4, 2, Retryable, None, None, false, 9),
+            outcome(5, 2, Permanent, Some(404), None, false, 1),
+            // 3: a 429 with Retry-After.
+            outcome(6, 3, Retryable, Some(429), Some(s(30)), false, 0),
+            // 4: a success to an endpoint whose circuit was not clean.
+            outcome(7, 4, Success, Some(200), None, true, 0),
+            // 5: a timeout whose outcome the fence refused: not news.
+            outcome(8, 5, Retryable, None, None, false, 0),
+            // 6: refused before sending (no answer, no failure).
+            outcome(9, 6, NoEndpoint, None, None, false, 0),
+        ];
+        let marked: Vec<Uuid> = (1..=9).filter(|&i| i != 8).map(Uuid::from_u128).collect();
+        let news = circuit_news(&outcomes, &marked);
+        type Row<'a> = (i64, i32, bool, Option<Duration>, Option<&'a str>);
+        let got: Vec<Row> = news
+            .iter()
+            .map(|((company, _), n)| (*company, n.failed, n.answered, n.pause, n.error))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (2, 2, true, None, Some("error of 4")),
+                (3, 1, false, Some(s(30)), Some("error of 6")),
+                (4, 0, true, None, None),
+            ]
+        );
+    }
+}
