@@ -13,36 +13,12 @@ use metrics::gauge;
 
 use crate::config::{CircuitConfig, DeliveryConfig, RetentionConfig};
 use crate::service::{Next, Service};
+use crate::store::upkeep;
+pub use crate::store::upkeep::{CIRCUIT_STATES, Deleted, QueueStats};
 use crate::telemetry::{
     CIRCUIT_OPEN_LONGEST, ENDPOINTS, EVENTS_HELD, EVENTS_LEASED, EVENTS_PENDING,
     NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE,
 };
-
-const QUEUE_SQL: &str = include_str!("../sql/queries/queue_stats.sql");
-const RETENTION_SQL: &str = include_str!("../sql/queries/retention.sql");
-const EXPIRE_HELD_SQL: &str = include_str!("../sql/queries/expire_held.sql");
-const RELEASE_EXPIRED_SQL: &str = include_str!("../sql/queries/release_expired.sql");
-
-/// Runs one of the upkeep statements on a pooled connection (prepared once
-/// per connection) and returns its one row; errors as text.
-async fn one_row(
-    pool: &deadpool_postgres::Pool,
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<tokio_postgres::Row, String> {
-    let client = pool
-        .get()
-        .await
-        .map_err(|e| crate::store::pool::describe_pool(&e))?;
-    let statement = client
-        .prepare_cached(sql)
-        .await
-        .map_err(|e| crate::store::pool::describe(&e))?;
-    client
-        .query_one(&statement, params)
-        .await
-        .map_err(|e| crate::store::pool::describe(&e))
-}
 
 /// Events put back in the queue per statement by [`LeaseExpiry`].
 const RELEASE_BATCH: i64 = 1000;
@@ -113,8 +89,7 @@ impl LeaseExpiry {
     /// One batch; returns how many events it put back, and wakes the claim
     /// loop if any.
     pub async fn run_once(&self) -> Result<i64, String> {
-        let row = one_row(&self.pool, RELEASE_EXPIRED_SQL, &[&RELEASE_BATCH]).await?;
-        let released: i64 = row.get("released");
+        let released = upkeep::release_expired(&self.pool, RELEASE_BATCH).await?;
         if released > 0 {
             self.wake.notify_one();
         }
@@ -181,37 +156,9 @@ impl HoldLimit {
 
     /// One batch; returns how many events it failed.
     pub async fn run_once(&self) -> Result<i64, String> {
-        let max_hold_ms = self.max_hold.as_millis() as i64;
-        let readable = humantime::format_duration(self.max_hold).to_string();
-        let row = one_row(
-            &self.pool,
-            EXPIRE_HELD_SQL,
-            &[&max_hold_ms, &HOLD_BATCH, &readable],
-        )
-        .await?;
-        Ok(row.get("failed"))
+        upkeep::expire_held(&self.pool, self.max_hold, HOLD_BATCH).await
     }
 }
-
-/// The queue as one query saw it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct QueueStats {
-    pub pending: i64,
-    pub leased: i64,
-    /// Age since enqueue of the oldest event due now, 0 when none is.
-    pub oldest_due_age: Duration,
-    pub emails_queued: i64,
-    /// Endpoints by circuit state: closed, open, half-open, paused.
-    pub endpoints: [i64; 4],
-    /// Pending events of endpoints whose circuit is not closed (or that a
-    /// Retry-After pauses).
-    pub held: i64,
-    /// How long the longest-open circuit has been open (0: none is).
-    pub longest_open: Duration,
-}
-
-/// The states of [`QueueStats::endpoints`], as the metric labels them.
-pub const CIRCUIT_STATES: [&str; 4] = ["closed", "open", "half_open", "paused"];
 
 pub struct Maintenance {
     pool: deadpool_postgres::Pool,
@@ -256,7 +203,7 @@ impl Maintenance {
             .get()
             .await
             .map_err(|e| crate::store::pool::describe_pool(&e))?;
-        let stats = queue_stats(&client)
+        let stats = upkeep::queue_stats(&client)
             .await
             .map_err(|e| crate::store::pool::describe(&e))?;
         gauge!(EVENTS_PENDING).set(stats.pending as f64);
@@ -271,37 +218,6 @@ impl Maintenance {
         crate::telemetry::queue_gauges_refreshed();
         Ok(stats)
     }
-}
-
-/// Reads the queue in one statement (`sql/queries/queue_stats.sql`); also
-/// what `outboxd status` shows.
-pub async fn queue_stats(
-    client: &tokio_postgres::Client,
-) -> Result<QueueStats, tokio_postgres::Error> {
-    let row = client.query_one(QUEUE_SQL, &[]).await?;
-    let age_ms: i64 = row.get("oldest_due_age_ms");
-    let open_ms: i64 = row.get("longest_open_ms");
-    Ok(QueueStats {
-        pending: row.get("pending"),
-        leased: row.get("leased"),
-        oldest_due_age: Duration::from_millis(age_ms.max(0) as u64),
-        emails_queued: row.get("emails_queued"),
-        endpoints: [
-            row.get("closed"),
-            row.get("open"),
-            row.get("half_open"),
-            row.get("paused"),
-        ],
-        held: row.get("held"),
-        longest_open: Duration::from_millis(open_ms.max(0) as u64),
-    })
-}
-
-/// Rows one retention round deleted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Deleted {
-    pub events: i64,
-    pub emails: i64,
 }
 
 /// Deletes finished rows past their retention, in batches.
@@ -374,21 +290,6 @@ impl Retention {
 
     /// One batch.
     pub async fn run_once(&self) -> Result<Deleted, String> {
-        let ms = |d: Duration| d.as_millis() as i64;
-        let row = one_row(
-            &self.pool,
-            RETENTION_SQL,
-            &[
-                &ms(self.config.delivered),
-                &ms(self.config.failed),
-                &ms(self.config.emails),
-                &self.config.batch_size,
-            ],
-        )
-        .await?;
-        Ok(Deleted {
-            events: row.get("events"),
-            emails: row.get("emails"),
-        })
+        upkeep::retention(&self.pool, &self.config).await
     }
 }

@@ -14,7 +14,6 @@ use serde::Serialize;
 use super::table::Table;
 use super::{CliError, connect_current, print_json};
 use crate::config::Config;
-use crate::maintenance;
 
 const COUNTS_SQL: &str = include_str!("../../sql/queries/event_counts.sql");
 const RATIO_SQL: &str = include_str!("../../sql/queries/failure_ratio.sql");
@@ -115,7 +114,9 @@ pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
             _ => {} // the schema allows no other state
         }
     }
-    let queue = maintenance::queue_stats(&client).await.map_err(step)?;
+    let queue = crate::store::upkeep::queue_stats(&client)
+        .await
+        .map_err(step)?;
     let ratio = client.query_one(RATIO_SQL, &[]).await.map_err(step)?;
     let (finished, failed): (i64, i64) = (ratio.get("finished"), ratio.get("failed"));
     let failing_endpoints = client
@@ -154,7 +155,7 @@ pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
         })
         .collect();
     let status = Status {
-        endpoints: maintenance::CIRCUIT_STATES
+        endpoints: crate::store::upkeep::CIRCUIT_STATES
             .iter()
             .copied()
             .zip(queue.endpoints)
@@ -226,7 +227,7 @@ impl Status {
                 text.push_str(&format!("  {line}\n"));
             }
         }
-        let [closed, open, half_open, paused] = maintenance::CIRCUIT_STATES
+        let [closed, open, half_open, paused] = crate::store::upkeep::CIRCUIT_STATES
             .map(|state| self.endpoints.get(state).copied().unwrap_or(0));
         text.push_str(&format!(
             "endpoints:   {closed} closed, {open} open, {half_open} half-open, {paused} paused\n"

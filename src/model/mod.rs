@@ -5,9 +5,11 @@
 //! so every other module may use it and none of them is reached through it.
 
 mod event;
+mod notification;
 mod outcome;
 mod payload;
 
 pub use event::{Auth, ClaimedEvent, Endpoint, EndpointKey, Secret, shown_url};
+pub use notification::{ClaimedEmail, Digest, FailedEvent};
 pub use outcome::{AttemptKind, NextState, Outcome, Refusal};
 pub use payload::{PAYMENT_CANCELLATION, PaymentCancellation};

@@ -10,24 +10,7 @@ use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use crate::http::classify::truncate_chars;
-use crate::model::{PAYMENT_CANCELLATION, PaymentCancellation, shown_url};
-
-/// One failed event, as the email reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FailedEvent {
-    pub id: uuid::Uuid,
-    pub event_type: String,
-    pub company_id: i64,
-    pub payload: String,
-    pub attempts: i32,
-    /// What the external system said, if anything.
-    pub response_message: Option<String>,
-    /// outboxd's description of the failure.
-    pub last_error: Option<String>,
-    pub endpoint_url: String,
-    pub first_attempt: Option<SystemTime>,
-    pub last_attempt: Option<SystemTime>,
-}
+use crate::model::{Digest, FailedEvent, PAYMENT_CANCELLATION, PaymentCancellation, shown_url};
 
 /// A rendered email.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,19 +93,6 @@ pub const DIGEST_LISTED: usize = 50;
 /// external system's message) is cut in the email, with "…"; the full text
 /// is in the database.
 pub const MAX_VALUE_CHARS: usize = 500;
-
-/// The failures an email reports: the first [`DIGEST_LISTED`] in full, and
-/// how many there are in all.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Digest {
-    /// Oldest failure first; not empty.
-    pub listed: Vec<FailedEvent>,
-    /// All the email's events, listed or not.
-    pub total: i64,
-    /// When the oldest of all of them was created: where a listing of the
-    /// rest starts.
-    pub since: Option<SystemTime>,
-}
 
 /// Renders the email for `events` (all of one company and event type),
 /// every one listed; `events` must not be empty.

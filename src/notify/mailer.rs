@@ -22,26 +22,18 @@
 //! Without `[smtp] host` the mailer only gathers; emails wait in the
 //! database until SMTP is configured.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use mail_send::mail_builder::MessageBuilder;
 use tokio_postgres::GenericClient;
 
 use crate::config::{NotifyConfig, SmtpConfig};
-use crate::notify::email::{self, FailedEvent};
+use crate::model::ClaimedEmail;
+use crate::notify::email;
 use crate::notify::smtp;
 use crate::service::{Next, Service};
+use crate::store::mail;
 use crate::store::pool as db;
-
-const GATHER_SQL: &str = include_str!("../../sql/queries/gather_notifications.sql");
-/// Taken for the gathering's transaction; false when another instance holds it.
-const GATHER_LOCK_SQL: &str = "SELECT pg_try_advisory_xact_lock($1)";
-const CLAIM_SQL: &str = include_str!("../../sql/queries/claim_emails.sql");
-const CONTENT_SQL: &str = include_str!("../../sql/queries/email_content.sql");
-const MARK_SQL: &str = include_str!("../../sql/queries/mark_email.sql");
-
-/// Advisory lock key for gathering: "ob-notif" as a big-endian integer.
-const GATHER_LOCK_KEY: i64 = 0x6f622d6e6f746966;
 
 /// Recipients of one email at most: the schema allows 5 notify_emails per
 /// endpoint (`endpoints_at_most_5_notify_emails`).
@@ -178,27 +170,11 @@ impl Mailer {
             return Ok(report);
         };
         let lease_ms = self.lease(smtp).as_millis() as i64;
-        let claim = client
-            .prepare_cached(CLAIM_SQL)
+        let claimed = mail::claim(&client, &self.owner, lease_ms)
             .await
             .map_err(step("claiming a due email"))?;
-        let claimed = client
-            .query_opt(&claim, &[&self.owner, &lease_ms])
-            .await
-            .map_err(step("claiming a due email"))?;
-        if let Some(row) = claimed {
+        if let Some(email) = claimed {
             report.claimed = 1;
-            let email = ClaimedEmail {
-                id: row.get("id"),
-                company_id: row.get("company_id"),
-                event_type: row.get("event_type"),
-                recipients: row.get("recipients"),
-                sent_to: row.get("sent_to"),
-                refused: row.get("refused"),
-                attempt: row.get("attempts"),
-                kind: row.get("kind"),
-                about: row.get("about"),
-            };
             self.send_one(&**client, smtp, email, &mut report).await?;
         }
         Ok(report)
@@ -212,35 +188,10 @@ impl Mailer {
     async fn gather(&self, client: &mut deadpool_postgres::Client) -> Result<u64, NotifyError> {
         let gather_ms = self.config.gather.as_millis() as i64;
         let window_ms = self.config.window.as_millis() as i64;
-        let tx = client
-            .transaction()
+        let created = mail::gather(client, gather_ms, window_ms)
             .await
             .map_err(step("gathering notifications"))?;
-        let lock = tx
-            .prepare_cached(GATHER_LOCK_SQL)
-            .await
-            .map_err(step("gathering notifications"))?;
-        let locked: bool = tx
-            .query_one(&lock, &[&GATHER_LOCK_KEY])
-            .await
-            .map_err(step("gathering notifications"))?
-            .get(0);
-        if !locked {
-            // Another instance is gathering now.
-            return Ok(0);
-        }
-        let statement = tx
-            .prepare_cached(GATHER_SQL)
-            .await
-            .map_err(step("gathering notifications"))?;
-        let created = tx
-            .query(&statement, &[&gather_ms, &window_ms])
-            .await
-            .map_err(step("gathering notifications"))?;
-        tx.commit().await.map_err(step("gathering notifications"))?;
-        for row in &created {
-            let id: i64 = row.get("id");
-            let n: i64 = row.get("notifications");
+        for (id, n) in &created {
             tracing::debug!(email_id = id, notifications = n, "email gathered");
         }
         Ok(created.len() as u64)
@@ -269,7 +220,11 @@ impl Mailer {
             Some(circuit) => Some(circuit),
             None => {
                 let digest = self
-                    .bounded("loading an email's events", load_content(client, email.id))
+                    .bounded("loading an email's events", async {
+                        mail::content(client, email.id, email::DIGEST_LISTED as i64)
+                            .await
+                            .map_err(step("loading an email's events"))
+                    })
                     .await?;
                 digest.map(|digest| email::render_digest(&digest))
             }
@@ -305,25 +260,18 @@ impl Mailer {
         }
         let retry_ms = self.retry_delay(email.attempt).as_millis() as i64;
         let mark = async {
-            client
-                .query_opt(
-                    MARK_SQL,
-                    &[
-                        &email.id,
-                        &email.attempt,
-                        &sent_to,
-                        &refused,
-                        &retry_ms,
-                        &error,
-                    ],
-                )
-                .await
-                .map_err(step("marking an email"))
+            mail::mark(
+                client,
+                &email,
+                &sent_to,
+                &refused,
+                retry_ms,
+                error.as_deref(),
+            )
+            .await
+            .map_err(step("marking an email"))
         };
-        let state: Option<String> = self
-            .bounded("marking an email", mark)
-            .await?
-            .map(|r| r.get(0));
+        let state: Option<String> = self.bounded("marking an email", mark).await?;
         match state.as_deref() {
             Some("sent") => {
                 report.sent += 1;
@@ -373,21 +321,12 @@ impl Mailer {
     }
 }
 
-struct ClaimedEmail {
-    id: i64,
-    company_id: i64,
-    event_type: String,
-    recipients: Vec<String>,
-    sent_to: Vec<String>,
-    refused: Vec<String>,
-    attempt: i32,
-    /// failures (a digest of notifications), circuit_opened, circuit_closed.
-    kind: String,
-    /// What a circuit email reports, as JSON text.
-    about: Option<String>,
+/// What a claimed email says when it is about a circuit.
+trait CircuitContent {
+    fn circuit(&self) -> Option<email::Rendered>;
 }
 
-impl ClaimedEmail {
+impl CircuitContent for ClaimedEmail {
     /// A circuit email, rendered from its snapshot; None for a digest. A
     /// snapshot that does not parse (written by hand) still tells the news,
     /// with what is known.
@@ -416,44 +355,6 @@ impl ClaimedEmail {
             &news,
         ))
     }
-}
-
-/// The email's first [`email::DIGEST_LISTED`] events and its count; None
-/// when its events were all deleted.
-async fn load_content(
-    client: &impl GenericClient,
-    email_id: i64,
-) -> Result<Option<email::Digest>, NotifyError> {
-    let listed = email::DIGEST_LISTED as i64;
-    let rows = client
-        .query(CONTENT_SQL, &[&email_id, &listed])
-        .await
-        .map_err(step("loading an email's events"))?;
-    let Some(first) = rows.first() else {
-        return Ok(None);
-    };
-    let total: i64 = first.get("total");
-    let since: Option<SystemTime> = first.get("since");
-    let listed = rows
-        .iter()
-        .map(|r| FailedEvent {
-            id: r.get("id"),
-            event_type: r.get("event_type"),
-            company_id: r.get("company_id"),
-            payload: r.get("payload"),
-            attempts: r.get("attempts"),
-            response_message: r.get("response_message"),
-            last_error: r.get("last_error"),
-            endpoint_url: r.get("endpoint_url"),
-            first_attempt: r.get::<_, Option<SystemTime>>("first_attempt"),
-            last_attempt: r.get::<_, Option<SystemTime>>("last_attempt"),
-        })
-        .collect();
-    Ok(Some(email::Digest {
-        listed,
-        total,
-        since,
-    }))
 }
 
 /// The MIME message: multipart/alternative with the text and HTML parts, To
