@@ -16,13 +16,8 @@ use super::settings::{SetArgs, Settings};
 use super::table::{self, Table};
 use super::{CliError, connect_current, probe, rules};
 use crate::config::Config;
-use crate::model::{Auth, PAYMENT_CANCELLATION, shown_url};
-
-const ENDPOINTS_SQL: &str = include_str!("../../sql/queries/endpoints.sql");
-const UPSERT_SQL: &str = include_str!("../../sql/queries/endpoint_upsert.sql");
-const LOAD_SQL: &str = include_str!("../../sql/queries/endpoint_load.sql");
-const PAUSE_SQL: &str = include_str!("../../sql/queries/circuit_pause.sql");
-const RESET_SQL: &str = include_str!("../../sql/queries/circuit_reset.sql");
+use crate::model::{PAYMENT_CANCELLATION, shown_url};
+use crate::store::endpoints::{self, NewEndpoint};
 
 #[derive(Debug, Subcommand)]
 pub enum EndpointCommand {
@@ -164,46 +159,24 @@ pub async fn run(command: EndpointCommand, config: &Config) -> Result<(), CliErr
 }
 
 async fn set(settings: Settings, config: &Config) -> Result<(), CliError> {
-    let client = connect_current(config).await?;
-    let (auth_type, username, password, token) = match &settings.auth {
-        Auth::None => ("none", None, None, None),
-        Auth::Basic { username, password } => (
-            "basic",
-            Some(username.as_str()),
-            Some(password.expose()),
-            None,
-        ),
-        Auth::Bearer { token } => ("bearer", None, None, Some(token.expose())),
+    let mut client = connect_current(config).await?;
+    let endpoint = NewEndpoint {
+        company: settings.company,
+        event: &settings.event,
+        url: &settings.url,
+        auth: &settings.auth,
+        notify: &settings.notify,
+        enabled: settings.enabled,
+        max_in_flight: settings.max_in_flight,
+        signing_secret: settings.signing_secret.as_ref(),
     };
-    let row = client
-        .query_one(
-            UPSERT_SQL,
-            &[
-                &settings.company,
-                &settings.event,
-                &settings.url,
-                &auth_type,
-                &username,
-                &password,
-                &token,
-                &settings.notify,
-                &settings.enabled,
-                &settings.max_in_flight,
-            ],
-        )
+    let inserted = endpoints::save(&mut client, &endpoint)
         .await
         .map_err(|e| CliError::database("saving the endpoint", &e))?;
-    let inserted: bool = row.get("inserted");
-    if let Some(secret) = &settings.signing_secret {
-        super::secret::replace(&client, settings.company, &settings.event, secret).await?;
-    }
-    let row = client
-        .query_one(
-            ENDPOINTS_SQL,
-            &[&Some(settings.company), &Some(&settings.event)],
-        )
+    let row = endpoints::one(&client, settings.company, &settings.event)
         .await
-        .map_err(|e| CliError::database("reading the endpoint back", &e))?;
+        .map_err(|e| CliError::database("reading the endpoint back", &e))?
+        .ok_or_else(|| CliError::Failed("the endpoint was removed meanwhile".into()))?;
     let view = View::from_row(&row);
     println!(
         "{} the endpoint of company {} for {}",
@@ -217,8 +190,7 @@ async fn set(settings: Settings, config: &Config) -> Result<(), CliError> {
 
 async fn list(company: Option<i64>, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
-    let rows = client
-        .query(ENDPOINTS_SQL, &[&company, &None::<String>])
+    let rows = endpoints::list(&client, company, None)
         .await
         .map_err(|e| CliError::database("reading endpoints", &e))?;
     if rows.is_empty() {
@@ -256,14 +228,12 @@ async fn list(company: Option<i64>, config: &Config) -> Result<(), CliError> {
 
 async fn show(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
-    let row = client
-        .query_opt(ENDPOINTS_SQL, &[&Some(key.company), &Some(&key.event)])
+    let row = endpoints::one(&client, key.company, &key.event)
         .await
         .map_err(|e| CliError::database("reading the endpoint", &e))?
         .ok_or_else(|| not_found(key))?;
     let view = View::from_row(&row);
-    let load = client
-        .query_one(LOAD_SQL, &[&key.company, &key.event])
+    let load = endpoints::load(&client, key.company, &key.event)
         .await
         .map_err(|e| CliError::database("reading the endpoint's events", &e))?;
     println!(
@@ -290,14 +260,10 @@ async fn show(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
 
 async fn set_enabled(key: &EndpointKey, enabled: bool, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
-    let changed = client
-        .execute(
-            "UPDATE outbox.endpoints SET enabled = $3 WHERE company_id = $1 AND event_type = $2",
-            &[&key.company, &key.event, &enabled],
-        )
+    let changed = endpoints::set_enabled(&client, key.company, &key.event, enabled)
         .await
         .map_err(|e| CliError::database("updating the endpoint", &e))?;
-    if changed == 0 {
+    if !changed {
         return Err(not_found(key));
     }
     println!(
@@ -312,8 +278,7 @@ async fn set_enabled(key: &EndpointKey, enabled: bool, config: &Config) -> Resul
 async fn pause(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
     endpoint_exists(&client, key).await?;
-    client
-        .execute(PAUSE_SQL, &[&key.company, &key.event])
+    endpoints::pause(&client, key.company, &key.event)
         .await
         .map_err(|e| CliError::database("pausing the endpoint", &e))?;
     println!(
@@ -326,8 +291,7 @@ async fn pause(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
 async fn reset(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
     endpoint_exists(&client, key).await?;
-    let before = client
-        .query_opt(RESET_SQL, &[&key.company, &key.event])
+    let before = endpoints::reset(&client, key.company, &key.event)
         .await
         .map_err(|e| CliError::database("resetting the endpoint", &e))?;
     let was = match before {
@@ -350,26 +314,18 @@ pub(super) async fn endpoint_exists(
     client: &tokio_postgres::Client,
     key: &EndpointKey,
 ) -> Result<(), CliError> {
-    let found = client
-        .query_opt(
-            "SELECT 1 FROM outbox.endpoints WHERE company_id = $1 AND event_type = $2",
-            &[&key.company, &key.event],
-        )
+    let found = endpoints::exists(client, key.company, &key.event)
         .await
         .map_err(|e| CliError::database("reading the endpoint", &e))?;
-    found.map(|_| ()).ok_or_else(|| not_found(key))
+    if found { Ok(()) } else { Err(not_found(key)) }
 }
 
 async fn remove(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
-    let removed = client
-        .execute(
-            "DELETE FROM outbox.endpoints WHERE company_id = $1 AND event_type = $2",
-            &[&key.company, &key.event],
-        )
+    let removed = endpoints::remove(&client, key.company, &key.event)
         .await
         .map_err(|e| CliError::database("removing the endpoint", &e))?;
-    if removed == 0 {
+    if !removed {
         return Err(not_found(key));
     }
     println!(

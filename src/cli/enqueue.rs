@@ -5,10 +5,10 @@
 //! word; a value it refuses exits 2 with its message.
 
 use clap::{Args, Subcommand};
-use uuid::Uuid;
 
 use super::{CliError, connect_current, rules};
 use crate::config::Config;
+use crate::store::events;
 
 #[derive(Debug, Subcommand)]
 pub enum EnqueueCommand {
@@ -47,14 +47,15 @@ pub struct PaymentCancellationArgs {
 pub async fn run(command: EnqueueCommand, config: &Config) -> Result<(), CliError> {
     let EnqueueCommand::PaymentCancellation(args) = command;
     let client = connect_current(config).await?;
-    let row = client
-        .query_one(
-            "SELECT outbox.enqueue_payment_cancellation($1, $2, $3, $4)",
-            &[&args.company, &args.payment, &args.number, &args.orders],
-        )
-        .await
-        .map_err(|e| CliError::database("enqueueing the event", &e))?;
-    let id: Uuid = row.get(0);
+    let id = events::enqueue_payment_cancellation(
+        &client,
+        args.company,
+        args.payment,
+        &args.number,
+        args.orders.as_deref(),
+    )
+    .await
+    .map_err(|e| CliError::database("enqueueing the event", &e))?;
     println!("{id}");
     Ok(())
 }

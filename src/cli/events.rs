@@ -15,11 +15,7 @@ use super::table::{self, Table, or_dash};
 use super::{CliError, connect_current, print_json, replay, rules};
 use crate::config::Config;
 use crate::http::classify::truncate_chars;
-
-const LIST_SQL: &str = include_str!("../../sql/queries/events_list.sql");
-const EVENT_SQL: &str = include_str!("../../sql/queries/event.sql");
-const ATTEMPTS_SQL: &str = include_str!("../../sql/queries/event_attempts.sql");
-const EMAILS_SQL: &str = include_str!("../../sql/queries/event_emails.sql");
+use crate::store::events;
 
 /// Longest receiver message shown in the list's table (`show` has it whole).
 const MESSAGE_COLUMN_CHARS: usize = 40;
@@ -144,10 +140,15 @@ async fn list(args: ListArgs, config: &Config) -> Result<(), CliError> {
             .get_name()
             .to_string()
     });
-    let rows = client
-        .query(LIST_SQL, &[&args.company, &state, &args.since, &args.limit])
-        .await
-        .map_err(|e| CliError::database("listing events", &e))?;
+    let rows = events::list(
+        &client,
+        args.company,
+        state.as_deref(),
+        args.since,
+        args.limit,
+    )
+    .await
+    .map_err(|e| CliError::database("listing events", &e))?;
     let events: Vec<EventJson> = rows.iter().map(EventJson::from_row).collect();
     if args.json {
         return print_json(&events);
@@ -193,22 +194,14 @@ async fn list(args: ListArgs, config: &Config) -> Result<(), CliError> {
 async fn show(id: Uuid, json: bool, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
     let step = |e| CliError::database("reading the event", &e);
-    let row = client
-        .query_opt(EVENT_SQL, &[&id])
+    let detail = events::detail(&client, id)
         .await
         .map_err(step)?
         .ok_or_else(|| CliError::Failed(format!("no event {id}")))?;
-    let attempts: Vec<AttemptJson> = client
-        .query(ATTEMPTS_SQL, &[&id])
-        .await
-        .map_err(step)?
-        .iter()
-        .map(AttemptJson::from_row)
-        .collect();
-    let notifications: Vec<NotificationJson> = client
-        .query(EMAILS_SQL, &[&id])
-        .await
-        .map_err(step)?
+    let row = detail.event;
+    let attempts: Vec<AttemptJson> = detail.attempts.iter().map(AttemptJson::from_row).collect();
+    let notifications: Vec<NotificationJson> = detail
+        .emails
         .iter()
         .map(NotificationJson::from_row)
         .collect();

@@ -14,19 +14,11 @@ use crate::http::client::Deliverer;
 use crate::http::request as webhook;
 use crate::model::{Endpoint, shown_url};
 use crate::store::claim::{auth_from, secrets_from};
+use crate::store::endpoints;
 
 pub async fn run(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
-    let row = client
-        .query_opt(
-            "SELECT url, auth_type, username, password, token, enabled,
-                    ARRAY(SELECT s.secret FROM outbox.endpoint_signing_secrets AS s
-                           WHERE s.company_id = e.company_id AND s.event_type = e.event_type
-                             AND (s.expires_at IS NULL OR s.expires_at > now())
-                           ORDER BY s.id DESC) AS signing_secrets
-               FROM outbox.endpoints AS e WHERE company_id = $1 AND event_type = $2",
-            &[&key.company, &key.event],
-        )
+    let row = endpoints::for_test(&client, key.company, &key.event)
         .await
         .map_err(|e| CliError::database("reading the endpoint", &e))?
         .ok_or_else(|| not_found(key))?;

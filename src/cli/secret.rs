@@ -12,11 +12,7 @@ use super::table::{self, Table};
 use super::{CliError, connect_current};
 use crate::config::Config;
 use crate::http::sign::SigningKey;
-use crate::model::Secret;
-
-const ROTATE_SQL: &str = include_str!("../../sql/queries/secret_rotate.sql");
-const REPLACE_SQL: &str = include_str!("../../sql/queries/secret_replace.sql");
-const LIST_SQL: &str = include_str!("../../sql/queries/secret_list.sql");
+use crate::store::endpoints;
 
 #[derive(Debug, Subcommand)]
 pub enum SecretCommand {
@@ -65,8 +61,7 @@ async fn rotate(key: &EndpointKey, keep_old: Duration, config: &Config) -> Resul
     endpoint_exists(&client, key).await?;
     let (new, text) = SigningKey::generate().map_err(CliError::Failed)?;
     let keep_ms = keep_old.as_millis().min(i64::MAX as u128) as i64;
-    let row = client
-        .query_opt(ROTATE_SQL, &[&key.company, &key.event, &text, &keep_ms])
+    let row = endpoints::rotate_secret(&client, key.company, &key.event, &text, keep_ms)
         .await
         .map_err(|e| CliError::database("saving the new signing secret", &e))?
         .ok_or_else(|| CliError::Failed("the endpoint was removed meanwhile".into()))?;
@@ -92,8 +87,7 @@ async fn rotate(key: &EndpointKey, keep_old: Duration, config: &Config) -> Resul
 async fn list(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
     endpoint_exists(&client, key).await?;
-    let rows = client
-        .query(LIST_SQL, &[&key.company, &key.event])
+    let rows = endpoints::secrets(&client, key.company, &key.event)
         .await
         .map_err(|e| CliError::database("reading the signing secrets", &e))?;
     if rows.is_empty() {
@@ -123,20 +117,5 @@ async fn list(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
         ]);
     }
     print!("{out}");
-    Ok(())
-}
-
-/// `endpoint set --signing-secret-file`: the endpoint signs with `secret`
-/// only.
-pub(super) async fn replace(
-    client: &tokio_postgres::Client,
-    company: i64,
-    event: &str,
-    secret: &Secret,
-) -> Result<(), CliError> {
-    client
-        .execute(REPLACE_SQL, &[&company, &event, &secret.expose()])
-        .await
-        .map_err(|e| CliError::database("saving the signing secret", &e))?;
     Ok(())
 }

@@ -14,11 +14,7 @@ use serde::Serialize;
 use super::table::Table;
 use super::{CliError, connect_current, print_json};
 use crate::config::Config;
-
-const COUNTS_SQL: &str = include_str!("../../sql/queries/event_counts.sql");
-const RATIO_SQL: &str = include_str!("../../sql/queries/failure_ratio.sql");
-const FAILING_SQL: &str = include_str!("../../sql/queries/failing_endpoints.sql");
-const CIRCUITS_SQL: &str = include_str!("../../sql/queries/circuits.sql");
+use crate::store::events;
 
 /// How many failing endpoints are listed.
 const FAILING_ENDPOINTS: i64 = 5;
@@ -104,7 +100,7 @@ pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
     let step = |e| CliError::database("reading the outbox status", &e);
     let mut events = Counts::default();
-    for row in client.query(COUNTS_SQL, &[]).await.map_err(step)? {
+    for row in events::counts(&client).await.map_err(step)? {
         let n: i64 = row.get("events");
         match row.get::<_, &str>("state") {
             "pending" => events.pending = n,
@@ -117,10 +113,9 @@ pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
     let queue = crate::store::upkeep::queue_stats(&client)
         .await
         .map_err(step)?;
-    let ratio = client.query_one(RATIO_SQL, &[]).await.map_err(step)?;
+    let ratio = events::failure_ratio(&client).await.map_err(step)?;
     let (finished, failed): (i64, i64) = (ratio.get("finished"), ratio.get("failed"));
-    let failing_endpoints = client
-        .query(FAILING_SQL, &[&FAILING_ENDPOINTS])
+    let failing_endpoints = events::failing_endpoints(&client, FAILING_ENDPOINTS)
         .await
         .map_err(step)?
         .iter()
@@ -133,8 +128,7 @@ pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
             failed_events: row.get("failed"),
         })
         .collect();
-    let held_endpoints = client
-        .query(CIRCUITS_SQL, &[])
+    let held_endpoints = events::held_endpoints(&client)
         .await
         .map_err(step)?
         .iter()
