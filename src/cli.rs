@@ -8,37 +8,43 @@
 //! here. The operator's live one role per file in `src/cli/`, each with its
 //! flags: `endpoint.rs` (`set`'s checks in `settings.rs`, `endpoint test` in
 //! `probe.rs`), `events.rs` (`events retry` in `replay.rs`), `status.rs` and
-//! `enqueue.rs`. [`rules`] checks input the way the schema would; `table.rs`
+//! `enqueue.rs`; what they share (the connection, `--json`) is in
+//! `shared.rs`. [`rules`] checks input the way the schema would; `table.rs`
 //! lays out columns; `generate.rs` prints completions and man pages,
-//! needing neither config nor database.
+//! needing neither config nor database. `exit.rs` holds the exit codes and
+//! [`CliError`], and imports no other file of `src/cli/`.
 
 mod endpoint;
 mod enqueue;
 mod events;
+mod exit;
 mod generate;
 mod probe;
 mod replay;
 pub mod rules;
 mod secret;
 mod settings;
+mod shared;
 mod status;
 mod table;
 
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::db;
 use crate::engine::{self, EngineError};
 use crate::logging::LogHandle;
-use crate::migrate::{self, MigrateError, SchemaState};
+use crate::migrate::{self, SchemaState};
 
+pub use exit::{CliError, Exit};
 pub use generate::run_without_config;
+// The subcommand files take these as `super::…`.
+use exit::{fail, migrate_failed, report};
+use shared::{connect_current, print_json};
 
 /// Delivers webhooks from a PostgreSQL transactional outbox.
 ///
@@ -199,25 +205,6 @@ pub enum Command {
     },
 }
 
-/// Process exit codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Exit {
-    Ok = 0,
-    /// Something failed at run time: database unreachable, a statement failed.
-    Failure = 1,
-    /// The command line or the configuration is invalid (clap uses 2 too).
-    Usage = 2,
-    /// The database schema does not match this binary.
-    Schema = 3,
-}
-
-impl From<Exit> for ExitCode {
-    fn from(exit: Exit) -> ExitCode {
-        ExitCode::from(exit as u8)
-    }
-}
-
 /// Runs a parsed subcommand with a loaded configuration. `config_path` is
 /// the `--config` given, for re-reading on SIGHUP.
 pub async fn run(
@@ -239,90 +226,6 @@ pub async fn run(
         }
     };
     report(result)
-}
-
-/// Why an operator subcommand stopped early. Each variant maps to one exit
-/// code; its text (one problem per line) goes to stderr.
-#[derive(Debug, thiserror::Error)]
-pub enum CliError {
-    /// The input is invalid (flags, or values the database refused): exit 2,
-    /// nothing changed.
-    #[error("{}", .0.join("\n"))]
-    Invalid(Vec<String>),
-    /// Something failed at run time: exit 1.
-    #[error("{0}")]
-    Failed(String),
-    /// The schema is missing, older or newer than this binary: exit 3.
-    #[error("{0}")]
-    Schema(String),
-}
-
-impl CliError {
-    pub fn invalid(problem: impl Into<String>) -> CliError {
-        CliError::Invalid(vec![problem.into()])
-    }
-
-    /// A failed statement, `step` naming what was being done. A value the
-    /// database refused through a check (a constraint, a trigger, an enqueue
-    /// function's argument check) is the operator's input, hence `Invalid`:
-    /// its message names the problem.
-    pub fn database(step: &str, e: &tokio_postgres::Error) -> CliError {
-        use tokio_postgres::error::SqlState;
-        let refused = e.code().is_some_and(|code| {
-            [
-                SqlState::CHECK_VIOLATION,
-                SqlState::NOT_NULL_VIOLATION,
-                SqlState::INVALID_PARAMETER_VALUE,
-            ]
-            .contains(code)
-        });
-        if refused {
-            CliError::invalid(format!("the database refused it: {}", db::describe(e)))
-        } else {
-            CliError::Failed(format!("{step}: {}", db::describe(e)))
-        }
-    }
-}
-
-/// Prints an operator subcommand's error, every line prefixed with
-/// `outboxd: `, and picks the exit code.
-fn report(result: Result<(), CliError>) -> Exit {
-    let Err(e) = result else {
-        return Exit::Ok;
-    };
-    for line in e.to_string().lines() {
-        eprintln!("outboxd: {line}");
-    }
-    match e {
-        CliError::Invalid(_) => Exit::Usage,
-        CliError::Failed(_) => Exit::Failure,
-        CliError::Schema(_) => Exit::Schema,
-    }
-}
-
-/// `--json` output: pretty-printed, one document.
-fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
-    let text = serde_json::to_string_pretty(value)
-        .map_err(|e| CliError::Failed(format!("writing JSON: {e}")))?;
-    println!("{text}");
-    Ok(())
-}
-
-/// One connection for an operator subcommand, after checking that the
-/// schema is exactly what this binary expects: reading or writing outbox
-/// tables of another version could misread them.
-async fn connect_current(config: &Config) -> Result<Client, CliError> {
-    let client = db::connect(&config.database)
-        .await
-        .map_err(|e| CliError::Failed(e.to_string()))?;
-    match migrate::status(&client).await {
-        Ok(state) => match state.problem() {
-            None => Ok(client),
-            Some(problem) => Err(CliError::Schema(problem)),
-        },
-        Err(e @ MigrateError::Database { .. }) => Err(CliError::Failed(e.to_string())),
-        Err(e) => Err(CliError::Schema(e.to_string())),
-    }
 }
 
 async fn run_daemon(config: Config, config_path: Option<PathBuf>, log: LogHandle) -> Exit {
@@ -505,17 +408,4 @@ async fn check_smtp(config: &Config) -> Exit {
         }
         Err(e) => fail(&format!("smtp at {target}: {e}")),
     }
-}
-
-fn migrate_failed(e: &MigrateError) -> Exit {
-    eprintln!("outboxd: {e}");
-    match e {
-        MigrateError::Database { .. } => Exit::Failure,
-        MigrateError::NewerThanBinary { .. } | MigrateError::Modified { .. } => Exit::Schema,
-    }
-}
-
-fn fail(e: &dyn std::fmt::Display) -> Exit {
-    eprintln!("outboxd: {e}");
-    Exit::Failure
 }
