@@ -6,10 +6,11 @@
 //!
 //! `args.rs` is the command line as clap parses it ([`Cli`], [`Command`]),
 //! doc comments included: `--help`, man pages and completions come from it.
-//! The daemon's subcommands (`migrate`, `check`, `run`) are implemented
-//! here. The operator's live one role per file in `src/cli/`, each with its
-//! flags: `endpoint.rs` (`set`'s checks in `settings.rs`, `endpoint test` in
-//! `probe.rs`), `events.rs` (`events retry` in `replay.rs`), `status.rs` and
+//! `daemon.rs` runs `outboxd run`, with its signals. The other daemon
+//! subcommands (`migrate`, `check`) are implemented here. The operator's
+//! live one role per file in `src/cli/`, each with its flags: `endpoint.rs`
+//! (`set`'s checks in `settings.rs`, `endpoint test` in `probe.rs`),
+//! `events.rs` (`events retry` in `replay.rs`), `status.rs` and
 //! `enqueue.rs`; what they share (the connection, `--json`) is in
 //! `shared.rs`. [`rules`] checks input the way the schema would; `table.rs`
 //! lays out columns; `generate.rs` prints completions and man pages,
@@ -17,6 +18,7 @@
 //! [`CliError`], and imports no other file of `src/cli/`.
 
 mod args;
+mod daemon;
 mod endpoint;
 mod enqueue;
 mod events;
@@ -33,11 +35,8 @@ mod table;
 
 use std::path::PathBuf;
 
-use tokio_util::sync::CancellationToken;
-
 use crate::config::Config;
 use crate::db;
-use crate::engine::{self, EngineError};
 use crate::logging::LogHandle;
 use crate::migrate::{self, SchemaState};
 
@@ -59,7 +58,7 @@ pub async fn run(
     let result = match command {
         Command::Migrate => return run_migrate(&config).await,
         Command::Check => return run_check(&config).await,
-        Command::Run => return run_daemon(config, config_path, log).await,
+        Command::Run => return daemon::run(config, config_path, log).await,
         Command::Endpoint { command } => endpoint::run(command, &config).await,
         Command::Events { command } => events::run(command, &config).await,
         Command::Status(args) => status::run(args, &config).await,
@@ -69,74 +68,6 @@ pub async fn run(
         }
     };
     report(result)
-}
-
-async fn run_daemon(config: Config, config_path: Option<PathBuf>, log: LogHandle) -> Exit {
-    let shutdown = CancellationToken::new();
-    let signals = match shutdown_on_signals(shutdown.clone()) {
-        Ok(task) => task,
-        Err(e) => return fail(&format!("installing signal handlers: {e}")),
-    };
-    let reloads = match reload_on_sighup(config_path, log) {
-        Ok(task) => task,
-        Err(e) => return fail(&format!("installing signal handlers: {e}")),
-    };
-    let result = engine::run(config, shutdown).await;
-    signals.abort();
-    reloads.abort();
-    match result {
-        Ok(_) => Exit::Ok,
-        Err(e @ EngineError::Schema { .. }) => {
-            eprintln!("outboxd: {e}");
-            Exit::Schema
-        }
-        Err(EngineError::SchemaCheck(e)) => migrate_failed(&e),
-        Err(e) => fail(&e),
-    }
-}
-
-/// SIGHUP re-reads the configuration and applies what can change safely
-/// while running: `log.level`. Everything else needs a restart (the README
-/// says so); an invalid file changes nothing.
-fn reload_on_sighup(
-    config_path: Option<PathBuf>,
-    log: LogHandle,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = signal(SignalKind::hangup())?;
-    Ok(tokio::spawn(async move {
-        while hup.recv().await.is_some() {
-            match crate::config::load(config_path.as_deref()) {
-                Ok(config) => match log.set_level(&config.log.level) {
-                    Ok(()) => {
-                        tracing::info!(level = %config.log.level, "SIGHUP: reloaded log.level")
-                    }
-                    Err(e) => tracing::warn!(reason = %e, "SIGHUP: log level not changed"),
-                },
-                Err(e) => tracing::warn!(
-                    error = %e.to_string().replace('\n', "; "),
-                    "SIGHUP: the configuration is invalid; keeping the current settings"
-                ),
-            }
-        }
-    }))
-}
-
-/// SIGTERM (systemd's stop) and SIGINT (Ctrl-C) start the graceful shutdown.
-fn shutdown_on_signals(
-    shutdown: CancellationToken,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::spawn(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        tracing::info!(signal = name, "shutdown requested");
-        shutdown.cancel();
-    }))
 }
 
 /// The indexes a `migrate` run built and dropped outside its transaction.
