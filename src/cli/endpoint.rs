@@ -9,14 +9,16 @@
 
 use std::time::SystemTime;
 
-use clap::{Args, Subcommand};
+use clap::Subcommand;
 use tokio_postgres::Row;
 
+use super::exit::CliError;
+use super::probe;
 use super::settings::{SetArgs, Settings};
+use super::shared::{EndpointKey, connect_current, endpoint_exists, not_found};
 use super::table::{self, Table};
-use super::{CliError, connect_current, probe, rules};
 use crate::config::Config;
-use crate::model::{PAYMENT_CANCELLATION, shown_url};
+use crate::model::shown_url;
 use crate::store::endpoints::{self, NewEndpoint};
 
 #[derive(Debug, Subcommand)]
@@ -125,22 +127,6 @@ pub enum EndpointCommand {
         #[command(subcommand)]
         command: super::secret::SecretCommand,
     },
-}
-
-/// Which endpoint: company and event type.
-#[derive(Debug, Args)]
-pub struct EndpointKey {
-    /// The company's id
-    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(i64).range(1..))]
-    pub company: i64,
-
-    /// The event type
-    #[arg(long, value_name = "TYPE", default_value = PAYMENT_CANCELLATION, value_parser = event_type_arg)]
-    pub event: String,
-}
-
-fn event_type_arg(text: &str) -> Result<String, String> {
-    rules::event_type(text).map(|()| text.to_string())
 }
 
 pub async fn run(command: EndpointCommand, config: &Config) -> Result<(), CliError> {
@@ -310,16 +296,6 @@ async fn reset(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
     Ok(())
 }
 
-pub(super) async fn endpoint_exists(
-    client: &tokio_postgres::Client,
-    key: &EndpointKey,
-) -> Result<(), CliError> {
-    let found = endpoints::exists(client, key.company, &key.event)
-        .await
-        .map_err(|e| CliError::database("reading the endpoint", &e))?;
-    if found { Ok(()) } else { Err(not_found(key)) }
-}
-
 async fn remove(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
     let client = connect_current(config).await?;
     let removed = endpoints::remove(&client, key.company, &key.event)
@@ -333,13 +309,6 @@ async fn remove(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
         key.company, key.event
     );
     Ok(())
-}
-
-pub(super) fn not_found(key: &EndpointKey) -> CliError {
-    CliError::Failed(format!(
-        "no endpoint for company {} and event type {}; create one with `outboxd endpoint set`",
-        key.company, key.event
-    ))
 }
 
 /// An endpoint as printed: secrets only as set / not set.

@@ -6,7 +6,9 @@
 
 use clap::{Args, Subcommand};
 
-use super::{CliError, connect_current, rules};
+use super::exit::CliError;
+use super::rules;
+use super::shared::connect_current;
 use crate::config::Config;
 use crate::store::events;
 

@@ -5,14 +5,17 @@
 
 use std::time::SystemTime;
 
-use clap::{ArgGroup, Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 use serde_json::Value;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+use super::exit::CliError;
+use super::replay::{self, RetryArgs};
+use super::rules;
+use super::shared::{connect_current, print_json};
 use super::table::{self, Table, or_dash};
-use super::{CliError, connect_current, print_json, replay, rules};
 use crate::config::Config;
 use crate::http::classify::truncate_chars;
 use crate::store::events;
@@ -79,7 +82,7 @@ pub struct ListArgs {
 
     /// Only events created since then: a duration back from now ("2h",
     /// "3days") or a time ("2026-11-27T17:00:00Z", "2026-11-27")
-    #[arg(long, value_name = "WHEN", value_parser = since_arg)]
+    #[arg(long, value_name = "WHEN", value_parser = rules::since_arg)]
     since: Option<SystemTime>,
 
     /// At most this many events (1 to 10000)
@@ -91,26 +94,6 @@ pub struct ListArgs {
     json: bool,
 }
 
-#[derive(Debug, Args)]
-#[command(group(ArgGroup::new("which").required(true).args(["ids", "company"])))]
-pub struct RetryArgs {
-    /// Event ids to retry
-    #[arg(value_name = "ID", value_parser = rules::event_id, conflicts_with_all = ["company", "state", "since"])]
-    pub ids: Vec<Uuid>,
-
-    /// Retry this company's events (with --state failed)
-    #[arg(long, value_name = "ID", requires = "state", value_parser = clap::value_parser!(i64).range(1..))]
-    pub company: Option<i64>,
-
-    /// Which of the company's events: only failed ones can be retried
-    #[arg(long, requires = "company", value_parser = ["failed"])]
-    pub state: Option<String>,
-
-    /// Only the company's events created since then (as for `events list`)
-    #[arg(long, value_name = "WHEN", requires = "company", value_parser = since_arg)]
-    pub since: Option<SystemTime>,
-}
-
 /// An event's state, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum State {
@@ -118,10 +101,6 @@ enum State {
     Leased,
     Delivered,
     Failed,
-}
-
-fn since_arg(text: &str) -> Result<SystemTime, String> {
-    rules::since(text, SystemTime::now())
 }
 
 pub async fn run(command: EventsCommand, config: &Config) -> Result<(), CliError> {

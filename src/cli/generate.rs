@@ -7,7 +7,8 @@ use std::io::Write;
 
 use clap::CommandFactory;
 
-use super::{Cli, Command, Exit, fail};
+use super::args::{Cli, Command};
+use super::exit::{Exit, fail};
 
 /// Runs the subcommands that need no configuration (`completions`, `man`);
 /// `None` for every other one. Called before the configuration is loaded,

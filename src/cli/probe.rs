@@ -6,8 +6,8 @@
 
 use std::time::SystemTime;
 
-use super::endpoint::{EndpointKey, not_found};
-use super::{CliError, connect_current};
+use super::exit::CliError;
+use super::shared::{EndpointKey, connect_current, not_found};
 use crate::config::Config;
 use crate::http::classify::Verdict;
 use crate::http::client::Deliverer;

@@ -3,13 +3,37 @@
 //! that also wakes a running daemon), and saying why any did not move.
 
 use std::collections::HashSet;
+use std::time::SystemTime;
+
+use clap::{ArgGroup, Args};
 
 use uuid::Uuid;
 
-use super::events::RetryArgs;
-use super::{CliError, connect_current};
+use super::exit::CliError;
+use super::rules;
+use super::shared::connect_current;
 use crate::config::Config;
 use crate::store::events::{self, Replay, Replayed};
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("which").required(true).args(["ids", "company"])))]
+pub struct RetryArgs {
+    /// Event ids to retry
+    #[arg(value_name = "ID", value_parser = rules::event_id, conflicts_with_all = ["company", "state", "since"])]
+    pub ids: Vec<Uuid>,
+
+    /// Retry this company's events (with --state failed)
+    #[arg(long, value_name = "ID", requires = "state", value_parser = clap::value_parser!(i64).range(1..))]
+    pub company: Option<i64>,
+
+    /// Which of the company's events: only failed ones can be retried
+    #[arg(long, requires = "company", value_parser = ["failed"])]
+    pub state: Option<String>,
+
+    /// Only the company's events created since then (as for `events list`)
+    #[arg(long, value_name = "WHEN", requires = "company", value_parser = rules::since_arg)]
+    pub since: Option<SystemTime>,
+}
 
 pub async fn run(args: RetryArgs, config: &Config) -> Result<(), CliError> {
     let mut client = connect_current(config).await?;

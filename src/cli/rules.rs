@@ -236,6 +236,11 @@ pub fn order_ids(text: &str) -> Result<Vec<i64>, String> {
     Ok(ids)
 }
 
+/// `--since` as clap parses it: [`since`] from now.
+pub fn since_arg(text: &str) -> Result<SystemTime, String> {
+    since(text, SystemTime::now())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

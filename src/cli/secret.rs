@@ -7,9 +7,10 @@ use std::time::{Duration, SystemTime};
 
 use clap::Subcommand;
 
-use super::endpoint::{EndpointKey, endpoint_exists};
+use super::exit::CliError;
+use super::shared::connect_current;
+use super::shared::{EndpointKey, endpoint_exists};
 use super::table::{self, Table};
-use super::{CliError, connect_current};
 use crate::config::Config;
 use crate::http::sign::SigningKey;
 use crate::store::endpoints;

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 
-use super::{CliError, rules};
+use super::exit::CliError;
+use super::rules;
 use crate::config;
 use crate::model::{Auth, PAYMENT_CANCELLATION, Secret};
 

@@ -11,8 +11,9 @@ use std::time::Duration;
 use clap::Args;
 use serde::Serialize;
 
+use super::exit::CliError;
+use super::shared::{connect_current, print_json};
 use super::table::Table;
-use super::{CliError, connect_current, print_json};
 use crate::config::Config;
 use crate::store::events;
 

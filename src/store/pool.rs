@@ -489,6 +489,12 @@ impl Charset {
     }
 }
 
+/// The server's version as it names it (`SHOW server_version`).
+pub async fn server_version(client: &Client) -> Result<String, tokio_postgres::Error> {
+    let row = client.query_one("SHOW server_version", &[]).await?;
+    Ok(row.get(0))
+}
+
 /// The database's encoding (`SHOW server_encoding`), named and judged.
 pub async fn server_encoding(client: &Client) -> Result<(String, Charset), tokio_postgres::Error> {
     let row = client

@@ -1,0 +1,126 @@
+//! The schema subcommands: `outboxd migrate` creates or upgrades the outbox
+//! schema ([`crate::store::migrate`] does the work), `outboxd check` reports on the
+//! configuration, the database, the schema and SMTP. Both print for the
+//! operator and end with an exit code.
+
+use super::exit::{Exit, fail, migrate_failed};
+use crate::config::Config;
+use crate::store::migrate::{self, SchemaState};
+use crate::store::pool as db;
+
+/// The indexes a `migrate` run built and dropped outside its transaction.
+fn print_online(report: &migrate::Report) {
+    if !report.built.is_empty() {
+        println!("built indexes online: {}", report.built.join(", "));
+    }
+    if !report.dropped.is_empty() {
+        println!(
+            "dropped replaced indexes online: {}",
+            report.dropped.join(", ")
+        );
+    }
+}
+
+/// `outboxd migrate`: applies the migrations the database lacks.
+pub(super) async fn run_migrate(config: &Config) -> Exit {
+    let mut client = match db::connect(&config.database).await {
+        Ok(client) => client,
+        Err(e) => return fail(&e),
+    };
+    match migrate::migrate(&mut client).await {
+        Ok(report) if report.applied.is_empty() => {
+            print_online(&report);
+            println!(
+                "schema is up to date at version {}; nothing to do",
+                report.to
+            );
+            Exit::Ok
+        }
+        Ok(report) => {
+            print_online(&report);
+            println!(
+                "migrated the outbox schema from version {} to {} (applied {})",
+                report.from,
+                report.to,
+                report
+                    .applied
+                    .iter()
+                    .map(i32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            Exit::Ok
+        }
+        Err(e) => migrate_failed(&e),
+    }
+}
+
+/// `outboxd check`: the configuration, the database, the schema and SMTP,
+/// changing nothing.
+pub(super) async fn run_check(config: &Config) -> Exit {
+    match &config.source {
+        Some(path) => println!("config: ok ({})", path.display()),
+        None => println!("config: ok (no file; built-in defaults and environment)"),
+    }
+    let client = match db::connect(&config.database).await {
+        Ok(client) => client,
+        Err(e) => return fail(&e),
+    };
+    let version = match db::server_version(&client).await {
+        Ok(version) => version,
+        Err(e) => return fail(&db::describe(&e)),
+    };
+    let encoding = match db::server_encoding(&client).await {
+        Ok((name, db::Charset::Unicode)) => name,
+        Ok((name, _)) => {
+            format!("{name}: receivers' messages are stored with the characters it lacks escaped")
+        }
+        Err(e) => return fail(&db::describe(&e)),
+    };
+    let tls = match db::describe_tls(&config.database).await {
+        Ok(tls) => tls,
+        Err(e) => return fail(&format!("database TLS: {e}")),
+    };
+    println!(
+        "database: ok ({}, PostgreSQL {version}, encoding {encoding}, {tls})",
+        db::target(&config.database.pg)
+    );
+    if let Some(warning) = db::plaintext_warning(&config.database) {
+        println!("database: warning: {warning}");
+    }
+    match migrate::status(&client).await {
+        Ok(SchemaState::Current { version }) => {
+            println!("schema: ok (version {version})");
+            match migrate::leftover_indexes(&client).await {
+                Ok(left) if !left.is_empty() => println!(
+                    "schema: replaced indexes still there: {} (they slow writes to outbox.events; \
+                     `outboxd migrate` drops them without blocking)",
+                    left.join(", ")
+                ),
+                Ok(_) => {}
+                Err(e) => return migrate_failed(&e),
+            }
+            check_smtp(config).await
+        }
+        Ok(state) => {
+            eprintln!("outboxd: {}", state.problem().unwrap_or_default());
+            Exit::Schema
+        }
+        Err(e) => migrate_failed(&e),
+    }
+}
+
+async fn check_smtp(config: &Config) -> Exit {
+    let Some(smtp) = &config.notify.smtp else {
+        println!("smtp: not configured (smtp.host unset); error notifications stay queued");
+        return Exit::Ok;
+    };
+    let target = format!("{}:{} ({:?})", smtp.host, smtp.port, smtp.tls);
+    match crate::notify::smtp::probe(smtp).await {
+        Ok(()) => {
+            println!("smtp: ok ({target})");
+            Exit::Ok
+        }
+        Err(e) => fail(&format!("smtp at {target}: {e}")),
+    }
+}
