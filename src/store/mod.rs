@@ -1,5 +1,5 @@
 //! The one place that speaks SQL to `outbox.*`: connections and pools
-//! ([`pool`]), the schema and its migrations ([`migrate`]), and one file per
+//! ([`pool`]), the schema's migrations ([`migrations`]) and their runner ([`migrate`]), and one file per
 //! group of statements, each loading its text from `sql/queries/`: the
 //! claim ([`claim`]), marking outcomes and moving circuits ([`record`]),
 //! the periodic upkeep ([`upkeep`]), the notification emails ([`mail`]),
@@ -11,6 +11,7 @@ pub mod endpoints;
 pub mod events;
 pub mod mail;
 pub mod migrate;
+pub mod migrations;
 pub mod pool;
 pub mod record;
 pub mod upkeep;
