@@ -1,42 +1,44 @@
 //! outboxd delivers webhooks from a PostgreSQL transactional outbox.
 //!
-//! Map of the crate:
+//! Map of the crate, in layers: each module uses only those above it in
+//! this list or beside it in its own layer, never one below
+//! (`tests/layering.rs` fails the build on an import cycle).
 //!
-//! - [`cli`]: the subcommands and their exit codes: the daemon's (`migrate`,
-//!   `check`, `run`) and the operator's (`endpoint`, `events`, `status`,
-//!   `enqueue`, `completions`, `man`), one file each under `src/cli/`.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`telemetry`] names every
-//!   metric; [`systemd`] speaks systemd's notify protocol (READY, STATUS,
-//!   STOPPING) and runs the watchdog ticker.
-//! - [`engine`]: `outboxd run` in phases: start (waiting for the database),
-//!   serve, a bounded stop. What it starts:
-//!   - [`service`]: the one shape of the background services, and the
-//!     heartbeats that feed the watchdog;
-//!   - [`listen`]: LISTEN/NOTIFY wake-ups, a service (a hint; polling is the
-//!     truth);
-//!   - [`claim`]: the claim loop, leasing due events with
-//!     `sql/queries/claim.sql`;
-//!   - [`attempt`]: one delivery attempt, in order:
-//!     - [`webhook`]: every refusal before sending, and the request with
-//!       the exact documented body;
-//!     - [`deliver`]: the HTTP(S) client, deadlines and body cap, with
-//!       [`guard`] deciding which destinations may be reached (the SSRF
-//!       guard);
-//!     - [`classify`]: judging the receiver's answer (pure);
-//!     - [`record`]: the next state ([`record::decide`], with [`backoff`]
-//!       saying when to retry), then the recorder writes it in fenced
-//!       batches with `sql/queries/record.sql`, queueing a notification for
-//!       each final failure in the same statement;
-//!   - [`maintenance`]: the queue gauges and retention, both services.
-//! - [`mailer`]: a service: gathers notifications into throttled emails and
-//!   sends them, with [`email`] (what an email says, pure) and [`smtp`]
-//!   (mail-send, one SMTP transaction per recipient).
-//! - [`config`]: figment loading and validation of `config.toml` and
-//!   `OUTBOXD_…` variables; secrets as [`config::Secret`].
-//! - [`db`]: connections, and PostgreSQL errors as readable text.
-//! - [`migrate`]: the SQL migrations in `sql/migrations/` and the runner that
-//!   applies them under an advisory lock.
-//! - [`logging`]: tracing subscriber set-up (text or JSON).
+//! 1. Data and pure rules, importing nothing of the daemon but each other:
+//!    - [`model`]: what every part passes around: a claimed event and its
+//!      endpoint, an attempt's outcome or refusal, the Payment Cancellation
+//!      payload, what an email is made of, [`model::Secret`];
+//!    - [`backoff`]: when to retry (pure);
+//!    - [`service`]: the one shape of the background services and the
+//!      heartbeats behind the watchdog; [`telemetry`] names every metric;
+//!      [`systemd`] speaks systemd's notify protocol.
+//! 2. [`config`]: figment loading and the validation of each section.
+//! 3. The two edges of a delivery:
+//!    - [`http`]: **where a webhook is built** ([`http::request`]), sent
+//!      ([`http::client`], with [`http::guard`] deciding which destinations
+//!      may be reached and [`http::sign`] signing) and **where its answer is
+//!      judged** ([`http::classify`], pure);
+//!    - [`store`]: every statement on `outbox.*`: pools and connections,
+//!      the migrations, the claim, **where the row is marked**
+//!      ([`store::record`]), the upkeep, the emails, the operator's reads
+//!      and writes.
+//! 4. [`policy`]: what an attempt means for its event: the next state
+//!    ([`policy::decide`], [`policy::refused`]), pure.
+//! 5. What runs:
+//!    - [`pipeline`]: producer → executor → completer: the claim loop and
+//!      its capacity ([`pipeline::producer`]), one attempt in order
+//!      ([`pipeline::executor`]), the recorder writing outcomes in groups
+//!      ([`pipeline::completer`]);
+//!    - [`listen`]: LISTEN/NOTIFY wake-ups (a hint; polling is the truth);
+//!    - [`maintenance`]: lease expiry, the hold limit, the queue gauges and
+//!      retention, each a service;
+//!    - [`notify`]: the notification emails: the mailer service, what an
+//!      email says, SMTP;
+//!    - [`admin`]: `/metrics`, `/healthz`, `/readyz`; [`logging`]: text or
+//!      JSON logs.
+//! 6. [`engine`]: `outboxd run` in phases: start (waiting for the
+//!    database), serve, a bounded stop; it wires the services together.
+//! 7. [`cli`]: the subcommands and their exit codes.
 //!
 //! The SQL contract with the sales application (tables, states, enqueue
 //! functions) lives in `sql/migrations/` and is documented in the README.
