@@ -29,28 +29,6 @@ pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["./config.toml", "/etc/outboxd/conf
 /// Environment variables with this prefix override the file.
 pub const ENV_PREFIX: &str = "OUTBOXD_";
 
-/// A password or token. Its `Debug` prints a placeholder and it has no
-/// `Display`, so it cannot end up in a log line or an error by accident.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-
-    /// The secret itself, for the one place that has to send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -437,20 +415,6 @@ const DEFAULT_CONCURRENCY: u32 = 64;
 /// slow tenant leaves the rest to the others (README, "Many tenants").
 const DEFAULT_ENDPOINT_CONCURRENCY: u32 = 8;
 
-/// One thing wrong with the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Dotted key, e.g. `database.connect_timeout`.
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("config file {path} does not exist (given with --config or OUTBOXD_CONFIG)")]
@@ -618,6 +582,8 @@ impl RawConfig {
 mod sections;
 #[cfg(test)]
 mod tests;
+mod values;
 
 pub use sections::min_lease;
-pub(crate) use sections::secret_file;
+pub(crate) use values::secret_file;
+pub use values::{Problem, Secret};

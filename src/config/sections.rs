@@ -1,11 +1,12 @@
 //! Stage two for each section: from what was written ([`super::RawConfig`]
 //! and its parts) to the typed settings, every problem named by its key.
 
-use std::fmt;
-use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::values::{
+    Problem, Secret, duration, duration_or, duration_or_zero, in_range, password_setting, problem,
+};
 use super::*;
 use crate::backoff::RetryPolicy;
 
@@ -856,147 +857,7 @@ impl RawLog {
     }
 }
 
-fn problem(problems: &mut Vec<Problem>, key: &str, message: impl Into<String>) {
-    problems.push(Problem {
-        key: key.to_string(),
-        message: message.into(),
-    });
-}
-
-/// No duration setting has a use beyond this, and bounding them keeps every
-/// computed retry time representable.
 /// `database.schema_wait`: long enough for `outboxd-migrate.service`, which
 /// retries every 5 s, to run once the database is back after a boot or an
 /// outage during an upgrade.
 const DEFAULT_SCHEMA_WAIT: Duration = Duration::from_secs(120);
-
-const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
-
-/// A number within bounds, inclusive.
-fn in_range<T>(problems: &mut Vec<Problem>, key: &str, value: T, min: T, max: T) -> Option<T>
-where
-    T: PartialOrd + fmt::Display + Copy,
-{
-    if value < min || value > max {
-        problem(
-            problems,
-            key,
-            format!("must be between {min} and {max}, got {value}"),
-        );
-        None
-    } else {
-        Some(value)
-    }
-}
-
-/// Like [`duration`], with a `Duration` default.
-fn duration_or(
-    problems: &mut Vec<Problem>,
-    key: &str,
-    value: Option<&str>,
-    default: Duration,
-) -> Option<Duration> {
-    match value {
-        Some(_) => duration(problems, key, value, ""),
-        None => Some(default),
-    }
-}
-
-/// Like [`duration_or`], but zero is allowed (it turns a wait off).
-fn duration_or_zero(
-    problems: &mut Vec<Problem>,
-    key: &str,
-    value: Option<&str>,
-    default: Duration,
-) -> Option<Duration> {
-    match value.map(str::trim) {
-        None => Some(default),
-        Some("0") => Some(Duration::ZERO),
-        Some(text) => match humantime::parse_duration(text) {
-            Ok(d) if d.is_zero() => Some(d),
-            _ => duration(problems, key, Some(text), ""),
-        },
-    }
-}
-
-/// Parses a humantime duration ("500ms", "5s", "1m 30s"), which must be
-/// greater than zero.
-fn duration(
-    problems: &mut Vec<Problem>,
-    key: &str,
-    value: Option<&str>,
-    default: &str,
-) -> Option<Duration> {
-    let text = value.unwrap_or(default);
-    match humantime::parse_duration(text) {
-        Ok(d) if d.is_zero() => {
-            problem(problems, key, "must be greater than zero");
-            None
-        }
-        Ok(d) if d > MAX_DURATION => {
-            problem(problems, key, "must be at most 30 days");
-            None
-        }
-        Ok(d) => Some(d),
-        Err(e) => {
-            problem(
-                problems,
-                key,
-                format!("{text:?} is not a duration ({e}); write it like \"5s\" or \"1m 30s\""),
-            );
-            None
-        }
-    }
-}
-
-/// A section's `password` or `password_file` (never both).
-fn password_setting(
-    problems: &mut Vec<Problem>,
-    section: &str,
-    password: Option<String>,
-    password_file: Option<PathBuf>,
-) -> Option<Secret> {
-    match (password, password_file) {
-        (Some(_), Some(_)) => {
-            problem(
-                problems,
-                &format!("{section}.password"),
-                "give either password or password_file, not both",
-            );
-            None
-        }
-        (Some(p), None) => Some(Secret::new(p)),
-        (None, Some(path)) => {
-            secret_file(problems, &format!("{section}.password_file"), &path).map(Secret::new)
-        }
-        (None, None) => None,
-    }
-}
-
-/// Reads a secret from a file, as systemd's `LoadCredential=` provides it.
-/// One trailing newline is dropped (what `echo secret > file` leaves).
-pub(crate) fn secret_file(problems: &mut Vec<Problem>, key: &str, path: &Path) -> Option<String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => {
-            let text = text
-                .strip_suffix('\n')
-                .map(|t| t.strip_suffix('\r').unwrap_or(t))
-                .unwrap_or(&text)
-                .to_string();
-            if text.is_empty() {
-                problem(problems, key, format!("{} is empty", path.display()));
-                None
-            } else {
-                Some(text)
-            }
-        }
-        Err(e) => {
-            problem(
-                problems,
-                key,
-                format!("cannot read {}: {e}", path.display()),
-            );
-            None
-        }
-    }
-}
