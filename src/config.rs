@@ -144,60 +144,6 @@ pub enum SmtpTls {
     None,
 }
 
-#[derive(Debug, Clone)]
-pub struct DatabaseConfig {
-    /// Connection settings, password included (its `Debug` redacts it).
-    pub pg: tokio_postgres::Config,
-    pub connect_timeout: Duration,
-    /// Pooled connections for recording, claiming and upkeep (LISTEN and the
-    /// plain claim have one each of their own: `db::claim_pool`).
-    pub pool_size: usize,
-    /// How long `run` waits for `outboxd migrate` when it finds the schema
-    /// older than itself; zero: exit 3 at once.
-    pub schema_wait: Duration,
-    /// TLS to the server, for every connection (pool, LISTEN, the CLI).
-    pub tls: DatabaseTls,
-}
-
-/// `database.tls`: libpq's `sslmode` values, less the two that fall back to
-/// plaintext without saying so (`allow`, `prefer`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMode {
-    /// No TLS (a Unix socket, loopback, or a network you trust).
-    Disable,
-    /// TLS, the server's certificate not checked: encrypted, but open to
-    /// whoever can place themselves in between.
-    Require,
-    /// TLS, the certificate signed by a trusted CA, whatever name it is for.
-    VerifyCa,
-    /// TLS, the certificate signed by a trusted CA and for the host name
-    /// (or address) connected to.
-    VerifyFull,
-}
-
-impl TlsMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TlsMode::Disable => "disable",
-            TlsMode::Require => "require",
-            TlsMode::VerifyCa => "verify-ca",
-            TlsMode::VerifyFull => "verify-full",
-        }
-    }
-}
-
-/// TLS settings for the database connections.
-#[derive(Debug, Clone)]
-pub struct DatabaseTls {
-    pub mode: TlsMode,
-    /// PEM CA certificates to trust instead of the system's
-    /// (`database.tls_ca_file`).
-    pub ca_pem: Option<Vec<u8>>,
-    /// A client certificate (PEM) and its PKCS#8 key (PEM, secret), for
-    /// servers that ask for one.
-    pub client: Option<(Vec<u8>, Secret)>,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryConfig {
     /// Deliveries in flight at once, per instance.
@@ -270,40 +216,6 @@ pub struct RawConfig {
     pub retention: RawRetention,
     #[serde(default)]
     pub log: RawLog,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawDatabase {
-    pub url: Option<String>,
-    pub password: Option<String>,
-    pub password_file: Option<PathBuf>,
-    pub connect_timeout: Option<String>,
-    pub pool_size: Option<u32>,
-    pub schema_wait: Option<String>,
-    pub tls: Option<String>,
-    pub tls_ca_file: Option<PathBuf>,
-    pub tls_cert_file: Option<PathBuf>,
-    pub tls_key_file: Option<PathBuf>,
-}
-
-// Hand-written so that neither the URL (which may carry a password) nor the
-// password shows up when the raw config is debug-printed.
-impl fmt::Debug for RawDatabase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RawDatabase")
-            .field("url", &self.url.as_ref().map(|_| "<set>"))
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("password_file", &self.password_file)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("pool_size", &self.pool_size)
-            .field("schema_wait", &self.schema_wait)
-            .field("tls", &self.tls)
-            .field("tls_ca_file", &self.tls_ca_file)
-            .field("tls_cert_file", &self.tls_cert_file)
-            .field("tls_key_file", &self.tls_key_file)
-            .finish()
-    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -405,10 +317,7 @@ pub struct RawLog {
     pub format: Option<String>,
 }
 
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 const DEFAULT_LOG_LEVEL: &str = "info";
-const DEFAULT_POOL_SIZE: u32 = 4;
 const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7464";
 const DEFAULT_CONCURRENCY: u32 = 64;
 /// Per endpoint and instance: an eighth of one instance's slots, so a
@@ -579,11 +488,15 @@ impl RawConfig {
     }
 }
 
+mod database;
 mod sections;
 #[cfg(test)]
 mod tests;
+mod tls;
 mod values;
 
+pub use database::{DEFAULT_DATABASE_URL, DatabaseConfig, RawDatabase};
 pub use sections::min_lease;
+pub use tls::{DatabaseTls, TlsMode};
 pub(crate) use values::secret_file;
 pub use values::{Problem, Secret};
