@@ -13,7 +13,6 @@
 //! `config.toml` at the repository root is the reference: every key, its
 //! default and why.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -104,76 +103,6 @@ pub struct MetricsConfig {
     pub refresh_interval: Duration,
 }
 
-/// Error-notification emails.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NotifyConfig {
-    /// None: no `[smtp] host`, notifications stay queued in the database.
-    pub smtp: Option<SmtpConfig>,
-    /// At most one email per endpoint per window.
-    pub window: Duration,
-    /// How long the first failure waits for others to join its email.
-    pub gather: Duration,
-    /// How often the mailer looks for work.
-    pub poll_interval: Duration,
-    /// First wait after a failed send; doubles up to 30 min.
-    pub retry_delay: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SmtpConfig {
-    pub host: String,
-    pub port: u16,
-    pub tls: SmtpTls,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    /// Envelope sender and From address.
-    pub from: String,
-    /// Display name in From.
-    pub from_name: String,
-    /// Each SMTP exchange (connect, command, data).
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SmtpTls {
-    /// Plain connection upgraded with STARTTLS (port 587).
-    StartTls,
-    /// TLS from the first byte (port 465).
-    Implicit,
-    /// No TLS: only for a relay on the same host or a trusted network.
-    None,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliveryConfig {
-    /// Deliveries in flight at once, per instance.
-    pub concurrency: usize,
-    /// Deliveries in flight to one endpoint at once from this instance (an
-    /// endpoint's `max_in_flight` overrides it).
-    pub endpoint_concurrency: u32,
-    /// Longest wait between two looks for due events when no NOTIFY comes.
-    pub poll_interval: Duration,
-    /// TCP connect to the receiver.
-    pub connect_timeout: Duration,
-    /// One whole attempt: connect, TLS, request, response head and body.
-    pub request_timeout: Duration,
-    /// How long a claimed event stays reserved for this instance.
-    pub lease: Duration,
-    /// Response bodies are read up to this many bytes; the rest is dropped.
-    pub max_response_bytes: usize,
-    /// On SIGTERM, how long in-flight deliveries may take to finish.
-    pub drain_timeout: Duration,
-    /// Special-purpose ranges (loopback, private, …) that endpoints may
-    /// reach all the same.
-    pub allowed_networks: Vec<ipnet::IpNet>,
-    /// Refuse plain http:// endpoints.
-    pub require_https: bool,
-    /// Extra root certificates (PEM) trusted for https endpoints, on top of
-    /// the system's: for receivers with a private CA or a self-signed
-    /// certificate.
-    pub tls_ca_pem: Option<Vec<u8>>,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogConfig {
     /// An `EnvFilter` directive such as `info` or `outboxd=debug,info`.
@@ -220,52 +149,6 @@ pub struct RawConfig {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawDelivery {
-    pub concurrency: Option<u32>,
-    pub poll_interval: Option<String>,
-    pub connect_timeout: Option<String>,
-    pub request_timeout: Option<String>,
-    pub lease: Option<String>,
-    pub max_response_bytes: Option<u64>,
-    pub drain_timeout: Option<String>,
-    pub allowed_networks: Option<Vec<String>>,
-    pub require_https: Option<bool>,
-    pub tls_ca_file: Option<PathBuf>,
-    pub endpoint_concurrency: Option<u32>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSmtp {
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub tls: Option<String>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub password_file: Option<PathBuf>,
-    pub from: Option<String>,
-    pub from_name: Option<String>,
-    pub timeout: Option<String>,
-}
-
-impl fmt::Debug for RawSmtp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RawSmtp")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("tls", &self.tls)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("password_file", &self.password_file)
-            .field("from", &self.from)
-            .field("from_name", &self.from_name)
-            .field("timeout", &self.timeout)
-            .finish()
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RawRetention {
     pub delivered: Option<String>,
     pub failed: Option<String>,
@@ -279,15 +162,6 @@ pub struct RawRetention {
 pub struct RawMetrics {
     pub listen: Option<String>,
     pub refresh_interval: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawNotify {
-    pub window: Option<String>,
-    pub gather: Option<String>,
-    pub poll_interval: Option<String>,
-    pub retry_delay: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -319,10 +193,6 @@ pub struct RawLog {
 
 const DEFAULT_LOG_LEVEL: &str = "info";
 const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7464";
-const DEFAULT_CONCURRENCY: u32 = 64;
-/// Per endpoint and instance: an eighth of one instance's slots, so a
-/// slow tenant leaves the rest to the others (README, "Many tenants").
-const DEFAULT_ENDPOINT_CONCURRENCY: u32 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -489,6 +359,8 @@ impl RawConfig {
 }
 
 mod database;
+mod delivery;
+mod notify;
 mod sections;
 #[cfg(test)]
 mod tests;
@@ -496,7 +368,8 @@ mod tls;
 mod values;
 
 pub use database::{DEFAULT_DATABASE_URL, DatabaseConfig, RawDatabase};
-pub use sections::min_lease;
+pub use delivery::{DeliveryConfig, RawDelivery, min_lease};
+pub use notify::{NotifyConfig, RawNotify, RawSmtp, SmtpConfig, SmtpTls};
 pub use tls::{DatabaseTls, TlsMode};
 pub(crate) use values::secret_file;
 pub use values::{Problem, Secret};
