@@ -12,15 +12,48 @@
 //!
 //! `config.toml` at the repository root is the reference: every key, its
 //! default and why.
+//!
+//! This file loads; each section is checked in a file of its own under
+//! `src/config/` (its raw and typed settings, and the check between them),
+//! all re-exported here:
+//!
+//! - `database.rs`: `[database]`, with `tls.rs` for its TLS (the modes,
+//!   libpq's parameters in the URL, the PEM files);
+//! - `delivery.rs`: `[delivery]`;
+//! - `notify.rs`: `[smtp]` and `[notify]`;
+//! - `retry.rs`: `[retry]` and `[circuit]`;
+//! - `operations.rs`: `[metrics]`, `[retention]` and `[log]`;
+//! - `values.rs`: what they all check alike (a [`Problem`] under its key,
+//!   numbers within bounds, durations, [`Secret`]s and their files).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::Deserialize;
 
 use crate::backoff::RetryPolicy;
+
+mod database;
+mod delivery;
+mod notify;
+mod operations;
+mod retry;
+#[cfg(test)]
+mod tests;
+mod tls;
+mod values;
+
+pub use database::{DEFAULT_DATABASE_URL, DatabaseConfig, RawDatabase};
+pub use delivery::{DeliveryConfig, RawDelivery, min_lease};
+pub use notify::{NotifyConfig, RawNotify, RawSmtp, SmtpConfig, SmtpTls};
+pub use operations::{
+    LogConfig, LogFormat, MetricsConfig, RawLog, RawMetrics, RawRetention, RetentionConfig,
+};
+pub use retry::{CircuitConfig, RawCircuit, RawRetry};
+pub use tls::{DatabaseTls, TlsMode};
+pub(crate) use values::secret_file;
+pub use values::{Problem, Secret};
 
 /// Where `--config` falls back to when it is not given, in order.
 pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["./config.toml", "/etc/outboxd/config.toml"];
@@ -46,83 +79,6 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// `[circuit]`: when an endpoint counts as down, and for how long its
-/// events are held (see `outbox.endpoint_circuits`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CircuitConfig {
-    /// Retryable failures in a row (no answer between them) that open it.
-    pub open_after: u32,
-    /// The first cool-down before a probe; doubles after each failed probe.
-    pub cooldown: Duration,
-    /// The longest cool-down.
-    pub max_cooldown: Duration,
-    /// An event held this long past its due time fails, and its company is
-    /// told: nothing waits unseen for ever.
-    pub max_hold: Duration,
-}
-
-impl Default for CircuitConfig {
-    /// Five failures in a row: one timeout or 503 is noise, five with no
-    /// answer between them is an endpoint that is down (with the default
-    /// cap of 8, a dead endpoint opens on its first batch). 30 s before the
-    /// first probe, then 1, 2, 4, 8 and every 10 minutes: a short outage
-    /// (a restart, a deploy) costs well under a minute of delay, a long one
-    /// costs the receiver 6 requests an hour. Held for at most 24 h, the
-    /// same day that `retry.max_age` gives a retried event.
-    fn default() -> CircuitConfig {
-        CircuitConfig {
-            open_after: 5,
-            cooldown: Duration::from_secs(30),
-            max_cooldown: Duration::from_secs(600),
-            max_hold: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
-/// How long finished rows are kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetentionConfig {
-    /// Delivered events (with their attempts), counted from delivery.
-    pub delivered: Duration,
-    /// Failed events, counted from creation or the last replay.
-    pub failed: Duration,
-    /// Sent notification emails.
-    pub emails: Duration,
-    /// How often the cleanup runs.
-    pub interval: Duration,
-    /// Rows deleted per statement.
-    pub batch_size: i64,
-}
-
-/// The admin HTTP server: /metrics, /healthz, /readyz.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MetricsConfig {
-    /// None: no admin server.
-    pub listen: Option<std::net::SocketAddr>,
-    /// How often the queue gauges are refreshed from the database.
-    pub refresh_interval: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    /// An `EnvFilter` directive such as `info` or `outboxd=debug,info`.
-    /// `RUST_LOG`, when set, wins over it.
-    pub level: String,
-    pub format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-    /// Text with each line's syslog priority in front (`<4>` for a
-    /// warning), which systemd's journal reads from stderr
-    /// (`SyslogLevelPrefix=`, on by default) so `journalctl -p` filters
-    /// work; no timestamp, the journal keeps its own. Chosen by itself when
-    /// stderr is the journal (`JOURNAL_STREAM`) and the format is text.
-    Journald,
-}
-
 /// The configuration as written, before validation.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,53 +102,6 @@ pub struct RawConfig {
     #[serde(default)]
     pub log: RawLog,
 }
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRetention {
-    pub delivered: Option<String>,
-    pub failed: Option<String>,
-    pub emails: Option<String>,
-    pub interval: Option<String>,
-    pub batch_size: Option<u32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawMetrics {
-    pub listen: Option<String>,
-    pub refresh_interval: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRetry {
-    pub base_delay: Option<String>,
-    pub max_delay: Option<String>,
-    pub max_attempts: Option<u32>,
-    pub max_age: Option<String>,
-    pub max_retry_after: Option<String>,
-    pub jitter: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawCircuit {
-    pub open_after: Option<u32>,
-    pub cooldown: Option<String>,
-    pub max_cooldown: Option<String>,
-    pub max_hold: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawLog {
-    pub level: Option<String>,
-    pub format: Option<String>,
-}
-
-const DEFAULT_LOG_LEVEL: &str = "info";
-const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7464";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -357,19 +266,3 @@ impl RawConfig {
         }
     }
 }
-
-mod database;
-mod delivery;
-mod notify;
-mod sections;
-#[cfg(test)]
-mod tests;
-mod tls;
-mod values;
-
-pub use database::{DEFAULT_DATABASE_URL, DatabaseConfig, RawDatabase};
-pub use delivery::{DeliveryConfig, RawDelivery, min_lease};
-pub use notify::{NotifyConfig, RawNotify, RawSmtp, SmtpConfig, SmtpTls};
-pub use tls::{DatabaseTls, TlsMode};
-pub(crate) use values::secret_file;
-pub use values::{Problem, Secret};

@@ -1,6 +1,11 @@
 //! Table-driven tests of loading and validating the configuration.
 
-use super::*;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+
+use super::{CircuitConfig, ConfigError, LogFormat, RawConfig, Secret};
 
 fn raw_from_toml(text: &str) -> Result<RawConfig, Box<figment::Error>> {
     Figment::new()
