@@ -18,7 +18,7 @@
 //! all re-exported here:
 //!
 //! - `database.rs`: `[database]`, with `tls.rs` for its TLS (the modes,
-//!   libpq's parameters in the URL, the PEM files);
+//!   libpq's parameters in the URL, the PEM files, the OpenSSL connector);
 //! - `delivery.rs`: `[delivery]`;
 //! - `notify.rs`: `[smtp]` and `[notify]`;
 //! - `retry.rs`: `[retry]` and `[circuit]`;
@@ -51,7 +51,7 @@ pub use operations::{
     LogConfig, LogFormat, MetricsConfig, RawLog, RawMetrics, RawRetention, RetentionConfig,
 };
 pub use retry::{CircuitConfig, RawCircuit, RawRetry};
-pub use tls::{DatabaseTls, TlsMode};
+pub use tls::{DatabaseTls, TlsMode, native_connector};
 pub(crate) use values::secret_file;
 pub use values::{Problem, Secret};
 
