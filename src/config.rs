@@ -12,10 +12,21 @@
 //!
 //! `config.toml` at the repository root is the reference: every key, its
 //! default and why.
+//!
+//! This file loads; each section is checked in a file of its own under
+//! `src/config/` (its raw and typed settings, and the check between them),
+//! all re-exported here:
+//!
+//! - `database.rs`: `[database]`, with `tls.rs` for its TLS (the modes,
+//!   libpq's parameters in the URL, the PEM files, the OpenSSL connector);
+//! - `delivery.rs`: `[delivery]`;
+//! - `notify.rs`: `[smtp]` and `[notify]`;
+//! - `retry.rs`: `[retry]` and `[circuit]`;
+//! - `operations.rs`: `[metrics]`, `[retention]` and `[log]`;
+//! - `values.rs`: what they all check alike (a [`Problem`] under its key,
+//!   numbers within bounds, durations, [`Secret`]s and their files).
 
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -23,6 +34,27 @@ use serde::Deserialize;
 
 use crate::backoff::RetryPolicy;
 pub use crate::model::Secret;
+
+mod database;
+mod delivery;
+mod notify;
+mod operations;
+mod retry;
+#[cfg(test)]
+mod tests;
+mod tls;
+mod values;
+
+pub use database::{DEFAULT_DATABASE_URL, DatabaseConfig, RawDatabase};
+pub use delivery::{DeliveryConfig, RawDelivery, min_lease};
+pub use notify::{NotifyConfig, RawNotify, RawSmtp, SmtpConfig, SmtpTls};
+pub use operations::{
+    LogConfig, LogFormat, MetricsConfig, RawLog, RawMetrics, RawRetention, RetentionConfig,
+};
+pub use retry::{CircuitConfig, RawCircuit, RawRetry};
+pub use tls::{DatabaseTls, TlsMode, native_connector};
+pub use values::Problem;
+pub(crate) use values::secret_file;
 
 /// Where `--config` falls back to when it is not given, in order.
 pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["./config.toml", "/etc/outboxd/config.toml"];
@@ -48,207 +80,6 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-/// `[circuit]`: when an endpoint counts as down, and for how long its
-/// events are held (see `outbox.endpoint_circuits`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CircuitConfig {
-    /// Retryable failures in a row (no answer between them) that open it.
-    pub open_after: u32,
-    /// The first cool-down before a probe; doubles after each failed probe.
-    pub cooldown: Duration,
-    /// The longest cool-down.
-    pub max_cooldown: Duration,
-    /// An event held this long past its due time fails, and its company is
-    /// told: nothing waits unseen for ever.
-    pub max_hold: Duration,
-}
-
-impl Default for CircuitConfig {
-    /// Five failures in a row: one timeout or 503 is noise, five with no
-    /// answer between them is an endpoint that is down (with the default
-    /// cap of 8, a dead endpoint opens on its first batch). 30 s before the
-    /// first probe, then 1, 2, 4, 8 and every 10 minutes: a short outage
-    /// (a restart, a deploy) costs well under a minute of delay, a long one
-    /// costs the receiver 6 requests an hour. Held for at most 24 h, the
-    /// same day that `retry.max_age` gives a retried event.
-    fn default() -> CircuitConfig {
-        CircuitConfig {
-            open_after: 5,
-            cooldown: Duration::from_secs(30),
-            max_cooldown: Duration::from_secs(600),
-            max_hold: Duration::from_secs(24 * 3600),
-        }
-    }
-}
-
-/// How long finished rows are kept.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RetentionConfig {
-    /// Delivered events (with their attempts), counted from delivery.
-    pub delivered: Duration,
-    /// Failed events, counted from creation or the last replay.
-    pub failed: Duration,
-    /// Sent notification emails.
-    pub emails: Duration,
-    /// How often the cleanup runs.
-    pub interval: Duration,
-    /// Rows deleted per statement.
-    pub batch_size: i64,
-}
-
-/// The admin HTTP server: /metrics, /healthz, /readyz.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MetricsConfig {
-    /// None: no admin server.
-    pub listen: Option<std::net::SocketAddr>,
-    /// How often the queue gauges are refreshed from the database.
-    pub refresh_interval: Duration,
-}
-
-/// Error-notification emails.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NotifyConfig {
-    /// None: no `[smtp] host`, notifications stay queued in the database.
-    pub smtp: Option<SmtpConfig>,
-    /// At most one email per endpoint per window.
-    pub window: Duration,
-    /// How long the first failure waits for others to join its email.
-    pub gather: Duration,
-    /// How often the mailer looks for work.
-    pub poll_interval: Duration,
-    /// First wait after a failed send; doubles up to 30 min.
-    pub retry_delay: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SmtpConfig {
-    pub host: String,
-    pub port: u16,
-    pub tls: SmtpTls,
-    pub username: Option<String>,
-    pub password: Option<Secret>,
-    /// Envelope sender and From address.
-    pub from: String,
-    /// Display name in From.
-    pub from_name: String,
-    /// Each SMTP exchange (connect, command, data).
-    pub timeout: Duration,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SmtpTls {
-    /// Plain connection upgraded with STARTTLS (port 587).
-    StartTls,
-    /// TLS from the first byte (port 465).
-    Implicit,
-    /// No TLS: only for a relay on the same host or a trusted network.
-    None,
-}
-
-#[derive(Debug, Clone)]
-pub struct DatabaseConfig {
-    /// Connection settings, password included (its `Debug` redacts it).
-    pub pg: tokio_postgres::Config,
-    pub connect_timeout: Duration,
-    /// Pooled connections for recording, claiming and upkeep (LISTEN and the
-    /// plain claim have one each of their own: `db::claim_pool`).
-    pub pool_size: usize,
-    /// How long `run` waits for `outboxd migrate` when it finds the schema
-    /// older than itself; zero: exit 3 at once.
-    pub schema_wait: Duration,
-    /// TLS to the server, for every connection (pool, LISTEN, the CLI).
-    pub tls: DatabaseTls,
-}
-
-/// `database.tls`: libpq's `sslmode` values, less the two that fall back to
-/// plaintext without saying so (`allow`, `prefer`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMode {
-    /// No TLS (a Unix socket, loopback, or a network you trust).
-    Disable,
-    /// TLS, the server's certificate not checked: encrypted, but open to
-    /// whoever can place themselves in between.
-    Require,
-    /// TLS, the certificate signed by a trusted CA, whatever name it is for.
-    VerifyCa,
-    /// TLS, the certificate signed by a trusted CA and for the host name
-    /// (or address) connected to.
-    VerifyFull,
-}
-
-impl TlsMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TlsMode::Disable => "disable",
-            TlsMode::Require => "require",
-            TlsMode::VerifyCa => "verify-ca",
-            TlsMode::VerifyFull => "verify-full",
-        }
-    }
-}
-
-/// TLS settings for the database connections.
-#[derive(Debug, Clone)]
-pub struct DatabaseTls {
-    pub mode: TlsMode,
-    /// PEM CA certificates to trust instead of the system's
-    /// (`database.tls_ca_file`).
-    pub ca_pem: Option<Vec<u8>>,
-    /// A client certificate (PEM) and its PKCS#8 key (PEM, secret), for
-    /// servers that ask for one.
-    pub client: Option<(Vec<u8>, Secret)>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliveryConfig {
-    /// Deliveries in flight at once, per instance.
-    pub concurrency: usize,
-    /// Deliveries in flight to one endpoint at once from this instance (an
-    /// endpoint's `max_in_flight` overrides it).
-    pub endpoint_concurrency: u32,
-    /// Longest wait between two looks for due events when no NOTIFY comes.
-    pub poll_interval: Duration,
-    /// TCP connect to the receiver.
-    pub connect_timeout: Duration,
-    /// One whole attempt: connect, TLS, request, response head and body.
-    pub request_timeout: Duration,
-    /// How long a claimed event stays reserved for this instance.
-    pub lease: Duration,
-    /// Response bodies are read up to this many bytes; the rest is dropped.
-    pub max_response_bytes: usize,
-    /// On SIGTERM, how long in-flight deliveries may take to finish.
-    pub drain_timeout: Duration,
-    /// Special-purpose ranges (loopback, private, …) that endpoints may
-    /// reach all the same.
-    pub allowed_networks: Vec<ipnet::IpNet>,
-    /// Refuse plain http:// endpoints.
-    pub require_https: bool,
-    /// Extra root certificates (PEM) trusted for https endpoints, on top of
-    /// the system's: for receivers with a private CA or a self-signed
-    /// certificate.
-    pub tls_ca_pem: Option<Vec<u8>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    /// An `EnvFilter` directive such as `info` or `outboxd=debug,info`.
-    /// `RUST_LOG`, when set, wins over it.
-    pub level: String,
-    pub format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-    /// Text with each line's syslog priority in front (`<4>` for a
-    /// warning), which systemd's journal reads from stderr
-    /// (`SyslogLevelPrefix=`, on by default) so `journalctl -p` filters
-    /// work; no timestamp, the journal keeps its own. Chosen by itself when
-    /// stderr is the journal (`JOURNAL_STREAM`) and the format is text.
-    Journald,
-}
-
 /// The configuration as written, before validation.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -271,163 +102,6 @@ pub struct RawConfig {
     pub retention: RawRetention,
     #[serde(default)]
     pub log: RawLog,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawDatabase {
-    pub url: Option<String>,
-    pub password: Option<String>,
-    pub password_file: Option<PathBuf>,
-    pub connect_timeout: Option<String>,
-    pub pool_size: Option<u32>,
-    pub schema_wait: Option<String>,
-    pub tls: Option<String>,
-    pub tls_ca_file: Option<PathBuf>,
-    pub tls_cert_file: Option<PathBuf>,
-    pub tls_key_file: Option<PathBuf>,
-}
-
-// Hand-written so that neither the URL (which may carry a password) nor the
-// password shows up when the raw config is debug-printed.
-impl fmt::Debug for RawDatabase {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RawDatabase")
-            .field("url", &self.url.as_ref().map(|_| "<set>"))
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("password_file", &self.password_file)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("pool_size", &self.pool_size)
-            .field("schema_wait", &self.schema_wait)
-            .field("tls", &self.tls)
-            .field("tls_ca_file", &self.tls_ca_file)
-            .field("tls_cert_file", &self.tls_cert_file)
-            .field("tls_key_file", &self.tls_key_file)
-            .finish()
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawDelivery {
-    pub concurrency: Option<u32>,
-    pub poll_interval: Option<String>,
-    pub connect_timeout: Option<String>,
-    pub request_timeout: Option<String>,
-    pub lease: Option<String>,
-    pub max_response_bytes: Option<u64>,
-    pub drain_timeout: Option<String>,
-    pub allowed_networks: Option<Vec<String>>,
-    pub require_https: Option<bool>,
-    pub tls_ca_file: Option<PathBuf>,
-    pub endpoint_concurrency: Option<u32>,
-}
-
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawSmtp {
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub tls: Option<String>,
-    pub username: Option<String>,
-    pub password: Option<String>,
-    pub password_file: Option<PathBuf>,
-    pub from: Option<String>,
-    pub from_name: Option<String>,
-    pub timeout: Option<String>,
-}
-
-impl fmt::Debug for RawSmtp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RawSmtp")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("tls", &self.tls)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("password_file", &self.password_file)
-            .field("from", &self.from)
-            .field("from_name", &self.from_name)
-            .field("timeout", &self.timeout)
-            .finish()
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRetention {
-    pub delivered: Option<String>,
-    pub failed: Option<String>,
-    pub emails: Option<String>,
-    pub interval: Option<String>,
-    pub batch_size: Option<u32>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawMetrics {
-    pub listen: Option<String>,
-    pub refresh_interval: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawNotify {
-    pub window: Option<String>,
-    pub gather: Option<String>,
-    pub poll_interval: Option<String>,
-    pub retry_delay: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawRetry {
-    pub base_delay: Option<String>,
-    pub max_delay: Option<String>,
-    pub max_attempts: Option<u32>,
-    pub max_age: Option<String>,
-    pub max_retry_after: Option<String>,
-    pub jitter: Option<f64>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawCircuit {
-    pub open_after: Option<u32>,
-    pub cooldown: Option<String>,
-    pub max_cooldown: Option<String>,
-    pub max_hold: Option<String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawLog {
-    pub level: Option<String>,
-    pub format: Option<String>,
-}
-
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
-const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
-const DEFAULT_LOG_LEVEL: &str = "info";
-const DEFAULT_POOL_SIZE: u32 = 4;
-const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:7464";
-const DEFAULT_CONCURRENCY: u32 = 64;
-/// Per endpoint and instance: an eighth of one instance's slots, so a
-/// slow tenant leaves the rest to the others (README, "Many tenants").
-const DEFAULT_ENDPOINT_CONCURRENCY: u32 = 8;
-
-/// One thing wrong with the configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    /// Dotted key, e.g. `database.connect_timeout`.
-    pub key: String,
-    pub message: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -593,10 +267,3 @@ impl RawConfig {
         }
     }
 }
-
-mod sections;
-#[cfg(test)]
-mod tests;
-
-pub use sections::min_lease;
-pub(crate) use sections::secret_file;

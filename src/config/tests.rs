@@ -1,6 +1,11 @@
 //! Table-driven tests of loading and validating the configuration.
 
-use super::*;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+
+use super::{CircuitConfig, ConfigError, LogFormat, RawConfig, Secret};
 
 fn raw_from_toml(text: &str) -> Result<RawConfig, Box<figment::Error>> {
     Figment::new()
@@ -48,7 +53,7 @@ fn tls_parameters_are_taken_out_of_the_url() {
         ),
     ];
     for (url, rest, mode, ca) in cases {
-        let (left, found) = super::sections::take_url_tls(url);
+        let (left, found) = super::tls::take_url_tls(url);
         assert_eq!(left, rest, "{url}");
         assert_eq!(found.sslmode.as_deref(), mode, "{url}");
         assert_eq!(found.sslrootcert.as_deref(), ca, "{url}");

@@ -82,39 +82,10 @@ where
 pub fn tls_connector(tls: &DatabaseTls) -> Option<MakeTlsConnector> {
     (tls.mode != TlsMode::Disable).then(|| {
         MakeTlsConnector::new(
-            native_connector(tls).expect("the TLS settings were checked with the configuration"),
+            crate::config::native_connector(tls)
+                .expect("the TLS settings were checked with the configuration"),
         )
     })
-}
-
-/// The OpenSSL-backed connector for `tls`; an error names what failed.
-pub fn native_connector(tls: &DatabaseTls) -> Result<native_tls::TlsConnector, String> {
-    let mut builder = native_tls::TlsConnector::builder();
-    match tls.mode {
-        TlsMode::Disable | TlsMode::Require => {
-            builder
-                .danger_accept_invalid_certs(true)
-                .danger_accept_invalid_hostnames(true);
-        }
-        TlsMode::VerifyCa => {
-            builder.danger_accept_invalid_hostnames(true);
-        }
-        TlsMode::VerifyFull => {}
-    }
-    if let Some(pem) = &tls.ca_pem {
-        builder.disable_built_in_roots(true);
-        let certificates = native_tls::Certificate::stack_from_pem(pem)
-            .map_err(|e| format!("database.tls_ca_file: {e}"))?;
-        for certificate in certificates {
-            builder.add_root_certificate(certificate);
-        }
-    }
-    if let Some((cert, key)) = &tls.client {
-        let identity = native_tls::Identity::from_pkcs8(cert, key.expose().as_bytes())
-            .map_err(|e| format!("database.tls_key_file: {e}"))?;
-        builder.identity(identity);
-    }
-    builder.build().map_err(|e| format!("database.tls: {e}"))
 }
 
 /// What `outboxd check` says of TLS: the mode, and with TLS the subject of
@@ -134,7 +105,8 @@ pub async fn describe_tls(config: &DatabaseConfig) -> Result<String, String> {
         None => "localhost".to_string(),
     };
     let port = config.pg.get_ports().first().copied().unwrap_or(5432);
-    let connector = tokio_native_tls::TlsConnector::from(native_connector(&config.tls)?);
+    let connector =
+        tokio_native_tls::TlsConnector::from(crate::config::native_connector(&config.tls)?);
     let handshake = async {
         let mut tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
