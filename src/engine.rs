@@ -2,9 +2,13 @@
 //! drain, stop the services in order.
 //!
 //! ```text
-//! LISTEN/poll ─► claim (batch ≤ free slots, lease) ─► deliver (one task per event,
-//!                                                        │   src/attempt.rs)
-//!                        record (batched, fenced) ◄──────┘ bounded channel
+//! LISTEN/poll ─► producer: claim (batch ≤ free slots, lease)
+//!                 │  one task per event
+//!                 ▼
+//!              executor: prepare, send, judge, decide (pipeline/executor.rs)
+//!                 │  bounded channel
+//!                 ▼
+//!              completer: record (batched, fenced) ─► Freed: room under the caps
 //! ```
 //!
 //! Phases:
@@ -21,8 +25,8 @@
 //!    that into its start limit, after which systemd gives up.
 //! 1. **Serve**: the claim loop ([`ClaimLoop`]) starts one delivery task
 //!    per claimed event ([`executor::deliver`]), whose outcome goes to the
-//!    recorder ([`completer::Recorder::run`]). The mailer, the queue gauges, retention,
-//!    the metrics upkeep and the listener run beside it as [`service`]s. The
+//!    recorder ([`completer::Recorder::run`]). The mailer, the queue gauges,
+//!    retention, the metrics upkeep and the listener run beside it as [`service`]s. The
 //!    claim loop and the recorder feed heartbeats; systemd's watchdog is
 //!    pinged while they keep their promises ([`crate::service`] says why).
 //! 2. **Stop** (SIGTERM), every step with a deadline, so that the process

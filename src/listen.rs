@@ -1,7 +1,7 @@
 //! The wake-up hint: a dedicated connection (outside the pool) that LISTENs
 //! on `outbox_events`, which the enqueue functions NOTIFY at most once per
 //! quarter second, whoever enqueues (migration 0009); the claim loop then
-//! looks again every few milliseconds for a while (`claim::FollowUp`).
+//! looks again every few milliseconds for a while (`pipeline::producer::FollowUp`).
 //!
 //! NOTIFY is only a hint. Polling is what guarantees progress: notifications
 //! sent while this connection is down are lost, so every (re)connect wakes the

@@ -163,7 +163,7 @@ impl HoldLimit {
 pub struct Maintenance {
     pool: deadpool_postgres::Pool,
     interval: Duration,
-    /// One round trip's bound (`db::round_trip_limit`).
+    /// One round trip's bound (`store::pool::round_trip_limit`).
     limit: Duration,
 }
 
@@ -224,7 +224,7 @@ impl Maintenance {
 pub struct Retention {
     pool: deadpool_postgres::Pool,
     config: RetentionConfig,
-    /// One round trip's bound (`db::round_trip_limit`).
+    /// One round trip's bound (`store::pool::round_trip_limit`).
     limit: Duration,
     /// Deleted so far in this round, logged when the round ends.
     round: Deleted,

@@ -8,7 +8,7 @@
 --
 -- The claim loop uses this one while some endpoint is held (circuit open,
 -- paused, Retry-After) or at its cap, and `claim.sql`, the plain oldest-
--- first claim, while none is (src/claim.rs says when it switches).
+-- first claim, while none is (src/pipeline/producer.rs says when it switches).
 --
 -- Due: pending with next_attempt_at reached. A row whose lease ran out (its
 -- daemon died mid-delivery) is put back to pending by release_expired.sql,

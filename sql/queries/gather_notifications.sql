@@ -5,7 +5,7 @@
 -- within the window. Returns the new emails.
 --
 -- Run only by the instance holding the gather lock, in the same transaction
--- and after the statement that took it (src/mailer.rs): so two instances
+-- and after the statement that took it (src/store/mail.rs): so two instances
 -- never gather at once, and this statement's snapshot, taken after the
 -- lock, sees what the previous holder committed. (Taken inside this
 -- statement, the lock came after its snapshot: an instance could get it

@@ -27,7 +27,7 @@ pub struct DatabaseConfig {
     pub pg: tokio_postgres::Config,
     pub connect_timeout: Duration,
     /// Pooled connections for recording, claiming and upkeep (LISTEN and the
-    /// plain claim have one each of their own: `db::claim_pool`).
+    /// plain claim have one each of their own: `store::pool::claim_pool`).
     pub pool_size: usize,
     /// How long `run` waits for `outboxd migrate` when it finds the schema
     /// older than itself; zero: exit 3 at once.

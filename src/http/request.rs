@@ -5,7 +5,7 @@
 //! before anything is sent, that an event cannot be sent at all (a
 //! [`Refusal`]: its retries spent through expired leases, no endpoint, a
 //! disabled one, or a payload that cannot be turned into a valid webhook,
-//! such as a row written around the enqueue functions); `record::refused`
+//! such as a row written around the enqueue functions); [`crate::policy::refused`]
 //! then marks it failed with the reason instead of sending something the
 //! receiver would misread.
 

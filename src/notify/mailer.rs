@@ -80,7 +80,7 @@ pub struct Mailer {
     pool: deadpool_postgres::Pool,
     owner: String,
     config: NotifyConfig,
-    /// One database round trip's bound (`db::round_trip_limit`).
+    /// One database round trip's bound (`store::pool::round_trip_limit`).
     db_limit: Duration,
     /// The last tick sent an email: this one goes on sending, and gathers
     /// only when the run ends.

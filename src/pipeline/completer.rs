@@ -38,7 +38,7 @@ pub const MAX_RECORD_BATCH: usize = 500;
 /// PostgreSQL CPU per event in groups of 16 and 49-51 µs in groups of 64.
 /// Claiming and writing as soon as anything was there gave about 17 events
 /// per transaction (claims and record groups) in the 100,000-event drain;
-/// with this and the claim's gathering (`engine::CLAIM_GATHER_WAIT`), about
+/// with this and the claim's gathering (`pipeline::producer::CLAIM_GATHER_WAIT`), about
 /// 30, and PostgreSQL's CPU per event went from 70-73 to 54-58 µs. Delivery
 /// is not delayed: a slot is freed once its outcome is queued, and the mark
 /// follows at most this much later. A lone outcome is written at once.
@@ -76,7 +76,7 @@ pub struct Recorder {
     pub owner: String,
     /// The group size worth waiting for: the delivery concurrency.
     pub gather: usize,
-    /// One write's bound (`db::round_trip_limit`).
+    /// One write's bound (`store::pool::round_trip_limit`).
     pub limit: Duration,
     pub circuit: CircuitConfig,
     /// `notify.window`: throttles the emails about circuits.

@@ -131,7 +131,7 @@ const MAX_CLAIM_BATCH: usize = 500;
 /// waits, once a first slot is free, up to [`CLAIM_GATHER_WAIT`] for three
 /// quarters of the slots to be free, instead of claiming the first one or
 /// two. A statement's fixed cost dominates small claims (see
-/// `record::RECORD_GATHER_WAIT` for the figures). A slot so waits at most
+/// `pipeline::completer::RECORD_GATHER_WAIT` for the figures). A slot so waits at most
 /// 2 ms per delivery; without a backlog a claim goes out at once, so latency
 /// is unchanged.
 const CLAIM_GATHER_WAIT: Duration = Duration::from_millis(2);
@@ -215,11 +215,11 @@ const CLAIM_ERROR_BACKOFF: Duration = Duration::from_secs(1);
 pub struct ClaimLoop<'a> {
     /// For the fair claim.
     pub pool: &'a deadpool_postgres::Pool,
-    /// For the plain claim, whose plan is made once (`db::claim_pool`).
+    /// For the plain claim, whose plan is made once (`store::pool::claim_pool`).
     pub plain_pool: &'a deadpool_postgres::Pool,
     pub owner: &'a str,
     pub config: &'a Config,
-    /// Bound on one claim, connection included (`db::round_trip_limit`).
+    /// Bound on one claim, connection included (`store::pool::round_trip_limit`).
     pub claim_limit: Duration,
     /// One per delivery in flight.
     pub slots: Arc<Semaphore>,
