@@ -108,8 +108,7 @@ async fn ready(state: &State) -> Result<(), String> {
             .get()
             .await
             .map_err(|e| crate::store::pool::describe_pool(&e))?;
-        client
-            .simple_query("SELECT 1")
+        crate::store::pool::ping(&client)
             .await
             .map_err(|e| crate::store::pool::describe(&e))?;
         Ok::<(), String>(())

@@ -461,6 +461,11 @@ impl Charset {
     }
 }
 
+/// One round trip on a pooled connection (`/readyz`): the database answers.
+pub async fn ping(client: &deadpool_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    client.simple_query("SELECT 1").await.map(drop)
+}
+
 /// The server's version as it names it (`SHOW server_version`).
 pub async fn server_version(client: &Client) -> Result<String, tokio_postgres::Error> {
     let row = client.query_one("SHOW server_version", &[]).await?;

@@ -399,6 +399,55 @@ async fn secrets_are_rotated_listed_by_fingerprint_and_signed_by_endpoint_test()
     assert_eq!(test.code, Some(0), "{test:?}");
 }
 
+/// `endpoint set --signing-secret-file` writes the endpoint and its secret
+/// in one transaction: when the database refuses the secret (here a
+/// trigger, as an audit rule might), the endpoint is not created either,
+/// rather than left there delivering unsigned.
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoint_set_with_a_secret_the_database_refuses_writes_nothing() {
+    use crate::harness::{count, run};
+    let db = TestDb::new().await;
+    let dir = TempDir::new("signing-set-atomic");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE FUNCTION public.no_secrets() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN RAISE EXCEPTION 'secrets are written by the audit process only'; END $$;
+             CREATE TRIGGER no_secrets BEFORE INSERT ON outbox.endpoint_signing_secrets
+               FOR EACH ROW EXECUTE FUNCTION public.no_secrets();",
+        )
+        .await
+        .unwrap();
+    let mut cmd = db.outboxd();
+    cmd.args([
+        "endpoint",
+        "set",
+        "--company",
+        "6316",
+        "--url",
+        "https://erp.example.com/hooks/payment-cancelled",
+    ])
+    .arg("--signing-secret-file")
+    .arg(&secret);
+    let set = run(&mut cmd).await;
+    assert_eq!(set.code, Some(1), "{set:?}");
+    assert!(
+        set.stderr
+            .contains("secrets are written by the audit process only"),
+        "{set:?}"
+    );
+    assert!(
+        !set.stderr.contains("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        "{set:?}"
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox.endpoints").await,
+        0
+    );
+}
+
 /// The reference receiver (issue 16, point 4) with `--signing-secret-file`:
 /// outboxd's signed deliveries are accepted; a request with no signature, a
 /// changed body or a stale timestamp is answered status 0 with the reason.
