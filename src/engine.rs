@@ -45,6 +45,9 @@
 //!    Worst case with the defaults: 20 + 5 + 1 + 1 = 27 s. systemd/outboxd.service
 //!    says the same next to its `TimeoutStopSec`; raise both together.
 
+mod error;
+mod startup;
+
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -53,24 +56,18 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, DatabaseConfig};
+use crate::config::Config;
 use crate::http::client::Deliverer;
 use crate::listen::Listener;
 use crate::maintenance::{HoldLimit, LeaseExpiry, Maintenance, Retention};
 use crate::notify::mailer::Mailer;
 use crate::pipeline::producer::{self, ClaimLoop};
 use crate::pipeline::{completer, executor};
-use crate::service::{self, Heartbeat, Liveness, Running};
-use crate::store::migrate::{self, MigrateError};
+use crate::service::{self, Liveness, Running};
 use crate::store::pool as db;
 use crate::telemetry::Upkeep;
 use crate::{admin, systemd, telemetry};
-
-/// Waits between tries to reach the database at start: doubling from the
-/// first to the last. 5 s at most, so deliveries start within 5 s of the
-/// database coming up, at the cost of one connection attempt per 5 s.
-const FIRST_START_RETRY: Duration = Duration::from_secs(1);
-const MAX_START_RETRY: Duration = Duration::from_secs(5);
+pub use error::EngineError;
 
 /// Time allowed for the last outcomes to be written after the drain.
 pub const FINAL_RECORD_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,23 +87,6 @@ pub fn stop_budget(config: &Config) -> Duration {
     let drain = config.delivery.drain_timeout + FINAL_RECORD_TIMEOUT;
     let beside = crate::notify::mailer::STOP_GRACE.max(service::DEFAULT_STOP_GRACE);
     drain.max(beside) + service::DEFAULT_STOP_GRACE.max(ADMIN_STOP) + RUNTIME_STOP
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error("starting the delivery engine: {0}")]
-    Startup(String),
-    #[error("{0}")]
-    Schema(String),
-    #[error("{0}")]
-    SchemaCheck(#[from] migrate::MigrateError),
-    #[error("the task that records delivery outcomes stopped unexpectedly")]
-    Recorder,
-    #[error("metrics.listen: cannot serve on {addr}: {reason}")]
-    Admin {
-        addr: std::net::SocketAddr,
-        reason: String,
-    },
 }
 
 /// What shutdown left behind.
@@ -149,7 +129,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         tracing::warn!("{warning}");
     }
     let charset =
-        match wait_for_database(&pool, &config.database, db_limit, &shutdown, startup).await {
+        match startup::wait_for_database(&pool, &config.database, db_limit, &shutdown, startup)
+            .await
+        {
             Ok(Some(charset)) => charset,
             Ok(None) => {
                 tracing::info!("stopped before the database could be reached");
@@ -361,120 +343,6 @@ impl Services {
             upkeep.join().await;
         }
     }
-}
-
-/// Why the database cannot be used at start.
-enum Unusable {
-    /// Not reachable now (down, refusing, timing out): wait and try again.
-    Unreachable(String),
-    /// The schema is older than this binary: the migration may not have run
-    /// yet (a first install or an upgrade while the database was down, with
-    /// `outboxd-migrate.service` retrying beside us). Wait up to
-    /// `database.schema_wait`.
-    Behind(String),
-    /// Reached, but this binary must not run on it: stop.
-    Refused(EngineError),
-}
-
-/// Phase zero: until the database answers and its schema is current (what
-/// its encoding can store), or `shutdown` (None). Each failure is logged and
-/// shown in systemd's STATUS=; `heartbeat` promises each try's and each
-/// wait's bound.
-async fn wait_for_database(
-    pool: &deadpool_postgres::Pool,
-    config: &DatabaseConfig,
-    limit: Duration,
-    shutdown: &CancellationToken,
-    heartbeat: Heartbeat,
-) -> Result<Option<db::Charset>, EngineError> {
-    let mut delay = FIRST_START_RETRY;
-    let mut behind_since: Option<Instant> = None;
-    let result = loop {
-        heartbeat.within(limit);
-        let checked = tokio::select! {
-            _ = shutdown.cancelled() => break Ok(None),
-            checked = tokio::time::timeout(limit, check_database(pool)) => checked
-                .unwrap_or_else(|_| Err(Unusable::Unreachable(format!("no answer within {limit:?}")))),
-        };
-        let status = match checked {
-            Ok(charset) => break Ok(Some(charset)),
-            Err(Unusable::Refused(e)) => break Err(e),
-            Err(Unusable::Behind(problem)) => {
-                let since = *behind_since.get_or_insert_with(Instant::now);
-                if since.elapsed() >= config.schema_wait {
-                    break Err(EngineError::Schema(problem));
-                }
-                tracing::warn!(
-                    problem = %problem,
-                    gives_up_in = %humantime::format_duration(Duration::from_secs(
-                        config.schema_wait.saturating_sub(since.elapsed()).as_secs().max(1)
-                    )),
-                    retry_in = %humantime::format_duration(delay),
-                    "waiting for `outboxd migrate`: the schema is not what this binary needs"
-                );
-                format!("waiting for the schema migration: {problem}")
-            }
-            Err(Unusable::Unreachable(reason)) => {
-                tracing::warn!(
-                    error = %reason,
-                    retry_in = %humantime::format_duration(delay),
-                    "waiting for the database"
-                );
-                format!("waiting for the database: {reason}")
-            }
-        };
-        systemd::status(&status);
-        heartbeat.within(delay);
-        tokio::select! {
-            _ = shutdown.cancelled() => break Ok(None),
-            _ = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(MAX_START_RETRY);
-    };
-    heartbeat.retire();
-    result
-}
-
-/// Refuses a schema that is not this binary's; warns when the server does
-/// not vacuum or cannot store every character; returns what it can store.
-async fn check_database(pool: &deadpool_postgres::Pool) -> Result<db::Charset, Unusable> {
-    let client = pool
-        .get()
-        .await
-        .map_err(|e| Unusable::Unreachable(db::describe_pool(&e)))?;
-    match migrate::status(&client).await {
-        Ok(state) => {
-            if let Some(problem) = state.problem() {
-                return Err(Unusable::Behind(problem));
-            }
-        }
-        // A statement failed: the connection broke, or the server is
-        // shutting down or in recovery. Try again.
-        Err(MigrateError::Database { step, reason }) => {
-            return Err(Unusable::Unreachable(format!("{step}: {reason}")));
-        }
-        Err(e) => return Err(Unusable::Refused(e.into())),
-    }
-    // Delivers all the same, but the operator should know: see
-    // docs/BENCHMARKS.md for what a 1M backlog cost without autovacuum.
-    if let Ok(false) = db::autovacuum_runs(&client).await {
-        tracing::warn!(
-            "PostgreSQL's autovacuum is off: the dead row versions every delivery leaves in \
-             outbox.events are not reclaimed, so the table and its indexes grow and claims slow \
-             down; turn autovacuum on, or VACUUM the outbox tables regularly"
-        );
-    }
-    let (encoding, charset) = db::server_encoding(&client).await.map_err(|e| {
-        Unusable::Unreachable(format!("reading server_encoding: {}", db::describe(&e)))
-    })?;
-    if charset != db::Charset::Unicode {
-        tracing::warn!(
-            encoding,
-            "the database's encoding cannot store every character: characters of receivers' \
-             messages outside it are stored escaped (\\u{{…}}); a UTF8 database stores them as sent"
-        );
-    }
-    Ok(charset)
 }
 
 /// Phase two's first step: lets in-flight deliveries finish within
