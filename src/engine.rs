@@ -31,19 +31,26 @@
 //!    pinged while they keep their promises ([`crate::service`] says why).
 //! 2. **Stop** (SIGTERM), every step with a deadline, so that the process
 //!    exits 0 within the unit's `TimeoutStopSec` (40 s) whatever is down:
-//!    - claiming stops at once; the listener, the mailer and retention are
+//!    - claiming stops at once; a claim in flight gets
+//!      [`producer::CLAIM_STOP_GRACE`] (1 s) to say what it leased, and its
+//!      events join the drain; the listener, the mailer and retention are
 //!      told to stop at the same moment and finish beside the drain, within
 //!      their grace (mailer 5 s, others 1 s);
 //!    - in-flight deliveries get `delivery.drain_timeout` (default 20 s);
-//!      what still runs then is abandoned, its lease expires and an
-//!      instance delivers it again, with the same idempotency key;
+//!      what still runs then is abandoned;
 //!    - the last outcomes get [`FINAL_RECORD_TIMEOUT`] (5 s) to be written;
+//!    - what is still leased to this instance (the abandoned deliveries, a
+//!      claim dropped unanswered) is handed back to the queue, due at once,
+//!      within [`HAND_BACK_TIMEOUT`] (1 s): a restarted daemon or another
+//!      instance delivers it again at once, with the same idempotency key,
+//!      instead of after its lease;
 //!    - the gauges, the metrics upkeep and the admin server stop (each
 //!      within 1 s, together);
 //!    - `main` gives the runtime's blocking threads (DNS lookups) 1 s.
 //!
-//!    Worst case with the defaults: 20 + 5 + 1 + 1 = 27 s. systemd/outboxd.service
-//!    says the same next to its `TimeoutStopSec`; raise both together.
+//!    Worst case with the defaults: 1 + 20 + 5 + 1 + 1 + 1 = 29 s.
+//!    systemd/outboxd.service says the same next to its `TimeoutStopSec`;
+//!    raise both together.
 
 mod error;
 mod startup;
@@ -64,6 +71,7 @@ use crate::notify::mailer::Mailer;
 use crate::pipeline::producer::{self, ClaimLoop};
 use crate::pipeline::{completer, executor};
 use crate::service::{self, Liveness, Running};
+use crate::store::claim;
 use crate::store::pool as db;
 use crate::telemetry::Upkeep;
 use crate::{admin, systemd, telemetry};
@@ -71,6 +79,10 @@ pub use error::EngineError;
 
 /// Time allowed for the last outcomes to be written after the drain.
 pub const FINAL_RECORD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Time allowed, after the last outcomes, to hand back the leases this
+/// instance still holds (one statement).
+pub const HAND_BACK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Time allowed for the admin server to stop.
 const ADMIN_STOP: Duration = Duration::from_secs(1);
@@ -84,7 +96,10 @@ pub const RUNTIME_STOP: Duration = Duration::from_secs(1);
 /// remaining services and the admin server together, then the runtime.
 /// systemd's `TimeoutStopSec` must stay above it.
 pub fn stop_budget(config: &Config) -> Duration {
-    let drain = config.delivery.drain_timeout + FINAL_RECORD_TIMEOUT;
+    let drain = producer::CLAIM_STOP_GRACE
+        + config.delivery.drain_timeout
+        + FINAL_RECORD_TIMEOUT
+        + HAND_BACK_TIMEOUT;
     let beside = crate::notify::mailer::STOP_GRACE.max(service::DEFAULT_STOP_GRACE);
     drain.max(beside) + service::DEFAULT_STOP_GRACE.max(ADMIN_STOP) + RUNTIME_STOP
 }
@@ -244,6 +259,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         recorder.abort();
         tracing::warn!("could not record the last outcomes in time; their leases will expire");
     }
+    // Nothing of this instance delivers any more: what it still holds goes
+    // back to the queue now, not when its lease runs out.
+    hand_back(&pool, &owner).await;
     tokio::join!(services.stop(), admin.stop());
     tracing::info!(
         drained_in = ?drain_started.elapsed(),
@@ -366,6 +384,36 @@ async fn drain(tasks: &mut JoinSet<()>, deadline: Duration) -> usize {
         "drain deadline passed; abandoned deliveries are retried when their leases expire"
     );
     left
+}
+
+/// Puts back in the queue, due at once, every event still leased to `owner`
+/// (deliveries abandoned at the drain deadline, a claim whose events were
+/// never started), within [`HAND_BACK_TIMEOUT`]; on failure their leases
+/// run out as before.
+async fn hand_back(pool: &deadpool_postgres::Pool, owner: &str) {
+    let handed = tokio::time::timeout(HAND_BACK_TIMEOUT, async {
+        let client = db::Checkout::get(pool)
+            .await
+            .map_err(|e| db::describe_pool(&e))?;
+        let handed = claim::hand_back(&client, owner)
+            .await
+            .map_err(|e| db::describe(&e));
+        client.done();
+        handed
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no answer within {HAND_BACK_TIMEOUT:?}")));
+    match handed {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            handed_back = n,
+            "events still leased to this instance are back in the queue, due at once"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not hand back this instance's leases; those events wait for their leases to run out"
+        ),
+    }
 }
 
 /// `host:pid:xxxx`, stored as `lease_owner` so a DBA can tell which

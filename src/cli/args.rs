@@ -72,8 +72,8 @@ pub enum Command {
     /// the answer and records it exactly once. Several instances may run
     /// against one database. On SIGTERM or SIGINT it stops claiming, lets
     /// in-flight deliveries finish within `delivery.drain_timeout`, and exits
-    /// 0 within a bounded time (27 s with the defaults); anything unfinished
-    /// is delivered again after its lease expires. A database that is down,
+    /// 0 within a bounded time (29 s with the defaults); anything unfinished
+    /// goes back to the queue, delivered again at the next claim. A database that is down,
     /// at start or later, is waited for, never fatal; a schema that is not
     /// current ends it with exit 3.
     ///

@@ -211,6 +211,13 @@ impl FollowUp {
 /// turn into a tight error loop.
 const CLAIM_ERROR_BACKOFF: Duration = Duration::from_secs(1);
 
+/// How long a claim in flight when the stop comes may still take: its
+/// answer says which rows it leased, so they are delivered within the drain
+/// rather than left leased to nobody who knows. A claim takes milliseconds;
+/// one that takes longer is dropped, and the hand-back at the end of the
+/// stop (`engine`) returns its rows if it committed by then.
+pub const CLAIM_STOP_GRACE: Duration = Duration::from_secs(1);
+
 /// The claim loop and what it needs.
 pub struct ClaimLoop<'a> {
     /// For the fair claim.
@@ -253,6 +260,9 @@ impl ClaimLoop<'_> {
             // Claim until a claim comes back short (nothing more is due) or
             // shutdown; with every slot busy, wait for one to free up.
             loop {
+                if shutdown.is_cancelled() {
+                    break 'serve false;
+                }
                 if recorder.is_finished() {
                     // Without a recorder every outcome would be lost and
                     // every event re-sent after its lease, forever: stop
@@ -270,15 +280,23 @@ impl ClaimLoop<'_> {
                 };
                 let wanted = permits.num_permits();
                 heartbeat.within(self.claim_limit);
-                // Cancelled by shutdown or its limit: a claim dropped
-                // half-way may still commit, and then its lease brings the
-                // rows back.
+                // Bounded by its limit; at a stop, by CLAIM_STOP_GRACE. A
+                // claim dropped half-way may still commit: the hand-back at
+                // the end of the stop, or else its lease, brings the rows
+                // back.
                 let claim_started = Instant::now();
+                let claim = tokio::time::timeout(self.claim_limit, self.claim(mode, wanted));
+                tokio::pin!(claim);
                 let claimed = tokio::select! {
-                    _ = shutdown.cancelled() => break 'serve false,
-                    claimed = tokio::time::timeout(self.claim_limit, self.claim(mode, wanted)) => claimed
-                        .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.claim_limit))),
-                };
+                    claimed = &mut claim => claimed,
+                    _ = shutdown.cancelled() => {
+                        match tokio::time::timeout(CLAIM_STOP_GRACE, &mut claim).await {
+                            Ok(claimed) => claimed,
+                            Err(_) => break 'serve false,
+                        }
+                    }
+                }
+                .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.claim_limit)));
                 follow_up.claimed(claim_started.elapsed());
                 let (events, more) = match claimed {
                     Ok((

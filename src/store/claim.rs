@@ -14,6 +14,7 @@ use crate::telemetry;
 
 const CLAIM_SQL: &str = include_str!("../../sql/queries/claim.sql");
 const CLAIM_FAIR_SQL: &str = include_str!("../../sql/queries/claim_fair.sql");
+const HAND_BACK_SQL: &str = include_str!("../../sql/queries/hand_back.sql");
 
 /// Which claim statement: the plain oldest-first one, or the fair one,
 /// taken while some endpoint is held or at its cap.
@@ -123,6 +124,17 @@ pub async fn claim(
         }
     }
     Ok(claim)
+}
+
+/// Puts every event still leased to `owner` back in the queue, due at once
+/// (`sql/queries/hand_back.sql`): the last step of a stop, once nothing of
+/// this instance delivers any more. How many.
+pub async fn hand_back(
+    client: &tokio_postgres::Client,
+    owner: &str,
+) -> Result<i64, tokio_postgres::Error> {
+    let row = client.query_one(HAND_BACK_SQL, &[&owner]).await?;
+    Ok(row.get("handed_back"))
 }
 
 fn from_row(row: &tokio_postgres::Row) -> ClaimedEvent {

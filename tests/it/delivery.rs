@@ -629,6 +629,132 @@ async fn sigkill_mid_batch_leased_rows_are_delivered_after_the_lease_with_the_sa
     daemon.stop().await;
 }
 
+/// A stop that cuts deliveries off at the drain deadline hands their leases
+/// back: the events are pending again, due at once, with their owner and
+/// attempt kept, and a daemon started right after delivers them within
+/// seconds, with the same idempotency keys, instead of after the 60 s lease.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_hands_back_the_leases_of_cut_off_deliveries_and_a_restart_sends_them_at_once() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let first_life = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flag = first_life.clone();
+    // While the first daemon lives, requests hang: in flight at the stop.
+    let receiver = Receiver::start(move |_, _| {
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            Reply::Hang
+        } else {
+            Reply::Json(200, json!({"status": "1", "message": "ok"}))
+        }
+    })
+    .await;
+    set_endpoint(&client, 1, &receiver.url("/"), "none").await;
+    let timing = [
+        ("OUTBOXD_DELIVERY__LEASE", "60s"),
+        ("OUTBOXD_DELIVERY__DRAIN_TIMEOUT", "1s"),
+        ("OUTBOXD_DELIVERY__CONCURRENCY", "4"),
+    ];
+    client
+        .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, g, 'P' || g) FROM generate_series(1, 4) g")
+        .await
+        .unwrap();
+    let mut daemon = Daemon::start(&db, &timing).await;
+    let in_flight = receiver.wait_for(4, SECS(10)).await;
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait(SECS(10)).await;
+    assert!(status.success(), "exit {status:?}");
+    daemon
+        .wait_for_log("are back in the queue, due at once", SECS(1))
+        .await;
+    let handed_back = count(
+        &client,
+        "SELECT count(*) FROM outbox.events
+          WHERE state = 'pending' AND next_attempt_at <= now()
+            AND lease_owner IS NOT NULL AND attempts = 1",
+    )
+    .await;
+    assert_eq!(
+        handed_back, 4,
+        "all four pending and due, owner and attempt kept"
+    );
+
+    first_life.store(false, std::sync::atomic::Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let daemon = Daemon::start(&db, &timing).await;
+    let all = receiver.wait_for(8, SECS(30)).await;
+    let took = started.elapsed();
+    assert!(took < SECS(5), "re-delivered {took:?} after the restart");
+    let keys = |requests: &[crate::receiver::Received]| {
+        let mut keys: Vec<String> = requests
+            .iter()
+            .map(|r| r.header("idempotency-key").unwrap().to_string())
+            .collect();
+        keys.sort();
+        keys
+    };
+    assert_eq!(
+        keys(&in_flight),
+        keys(&all[4..]),
+        "the same idempotency keys"
+    );
+    eventually_count(
+        &client,
+        "all delivered on their second attempt",
+        SECS(10),
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered' AND attempts = 2",
+        4,
+    )
+    .await;
+    daemon.stop().await;
+}
+
+/// A claim in flight when SIGTERM comes is not dropped: within its grace it
+/// says what it leased, and those events are delivered and recorded before
+/// the exit. (Dropped, its rows would commit leased to a daemon that is
+/// gone and wait out the lease.) The claim is slowed for real: a trigger
+/// sleeps 0.6 s in it, and SIGTERM is sent while the server shows it
+/// sleeping.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_in_flight_at_sigterm_is_finished_and_its_event_delivered_before_the_exit() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    set_endpoint(&client, 1, &receiver.url("/"), "none").await;
+    client
+        .batch_execute(
+            "CREATE FUNCTION public.slow_claim() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_sleep(0.6); RETURN NEW; END $$;
+             CREATE TRIGGER slow_claim BEFORE UPDATE ON outbox.events FOR EACH ROW
+               WHEN (OLD.state = 'pending' AND NEW.state = 'leased')
+               EXECUTE FUNCTION public.slow_claim();",
+        )
+        .await
+        .unwrap();
+    let mut daemon = Daemon::start(&db, &[]).await;
+    daemon.wait_for_log("outboxd is delivering", SECS(5)).await;
+    enqueue(&client, 1, 222125, "2271", None).await;
+    eventually("the claim is sleeping in the trigger", SECS(5), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event = 'PgSleep' AND query LIKE '-- claim:%'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    daemon.signal(libc::SIGTERM);
+    let status = daemon.wait(SECS(10)).await;
+    assert!(status.success(), "exit {status:?}");
+    assert_eq!(receiver.received().len(), 1, "delivered before the exit");
+    let delivered = count(
+        &client,
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+    )
+    .await;
+    assert_eq!(delivered, 1, "and recorded");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_event_committed_while_idle_arrives_long_before_the_poll_interval() {
     let db = TestDb::new().await;
