@@ -127,6 +127,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     let deliverer = Deliverer::new(&config.delivery).map_err(EngineError::Startup)?;
     let pool = db::pool(&config.database);
     let claim_pool = db::claim_pool(&config.database);
+    let upkeep_pool = db::upkeep_pool(&config.database);
     let db_limit = db::round_trip_limit(&config.database);
     let listening = Arc::new(AtomicBool::new(false));
 
@@ -164,19 +165,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     let services = Services {
         upkeep: metrics_handle.map(|handle| service::spawn(Upkeep(handle), &liveness)),
         gauges: service::spawn(
-            Maintenance::new(pool.clone(), config.metrics.refresh_interval, db_limit),
+            Maintenance::new(
+                upkeep_pool.clone(),
+                config.metrics.refresh_interval,
+                db_limit,
+            ),
             &liveness,
         ),
         retention: service::spawn(
-            Retention::new(pool.clone(), config.retention.clone(), db_limit),
+            Retention::new(upkeep_pool.clone(), config.retention.clone(), db_limit),
             &liveness,
         ),
         hold_limit: service::spawn(
-            HoldLimit::new(pool.clone(), &config.circuit, db_limit),
+            HoldLimit::new(upkeep_pool.clone(), &config.circuit, db_limit),
             &liveness,
         ),
         lease_expiry: service::spawn(
-            LeaseExpiry::new(pool.clone(), &config.delivery, db_limit, wake.clone()),
+            LeaseExpiry::new(
+                upkeep_pool.clone(),
+                &config.delivery,
+                db_limit,
+                wake.clone(),
+            ),
             &liveness,
         ),
         listener: service::spawn(
@@ -392,7 +402,7 @@ async fn drain(tasks: &mut JoinSet<()>, deadline: Duration) -> usize {
 /// run out as before.
 async fn hand_back(pool: &deadpool_postgres::Pool, owner: &str) {
     let handed = tokio::time::timeout(HAND_BACK_TIMEOUT, async {
-        let client = db::Checkout::get(pool)
+        let client = db::Checkout::get(pool, "stop")
             .await
             .map_err(|e| db::describe_pool(&e))?;
         let handed = claim::hand_back(&client, owner)

@@ -13,6 +13,7 @@ use metrics::gauge;
 
 use crate::config::{CircuitConfig, DeliveryConfig, RetentionConfig};
 use crate::service::{Next, Service};
+use crate::store::pool as db;
 use crate::store::upkeep;
 pub use crate::store::upkeep::{CIRCUIT_STATES, Deleted, QueueStats};
 use crate::telemetry::{
@@ -198,14 +199,13 @@ impl Maintenance {
 
     /// Reads the queue and sets the gauges.
     pub async fn run_once(&self) -> Result<QueueStats, String> {
-        let client = self
-            .pool
-            .get()
+        let client = db::Checkout::get(&self.pool, "upkeep")
             .await
-            .map_err(|e| crate::store::pool::describe_pool(&e))?;
+            .map_err(|e| db::describe_pool(&e))?;
         let stats = upkeep::queue_stats(&client)
             .await
-            .map_err(|e| crate::store::pool::describe(&e))?;
+            .map_err(|e| db::describe(&e))?;
+        client.done();
         gauge!(EVENTS_PENDING).set(stats.pending as f64);
         gauge!(EVENTS_LEASED).set(stats.leased as f64);
         gauge!(OLDEST_DUE_AGE).set(stats.oldest_due_age.as_secs_f64());

@@ -42,6 +42,7 @@ pub const QUEUE_GAUGES_REFRESHED: &str = "outboxd_queue_gauges_refreshed_timesta
 pub const DB_POOL_CONNECTIONS: &str = "outboxd_db_pool_connections";
 pub const DB_POOL_MAX: &str = "outboxd_db_pool_max_connections";
 pub const DB_POOL_WAITING: &str = "outboxd_db_pool_waiting";
+pub const DB_POOL_WAITS: &str = "outboxd_db_pool_waits_total";
 
 /// The `process_*` metrics every Prometheus client exports (CPU, memory,
 /// open and allowed file descriptors, threads, start time), read from
@@ -122,6 +123,9 @@ pub fn install() -> Result<PrometheusHandle, String> {
     for change in ["opened", "reopened", "closed"] {
         counter!(CIRCUIT_CHANGES, "change" => change).absolute(0);
     }
+    for user in POOL_USERS {
+        counter!(DB_POOL_WAITS, "user" => user).absolute(0);
+    }
     gauge!(LISTEN_CONNECTED).set(0.0);
     // 0: not refreshed yet, which reads as stale until the first refresh.
     gauge!(QUEUE_GAUGES_REFRESHED).set(0.0);
@@ -130,6 +134,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 fn describe() {
+    describe_counter!(
+        DB_POOL_WAITS,
+        "Checkouts of a pooled database connection that found every connection of the pool in use and waited, by who asked (claim, record, mailer, upkeep, stop). The claim and the recorder should never wait."
+    );
     describe_counter!(
         CIRCUIT_PROBES,
         "Events sent as the probe of an endpoint whose circuit was open (its cool-down over)."
@@ -297,6 +305,16 @@ pub fn retried(event_type: &str) {
 pub fn lag(event_type: &str, lag: Duration) {
     histogram!(DELIVERY_LAG, "event_type" => event_type.to_string()).record(lag.as_secs_f64());
 }
+
+/// A checkout that found its pool full and busy; how long it waited goes
+/// to the debug log.
+pub fn pool_wait(user: &'static str, waited: Duration) {
+    counter!(DB_POOL_WAITS, "user" => user).increment(1);
+    tracing::debug!(user, waited = ?waited, "waited for a pooled database connection");
+}
+
+/// Who takes pooled connections, as [`DB_POOL_WAITS`] labels them.
+pub const POOL_USERS: [&str; 5] = ["claim", "record", "mailer", "upkeep", "stop"];
 
 pub fn database_error(operation: &'static str) {
     counter!(DATABASE_ERRORS, "operation" => operation).increment(1);

@@ -156,28 +156,63 @@ impl Mailer {
     }
 
     /// One tick: gather (unless continuing a run of sends), then send one
-    /// due email.
+    /// due email. A pooled connection is held for the statements only:
+    /// given back before the SMTP exchange (which may take minutes with a
+    /// slow or silent server) and taken again to mark the email, so the
+    /// mailer never keeps one from the recorder or the claim.
     pub async fn run_once(&self) -> Result<Report, NotifyError> {
         let mut report = Report::default();
-        let mut client = self.pool.get().await.map_err(|e| NotifyError {
-            step: "connecting",
-            reason: db::describe_pool(&e),
-        })?;
+        let mut client = self.connection().await?;
         if !self.continuing {
             report.gathered = self.gather(&mut client).await?;
         }
         let Some(smtp) = &self.config.smtp else {
+            client.done();
             return Ok(report);
         };
         let lease_ms = self.lease(smtp).as_millis() as i64;
         let claimed = mail::claim(&client, &self.owner, lease_ms)
             .await
             .map_err(step("claiming a due email"))?;
-        if let Some(email) = claimed {
-            report.claimed = 1;
-            self.send_one(&**client, smtp, email, &mut report).await?;
-        }
+        let Some(email) = claimed else {
+            client.done();
+            return Ok(report);
+        };
+        report.claimed = 1;
+        let pg: &tokio_postgres::Client = &client;
+        let content = self.content(pg, &email).await?;
+        client.done();
+        self.send_one(smtp, email, content, &mut report).await?;
         Ok(report)
+    }
+
+    async fn connection(&self) -> Result<db::Checkout, NotifyError> {
+        db::Checkout::get(&self.pool, "mailer")
+            .await
+            .map_err(|e| NotifyError {
+                step: "connecting",
+                reason: db::describe_pool(&e),
+            })
+    }
+
+    /// What the email says: a circuit's news from its snapshot, or the
+    /// digest of its events; None when its events were deleted meanwhile.
+    async fn content(
+        &self,
+        client: &impl GenericClient,
+        email: &ClaimedEmail,
+    ) -> Result<Option<email::Rendered>, NotifyError> {
+        if let Some(circuit) = email.circuit() {
+            return Ok(Some(circuit));
+        }
+        let digest = self
+            .bounded("loading an email's events", async {
+                mail::content(client, email.id, email::DIGEST_LISTED as i64)
+                    .await
+                    .map_err(step("loading an email's events"))
+            })
+            .await?;
+        Ok(digest.map(|digest| email::render_digest(&digest)))
     }
 
     /// Gathers under the advisory lock (one instance at a time): one
@@ -207,28 +242,17 @@ impl Mailer {
         smtp::send_limit(smtp, MAX_RECIPIENTS) + self.db_limit * 2 + Duration::from_secs(10)
     }
 
+    /// Sends `content` to the recipients still to have it, with no
+    /// connection held, then marks the email on a connection taken for it.
+    /// Each database step within its bound, so that loading, sending and
+    /// marking together stay inside the lease (see `lease`).
     async fn send_one(
         &self,
-        client: &impl GenericClient,
         smtp: &SmtpConfig,
         email: ClaimedEmail,
+        content: Option<email::Rendered>,
         report: &mut Report,
     ) -> Result<(), NotifyError> {
-        // Each database step within its bound, so that loading, sending and
-        // marking together stay inside the lease (see `lease`).
-        let content = match email.circuit() {
-            Some(circuit) => Some(circuit),
-            None => {
-                let digest = self
-                    .bounded("loading an email's events", async {
-                        mail::content(client, email.id, email::DIGEST_LISTED as i64)
-                            .await
-                            .map_err(step("loading an email's events"))
-                    })
-                    .await?;
-                digest.map(|digest| email::render_digest(&digest))
-            }
-        };
         let todo: Vec<String> = email
             .recipients
             .iter()
@@ -260,16 +284,13 @@ impl Mailer {
         }
         let retry_ms = self.retry_delay(email.attempt).as_millis() as i64;
         let mark = async {
-            mail::mark(
-                client,
-                &email,
-                &sent_to,
-                &refused,
-                retry_ms,
-                error.as_deref(),
-            )
-            .await
-            .map_err(step("marking an email"))
+            let client = self.connection().await?;
+            let pg: &tokio_postgres::Client = &client;
+            let state = mail::mark(pg, &email, &sent_to, &refused, retry_ms, error.as_deref())
+                .await
+                .map_err(step("marking an email"))?;
+            client.done();
+            Ok(state)
         };
         let state: Option<String> = self.bounded("marking an email", mark).await?;
         match state.as_deref() {

@@ -182,10 +182,12 @@ impl Writer<'_> {
 
     async fn write_pooled(&self, batch: &[Outcome], again: bool) -> Result<Written, RecordError> {
         let r = self.recorder;
-        let client = db::Checkout::get(&r.pool).await.map_err(|e| RecordError {
-            message: format!("no database connection: {}", db::describe_pool(&e)),
-            bad_data: false,
-        })?;
+        let client = db::Checkout::get(&r.pool, "record")
+            .await
+            .map_err(|e| RecordError {
+                message: format!("no database connection: {}", db::describe_pool(&e)),
+                bad_data: false,
+            })?;
         let written = write(&client, &r.owner, batch, again, &r.circuit, r.notify_window).await;
         client.done();
         written

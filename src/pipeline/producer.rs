@@ -387,7 +387,7 @@ impl ClaimLoop<'_> {
             Mode::Plain => self.plain_pool,
             Mode::Fair => self.pool,
         };
-        let client = db::Checkout::get(pool)
+        let client = db::Checkout::get(pool, "claim")
             .await
             .map_err(|e| format!("no database connection: {}", db::describe_pool(&e)))?;
         let delivery = &self.config.delivery;

@@ -235,10 +235,23 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 pub struct Checkout(Option<deadpool_postgres::Client>);
 
 impl Checkout {
+    /// A connection from `pool` for `user` (the metric's label: claim,
+    /// record, mailer, upkeep, stop). A checkout that finds every
+    /// connection of a full pool in use waits for one: that wait is counted
+    /// ([`crate::telemetry::pool_wait`]), since it is how one job of the
+    /// daemon slows another down.
     pub async fn get(
         pool: &deadpool_postgres::Pool,
+        user: &'static str,
     ) -> Result<Checkout, deadpool_postgres::PoolError> {
-        Ok(Checkout(Some(pool.get().await?)))
+        let status = pool.status();
+        let must_wait = status.available == 0 && status.size >= status.max_size;
+        let asked = std::time::Instant::now();
+        let client = pool.get().await;
+        if must_wait {
+            crate::telemetry::pool_wait(user, asked.elapsed());
+        }
+        Ok(Checkout(Some(client?)))
     }
 
     /// The round trip finished: back to the pool.
@@ -252,6 +265,12 @@ impl std::ops::Deref for Checkout {
 
     fn deref(&self) -> &deadpool_postgres::Client {
         self.0.as_ref().expect("used before done()")
+    }
+}
+
+impl std::ops::DerefMut for Checkout {
+    fn deref_mut(&mut self) -> &mut deadpool_postgres::Client {
+        self.0.as_mut().expect("used before done()")
     }
 }
 
@@ -342,13 +361,25 @@ pub fn round_trip_limit(config: &DatabaseConfig) -> Duration {
 /// claim.sql says how.
 const PLAIN_CLAIM_SESSION_OPTIONS: &str = "-c plan_cache_mode=force_generic_plan";
 
-/// The connection pool for recording, the fair claim, the mailer and
-/// upkeep. Connections are opened lazily, so building it never fails on an
+/// The connection pool for recording, the fair claim and the mailer (which
+/// holds a connection only for its statements, never during SMTP). Connections are opened lazily, so building it never fails on an
 /// unreachable database; the first `get()` does, after at most twice the
 /// connect timeout.
 pub fn pool(config: &DatabaseConfig) -> deadpool_postgres::Pool {
     build_pool(config, POOLED_SESSION_OPTIONS, config.pool_size)
 }
+
+/// Connections of the periodic upkeep (lease expiry, the hold limit, the
+/// queue gauges, retention): a pool of its own, so that a long retention
+/// batch or a slow gauge query never takes a connection the claim or the
+/// recorder is waiting for. Two: the services take turns on them (each
+/// tick is one short statement, bounded by the round-trip limit).
+pub fn upkeep_pool(config: &DatabaseConfig) -> deadpool_postgres::Pool {
+    build_pool(config, POOLED_SESSION_OPTIONS, UPKEEP_POOL_SIZE)
+}
+
+/// The size of [`upkeep_pool`].
+pub const UPKEEP_POOL_SIZE: usize = 2;
 
 /// The plain claim's connection, one per daemon (the claim loop makes one
 /// claim at a time), with [`PLAIN_CLAIM_SESSION_OPTIONS`] on top of the

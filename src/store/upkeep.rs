@@ -13,22 +13,27 @@ const RETENTION_SQL: &str = include_str!("../../sql/queries/retention.sql");
 const EXPIRE_HELD_SQL: &str = include_str!("../../sql/queries/expire_held.sql");
 const RELEASE_EXPIRED_SQL: &str = include_str!("../../sql/queries/release_expired.sql");
 
-/// Runs one of the upkeep statements on a pooled connection (prepared once
-/// per connection) and returns its one row; errors as text.
+/// Runs one of the upkeep statements on a connection of the upkeep's pool
+/// ([`db::upkeep_pool`]; prepared once per connection) and returns its one
+/// row; errors as text.
 async fn one_row(
     pool: &deadpool_postgres::Pool,
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<tokio_postgres::Row, String> {
-    let client = pool.get().await.map_err(|e| db::describe_pool(&e))?;
+    let client = db::Checkout::get(pool, "upkeep")
+        .await
+        .map_err(|e| db::describe_pool(&e))?;
     let statement = client
         .prepare_cached(sql)
         .await
         .map_err(|e| db::describe(&e))?;
-    client
+    let row = client
         .query_one(&statement, params)
         .await
-        .map_err(|e| db::describe(&e))
+        .map_err(|e| db::describe(&e))?;
+    client.done();
+    Ok(row)
 }
 
 /// Puts back in the queue up to `batch` events whose lease ran out

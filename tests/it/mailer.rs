@@ -433,3 +433,93 @@ async fn two_instances_gathering_at_once_make_one_email_with_every_notification(
     let counts: Vec<i64> = emails.iter().map(|r| r.get(1)).collect();
     assert_eq!(counts, [3], "one email, with every notification");
 }
+
+/// Issue 24, point 4: the claim and the recorder never wait for a pooled
+/// connection while the mailer is stuck in an exchange with a silent SMTP
+/// server and retention deletes a large backlog. The mailer holds a
+/// connection only for its statements, never during SMTP; the upkeep
+/// (retention, gauges, lease expiry, hold limit) has a pool of its own.
+/// With `database.pool_size = 2`, a mailer holding one through its SMTP
+/// timeout and retention taking the other left the recorder waiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_smtp_server_and_retention_at_work_never_make_the_claim_or_the_recorder_wait() {
+    use crate::harness::http_get;
+    use crate::receiver::Receiver;
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    queue_emails(&db, &client, &[(1, vec!["ops@c1.example.com".into()])]).await;
+    // Retention's backlog: delivered events 8 days old (kept for 7).
+    client
+        .batch_execute(
+            "INSERT INTO outbox.events (company_id, payload, state, attempts, delivered_at, created_at)
+             SELECT 9, '{}', 'delivered', 1, now() - interval '8 days', now() - interval '8 days'
+               FROM generate_series(1, 200000)",
+        )
+        .await
+        .unwrap();
+    let receiver = Receiver::ok().await;
+    crate::notify::endpoint(&client, 2, &receiver.url("/"), &[]).await;
+
+    let blackhole = Blackhole::start().await;
+    let mut env = smtp_env(blackhole.port, &[]);
+    // The default 30 s: the mailer stays in its exchange through the drain.
+    env.retain(|(key, _)| key != "OUTBOXD_SMTP__TIMEOUT");
+    for (key, value) in [
+        ("OUTBOXD_DATABASE__POOL_SIZE", "2"),
+        ("OUTBOXD_RETENTION__INTERVAL", "1s"),
+        ("OUTBOXD_RETENTION__BATCH_SIZE", "2000"),
+    ] {
+        env.push((key.into(), value.into()));
+    }
+    let daemon = start(&db, &env).await;
+    blackhole
+        .wait_for_connections(1, Duration::from_secs(20))
+        .await;
+    eventually(
+        "retention deleting the backlog",
+        Duration::from_secs(20),
+        || async {
+            count(
+                &client,
+                "SELECT count(*) FROM outbox.events WHERE company_id = 9",
+            )
+            .await
+                < 200_000
+        },
+    )
+    .await;
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(2, g, 'P' || g) FROM generate_series(1, 2000) g",
+        )
+        .await
+        .unwrap();
+    eventually_count(
+        &client,
+        "the 2,000 events delivered",
+        Duration::from_secs(60),
+        "SELECT count(*) FROM outbox.events WHERE company_id = 2 AND state = 'delivered'",
+        2000,
+    )
+    .await;
+    let sending = count(
+        &client,
+        "SELECT count(*) FROM outbox.emails WHERE state = 'sending'",
+    )
+    .await;
+    assert_eq!(sending, 1, "the mailer was in its SMTP exchange throughout");
+    let (_, metrics) = http_get(&format!("{}/metrics", daemon.admin)).await;
+    for user in ["claim", "record"] {
+        let line = format!("outboxd_db_pool_waits_total{{user=\"{user}\"}} 0");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line:?} not in:\n{}",
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("outboxd_db_pool"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    daemon.stop().await;
+}
