@@ -267,7 +267,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         // Aborted on purpose: its heartbeat must not read as a stall.
         watchdog_stop.cancel();
         recorder.abort();
-        tracing::warn!("could not record the last outcomes in time; their leases will expire");
+        tracing::warn!(
+            "could not record the last outcomes in time; those events will be sent again, with the same idempotency key"
+        );
     }
     // Nothing of this instance delivers any more: what it still holds goes
     // back to the queue now, not when its lease runs out.
