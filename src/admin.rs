@@ -108,7 +108,7 @@ async fn ready(state: &State) -> Result<(), String> {
             .get()
             .await
             .map_err(|e| crate::store::pool::describe_pool(&e))?;
-        crate::store::pool::ping(&client)
+        crate::store::server::ping(&client)
             .await
             .map_err(|e| crate::store::pool::describe(&e))?;
         Ok::<(), String>(())

@@ -7,6 +7,7 @@ use super::exit::{Exit, fail, migrate_failed};
 use crate::config::Config;
 use crate::store::migrate::{self, SchemaState};
 use crate::store::pool as db;
+use crate::store::server;
 
 /// The indexes a `migrate` run built and dropped outside its transaction.
 fn print_online(report: &migrate::Report) {
@@ -66,12 +67,12 @@ pub(super) async fn run_check(config: &Config) -> Exit {
         Ok(client) => client,
         Err(e) => return fail(&e),
     };
-    let version = match db::server_version(&client).await {
+    let version = match server::server_version(&client).await {
         Ok(version) => version,
         Err(e) => return fail(&db::describe(&e)),
     };
-    let encoding = match db::server_encoding(&client).await {
-        Ok((name, db::Charset::Unicode)) => name,
+    let encoding = match server::server_encoding(&client).await {
+        Ok((name, server::Charset::Unicode)) => name,
         Ok((name, _)) => {
             format!("{name}: receivers' messages are stored with the characters it lacks escaped")
         }

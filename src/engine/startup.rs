@@ -12,6 +12,7 @@ use crate::config::DatabaseConfig;
 use crate::service::Heartbeat;
 use crate::store::migrate::{self, MigrateError};
 use crate::store::pool as db;
+use crate::store::server;
 use crate::systemd;
 
 /// Waits between tries to reach the database at start: doubling from the
@@ -43,7 +44,7 @@ pub(super) async fn wait_for_database(
     limit: Duration,
     shutdown: &CancellationToken,
     heartbeat: Heartbeat,
-) -> Result<Option<db::Charset>, EngineError> {
+) -> Result<Option<server::Charset>, EngineError> {
     let mut delay = FIRST_START_RETRY;
     let mut behind_since: Option<Instant> = None;
     let result = loop {
@@ -94,7 +95,7 @@ pub(super) async fn wait_for_database(
 
 /// Refuses a schema that is not this binary's; warns when the server does
 /// not vacuum or cannot store every character; returns what it can store.
-async fn check_database(pool: &deadpool_postgres::Pool) -> Result<db::Charset, Unusable> {
+async fn check_database(pool: &deadpool_postgres::Pool) -> Result<server::Charset, Unusable> {
     let client = pool
         .get()
         .await
@@ -114,17 +115,17 @@ async fn check_database(pool: &deadpool_postgres::Pool) -> Result<db::Charset, U
     }
     // Delivers all the same, but the operator should know: see
     // docs/BENCHMARKS.md for what a 1M backlog cost without autovacuum.
-    if let Ok(false) = db::autovacuum_runs(&client).await {
+    if let Ok(false) = server::autovacuum_runs(&client).await {
         tracing::warn!(
             "PostgreSQL's autovacuum is off: the dead row versions every delivery leaves in \
              outbox.events are not reclaimed, so the table and its indexes grow and claims slow \
              down; turn autovacuum on, or VACUUM the outbox tables regularly"
         );
     }
-    let (encoding, charset) = db::server_encoding(&client).await.map_err(|e| {
+    let (encoding, charset) = server::server_encoding(&client).await.map_err(|e| {
         Unusable::Unreachable(format!("reading server_encoding: {}", db::describe(&e)))
     })?;
-    if charset != db::Charset::Unicode {
+    if charset != server::Charset::Unicode {
         tracing::warn!(
             encoding,
             "the database's encoding cannot store every character: characters of receivers' \

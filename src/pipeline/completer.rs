@@ -16,6 +16,7 @@ use crate::model::{NextState, Outcome};
 use crate::service::Heartbeat;
 use crate::store::pool as db;
 use crate::store::record::{CircuitChange, RecordError, Written, write};
+use crate::store::server;
 use crate::telemetry;
 
 /// Told when deliveries have ended and their outcomes were written (or
@@ -85,7 +86,7 @@ pub struct Recorder {
     /// endpoint's place under the cap is free again.
     pub room: Arc<dyn Freed>,
     /// What the database's encoding can store: texts are fitted to it.
-    pub charset: db::Charset,
+    pub charset: server::Charset,
 }
 
 impl Recorder {
@@ -269,9 +270,9 @@ fn without_texts(outcome: &Outcome, refused: &RecordError) -> Outcome {
 }
 
 /// Fits the outcome's texts to what the database can store (see
-/// [`db::Charset`]), cut again to [`MAX_MESSAGE_CHARS`] when escaping made
+/// [`server::Charset`]), cut again to [`MAX_MESSAGE_CHARS`] when escaping made
 /// them longer.
-fn fit_texts(outcome: &mut Outcome, charset: db::Charset) {
+fn fit_texts(outcome: &mut Outcome, charset: server::Charset) {
     for text in [&mut outcome.response_message, &mut outcome.error]
         .into_iter()
         .flatten()

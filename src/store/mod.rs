@@ -1,5 +1,6 @@
 //! The one place that speaks SQL to `outbox.*`: connections and pools
-//! ([`pool`]), the schema's migrations ([`migrations`]) and their runner ([`migrate`]), and one file per
+//! ([`pool`]), what the server is ([`server`]), the schema's migrations
+//! ([`migrations`]) and their runner ([`migrate`]), and one file per
 //! group of statements, each loading its text from `sql/queries/`: the
 //! claim ([`claim`]), marking outcomes and moving circuits ([`record`]),
 //! the periodic upkeep ([`upkeep`]), the notification emails ([`mail`]),
@@ -14,4 +15,5 @@ pub mod migrate;
 pub mod migrations;
 pub mod pool;
 pub mod record;
+pub mod server;
 pub mod upkeep;

@@ -445,7 +445,7 @@ async fn sighup_reloads_the_log_level_and_keeps_it_on_a_bad_file() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemon_warns_at_start_when_autovacuum_is_off() {
     let db = TestDb::new().await;
-    let off = !outboxd::store::pool::autovacuum_runs(&db.client().await)
+    let off = !outboxd::store::server::autovacuum_runs(&db.client().await)
         .await
         .unwrap();
     let daemon = Daemon::start(&db, &[]).await;
