@@ -233,11 +233,13 @@ impl Mailer {
     }
 
     /// How long one email is leased: loading its content, sending it to
-    /// the most recipients an email can have at the SMTP timeout, and
-    /// marking it, each at its bound, plus 10 s. With the defaults
-    /// (30 s SMTP timeout, 5 s connect timeout) 30 s × 7 + 2 × 55 s + 10 s
-    /// = 5 min 30 s, which is also how long an email whose sender died waits
-    /// before another instance takes it.
+    /// the most recipients an email can have with every SMTP command at its
+    /// timeout ([`smtp::send_limit`]), and marking it, each at its bound,
+    /// plus 10 s. With the defaults (30 s SMTP timeout, 5 s connect timeout)
+    /// 14 min 35 s + 2 × 55 s + 10 s = 16 min 35 s, which is also how long
+    /// an email whose sender died waits before another instance takes it:
+    /// shorter, and a slow relay that answers each command in time would see
+    /// its recipients mailed twice.
     fn lease(&self, smtp: &SmtpConfig) -> Duration {
         smtp::send_limit(smtp, MAX_RECIPIENTS) + self.db_limit * 2 + Duration::from_secs(10)
     }

@@ -75,9 +75,9 @@ fn reference_smtp_timeout() -> Duration {
 /// the SMTP timeouts of every queued email, past TimeoutStopSec (then systemd
 /// SIGKILLs it, and the stop counts as a failure). With tls = "none",
 /// mail-send 0.7 reads the 220 greeting without its own timeout, so only
-/// outboxd's bound per email applies: smtp.timeout * (recipients + 2), here
-/// 30 s * 4 = 2 min for the first email alone (and the old mailer had
-/// claimed all three together). Now a send still running at the stop gets
+/// outboxd's bound per email applies (`smtp::send_limit`: then
+/// smtp.timeout * (recipients + 2), here 30 s * 4 = 2 min for the first
+/// email alone, and the old mailer had claimed all three together). Now a send still running at the stop gets
 /// the mailer's 5 s grace and is abandoned; the stop must stay within the
 /// daemon's own budget, not just within TimeoutStopSec.
 #[tokio::test(flavor = "multi_thread")]
@@ -522,4 +522,44 @@ async fn a_silent_smtp_server_and_retention_at_work_never_make_the_claim_or_the_
         );
     }
     daemon.stop().await;
+}
+
+/// Issue 24, point 5: a slow relay answers every command within
+/// `smtp.timeout` (1 s) but takes 0.9 s at RCPT and 0.9 s after the
+/// message, so one recipient's transaction takes longer than one timeout
+/// and five of them longer than the old bound on the whole exchange. Each
+/// recipient still receives the email exactly once: the bound follows the
+/// commands, and what was accepted before any cut-off is kept.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_relay_within_each_commands_timeout_mails_each_recipient_once() {
+    const RECIPIENTS: usize = 5;
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let emails: Vec<String> = (1..=RECIPIENTS)
+        .map(|r| format!("r{r}@c1.example.com"))
+        .collect();
+    let company_of: BTreeMap<String, i64> = emails.iter().map(|e| (e.clone(), 1)).collect();
+    queue_emails(&db, &client, &[(1, emails)]).await;
+
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &["--delay-rcpt", "0.9", "--delay-data", "0.9"]).await;
+    let env = smtp_env(port, &[("OUTBOXD_SMTP__TIMEOUT", "1s")]);
+    let daemon = start(&db, &env).await;
+    eventually_count(
+        &client,
+        "the email marked sent",
+        Duration::from_secs(60),
+        "SELECT count(*) FROM outbox.emails WHERE state = 'sent'",
+        1,
+    )
+    .await;
+    assert!(daemon.stop().await.success());
+    let got = received_per_recipient(&smtp.mails(), &company_of);
+    for rcpt in company_of.keys() {
+        assert_eq!(
+            got.get(rcpt),
+            Some(&1),
+            "messages received for {rcpt}: {got:?}"
+        );
+    }
 }
