@@ -559,13 +559,12 @@ async fn sigterm_mid_batch_drains_in_flight_deliveries_and_exits_0() {
     daemon.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigkill_mid_batch_leased_rows_are_delivered_after_the_lease_with_the_same_key() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
+/// A receiver whose requests hang until the returned flag is cleared (the
+/// first daemon's life), and are answered with success after.
+async fn hanging_during_the_first_life() -> (Receiver, std::sync::Arc<std::sync::atomic::AtomicBool>)
+{
     let first_life = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let flag = first_life.clone();
-    // While the first daemon lives, requests hang (in flight at the kill).
     let receiver = Receiver::start(move |_, _| {
         if flag.load(std::sync::atomic::Ordering::SeqCst) {
             Reply::Hang
@@ -574,6 +573,15 @@ async fn sigkill_mid_batch_leased_rows_are_delivered_after_the_lease_with_the_sa
         }
     })
     .await;
+    (receiver, first_life)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_batch_leased_rows_are_delivered_after_the_lease_with_the_same_key() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // While the first daemon lives, requests hang (in flight at the kill).
+    let (receiver, first_life) = hanging_during_the_first_life().await;
     set_endpoint(&client, 1, &receiver.url("/"), "none").await;
     let timing = [
         ("OUTBOXD_DELIVERY__REQUEST_TIMEOUT", "1s"),
@@ -637,17 +645,8 @@ async fn sigkill_mid_batch_leased_rows_are_delivered_after_the_lease_with_the_sa
 async fn sigterm_hands_back_the_leases_of_cut_off_deliveries_and_a_restart_sends_them_at_once() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let first_life = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let flag = first_life.clone();
     // While the first daemon lives, requests hang: in flight at the stop.
-    let receiver = Receiver::start(move |_, _| {
-        if flag.load(std::sync::atomic::Ordering::SeqCst) {
-            Reply::Hang
-        } else {
-            Reply::Json(200, json!({"status": "1", "message": "ok"}))
-        }
-    })
-    .await;
+    let (receiver, first_life) = hanging_during_the_first_life().await;
     set_endpoint(&client, 1, &receiver.url("/"), "none").await;
     let timing = [
         ("OUTBOXD_DELIVERY__LEASE", "60s"),

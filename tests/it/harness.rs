@@ -36,7 +36,9 @@ pub fn url_with_dbname(url: &str, dbname: &str) -> String {
     out
 }
 
-async fn connect_url(url: &str) -> Client {
+/// A new connection to the database at `url`, its connection driven on a
+/// task of its own (for tasks that cannot borrow a [`TestDb`]).
+pub async fn connect_url(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
         .unwrap_or_else(|e| panic!("cannot connect to the test server: {e}"));

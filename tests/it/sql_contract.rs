@@ -350,10 +350,7 @@ async fn enqueues_notify_at_most_once_per_quarter_second_whoever_enqueues() {
         .map(|w| {
             let url = db.url.clone();
             tokio::spawn(async move {
-                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(connection);
+                let client = crate::harness::connect_url(&url).await;
                 let mut n = 0i64;
                 while started.elapsed() < std::time::Duration::from_millis(1500) {
                     n += 1;

@@ -74,10 +74,7 @@ async fn the_light_enqueue_migration_keeps_enqueues_flowing_and_the_previous_dae
             let url = db.url.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
-                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(connection);
+                let client = crate::harness::connect_url(&url).await;
                 let (mut n, mut worst) = (0i64, Duration::ZERO);
                 while !stop.load(Ordering::SeqCst) {
                     n += 1;

@@ -55,10 +55,7 @@ async fn a_burst_committed_right_after_a_wake_up_arrives_without_waiting_for_the
         .map(|w| {
             let url = db.url.clone();
             tokio::spawn(async move {
-                let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(connection);
+                let client = crate::harness::connect_url(&url).await;
                 for n in 0..10 {
                     client
                         .execute(
@@ -123,10 +120,7 @@ async fn a_stopped_daemon_cannot_fill_the_notify_queue_and_enqueues_keep_committ
             let stop = stop.clone();
             let committed = committed.clone();
             tokio::spawn(async move {
-                let (mut client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                    .await
-                    .unwrap();
-                tokio::spawn(connection);
+                let mut client = crate::harness::connect_url(&url).await;
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
