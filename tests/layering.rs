@@ -51,6 +51,67 @@ fn no_top_level_module_imports_one_that_imports_it_back() {
     );
 }
 
+/// Every statement on `outbox.*` and every `sql/` file is the store's:
+/// outside `src/store/`, no string literal holds SQL on the outbox tables
+/// and nothing includes a file of `sql/`.
+#[test]
+fn only_the_store_speaks_sql_to_the_outbox() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    walk(&src, &mut files);
+    let mut found = Vec::new();
+    for file in files.iter().filter(|f| !f.starts_with(src.join("store"))) {
+        let text = std::fs::read_to_string(file).expect("a source file is readable");
+        for literal in string_literals(&text) {
+            let upper = literal.to_uppercase();
+            let statement = ["SELECT", "UPDATE", "INSERT", "DELETE"]
+                .iter()
+                .any(|k| upper.contains(k));
+            if (statement && literal.contains("outbox.")) || literal.contains("sql/") {
+                found.push(format!("{}: {literal:?}", file.display()));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "SQL outside src/store/:\n{}",
+        found.join("\n")
+    );
+}
+
+/// The contents of the string literals of `text`, comments skipped.
+fn string_literals(text: &str) -> Vec<String> {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        match (chars[i], chars.get(i + 1)) {
+            ('/', Some('/')) => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+            }
+            ('"', _) if !(i > 0 && chars[i - 1] == '\'') => {
+                let mut literal = String::new();
+                i += 1;
+                while i < chars.len() && chars[i] != '"' {
+                    if chars[i] == '\\' {
+                        i += 1;
+                    }
+                    if let Some(c) = chars.get(i) {
+                        literal.push(*c);
+                    }
+                    i += 1;
+                }
+                out.push(literal);
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    out
+}
+
 #[test]
 #[ignore = "prints the graph; run with --ignored --nocapture"]
 fn print_the_module_graph() {

@@ -498,7 +498,11 @@ mod tests {
         // Migration 0009 notifies at most once per this long; an event
         // committed within it must meet a follow-up look, with room for the
         // rest of its transaction.
-        let sql = include_str!("../../sql/migrations/0009_light_enqueue.sql");
+        let sql = crate::store::migrations::MIGRATIONS
+            .iter()
+            .find(|m| m.version == 9)
+            .expect("migration 0009")
+            .sql;
         let quiet_ms: u64 = sql
             .split("now_ms + ")
             .nth(1)
