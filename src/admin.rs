@@ -2,8 +2,11 @@
 //!
 //! - `GET /metrics`: Prometheus text exposition;
 //! - `GET /healthz`: 200 while the process serves requests at all;
-//! - `GET /readyz`: 200 when the database answers a query within 2 s and
-//!   the LISTEN connection is up, else 503 with the reason.
+//! - `GET /readyz`: 200 when the database answers a query within 2 s, the
+//!   LISTEN connection is up, and claims and records get done
+//!   ([`Progress::problem`]: no outcome set aside, none waiting and no
+//!   claim failing for longer than [`crate::progress::STALL_LIMIT`]), else
+//!   503 with the reason.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,6 +26,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::progress::Progress;
+
 /// A readiness check may not take longer than this: probes time out at a
 /// few seconds, and a hung check should read as "not ready", not as a hung
 /// process.
@@ -34,6 +39,8 @@ pub struct State {
     pub metrics: PrometheusHandle,
     pub pool: deadpool_postgres::Pool,
     pub listening: Arc<AtomicBool>,
+    /// Whether claims and records get anything done.
+    pub progress: Arc<Progress>,
 }
 
 /// Binds `addr` (so a bad address fails start-up) and serves until
@@ -78,7 +85,7 @@ async fn route(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/metrics" => {
-            crate::telemetry::scrape(&state.pool);
+            crate::telemetry::scrape(&state.pool, &state.progress);
             let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
             response.headers_mut().insert(
                 CONTENT_TYPE,
@@ -120,6 +127,9 @@ async fn ready(state: &State) -> Result<(), String> {
     }
     if !state.listening.load(Ordering::Relaxed) {
         return Err("the LISTEN connection is down (polling continues)".to_string());
+    }
+    if let Some(problem) = state.progress.problem(tokio::time::Instant::now()) {
+        return Err(problem);
     }
     Ok(())
 }

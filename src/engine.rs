@@ -19,7 +19,9 @@
 //!    before its database, never needs an operator. A schema older than the
 //!    binary is waited for too, up to `database.schema_wait` (2 min: the
 //!    migration unit may be retrying beside us), then ends the process
-//!    (exit 3), as a newer or modified one does at once; so does a bad
+//!    (exit 3), as a newer or modified one does at once (and, while
+//!    running, a newer one that a statement refused for structural reasons
+//!    led [`SchemaWatch`] to find: a stop as below, then exit 3); so does a bad
 //!    configuration (exit 2) before any of this. READY comes first because waiting before
 //!    it would run into the unit's `TimeoutStartSec`, and the restarts after
 //!    that into its start limit, after which systemd gives up.
@@ -69,7 +71,9 @@ use crate::listen::Listener;
 use crate::maintenance::{HoldLimit, LeaseExpiry, Maintenance, Retention};
 use crate::notify::mailer::Mailer;
 use crate::pipeline::producer::{self, ClaimLoop};
+use crate::pipeline::schema_watch::SchemaWatch;
 use crate::pipeline::{completer, executor};
+use crate::progress::Progress;
 use crate::service::{self, Liveness, Running};
 use crate::store::claim;
 use crate::store::pool as db;
@@ -130,11 +134,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     let upkeep_pool = db::upkeep_pool(&config.database);
     let db_limit = db::round_trip_limit(&config.database);
     let listening = Arc::new(AtomicBool::new(false));
+    let progress = Arc::new(Progress::new());
 
     // Phase zero. The admin server answers from here to the very end, so
     // /readyz says why the daemon is not ready while it waits, and /metrics
     // answers during the drain.
-    let admin = Admin::start(&config, metrics_handle.clone(), &pool, &listening).await?;
+    let admin = Admin::start(
+        &config,
+        metrics_handle.clone(),
+        &pool,
+        &listening,
+        &progress,
+    )
+    .await?;
     systemd::ready("waiting for the database");
     // Pings from here on; they stop when this function returns, however.
     let watchdog_stop = CancellationToken::new();
@@ -203,15 +215,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     // holds back new claims while the database is slow.
     let (outcomes_tx, outcomes_rx) = mpsc::channel(config.delivery.concurrency * 2);
     let room = Arc::new(producer::Room::default());
+    // Claiming also stops when a newer binary's migration is found under
+    // this one (exit 3, after the stop's usual steps).
+    let stop = shutdown.child_token();
+    let schema = Arc::new(SchemaWatch::new(pool.clone(), db_limit, stop.clone()));
     let recorder = completer::Recorder {
         pool: pool.clone(),
         owner: owner.clone(),
         gather: config.delivery.concurrency,
         limit: db_limit,
+        lease: config.delivery.lease,
         circuit: config.circuit.clone(),
         notify_window: config.notify.window,
         room: room.clone(),
         charset,
+        progress: progress.clone(),
+        schema: schema.clone(),
     };
     let mut recorder = tokio::spawn(recorder.run(outcomes_rx, liveness.register("recorder")));
     let context = Arc::new(executor::Context {
@@ -238,10 +257,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         context: &context,
         wake: &wake,
         room: &room,
+        progress: &progress,
+        schema: &schema,
     }
     .run(
         &mut tasks,
-        &shutdown,
+        &stop,
         &recorder,
         liveness.register("claim loop"),
     )
@@ -280,6 +301,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         abandoned,
         "outboxd stopped"
     );
+    if let Some(problem) = schema.newer() {
+        return Err(EngineError::Schema(problem));
+    }
     if recorder_died {
         return Err(EngineError::Recorder);
     }
@@ -299,6 +323,7 @@ impl Admin {
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
         pool: &deadpool_postgres::Pool,
         listening: &Arc<AtomicBool>,
+        progress: &Arc<Progress>,
     ) -> Result<Admin, EngineError> {
         let stop = CancellationToken::new();
         let (Some(addr), Some(metrics)) = (config.metrics.listen, metrics) else {
@@ -308,6 +333,7 @@ impl Admin {
             metrics,
             pool: pool.clone(),
             listening: listening.clone(),
+            progress: progress.clone(),
         };
         let (bound, task) =
             admin::start(addr, state, stop.clone())

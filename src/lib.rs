@@ -10,7 +10,8 @@
 //!      payload, what an email is made of, [`model::Secret`];
 //!    - [`backoff`]: when to retry (pure);
 //!    - [`service`]: the one shape of the background services and the
-//!      heartbeats behind the watchdog; [`telemetry`] names every metric;
+//!      heartbeats behind the watchdog; [`progress`]: whether claims and
+//!      records get anything done; [`telemetry`] names every metric;
 //!      [`systemd`] speaks systemd's notify protocol.
 //! 2. [`config`]: figment loading and the validation of each section.
 //! 3. The two edges of a delivery:
@@ -28,7 +29,8 @@
 //!    - [`pipeline`]: producer → executor → completer: the claim loop and
 //!      its capacity ([`pipeline::producer`]), one attempt in order
 //!      ([`pipeline::executor`]), the recorder writing outcomes in groups
-//!      ([`pipeline::completer`]);
+//!      ([`pipeline::completer`]), the schema looked at again when
+//!      statements are refused ([`pipeline::schema_watch`]);
 //!    - [`listen`]: LISTEN/NOTIFY wake-ups (a hint; polling is the truth);
 //!    - [`maintenance`]: lease expiry, the hold limit, the queue gauges and
 //!      retention, each a service;
@@ -56,6 +58,7 @@ pub mod model;
 pub mod notify;
 pub mod pipeline;
 pub mod policy;
+pub mod progress;
 pub mod service;
 pub mod store;
 pub mod systemd;

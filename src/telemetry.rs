@@ -10,6 +10,7 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::progress::Progress;
 use crate::service::{Next, Service};
 
 pub const DELIVERY_ATTEMPTS: &str = "outboxd_delivery_attempts_total";
@@ -43,6 +44,10 @@ pub const DB_POOL_CONNECTIONS: &str = "outboxd_db_pool_connections";
 pub const DB_POOL_MAX: &str = "outboxd_db_pool_max_connections";
 pub const DB_POOL_WAITING: &str = "outboxd_db_pool_waiting";
 pub const DB_POOL_WAITS: &str = "outboxd_db_pool_waits_total";
+pub const LAST_CLAIM_AGE: &str = "outboxd_last_claim_age_seconds";
+pub const OLDEST_UNRECORDED_AGE: &str = "outboxd_oldest_unrecorded_outcome_age_seconds";
+pub const OUTCOMES_SET_ASIDE: &str = "outboxd_outcomes_set_aside";
+pub const OUTCOMES_SET_ASIDE_TOTAL: &str = "outboxd_outcomes_set_aside_total";
 
 /// The `process_*` metrics every Prometheus client exports (CPU, memory,
 /// open and allowed file descriptors, threads, start time), read from
@@ -53,9 +58,18 @@ fn process_collector() -> &'static metrics_process::Collector {
 }
 
 /// Brings the values that are read rather than counted up to date, just
-/// before `/metrics` renders: the process metrics and the pool's.
-pub fn scrape(pool: &deadpool_postgres::Pool) {
+/// before `/metrics` renders: the process metrics, the pool's, and the ages
+/// of the last claim and of the oldest unrecorded outcome.
+pub fn scrape(pool: &deadpool_postgres::Pool, progress: &Progress) {
     process_collector().collect();
+    let now = tokio::time::Instant::now();
+    gauge!(LAST_CLAIM_AGE).set(progress.claim_age(now).as_secs_f64());
+    gauge!(OLDEST_UNRECORDED_AGE).set(
+        progress
+            .unrecorded_age(now)
+            .unwrap_or_default()
+            .as_secs_f64(),
+    );
     let status = pool.status();
     let in_use = status.size.saturating_sub(status.available);
     gauge!(DB_POOL_CONNECTIONS, "state" => "in_use").set(in_use as f64);
@@ -117,9 +131,11 @@ pub fn install() -> Result<PrometheusHandle, String> {
         NOTIFICATIONS_FAILED,
         NOTIFICATION_RECIPIENTS_REFUSED,
         CIRCUIT_PROBES,
+        OUTCOMES_SET_ASIDE_TOTAL,
     ] {
         counter!(name).absolute(0);
     }
+    gauge!(OUTCOMES_SET_ASIDE).set(0.0);
     for change in ["opened", "reopened", "closed"] {
         counter!(CIRCUIT_CHANGES, "change" => change).absolute(0);
     }
@@ -134,9 +150,27 @@ pub fn install() -> Result<PrometheusHandle, String> {
 }
 
 fn describe() {
+    describe_gauge!(
+        LAST_CLAIM_AGE,
+        metrics::Unit::Seconds,
+        "Time since this instance last claimed successfully (or found every delivery slot busy). Grows while claims fail or pause; see OutboxdInstanceStuck."
+    );
+    describe_gauge!(
+        OLDEST_UNRECORDED_AGE,
+        metrics::Unit::Seconds,
+        "How long the oldest delivery outcome of this instance that is not written yet has waited (0: none waits). Milliseconds normally; grows while writes fail."
+    );
+    describe_gauge!(
+        OUTCOMES_SET_ASIDE,
+        "Delivery outcomes the database refused for structural reasons (a privilege, a trigger, a changed table), kept and tried again while their leases last."
+    );
+    describe_counter!(
+        OUTCOMES_SET_ASIDE_TOTAL,
+        "Delivery outcomes set aside because the database refused them for structural reasons."
+    );
     describe_counter!(
         DB_POOL_WAITS,
-        "Checkouts of a pooled database connection that found every connection of the pool in use and waited, by who asked (claim, record, mailer, upkeep, stop). The claim and the recorder should never wait."
+        "Checkouts of a pooled database connection that found every connection of the pool in use and waited, by who asked (claim, record, mailer, upkeep, stop, schema). The claim and the recorder should never wait."
     );
     describe_counter!(
         CIRCUIT_PROBES,
@@ -314,7 +348,7 @@ pub fn pool_wait(user: &'static str, waited: Duration) {
 }
 
 /// Who takes pooled connections, as [`DB_POOL_WAITS`] labels them.
-pub const POOL_USERS: [&str; 5] = ["claim", "record", "mailer", "upkeep", "stop"];
+pub const POOL_USERS: [&str; 6] = ["claim", "record", "mailer", "upkeep", "stop", "schema"];
 
 pub fn database_error(operation: &'static str) {
     counter!(DATABASE_ERRORS, "operation" => operation).increment(1);

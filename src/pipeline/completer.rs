@@ -5,15 +5,19 @@
 //! the cap are free again.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::config::CircuitConfig;
 use crate::http::classify::{MAX_MESSAGE_CHARS, truncate_chars};
 use crate::model::{NextState, Outcome};
+use crate::pipeline::schema_watch::SchemaWatch;
+use crate::progress::Progress;
 use crate::service::Heartbeat;
+use crate::store::error::ErrorKind;
 use crate::store::pool as db;
 use crate::store::record::{CircuitChange, RecordError, Written, write};
 use crate::store::server;
@@ -71,6 +75,14 @@ async fn next_group<T>(
     true
 }
 
+/// How often outcomes set aside are tried again.
+pub const SET_ASIDE_RETRY: Duration = Duration::from_secs(5);
+
+/// Outcomes set aside at most; beyond, the oldest is given up (its event is
+/// delivered again after its lease). A revoked privilege sets aside every
+/// outcome, and memory must stay bounded.
+const MAX_SET_ASIDE: usize = 10_000;
+
 /// The recorder: what it writes with.
 pub struct Recorder {
     pub pool: deadpool_postgres::Pool,
@@ -79,6 +91,8 @@ pub struct Recorder {
     pub gather: usize,
     /// One write's bound (`store::pool::round_trip_limit`).
     pub limit: Duration,
+    /// `delivery.lease`: how long an outcome set aside is worth keeping.
+    pub lease: Duration,
     pub circuit: CircuitConfig,
     /// `notify.window`: throttles the emails about circuits.
     pub notify_window: Duration,
@@ -87,6 +101,12 @@ pub struct Recorder {
     pub room: Arc<dyn Freed>,
     /// What the database's encoding can store: texts are fitted to it.
     pub charset: server::Charset,
+    /// Where the oldest unwritten outcome and the outcomes set aside are
+    /// told.
+    pub progress: Arc<Progress>,
+    /// Asked to look at the schema when a write is refused for what the
+    /// database has become.
+    pub schema: Arc<SchemaWatch>,
 }
 
 impl Recorder {
@@ -94,43 +114,188 @@ impl Recorder {
     /// writes them in groups (see [`RECORD_GATHER_WAIT`]) until the channel
     /// closes and is empty.
     ///
-    /// A database error does not lose outcomes: the group is retried (1 s,
-    /// doubling to 30 s) while the channel's bound holds deliveries back. If
-    /// the outage outlasts the leases, other instances claim the events
-    /// again and the fence discards these late outcomes. Every write is
-    /// bounded by `limit`; one that overruns counts as failed and is
-    /// retried. A group the database refuses for what it carries is written
-    /// one by one ([`write_one_by_one`]). `heartbeat` promises each write's
-    /// and each pause's bound, and nothing while there is nothing to write.
+    /// What a refused write leads to depends on why ([`ErrorKind`]):
+    /// - transient (the database out of reach, restarting, failing over, a
+    ///   lock, a timeout): the group is retried (1 s, doubling to 30 s)
+    ///   while the channel's bound holds deliveries back; outcomes are not
+    ///   lost. If the outage outlasts the leases, other instances claim the
+    ///   events again and the fence discards these late outcomes;
+    /// - bad data (one outcome's values): the group is written one by one
+    ///   ([`write_one_by_one`]), so that the others land;
+    /// - structural (a privilege, a trigger, a changed table): the schema
+    ///   is looked at again ([`SchemaWatch`]; a newer one stops the
+    ///   instance), then the group is written one by one, and each outcome
+    ///   that is still refused is set aside with its reason ([`SetAside`]):
+    ///   counted, logged, tried again every [`SET_ASIDE_RETRY`] for as long
+    ///   as its lease lasts, and the queue moves on. While nothing at all
+    ///   can be written, the claim loop pauses ([`Progress`]).
+    ///
+    /// Every write is bounded by `limit`; one that overruns counts as
+    /// transient. `heartbeat` promises each write's and each pause's bound,
+    /// and nothing while there is nothing to write.
     pub async fn run(self, mut outcomes: mpsc::Receiver<Outcome>, heartbeat: Heartbeat) {
         let mut batch = Vec::with_capacity(MAX_RECORD_BATCH);
+        let mut aside = SetAside::default();
         let writer = Writer {
             recorder: &self,
             heartbeat: &heartbeat,
         };
         loop {
-            heartbeat.idle();
-            if !next_group(&mut outcomes, &mut batch, self.gather).await {
+            let open = match aside.next_retry() {
+                None => {
+                    heartbeat.idle();
+                    next_group(&mut outcomes, &mut batch, self.gather).await
+                }
+                Some(at) => {
+                    let wait = at.saturating_duration_since(Instant::now());
+                    heartbeat.within(wait);
+                    let next = next_group(&mut outcomes, &mut batch, self.gather);
+                    // Time to try those set aside again; what was received
+                    // meanwhile is in `batch`.
+                    tokio::time::timeout(wait, next).await.unwrap_or(true)
+                }
+            };
+            if !batch.is_empty() {
+                self.record(&writer, &mut batch, &mut aside).await;
+                batch.clear();
+            }
+            if aside.next_retry().is_some_and(|at| at <= Instant::now()) {
+                writer.retry_set_aside(&mut aside).await;
+                self.told(&aside);
+            }
+            if !open {
                 break;
             }
-            for outcome in &mut batch {
-                fit_texts(outcome, self.charset);
-            }
-            if let Err(e) = writer.write_until_done(&batch).await {
-                // One outcome poisons the group: write them one by one so
-                // that the others land.
-                tracing::error!(error = %e, "a group of outcomes was refused; recording them one by one");
-                write_one_by_one(&writer, &batch).await;
-            }
-            let ended: Vec<(i64, &str)> = batch
-                .iter()
-                .map(|o| (o.company_id, o.event_type.as_str()))
-                .collect();
-            self.room.finished(&ended);
-            batch.clear();
+        }
+        if !aside.entries.is_empty() {
+            tracing::warn!(
+                set_aside = aside.entries.len(),
+                "stopping with outcomes that could not be recorded; their events are delivered \
+                 again after their leases, with the same idempotency key"
+            );
         }
         heartbeat.retire();
     }
+
+    /// Writes one group (see [`Recorder::run`]), then frees its endpoints'
+    /// places under the cap, set aside or not.
+    async fn record(&self, writer: &Writer<'_>, batch: &mut [Outcome], aside: &mut SetAside) {
+        let received = Instant::now();
+        self.progress
+            .unrecorded_since(Some(aside.oldest().map_or(received, |o| o.min(received))));
+        for outcome in batch.iter_mut() {
+            fit_texts(outcome, self.charset);
+        }
+        let batch = &*batch;
+        match writer.write_until_done(batch).await {
+            Ok(()) => aside.wrote(),
+            Err(e) => {
+                if e.kind == ErrorKind::Structural {
+                    self.heartbeat_bound(writer);
+                    self.schema.recheck("record", &e.message).await;
+                }
+                // One outcome may poison the group: write them one by one
+                // so that the others land.
+                tracing::error!(error = %e, "a group of outcomes was refused; recording them one by one");
+                write_one_by_one(writer, batch, aside, received).await;
+            }
+        }
+        let ended: Vec<(i64, &str)> = batch
+            .iter()
+            .map(|o| (o.company_id, o.event_type.as_str()))
+            .collect();
+        self.room.finished(&ended);
+        self.told(aside);
+    }
+
+    /// The schema check is one more bounded round trip.
+    fn heartbeat_bound(&self, writer: &Writer<'_>) {
+        writer.heartbeat.within(self.limit);
+    }
+
+    /// Tells [`Progress`] what is set aside and since when.
+    fn told(&self, aside: &SetAside) {
+        self.progress.unrecorded_since(aside.oldest());
+        self.progress.set_aside(
+            aside.entries.len(),
+            aside.entries.last().map(|e| e.reason.as_str()),
+            aside.blocked,
+        );
+        ::metrics::gauge!(crate::telemetry::OUTCOMES_SET_ASIDE).set(aside.entries.len() as f64);
+    }
+}
+
+/// Outcomes the database refused for what it has become (see
+/// [`Recorder::run`]), kept to be tried again while their leases last.
+#[derive(Default)]
+struct SetAside {
+    entries: Vec<Aside>,
+    /// No write has succeeded since the oldest entry was set aside.
+    blocked: bool,
+    /// When to try again (None: nothing set aside).
+    retry_at: Option<Instant>,
+}
+
+struct Aside {
+    outcome: Outcome,
+    /// When the recorder first received it.
+    since: Instant,
+    reason: String,
+}
+
+impl SetAside {
+    fn put(&mut self, outcome: &Outcome, since: Instant, refused: &RecordError) {
+        if self.entries.is_empty() {
+            self.blocked = true;
+            self.retry_at = Some(Instant::now() + SET_ASIDE_RETRY);
+        }
+        ::metrics::counter!(crate::telemetry::OUTCOMES_SET_ASIDE_TOTAL).increment(1);
+        tracing::error!(
+            event_id = %outcome.event_id,
+            company_id = outcome.company_id,
+            attempt = outcome.attempt,
+            error = %refused.message,
+            retry_in = ?SET_ASIDE_RETRY,
+            "an outcome cannot be recorded; set aside and tried again while its lease lasts"
+        );
+        self.entries.push(Aside {
+            outcome: outcome.clone(),
+            since,
+            reason: refused.message.clone(),
+        });
+        if self.entries.len() > MAX_SET_ASIDE {
+            let given_up = self.entries.remove(0);
+            give_up(&given_up, "more outcomes are set aside than can be kept");
+        }
+    }
+
+    /// A write succeeded.
+    fn wrote(&mut self) {
+        self.blocked = false;
+    }
+
+    fn oldest(&self) -> Option<Instant> {
+        self.entries.iter().map(|e| e.since).min()
+    }
+
+    fn next_retry(&self) -> Option<Instant> {
+        if self.entries.is_empty() {
+            None
+        } else {
+            self.retry_at
+        }
+    }
+}
+
+fn give_up(aside: &Aside, why: &str) {
+    tracing::warn!(
+        event_id = %aside.outcome.event_id,
+        attempt = aside.outcome.attempt,
+        reason = %aside.reason,
+        why,
+        "giving up on recording an outcome; its event is delivered again after its lease, \
+         with the same idempotency key"
+    );
 }
 
 /// Writes groups of outcomes, each within a deadline.
@@ -141,8 +306,9 @@ struct Writer<'a> {
 
 impl Writer<'_> {
     /// Writes `batch`, trying again (1 s, doubling to 30 s) for as long as
-    /// the database cannot be reached or does not answer in time; an error
-    /// only when the database refused the batch for what it carries.
+    /// the failure is transient (see [`ErrorKind`]); an error when the
+    /// database refused the batch for what it carries or for what it has
+    /// become.
     async fn write_until_done(&self, batch: &[Outcome]) -> Result<(), RecordError> {
         let mut delay = Duration::from_secs(1);
         let mut again = false;
@@ -154,7 +320,7 @@ impl Writer<'_> {
                 }
                 Err(e) => {
                     telemetry::database_error("record");
-                    if e.bad_data {
+                    if e.kind != ErrorKind::Transient {
                         return Err(e);
                     }
                     // The write may have committed before its reply was
@@ -176,7 +342,7 @@ impl Writer<'_> {
             Ok(written) => written,
             Err(_) => Err(RecordError {
                 message: format!("no answer within {limit:?}"),
-                bad_data: false,
+                kind: ErrorKind::Transient,
             }),
         }
     }
@@ -187,7 +353,7 @@ impl Writer<'_> {
             .await
             .map_err(|e| RecordError {
                 message: format!("no database connection: {}", db::describe_pool(&e)),
-                bad_data: false,
+                kind: ErrorKind::Transient,
             })?;
         let written = write(&client, &r.owner, batch, again, &r.circuit, r.notify_window).await;
         client.done();
@@ -200,6 +366,52 @@ impl Writer<'_> {
         for c in &written.circuits {
             log_circuit(c);
         }
+    }
+
+    /// Tries each outcome set aside once more (a transient failure ends
+    /// the round: the next one comes [`SET_ASIDE_RETRY`] later); gives up
+    /// those whose lease is over.
+    async fn retry_set_aside(&self, aside: &mut SetAside) {
+        let lease = self.recorder.lease;
+        let now = SystemTime::now();
+        aside.entries.retain(|a| {
+            let over = a.outcome.started_at + lease <= now;
+            if over {
+                give_up(a, "its lease is over");
+            }
+            !over
+        });
+        let mut kept = Vec::with_capacity(aside.entries.len());
+        let mut entries = std::mem::take(&mut aside.entries).into_iter();
+        for mut a in entries.by_ref() {
+            // `again`: an earlier try may have committed unanswered.
+            match self.write(std::slice::from_ref(&a.outcome), true).await {
+                Ok(written) => {
+                    self.written(std::slice::from_ref(&a.outcome), &written);
+                    aside.wrote();
+                    tracing::info!(
+                        event_id = %a.outcome.event_id,
+                        waited = ?a.since.elapsed(),
+                        "an outcome set aside is recorded after all"
+                    );
+                }
+                Err(e) => {
+                    telemetry::database_error("record");
+                    let transient = e.kind == ErrorKind::Transient;
+                    a.reason = e.message;
+                    kept.push(a);
+                    if transient {
+                        break;
+                    }
+                }
+            }
+        }
+        kept.extend(entries);
+        aside.entries = kept;
+        if aside.entries.is_empty() {
+            aside.blocked = false;
+        }
+        aside.retry_at = Some(Instant::now() + SET_ASIDE_RETRY);
     }
 }
 
@@ -223,26 +435,39 @@ fn log_circuit(c: &CircuitChange) {
 }
 
 /// Writes each outcome on its own, each retried like a group while the
-/// database is out of reach (a connection lost then is not the outcome's
+/// failure is transient (a connection lost then is not the outcome's
 /// fault). One the database still refuses for what it carries is written
 /// again without its texts (what the external system said, the error), the
 /// only free-form values in it: the event keeps its real outcome, delivered
 /// or failed or retried, and its attempt row says why the texts are
-/// missing. If even that is refused, the event is left to its lease.
-async fn write_one_by_one(writer: &Writer<'_>, batch: &[Outcome]) {
+/// missing. One refused for what the database has become, or refused even
+/// without its texts, is set aside (`received`: when the recorder took it).
+async fn write_one_by_one(
+    writer: &Writer<'_>,
+    batch: &[Outcome],
+    aside: &mut SetAside,
+    received: Instant,
+) {
     for outcome in batch {
         let single = std::slice::from_ref(outcome);
-        let Err(e) = writer.write_until_done(single).await else {
-            continue;
+        let refused = match writer.write_until_done(single).await {
+            Ok(()) => {
+                aside.wrote();
+                continue;
+            }
+            Err(e) if e.kind == ErrorKind::BadData => {
+                let bare = without_texts(outcome, &e);
+                match writer.write_until_done(std::slice::from_ref(&bare)).await {
+                    Ok(()) => {
+                        aside.wrote();
+                        continue;
+                    }
+                    Err(e) => e,
+                }
+            }
+            Err(e) => e,
         };
-        let bare = without_texts(outcome, &e);
-        if let Err(e) = writer.write_until_done(std::slice::from_ref(&bare)).await {
-            tracing::error!(
-                event_id = %outcome.event_id,
-                error = %e,
-                "cannot record this outcome at all; the event is retried after its lease"
-            );
-        }
+        aside.put(outcome, received, &refused);
     }
 }
 

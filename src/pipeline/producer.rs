@@ -25,8 +25,11 @@ use crate::config::Config;
 use crate::model::{ClaimedEvent, EndpointKey};
 use crate::pipeline::completer::Freed;
 use crate::pipeline::executor;
+use crate::pipeline::schema_watch::SchemaWatch;
+use crate::progress::Progress;
 use crate::service::Heartbeat;
-use crate::store::claim::{Claim, InFlight, Mode, claim};
+use crate::store::claim::{Claim, ClaimError, InFlight, Mode, claim};
+use crate::store::error::ErrorKind;
 use crate::store::pool as db;
 use crate::{systemd, telemetry};
 
@@ -233,6 +236,12 @@ pub struct ClaimLoop<'a> {
     pub context: &'a Arc<executor::Context>,
     pub wake: &'a Notify,
     pub room: &'a Room,
+    /// Told of each claim's success or failure; says when the recorder can
+    /// write nothing at all, and then no more is claimed.
+    pub progress: &'a Progress,
+    /// Asked to look at the schema when a claim is refused for what the
+    /// database has become.
+    pub schema: &'a SchemaWatch,
 }
 
 impl ClaimLoop<'_> {
@@ -253,6 +262,8 @@ impl ClaimLoop<'_> {
         let mut gather = 1;
         // The last claim failed (and systemd's STATUS= says so).
         let mut failing = false;
+        // Claiming is paused because no outcome can be recorded.
+        let mut paused = false;
         // Plain until a claim leaves due events behind.
         let mut mode = Mode::Plain;
         let mut follow_up = FollowUp::default();
@@ -272,11 +283,35 @@ impl ClaimLoop<'_> {
                 }
                 reap(tasks);
                 heartbeat.within(poll_interval);
+                if self.progress.recording_blocked() {
+                    // Every outcome is refused (see completer::SetAside):
+                    // what would be claimed now would be sent, its outcome
+                    // lost, and sent again after its lease. Wait for a
+                    // write to succeed (the recorder tries again every
+                    // few seconds).
+                    if !std::mem::replace(&mut paused, true) {
+                        tracing::error!(
+                            "no outcome can be recorded: claiming is paused until one is; \
+                             /readyz and outboxd_oldest_unrecorded_outcome_age_seconds show it"
+                        );
+                        systemd::status("claiming paused: no delivery outcome can be recorded");
+                    }
+                    pause(shutdown, poll_interval).await;
+                    continue;
+                }
+                if std::mem::take(&mut paused) {
+                    tracing::info!("outcomes are recorded again: claiming resumes");
+                    systemd::status("delivering");
+                }
                 let permits = tokio::select! {
                     _ = shutdown.cancelled() => break 'serve false,
                     permits = free_slots(&self.slots, gather) => permits,
-                    // Every slot busy (slow receivers): look again.
-                    _ = tokio::time::sleep(poll_interval) => continue,
+                    // Every slot busy (slow receivers): look again. The
+                    // loop is busy delivering, which is progress too.
+                    _ = tokio::time::sleep(poll_interval) => {
+                        self.progress.claimed();
+                        continue;
+                    }
                 };
                 let wanted = permits.num_permits();
                 heartbeat.within(self.claim_limit);
@@ -296,7 +331,12 @@ impl ClaimLoop<'_> {
                         }
                     }
                 }
-                .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.claim_limit)));
+                .unwrap_or_else(|_| {
+                    Err(ClaimError {
+                        message: format!("no answer within {:?}", self.claim_limit),
+                        kind: ErrorKind::Transient,
+                    })
+                });
                 follow_up.claimed(claim_started.elapsed());
                 let (events, more) = match claimed {
                     Ok((
@@ -308,6 +348,7 @@ impl ClaimLoop<'_> {
                         },
                         before,
                     )) => {
+                        self.progress.claimed();
                         if std::mem::take(&mut failing) {
                             systemd::status("delivering");
                         }
@@ -325,9 +366,16 @@ impl ClaimLoop<'_> {
                     Err(e) => {
                         telemetry::database_error("claim");
                         tracing::warn!(error = %e, "claim failed");
+                        self.progress.claim_failed(&e.message);
+                        if e.kind == ErrorKind::Structural {
+                            heartbeat.within(self.claim_limit);
+                            if self.schema.recheck("claim", &e.message).await {
+                                break 'serve false;
+                            }
+                        }
                         // `systemctl status` shows the outage while it lasts.
                         failing = true;
-                        systemd::status(&format!("delivering, but claims fail: {e}"));
+                        systemd::status(&format!("delivering, but claims fail: {}", e.message));
                         heartbeat.within(CLAIM_ERROR_BACKOFF);
                         pause(shutdown, CLAIM_ERROR_BACKOFF).await;
                         gather = 1;
@@ -382,14 +430,17 @@ impl ClaimLoop<'_> {
         recorder_died
     }
 
-    async fn claim(&self, mode: Mode, wanted: usize) -> Result<(Claim, InFlight), String> {
+    async fn claim(&self, mode: Mode, wanted: usize) -> Result<(Claim, InFlight), ClaimError> {
         let pool = match mode {
             Mode::Plain => self.plain_pool,
             Mode::Fair => self.pool,
         };
         let client = db::Checkout::get(pool, "claim")
             .await
-            .map_err(|e| format!("no database connection: {}", db::describe_pool(&e)))?;
+            .map_err(|e| ClaimError {
+                message: format!("no database connection: {}", db::describe_pool(&e)),
+                kind: ErrorKind::Transient,
+            })?;
         let delivery = &self.config.delivery;
         let in_flight = self.room.in_flight();
         let claimed = claim(
@@ -402,8 +453,7 @@ impl ClaimLoop<'_> {
             &in_flight,
         )
         .await
-        .map(|claim| (claim, in_flight))
-        .map_err(|e| e.to_string());
+        .map(|claim| (claim, in_flight));
         client.done();
         claimed
     }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::model::{Auth, ClaimedEvent, Endpoint, EndpointKey, Secret};
+use crate::store::error::{self, ErrorKind};
 use crate::store::pool as db;
 use crate::telemetry;
 
@@ -45,8 +46,12 @@ impl InFlight {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("claiming due events: {0}")]
-pub struct ClaimError(String);
+#[error("claiming due events: {message}")]
+pub struct ClaimError {
+    pub message: String,
+    /// What retrying can do about it ([`ErrorKind`]).
+    pub kind: ErrorKind,
+}
 
 /// What one claim returned.
 #[derive(Debug, Default)]
@@ -79,7 +84,10 @@ pub async fn claim(
     let limit = limit as i64;
     let lease_ms = lease.as_millis() as i64;
     let cap = endpoint_cap as i32;
-    let describe = |e: tokio_postgres::Error| ClaimError(db::describe(&e));
+    let describe = |e: tokio_postgres::Error| ClaimError {
+        message: db::describe(&e),
+        kind: error::kind(&e),
+    };
     let sql = match mode {
         Mode::Plain => CLAIM_SQL,
         Mode::Fair => CLAIM_FAIR_SQL,

@@ -1,5 +1,6 @@
 //! The one place that speaks SQL to `outbox.*`: connections and pools
-//! ([`pool`]), what the server is ([`server`]), the schema's migrations
+//! ([`pool`]) and what a failed statement means ([`error`]), what the
+//! server is ([`server`]), the schema's migrations
 //! ([`migrations`]) and their runner ([`migrate`]), and one file per
 //! group of statements, each loading its text from `sql/queries/`: the
 //! claim ([`claim`]), marking outcomes and moving circuits ([`record`]),
@@ -9,6 +10,7 @@
 
 pub mod claim;
 pub mod endpoints;
+pub mod error;
 pub mod events;
 pub mod mail;
 pub mod migrate;

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use crate::config::CircuitConfig;
 use crate::model::{AttemptKind, NextState, Outcome};
+use crate::store::error::{self, ErrorKind};
 use crate::store::pool as db;
 use crate::telemetry;
 
@@ -23,20 +24,15 @@ const MAX_RETRY_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
 #[error("recording delivery outcomes: {message}")]
 pub struct RecordError {
     pub message: String,
-    /// The statement was refused for what it carried (SQLSTATE class 22,
-    /// data exception, or 23, integrity violation): retrying the same batch
-    /// would fail the same way.
-    pub bad_data: bool,
+    /// What retrying can do about it ([`ErrorKind`]).
+    pub kind: ErrorKind,
 }
 
 impl From<tokio_postgres::Error> for RecordError {
     fn from(e: tokio_postgres::Error) -> RecordError {
-        let bad_data = e
-            .code()
-            .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"));
         RecordError {
             message: db::describe(&e),
-            bad_data,
+            kind: error::kind(&e),
         }
     }
 }

@@ -26,6 +26,7 @@ mod sd_notify;
 mod signing;
 mod smtp;
 mod sql_contract;
+mod stuck;
 mod tenants;
 mod upgrade;
 mod wakeup;

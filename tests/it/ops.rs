@@ -29,7 +29,7 @@ async fn send_one_event_to(db: &TestDb, receiver: &Receiver) {
 }
 
 /// Parses a text exposition into `name{sorted labels}` -> value.
-fn samples(exposition: &str) -> BTreeMap<String, f64> {
+pub(crate) fn samples(exposition: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for line in exposition.lines() {
         if line.starts_with('#') || line.trim().is_empty() {
@@ -55,7 +55,7 @@ fn sample(all: &BTreeMap<String, f64>, key: &str) -> f64 {
 }
 
 /// Runs `promtool` with `args`, feeding `stdin`; returns (success, output).
-fn promtool(args: &[&str], stdin: &str) -> (bool, String) {
+pub(crate) fn promtool(args: &[&str], stdin: &str) -> (bool, String) {
     use std::io::Write;
     let mut child = std::process::Command::new("promtool")
         .args(args)
