@@ -341,6 +341,7 @@ impl Admin {
                 .map_err(|e| EngineError::Admin {
                     addr,
                     reason: e.to_string(),
+                    in_use: e.kind() == std::io::ErrorKind::AddrInUse,
                 })?;
         tracing::info!(url = %format!("http://{bound}"), "admin HTTP listening (/metrics, /healthz, /readyz)");
         Ok(Admin {

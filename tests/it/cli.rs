@@ -486,22 +486,39 @@ async fn kubernetes_service_variables_are_ignored_with_a_warning_and_typos_still
 }
 
 /// Issue 15.2: a port already taken fails the start, naming the setting.
+/// Issue 27.2: at once (before waiting for anything), and saying how to
+/// change it: the key, its environment variable, and "off".
 #[tokio::test]
 async fn an_admin_port_in_use_fails_the_start_naming_metrics_listen() {
     let db = TestDb::new().await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
+    let started = std::time::Instant::now();
     let ran = run(db
         .outboxd()
         .env("OUTBOXD_METRICS__LISTEN", &addr)
+        // Nothing answers here: the port is refused before the database
+        // is awaited.
+        .env(
+            "OUTBOXD_DATABASE__URL",
+            "postgres://postgres@127.0.0.1:1/none",
+        )
         .arg("run"))
     .await;
-    assert_ne!(ran.code, Some(0), "{ran:?}");
+    assert_eq!(ran.code, Some(1), "{ran:?}");
     assert!(
-        ran.stderr
-            .contains(&format!("metrics.listen: cannot serve on {addr}")),
-        "{ran:?}"
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
     );
+    for part in [
+        &format!("metrics.listen: cannot serve on {addr}: "),
+        "another process, perhaps another outboxd, listens there",
+        "set metrics.listen (or OUTBOXD_METRICS__LISTEN) to a free address",
+        "or \"off\" for no admin server",
+    ] {
+        assert!(ran.stderr.contains(part), "{part:?} not in {ran:?}");
+    }
 }
 
 /// Issue 15.2: the default admin port is outside the range Prometheus'
