@@ -201,7 +201,8 @@ pub struct Report {
     pub applied: Vec<i32>,
     /// Online indexes this run built (`outbox.` names).
     pub built: Vec<String>,
-    /// Replaced indexes this run dropped.
+    /// Replaced indexes this run dropped that were there before it (not
+    /// those its own migrations created and replaced, on a new schema).
     pub dropped: Vec<String>,
 }
 
@@ -256,6 +257,10 @@ const LOCK_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 /// lock it needs is held by another transaction for longer than
 /// [`LOCK_WAIT`]; then builds the online indexes.
 async fn migrate_locked(client: &mut Client) -> Result<Report, MigrateError> {
+    // The replaced indexes there before this run: on an empty database the
+    // first migrations create indexes that later ones replace, and dropping
+    // those replaces nothing the operator had.
+    let before = leftover_indexes(client).await?;
     let mut pause = LOCK_RETRY_FIRST;
     let report = loop {
         match migrate_transaction(client).await {
@@ -275,6 +280,7 @@ async fn migrate_locked(client: &mut Client) -> Result<Report, MigrateError> {
     };
     let mut report = report;
     (report.built, report.dropped) = build_online(client).await?;
+    report.dropped.retain(|name| before.contains(name));
     Ok(report)
 }
 

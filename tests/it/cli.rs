@@ -22,6 +22,18 @@ async fn migrate_creates_the_schema_and_a_second_run_changes_nothing() {
         outboxd::store::migrate::latest_version()
     );
     assert!(first.stdout.contains(&want), "{first:?}");
+    // Issue 27.7: the indexes the first migrations create and later ones
+    // replace were never the operator's; nothing was replaced.
+    assert!(!first.stdout.contains("dropped"), "{first:?}");
+    assert!(
+        !crate::harness::count(
+            &db.client().await,
+            "SELECT count(*) FROM pg_class WHERE relname IN ('events_due', 'events_company_created')"
+        )
+        .await
+        .is_positive(),
+        "the replaced indexes are gone all the same"
+    );
     for table in [
         "outbox.events",
         "outbox.endpoints",
