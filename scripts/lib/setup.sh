@@ -6,7 +6,8 @@
 #   ensure_build_deps        # C toolchain + OpenSSL headers for openssl-sys
 #   ensure_smtp_test_server  # Python with aiosmtpd, for the tests' SMTP server
 #   ensure_ops_tools         # promtool and systemd-analyze, for the operations tests
-#   ensure_packaging_tools   # cargo-deb, lintian and dpkg-deb, for scripts/package
+#   ensure_packaging_tools   # cargo-deb and dpkg-deb, for scripts/package
+#   ensure_lintian           # lintian, for scripts/check-package
 #   ensure_standardwebhooks  # PyPI standardwebhooks, the tests' signature verifier
 #   ensure_previous_release  # the previous release's daemon, for the upgrade test
 #   ensure_postgres          # exports DATABASE_URL pointing at a live server
@@ -270,17 +271,25 @@ ensure_ops_tools() {
     ((${#missing[@]} == 0)) || _outboxd_apt_install "${missing[@]}"
 }
 
-# cargo-deb (builds the .deb; `cargo install`, a few minutes on 2 cores, only
-# when missing) and Debian's lintian and dpkg-deb, which check what it built.
+# What scripts/package uses: cargo-deb, which builds the .deb (from
+# crates.io with `cargo install` into ~/.cargo/bin, a few minutes on 2 cores,
+# only when missing), dpkg-deb, and objcopy and strip (binutils, part of
+# build-essential), with which cargo-deb splits the debug info off.
 ensure_packaging_tools() {
     local -a missing=()
-    command -v lintian >/dev/null 2>&1 || missing+=(lintian)
     command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
+    command -v objcopy >/dev/null 2>&1 || missing+=(binutils)
     ((${#missing[@]} == 0)) || _outboxd_apt_install "${missing[@]}"
     if ! cargo deb --version >/dev/null 2>&1; then
-        _outboxd_log "installing cargo-deb with cargo install"
+        _outboxd_log "installing cargo-deb from crates.io with cargo install (a few minutes, once)"
         cargo install cargo-deb --locked --version "^3"
     fi
+}
+
+# Debian's lintian (about 120 packages with its dependencies), which only
+# scripts/check-package runs on what scripts/package built.
+ensure_lintian() {
+    command -v lintian >/dev/null 2>&1 || _outboxd_apt_install lintian
 }
 
 # A Python with the standardwebhooks package from PyPI, the independent
