@@ -46,10 +46,13 @@ pub enum Command {
     /// not have yet, in one transaction under an advisory lock, so several
     /// instances may run it at once. Running it again changes nothing.
     /// Refuses a database whose schema is newer than this binary (exit 3).
+    /// Creates the schema in the database of database.url, owned by its
+    /// role (not a superuser: the enqueue functions run as their owner);
+    /// warns when that is the `postgres` maintenance database.
     ///
     /// Example:
     ///
-    ///   $ OUTBOXD_DATABASE__URL=postgres://postgres@127.0.0.1/sales outboxd migrate
+    ///   $ OUTBOXD_DATABASE__URL=postgres://outboxd@127.0.0.1/sales outboxd migrate
     Migrate,
 
     /// Check the configuration, the database connection and the schema

@@ -22,13 +22,40 @@ fn print_online(report: &migrate::Report) {
     }
 }
 
+/// The database every PostgreSQL server has for tools to connect to, and
+/// where a schema is forgotten: the outbox belongs in the sales
+/// application's database.
+const MAINTENANCE_DATABASE: &str = "postgres";
+
+/// Said after a `migrate` that created the schema in the maintenance
+/// database. A warning, not a refusal: some hosted PostgreSQL services
+/// (Supabase among them) name the application's database `postgres`.
+fn maintenance_warning() -> String {
+    format!(
+        "outboxd: warning: the outbox schema was created in the `{MAINTENANCE_DATABASE}` \
+         maintenance database (database.url). It belongs in the sales application's \
+         database, which the enqueue runs in; if that is not this one, set database.url \
+         (or OUTBOXD_DATABASE__URL) and remove it here: DROP SCHEMA outbox CASCADE"
+    )
+}
+
 /// `outboxd migrate`: applies the migrations the database lacks.
 pub(super) async fn run_migrate(config: &Config) -> Exit {
     let mut client = match db::connect(&config.database).await {
         Ok(client) => client,
         Err(e) => return fail(&e),
     };
-    match migrate::migrate(&mut client).await {
+    let database = match server::database_name(&client).await {
+        Ok(name) => name,
+        Err(e) => return fail(&db::describe(&e)),
+    };
+    let migrated = migrate::migrate(&mut client).await;
+    if matches!(&migrated, Ok(report) if report.from == 0 && !report.applied.is_empty())
+        && database == MAINTENANCE_DATABASE
+    {
+        eprintln!("{}", maintenance_warning());
+    }
+    match migrated {
         Ok(report) if report.applied.is_empty() => {
             print_online(&report);
             println!(

@@ -12,7 +12,9 @@ use serde::Deserialize;
 use super::tls::{DatabaseTls, TlsMode, database_tls, take_url_tls};
 use super::values::{Problem, duration, duration_or_zero, in_range, password_setting, problem};
 
-pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// A role and a database of outboxd's own, not the superuser and the
+/// maintenance database (the reference config.toml says how to create them).
+pub const DEFAULT_DATABASE_URL: &str = "postgres://outboxd@127.0.0.1:5432/outboxd";
 const DEFAULT_CONNECT_TIMEOUT: &str = "5s";
 const DEFAULT_POOL_SIZE: u32 = 4;
 

@@ -63,8 +63,10 @@ fn tls_parameters_are_taken_out_of_the_url() {
 #[test]
 fn empty_config_uses_the_defaults() {
     let config = RawConfig::default().validate().unwrap();
-    assert_eq!(config.database.pg.get_dbname(), Some("postgres"));
-    assert_eq!(config.database.pg.get_user(), Some("postgres"));
+    // Issue 27.8: outboxd's own role and database, not the superuser and
+    // the maintenance database (the shipped config.toml states the same).
+    assert_eq!(config.database.pg.get_dbname(), Some("outboxd"));
+    assert_eq!(config.database.pg.get_user(), Some("outboxd"));
     assert_eq!(config.database.connect_timeout, Duration::from_secs(5));
     assert_eq!(config.database.schema_wait, Duration::from_secs(120));
     assert_eq!(config.delivery.endpoint_concurrency, 8);

@@ -74,6 +74,15 @@ pub async fn ping(client: &deadpool_postgres::Client) -> Result<(), tokio_postgr
     client.simple_query("SELECT 1").await.map(drop)
 }
 
+/// The name of the database connected to (`current_database()`): `outboxd
+/// migrate` warns when it is the `postgres` maintenance database.
+pub async fn database_name(client: &Client) -> Result<String, tokio_postgres::Error> {
+    let row = client
+        .query_one("SELECT current_database()::text", &[])
+        .await?;
+    Ok(row.get(0))
+}
+
 /// The server's version as it names it (`SHOW server_version`).
 pub async fn server_version(client: &Client) -> Result<String, tokio_postgres::Error> {
     let row = client.query_one("SHOW server_version", &[]).await?;

@@ -67,6 +67,38 @@ async fn migrate_creates_the_schema_and_a_second_run_changes_nothing() {
     assert_eq!((row.get::<_, i64>(0), row.get::<_, String>(1)), before);
 }
 
+/// Issue 27.8: creating the schema in the `postgres` maintenance database
+/// is allowed (some hosted services name the application's database so)
+/// but said loudly, with the way back; once, not at every later migrate.
+#[tokio::test]
+async fn migrate_warns_when_it_creates_the_schema_in_the_maintenance_database() {
+    let pg = crate::private_pg::PrivatePg::start().await;
+    let migrate = || {
+        let mut cmd = outboxd_command();
+        cmd.env("OUTBOXD_DATABASE__URL", pg.admin_url())
+            .arg("migrate");
+        cmd
+    };
+    let first = run(&mut migrate()).await;
+    assert_eq!(first.code, Some(0), "{first:?}");
+    for part in [
+        "outboxd: warning: the outbox schema was created in the `postgres` maintenance database",
+        "OUTBOXD_DATABASE__URL",
+        "DROP SCHEMA outbox CASCADE",
+    ] {
+        assert!(first.stderr.contains(part), "{part:?} not in {first:?}");
+    }
+    let second = run(&mut migrate()).await;
+    assert_eq!(second.code, Some(0), "{second:?}");
+    assert!(!second.stderr.contains("warning"), "{second:?}");
+
+    // Any other database: no warning.
+    let db = TestDb::empty().await;
+    let elsewhere = run(db.outboxd().arg("migrate")).await;
+    assert_eq!(elsewhere.code, Some(0), "{elsewhere:?}");
+    assert!(!elsewhere.stderr.contains("warning"), "{elsewhere:?}");
+}
+
 #[tokio::test]
 async fn concurrent_migrations_apply_each_version_once() {
     let db = TestDb::empty().await;
