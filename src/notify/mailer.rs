@@ -22,6 +22,8 @@
 //! Without `[smtp] host` the mailer only gathers; emails wait in the
 //! database until SMTP is configured.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use mail_send::mail_builder::MessageBuilder;
@@ -234,14 +236,17 @@ impl Mailer {
 
     /// How long one email is leased: loading its content, sending it to
     /// the most recipients an email can have with every SMTP command at its
-    /// timeout ([`smtp::send_limit`]), and marking it, each at its bound,
-    /// plus 10 s. With the defaults (30 s SMTP timeout, 5 s connect timeout)
-    /// 14 min 35 s + 2 × 55 s + 10 s = 16 min 35 s, which is also how long
+    /// timeout ([`smtp::send_limit`]) and each acceptance written down, and
+    /// marking it, each at its bound, plus 10 s. With the defaults (30 s
+    /// SMTP timeout, 5 s connect timeout) 14 min 35 s + 7 × 55 s + 10 s =
+    /// 21 min 10 s, which is also how long
     /// an email whose sender died waits before another instance takes it:
     /// shorter, and a slow relay that answers each command in time would see
     /// its recipients mailed twice.
     fn lease(&self, smtp: &SmtpConfig) -> Duration {
-        smtp::send_limit(smtp, MAX_RECIPIENTS) + self.db_limit * 2 + Duration::from_secs(10)
+        smtp::send_limit(smtp, MAX_RECIPIENTS)
+            + self.db_limit * (2 + MAX_RECIPIENTS as u32)
+            + Duration::from_secs(10)
     }
 
     /// Sends `content` to the recipients still to have it, with no
@@ -265,7 +270,14 @@ impl Mailer {
         let mut error = None;
         if let Some(rendered) = content {
             let message = build_message(smtp, &email.recipients, rendered);
-            let outcome = smtp::send(smtp, &message, &todo).await;
+            // Each acceptance is written down before the next recipient's
+            // turn: an exchange cut off later (the stop's grace, a crash)
+            // does not mail them again.
+            let email = &email;
+            let mut on_accepted = |rcpt: String| -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+                Box::pin(self.write_down(email, rcpt))
+            };
+            let outcome = smtp::send(smtp, &message, &todo, &mut on_accepted, self.db_limit).await;
             for (rcpt, reason) in &outcome.refused {
                 tracing::warn!(email_id = email.id, recipient = %rcpt, reason = %reason, "recipient refused by the SMTP server");
             }
@@ -317,6 +329,34 @@ impl Mailer {
             ),
         }
         Ok(())
+    }
+
+    /// Writes down that `rcpt` accepted `email`, within one round trip's
+    /// bound; a failure is logged (the mark at the end carries it too).
+    async fn write_down(&self, email: &ClaimedEmail, rcpt: String) {
+        let step_name = "writing down an accepted recipient";
+        let write = async {
+            let client = self.connection().await?;
+            let pg: &tokio_postgres::Client = &client;
+            let kept = mail::accepted(pg, email, &rcpt)
+                .await
+                .map_err(step(step_name))?;
+            client.done();
+            Ok(kept)
+        };
+        match self.bounded(step_name, write).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                email_id = email.id,
+                "an accepted recipient was not written down: the email's lease ran out"
+            ),
+            Err(e) => tracing::warn!(
+                email_id = email.id,
+                error = %e,
+                "an accepted recipient could not be written down yet; the email's mark at the \
+                 end of the exchange carries it"
+            ),
+        }
     }
 
     /// `step` within one database round trip's bound.

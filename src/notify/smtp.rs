@@ -3,6 +3,8 @@
 //! hold back the others. Each step of a transaction is judged apart
 //! ([`judge`]): only a refused RCPT TO is about the recipient.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use mail_send::smtp::message::Parameters;
@@ -24,26 +26,61 @@ pub struct SendReport {
     pub deferred: Vec<(String, String)>,
 }
 
+/// Told of each recipient the server accepted, awaited before the next
+/// recipient's transaction (see [`send`]).
+pub type OnAccepted<'a> =
+    dyn FnMut(String) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>> + Send + 'a;
+
 /// Sends `message` (a complete RFC 5322 message) to each of `recipients`.
 /// Never fails as a whole: a connection problem defers every recipient.
 /// What each recipient's transaction came to is kept as it happens, so a
 /// cut-off of the whole exchange ([`send_limit`]) defers only the
 /// recipients not reached yet: one who accepted is never mailed again.
-pub async fn send(config: &SmtpConfig, message: &[u8], recipients: &[String]) -> SendReport {
+/// `on_accepted` is awaited with each recipient the server accepted before
+/// the next one's transaction starts (the mailer writes it down there, so
+/// that the progress outlives this future: a stop that abandons it, a
+/// crash); it takes at most `per_accepted`, which the whole bound counts.
+pub async fn send(
+    config: &SmtpConfig,
+    message: &[u8],
+    recipients: &[String],
+    on_accepted: &mut OnAccepted<'_>,
+    per_accepted: Duration,
+) -> SendReport {
     let builder = match builder(config) {
         Ok(builder) => builder,
         Err(reason) => return all_deferred(recipients, &reason),
     };
-    let whole = send_limit(config, recipients.len());
+    let whole = send_limit(config, recipients.len()) + per_accepted * recipients.len() as u32;
     let mut report = SendReport::default();
     let attempt = async {
         match config.tls {
             SmtpTls::None => match builder.connect_plain().await {
-                Ok(client) => send_each(client, config, message, recipients, &mut report).await,
+                Ok(client) => {
+                    send_each(
+                        client,
+                        config,
+                        message,
+                        recipients,
+                        &mut report,
+                        on_accepted,
+                    )
+                    .await
+                }
                 Err(e) => defer_rest(&mut report, recipients, &describe(&e)),
             },
             SmtpTls::StartTls | SmtpTls::Implicit => match builder.connect().await {
-                Ok(client) => send_each(client, config, message, recipients, &mut report).await,
+                Ok(client) => {
+                    send_each(
+                        client,
+                        config,
+                        message,
+                        recipients,
+                        &mut report,
+                        on_accepted,
+                    )
+                    .await
+                }
                 Err(e) => defer_rest(&mut report, recipients, &describe(&e)),
             },
         }
@@ -105,18 +142,20 @@ fn builder(config: &SmtpConfig) -> Result<SmtpClientBuilder<String>, String> {
 }
 
 /// One transaction per recipient, each one's result put in `report` as
-/// soon as it is known.
+/// soon as it is known, and each acceptance told to `on_accepted`.
 async fn send_each<T: AsyncRead + AsyncWrite + Unpin>(
     mut client: SmtpClient<T>,
     config: &SmtpConfig,
     message: &[u8],
     recipients: &[String],
     report: &mut SendReport,
+    on_accepted: &mut OnAccepted<'_>,
 ) {
     for (i, rcpt) in recipients.iter().enumerate() {
         let refusal = match transaction(&mut client, config, message, rcpt).await {
             Ok(()) => {
                 report.accepted.push(rcpt.clone());
+                on_accepted(rcpt.clone()).await;
                 continue;
             }
             Err(Failed::Refused(stage, reply)) => (stage, reply),

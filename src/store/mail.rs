@@ -15,6 +15,7 @@ const GATHER_LOCK_SQL: &str = "SELECT pg_try_advisory_xact_lock($1)";
 const CLAIM_SQL: &str = include_str!("../../sql/queries/claim_emails.sql");
 const CONTENT_SQL: &str = include_str!("../../sql/queries/email_content.sql");
 const MARK_SQL: &str = include_str!("../../sql/queries/mark_email.sql");
+const MARK_RECIPIENT_SQL: &str = include_str!("../../sql/queries/mark_email_recipient.sql");
 
 /// Advisory lock key for gathering: "ob-notif" as a big-endian integer.
 const GATHER_LOCK_KEY: i64 = 0x6f622d6e6f746966;
@@ -126,4 +127,18 @@ pub async fn mark(
         )
         .await?;
     Ok(row.map(|r| r.get(0)))
+}
+
+/// One recipient of `email` accepted it (`mark_email_recipient.sql`): in
+/// sent_to at once, whatever happens to the rest of the exchange. False
+/// when the lease was lost.
+pub async fn accepted(
+    client: &impl GenericClient,
+    email: &ClaimedEmail,
+    recipient: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let n = client
+        .execute(MARK_RECIPIENT_SQL, &[&email.id, &email.attempt, &recipient])
+        .await?;
+    Ok(n == 1)
 }

@@ -563,3 +563,65 @@ async fn a_slow_relay_within_each_commands_timeout_mails_each_recipient_once() {
         );
     }
 }
+
+/// Each accepted recipient is written down before the next one's turn, so
+/// an exchange the stop abandons (the mailer's grace is 5 s) keeps what it
+/// achieved: the first recipient accepted, the relay stalls on the second,
+/// SIGTERM. The email's row says who has it; once its lease is over, the
+/// next send mails only the one who does not. (Before, the abandoned
+/// exchange's acceptances lived only in memory and everyone got it again.)
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exchange_abandoned_at_the_stop_keeps_its_accepted_recipients() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let (first, stalled) = ("first@c1.example.com", "stalled@c1.example.com");
+    queue_emails(&db, &client, &[(1, vec![first.into(), stalled.into()])]).await;
+
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &["--hang-rcpt", stalled]).await;
+    let env = smtp_env(port, &[("OUTBOXD_SMTP__TIMEOUT", "30s")]);
+    let daemon = start(&db, &env).await;
+    smtp.wait_for_refusals(1, Duration::from_secs(20)).await;
+    assert_eq!(
+        received_per_recipient(&smtp.mails(), &[(first.to_string(), 1)].into()).len(),
+        1
+    );
+    let sent_to: Vec<String> = client
+        .query_one("SELECT sent_to FROM outbox.emails", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        sent_to,
+        [first],
+        "written down while the exchange still runs"
+    );
+    assert!(daemon.stop().await.success());
+    drop(smtp);
+
+    // The lease of the abandoned send is over: another send takes it.
+    client
+        .batch_execute("UPDATE outbox.emails SET next_attempt_at = now()")
+        .await
+        .unwrap();
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &[]).await;
+    let daemon = start(&db, &smtp_env(port, &[])).await;
+    eventually_count(
+        &client,
+        "the email marked sent",
+        Duration::from_secs(20),
+        "SELECT count(*) FROM outbox.emails WHERE state = 'sent'",
+        1,
+    )
+    .await;
+    assert!(daemon.stop().await.success());
+    let company_of: BTreeMap<String, i64> =
+        [(first.to_string(), 1), (stalled.to_string(), 1)].into();
+    let got = received_per_recipient(&smtp.mails(), &company_of);
+    assert_eq!(
+        got,
+        [(stalled.to_string(), 1)].into(),
+        "only the one who had not got it"
+    );
+}

@@ -94,6 +94,13 @@ impl SmtpServer {
                     }
                     continue;
                 }
+                // A stall the server began (--hang-rcpt): counted with
+                // the refusals, as "hanging ADDRESS".
+                if let Some(address) = v.get("hanging") {
+                    let step = format!("hanging {}", address.as_str().unwrap());
+                    refused_tx.send_modify(|r| r.push(step));
+                    continue;
+                }
                 if let Some(step) = v.get("refused") {
                     let step = step.as_str().unwrap().to_string();
                     refused_tx.send_modify(|r| r.push(step));

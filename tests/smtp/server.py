@@ -20,6 +20,8 @@ with 553 until the server gets SIGUSR1 (then it accepts the sender as usual);
 also advertised as SIZE in EHLO); --refuse-data answers every message with
 554. The refusals of MAIL FROM and --refuse-data are printed as
 {"refused": "MAIL FROM" | "DATA"}.
+--hang-rcpt ADDRESS never answers RCPT TO for that address (a relay that
+stalls mid-exchange), printing {"hanging": ADDRESS} when it starts to.
 """
 import argparse
 import asyncio
@@ -36,8 +38,9 @@ from aiosmtpd.smtp import AuthResult, LoginPassword
 
 class Handler:
     def __init__(self, refuse, defer, delay_rcpt=0.0, delay_data=0.0,
-                 refuse_sender=False, refuse_data=False):
+                 refuse_sender=False, refuse_data=False, hang_rcpt=()):
         self.refuse = set(refuse)
+        self.hang_rcpt = set(hang_rcpt)
         self.defer = set(defer)
         self.delay_rcpt = delay_rcpt
         self.delay_data = delay_data
@@ -60,6 +63,9 @@ class Handler:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.delay_rcpt > 0:
             await asyncio.sleep(self.delay_rcpt)
+        if address in self.hang_rcpt:
+            self.report({"hanging": address})
+            await asyncio.Event().wait()
         if address in self.refuse:
             return "550 5.1.1 mailbox unavailable"
         if address in self.defer:
@@ -101,6 +107,7 @@ def main():
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--refuse", action="append", default=[])
     ap.add_argument("--defer", action="append", default=[])
+    ap.add_argument("--hang-rcpt", action="append", default=[])
     ap.add_argument("--user")
     ap.add_argument("--password")
     ap.add_argument("--delay-rcpt", type=float, default=0.0, metavar="SECONDS")
@@ -125,7 +132,7 @@ def main():
     if args.size_limit:
         kwargs["data_size_limit"] = args.size_limit
     handler = Handler(args.refuse, args.defer, args.delay_rcpt, args.delay_data,
-                      args.refuse_sender, args.refuse_data)
+                      args.refuse_sender, args.refuse_data, args.hang_rcpt)
     controller = Controller(handler, hostname="127.0.0.1", port=args.port, **kwargs)
     controller.start()
     print(json.dumps({"ready": args.port}), flush=True)
