@@ -9,6 +9,19 @@ use crate::backoff::{GiveUpReason, Next, RetryPolicy};
 use crate::http::classify::{MAX_MESSAGE_CHARS, Verdict, truncate_chars};
 use crate::model::{AttemptKind, ClaimedEvent, NextState, Outcome, Refusal};
 
+/// Attempts an event gets while its endpoint answers 401, 403 or 404
+/// ([`Verdict::Misconfigured`]): a credentials rollover or a route missing
+/// during the receiver's deploy is over within minutes, a wrong setting is
+/// not. With [`MISCONFIGURED_MIN_DELAY`] between them, about three minutes
+/// of answers like that fail an event; an endpoint that answers so to every
+/// event opens its circuit sooner (they count as failures there), and its
+/// events are then held instead.
+pub const MISCONFIGURED_ATTEMPTS: u32 = 3;
+
+/// The least wait before another try after a 401, 403 or 404 (or
+/// `retry.max_delay`, when that is shorter).
+pub const MISCONFIGURED_MIN_DELAY: Duration = Duration::from_secs(60);
+
 /// What an event refused before sending means (see [`crate::http::request::prepare`]):
 /// failed for good with the reason, so it is not retried in a loop. No
 /// email for a missing or disabled endpoint or a broken payload, which the
@@ -79,6 +92,36 @@ pub fn decide(
             message,
             Some(reason),
         ),
+        Verdict::Misconfigured { reason, message } => {
+            let attempts = event.budget_attempt.max(1) as u32;
+            let least = MISCONFIGURED_MIN_DELAY.min(policy.max_delay);
+            let few = RetryPolicy {
+                max_attempts: policy.max_attempts.min(MISCONFIGURED_ATTEMPTS),
+                base_delay: policy.base_delay.max(least),
+                max_delay: policy.max_delay.max(least),
+                ..policy.clone()
+            };
+            match few.next(attempts, event.age, None, unit) {
+                Next::RetryIn(delay) => (
+                    NextState::Retry(delay),
+                    AttemptKind::Retryable,
+                    message,
+                    Some(format!(
+                        "{reason} (credentials or route; tried up to {} times)",
+                        few.max_attempts
+                    )),
+                ),
+                Next::GiveUp(_) => (
+                    NextState::Failed,
+                    AttemptKind::Permanent,
+                    message,
+                    Some(format!(
+                        "gave up after {attempts} attempts answered {reason}: check the \
+                         endpoint's credentials and URL"
+                    )),
+                ),
+            }
+        }
         Verdict::Retry {
             reason,
             message,
@@ -179,7 +222,11 @@ mod tests {
         let cases: Vec<Case> = vec![
             (1, s(0), Verdict::Delivered { message: msg("ok") }, NextState::Delivered, AttemptKind::Success, None),
             (1, s(0), Verdict::Rejected { message: msg("no") }, NextState::Failed, AttemptKind::Rejected, Some("rejected by the external system")),
-            (1, s(0), Verdict::Permanent { reason: "HTTP 404".into(), message: None }, NextState::Failed, AttemptKind::Permanent, Some("HTTP 404")),
+            (1, s(0), Verdict::Permanent { reason: "HTTP 400".into(), message: None }, NextState::Failed, AttemptKind::Permanent, Some("HTTP 400")),
+            // 401, 403, 404: three tries, a minute apart at least.
+            (1, s(0), Verdict::Misconfigured { reason: "HTTP 401".into(), message: None }, NextState::Retry(s(60)), AttemptKind::Retryable, Some("HTTP 401 (credentials or route; tried up to 3 times)")),
+            (2, s(60), Verdict::Misconfigured { reason: "HTTP 404".into(), message: None }, NextState::Retry(s(120)), AttemptKind::Retryable, Some("HTTP 404 (credentials")),
+            (3, s(180), Verdict::Misconfigured { reason: "HTTP 403".into(), message: None }, NextState::Failed, AttemptKind::Permanent, Some("gave up after 3 attempts answered HTTP 403: check the endpoint's credentials and URL")),
             (1, s(0), retry("HTTP 503", None), NextState::Retry(s(5)), AttemptKind::Retryable, Some("HTTP 503")),
             (3, s(0), retry("HTTP 503", None), NextState::Retry(s(20)), AttemptKind::Retryable, Some("HTTP 503")),
             (1, s(0), retry("HTTP 429", Some(s(90))), NextState::Retry(s(90)), AttemptKind::Retryable, Some("HTTP 429")),

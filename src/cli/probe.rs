@@ -84,6 +84,12 @@ pub async fn run(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
             Some(reason),
             message,
         ),
+        Verdict::Misconfigured { reason, message } => (
+            "misconfigured",
+            "a real event would be tried a few more times (credentials or route), then fail",
+            Some(reason),
+            message,
+        ),
         Verdict::Permanent { reason, message } => (
             "permanent",
             "a real event would fail for good and its company be notified",

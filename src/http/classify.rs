@@ -11,6 +11,7 @@
 //! | 2xx, body status error    | [`Verdict::Rejected`] (final)             |
 //! | 2xx, body not as agreed   | [`Verdict::Permanent`] (invalid response) |
 //! | 408, 425, 429, 500–599    | [`Verdict::Retry`], whatever the body     |
+//! | 401, 403, 404             | [`Verdict::Misconfigured`] (a few tries)  |
 //! | 3xx                       | [`Verdict::Permanent`] (never followed)   |
 //! | other 4xx, 1xx, the rest  | [`Verdict::Permanent`]                    |
 //!
@@ -52,6 +53,14 @@ pub enum Verdict {
         message: Option<String>,
         retry_after: Option<Duration>,
     },
+    /// The endpoint is set up wrong for now (401, 403: credentials; 404: the
+    /// route): what a credentials rollover or a receiver's deploy looks like
+    /// for a minute or two, so worth a few more tries, but not many
+    /// ([`crate::policy::MISCONFIGURED_ATTEMPTS`]).
+    Misconfigured {
+        reason: String,
+        message: Option<String>,
+    },
     /// A failure that retrying cannot fix: 3xx, most 4xx, odd statuses, or a
     /// 2xx whose body breaks the contract.
     Permanent {
@@ -91,6 +100,10 @@ pub fn classify(answer: &Answer<'_>, now: SystemTime) -> Verdict {
         // operator did not configure, so a 3xx is a configuration problem.
         300..=399 => Verdict::Permanent {
             reason: format!("HTTP {code} (redirects are not followed)"),
+            message: side_message(answer),
+        },
+        401 | 403 | 404 => Verdict::Misconfigured {
+            reason: format!("HTTP {code}"),
             message: side_message(answer),
         },
         400..=499 => Verdict::Permanent {
@@ -388,6 +401,13 @@ mod tests {
         }
     }
 
+    fn misconfigured(reason: &str, message: Option<&str>) -> Verdict {
+        Verdict::Misconfigured {
+            reason: reason.to_owned(),
+            message: message.map(str::to_owned),
+        }
+    }
+
     fn retry(reason: &str, message: Option<&str>, retry_after: Option<u64>) -> Verdict {
         Verdict::Retry {
             reason: reason.to_owned(),
@@ -511,9 +531,9 @@ mod tests {
             case("308 with a success body", 308, r#"{"status":"1"}"#, permanent("HTTP 308 (redirects are not followed)", None)),
             // Permanent 4xx.
             case("400 with error", 400, r#"{"status":"0","error":"missing field id"}"#, permanent("HTTP 400", Some("missing field id"))),
-            case("401 empty", 401, "", permanent("HTTP 401", None)),
-            case("403 with a success body", 403, r#"{"status":"1","message":"forbidden"}"#, permanent("HTTP 403", Some("forbidden"))),
-            case("404 html", 404, "<h1>Not Found</h1>", permanent("HTTP 404", None)),
+            case("401 empty", 401, "", misconfigured("HTTP 401", None)),
+            case("403 with a success body", 403, r#"{"status":"1","message":"forbidden"}"#, misconfigured("HTTP 403", Some("forbidden"))),
+            case("404 html", 404, "<h1>Not Found</h1>", misconfigured("HTTP 404", None)),
             case("409", 409, r#"{"message":"duplicate"}"#, permanent("HTTP 409", Some("duplicate"))),
             case("410", 410, "", permanent("HTTP 410", None)),
             case("422 with message", 422, r#"{"message":"bad amount"}"#, permanent("HTTP 422", Some("bad amount"))),

@@ -170,7 +170,10 @@ fn circuit_news<'a>(
                 n.last_failure_at = Some(o.started_at);
                 n.error = o.error.as_deref();
             }
-        } else if o.http_status.is_some() {
+        } else if matches!(o.kind, AttemptKind::Success | AttemptKind::Rejected) {
+            // Only an answer to the webhook itself says the endpoint works:
+            // a 4xx that retrying cannot fix (400, 422) does not close an
+            // open circuit, nor clear the count of failures.
             n.answered = true;
         }
         n.pause = n.pause.max(o.pause);
@@ -270,10 +273,12 @@ mod tests {
             // 1: healthy, two successes: nothing to write.
             outcome(1, 1, Success, Some(200), None, false, 0),
             outcome(2, 1, Success, Some(200), None, false, 0),
-            // 2: two timeouts and a 404 answer; the later timeout's error.
+            // 2: two timeouts, a 400 answer (not news) and a rejection (an
+            // answer); the later timeout's error.
             outcome(3, 2, Retryable, None, None, false, 5),
             outcome(4, 2, Retryable, None, None, false, 9),
-            outcome(5, 2, Permanent, Some(404), None, false, 1),
+            outcome(5, 2, Permanent, Some(400), None, false, 1),
+            outcome(10, 2, Rejected, Some(200), None, false, 1),
             // 3: a 429 with Retry-After.
             outcome(6, 3, Retryable, Some(429), Some(s(30)), false, 0),
             // 4: a success to an endpoint whose circuit was not clean.
@@ -282,8 +287,11 @@ mod tests {
             outcome(8, 5, Retryable, None, None, false, 0),
             // 6: refused before sending (no answer, no failure).
             outcome(9, 6, NoEndpoint, None, None, false, 0),
+            // 7: a 400 to a probe (circuit not clean): no answer that
+            // closes it.
+            outcome(11, 7, Permanent, Some(400), None, true, 0),
         ];
-        let marked: Vec<Uuid> = (1..=9).filter(|&i| i != 8).map(Uuid::from_u128).collect();
+        let marked: Vec<Uuid> = (1..=11).filter(|&i| i != 8).map(Uuid::from_u128).collect();
         let news = circuit_news(&outcomes, &marked);
         type Row<'a> = (i64, i32, bool, Option<Duration>, Option<&'a str>);
         let got: Vec<Row> = news
@@ -296,6 +304,7 @@ mod tests {
                 (2, 2, true, None, Some("error of 4")),
                 (3, 1, false, Some(s(30)), Some("error of 6")),
                 (4, 0, true, None, None),
+                (7, 0, false, None, None),
             ]
         );
     }

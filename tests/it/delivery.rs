@@ -206,6 +206,59 @@ async fn status_0_is_a_final_failure_with_the_message_stored() {
     daemon.stop().await;
 }
 
+/// A credentials rollover (401) and a route missing during the receiver's
+/// deploy (404) are tried again, a few times: one event that meets them
+/// twice is delivered on its third attempt; one that meets 404 every time
+/// fails after three, saying what to check. (Before, every 4xx was final
+/// at the first attempt.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_401_or_404_is_tried_a_few_times_before_failing() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start(|r, nth| {
+        let payment = r.json()["paymentId"].as_i64().unwrap();
+        match (payment, nth) {
+            (1, 1) => Reply::Json(401, json!({"message": "token expired"})),
+            (1, 2) => Reply::Json(404, json!({})),
+            (1, _) => Reply::Json(200, json!({"status": "1", "message": "ok"})),
+            _ => Reply::Json(404, json!({"message": "no such route"})),
+        }
+    })
+    .await;
+    set_endpoint(&client, 6316, &receiver.url("/"), "none").await;
+    // retry.max_delay short: the minute between such tries shrinks to it.
+    let mut env = FAST_RETRY.to_vec();
+    env.push(("OUTBOXD_RETRY__MAX_DELAY", "200ms"));
+    let daemon = Daemon::start(&db, &env).await;
+    let recovers = enqueue(&client, 6316, 1, "1", None).await;
+    let stays = enqueue(&client, 6316, 2, "2", None).await;
+    wait_state(&client, recovers, "delivered", SECS(15)).await;
+    wait_state(&client, stays, "failed", SECS(15)).await;
+    let statuses = |log: Vec<(i32, Option<i16>, String, Option<String>)>| {
+        log.iter().map(|l| (l.1, l.2.clone())).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        statuses(attempt_rows(&client, recovers).await),
+        [
+            (Some(401), "retryable".to_string()),
+            (Some(404), "retryable".to_string()),
+            (Some(200), "success".to_string())
+        ]
+    );
+    let log = attempt_rows(&client, stays).await;
+    assert_eq!(log.len(), 3, "{log:?}");
+    assert_eq!(log[2].2, "permanent");
+    let (_, _, message, error) = event_row(&client, stays).await;
+    assert_eq!(message.as_deref(), Some("no such route"));
+    assert_eq!(
+        error.as_deref(),
+        Some(
+            "gave up after 3 attempts answered HTTP 404: check the endpoint's credentials and URL"
+        )
+    );
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_500_then_200_is_delivered_on_attempt_2() {
     let db = TestDb::new().await;

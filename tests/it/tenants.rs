@@ -294,6 +294,50 @@ async fn the_circuit_opens_after_failures_in_a_row_probes_and_closes() {
     daemon.stop().await;
 }
 
+/// An answer that is not a success (here a 400 to the probe) says the
+/// endpoint is up but not that it works: its circuit stays open instead of
+/// closing as if the endpoint had recovered, and the held events stay held.
+/// (Before, any HTTP answer closed it, and the held events poured out.)
+#[tokio::test]
+async fn a_400_to_the_probe_does_not_close_the_circuit() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let seen = Arc::new(AtomicU32::new(0));
+    let receiver = Receiver::start(move |_, _| {
+        if seen.fetch_add(1, Ordering::SeqCst) < 3 {
+            Reply::Json(503, json!({"status": "0", "message": "down"}))
+        } else {
+            Reply::Json(400, json!({"message": "unknown field"}))
+        }
+    })
+    .await;
+    endpoint(&client, 1, &receiver.url("/erp"), None).await;
+    enqueue(&client, 1, 5).await;
+    let daemon = Daemon::start(&db, &circuit_settings("200ms")).await;
+    receiver.wait_for(4, SECS(10)).await;
+    eventually_count(
+        &client,
+        "the probe's event failed on its 400",
+        SECS(10),
+        "SELECT count(*) FROM outbox.attempts WHERE http_status = 400",
+        1,
+    )
+    .await;
+    eventually_count(
+        &client,
+        "the 400 recorded",
+        SECS(10),
+        "SELECT count(*) FROM outbox.events WHERE state = 'failed'",
+        1,
+    )
+    .await;
+    let (state, _) = circuit(&client, 1).await.expect("a circuit row");
+    assert_ne!(state, "closed", "a 400 closed the circuit");
+    let log = daemon.log().join("\n");
+    assert!(!log.contains("circuit closed"), "{log}");
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn retry_after_pauses_the_whole_endpoint_and_not_the_others() {
     let db = TestDb::new().await;
