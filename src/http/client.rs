@@ -204,10 +204,25 @@ impl Deliverer {
                 .request(request)
                 .await
                 .map_err(|e| match guard::refusal_in(&e) {
-                    Some(refused) => TransportError {
-                        reason: refused.to_string(),
-                        permanent: true,
-                    },
+                    Some(refused) => {
+                        // The reason is stored and emailed, so it names no
+                        // address; the operator gets the address here. The
+                        // host, not the URL: a URL may carry a token.
+                        tracing::warn!(
+                            event_id = %webhook.event_id,
+                            test = webhook.test,
+                            host = webhook.uri.host().unwrap_or(""),
+                            port = webhook.uri.port_u16(),
+                            address = %refused.addr,
+                            range = %refused.range,
+                            network = refused.what,
+                            "destination refused: the address is in a blocked range that delivery.allowed_networks does not open"
+                        );
+                        TransportError {
+                            reason: refused.to_string(),
+                            permanent: true,
+                        }
+                    }
                     None => TransportError::retryable(chain(&e)),
                 })?;
         let status = response.status().as_u16();

@@ -9,6 +9,17 @@
 //! the resolver drops refused addresses after DNS, and the connector checks
 //! the connected socket's peer again, so neither an IP literal nor a DNS
 //! answer that changes between lookups (rebinding) gets around it.
+//!
+//! A refusal has two audiences. What it reads as ([`Refused`]'s `Display`)
+//! becomes the event's `last_error` and the company's email, which tenants
+//! read: it names neither the address the host resolved to nor its range,
+//! or a tenant could map the internal network by pointing an endpoint at
+//! name after name. The address, range and kind are in [`Refused`]'s fields,
+//! which the client logs at warn for the operator.
+//!
+//! `delivery.allowed_networks` is the only list, and it is global: a range
+//! opened there is open to every tenant's endpoints. There is no list per
+//! endpoint.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -59,6 +70,10 @@ const BLOCKED: &[(&str, &str)] = &[
 ];
 
 /// Why a destination was refused. Permanent: retrying cannot change it.
+///
+/// Displayed, it is the text tenants read, the same whatever the address:
+/// the fields are for the operator's log (the client logs them at warn),
+/// never for text that is stored or emailed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
     pub addr: IpAddr,
@@ -68,10 +83,10 @@ pub struct Refused {
 
 impl fmt::Display for Refused {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "destination {} is not allowed ({}, {}); if this endpoint is meant to reach it, add the range to delivery.allowed_networks",
-            self.addr, self.what, self.range
+        f.write_str(
+            "destination not allowed: the endpoint's host is, or resolves to, an address \
+             outboxd may not reach (loopback, a private network or another special-purpose \
+             range); only outboxd's operator can open a range (delivery.allowed_networks)",
         )
     }
 }
@@ -319,15 +334,21 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_says_what_to_do() {
-        let r = Policy::new(vec![])
+    fn a_refusal_says_what_to_do_and_names_no_address() {
+        let policy = Policy::new(vec![]);
+        let metadata = policy
             .check("169.254.169.254".parse().unwrap())
             .unwrap_err();
-        let text = r.to_string();
-        assert!(
-            text.contains("169.254.169.254") && text.contains("delivery.allowed_networks"),
-            "{text}"
-        );
+        let private = policy.check("10.1.2.3".parse().unwrap()).unwrap_err();
+        let text = metadata.to_string();
+        assert!(text.contains("delivery.allowed_networks"), "{text}");
+        // The tenant's text is the same for every refused address.
+        assert_eq!(text, private.to_string());
+        for hidden in ["169.254", "link-local", "10.1.2.3", "10.0.0.0/8"] {
+            assert!(!text.contains(hidden), "{hidden} in {text}");
+        }
+        assert_eq!(metadata.addr.to_string(), "169.254.169.254");
+        assert_eq!(private.range.to_string(), "10.0.0.0/8");
     }
 
     #[tokio::test]

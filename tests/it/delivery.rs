@@ -974,7 +974,7 @@ async fn private_and_loopback_destinations_are_refused_unless_allow_listed() {
         let error = error.unwrap();
         assert_eq!(attempts, 1, "company {company}: not retried");
         assert!(
-            error.contains("is not allowed"),
+            error.contains("destination not allowed"),
             "company {company}: {error}"
         );
         assert!(
@@ -983,18 +983,105 @@ async fn private_and_loopback_destinations_are_refused_unless_allow_listed() {
         );
         assert_eq!(attempt_rows(&client, *id).await[0].2, "permanent");
     }
-    for (company, want) in [
-        (1, "loopback"),
-        (2, "link-local"),
-        (3, "10.0.0.1"),
-        (4, "loopback"),
+    // What was refused and why is for the operator, in the log (see
+    // a_refusal_names_no_resolved_address_to_the_tenant for what the
+    // tenant reads).
+    let log = daemon.log();
+    for (company, host, want) in [
+        (1, "127.0.0.1", "loopback"),
+        (2, "169.254.169.254", "link-local"),
+        (3, "167772161", "10.0.0.1"),
+        (4, "::ffff:127.0.0.1", "loopback"),
     ] {
-        let error = event_row(&client, ids[company - 1].1).await.3.unwrap();
-        assert!(error.contains(want), "company {company}: {error}");
+        assert!(
+            log.iter()
+                .any(|l| l.contains("destination refused") && l.contains(host) && l.contains(want)),
+            "company {company}: no refusal naming {host} and {want} in the log:\n{}",
+            log.join("\n")
+        );
     }
     assert!(
         receiver.received().is_empty(),
         "nothing reached the receiver"
     );
     daemon.stop().await;
+}
+
+/// The refusal text is stored in columns the sales application shows its
+/// users and emailed to the company: it must not say what a host resolves
+/// to, or a tenant could map the internal network by trying name after
+/// name. The operator's log says it all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_names_no_resolved_address_to_the_tenant() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // Numbers, not IP literals to the URL parser: the resolver turns them
+    // into 10.0.0.1 and 127.0.0.1, which the tenant never wrote.
+    let hosts = [
+        (5_i64, "167772161", "10.0.0.1"),
+        (6, "2130706433", "127.0.0.1"),
+    ];
+    for (company, host, _) in hosts {
+        set_endpoint(&client, company, &format!("http://{host}:9/hook"), "none").await;
+    }
+    let port = crate::smtp::free_port();
+    let smtp = crate::smtp::SmtpServer::start(port, &[]).await;
+    let mut env = crate::notify::smtp_env(port, &[]);
+    env.push(("OUTBOXD_DELIVERY__ALLOWED_NETWORKS".into(), "[]".into()));
+    let daemon = crate::notify::start(&db, &env).await;
+    let mut ids = Vec::new();
+    for (company, host, address) in hosts {
+        ids.push((
+            enqueue(&client, company, company, "1", None).await,
+            host,
+            address,
+        ));
+    }
+    let mails = smtp.wait_for(2, SECS(20)).await;
+    let log = daemon.log();
+    daemon.stop().await;
+
+    // Anything that reveals the address: itself, or the range it is in.
+    let hidden = ["10.0.0.1", "10.0.0.0/8", "127.0.0.1", "127.0.0.0/8"];
+    for (id, host, address) in &ids {
+        let (state, _, response, error) = event_row(&client, *id).await;
+        assert_eq!(state, "failed");
+        let error = error.unwrap();
+        assert!(
+            error.contains("delivery.allowed_networks"),
+            "{host}: {error}"
+        );
+        let attempt_message = attempt_rows(&client, *id).await[0].3.clone();
+        for text in [Some(error), response, attempt_message]
+            .into_iter()
+            .flatten()
+        {
+            for h in hidden {
+                assert!(
+                    !text.contains(h),
+                    "{host}: {h} in the tenant's text: {text}"
+                );
+            }
+        }
+        assert!(
+            log.iter().any(|l| l.contains("destination refused")
+                && l.contains(&id.to_string())
+                && l.contains(host)
+                && l.contains(address)),
+            "{host}: no warning naming it and {address} in the log:\n{}",
+            log.join("\n")
+        );
+    }
+    for mail in &mails {
+        let text = [
+            mail.subject.clone(),
+            mail.part("text/plain"),
+            mail.part("text/html"),
+        ]
+        .join("\n");
+        assert!(text.contains("delivery.allowed_networks"), "{text}");
+        for h in hidden {
+            assert!(!text.contains(h), "{h} in the email:\n{text}");
+        }
+    }
 }
