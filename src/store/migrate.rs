@@ -26,8 +26,13 @@
 //! `NOT VALID` (new and updated rows are checked, existing ones not read;
 //! they were written by code that already kept the rule), an index in the
 //! `.online.sql` part, a column only without a volatile default (no
-//! rewrite). Only 0003 predates this: its checks scan the table once when a
-//! schema of version 2 or older is upgraded (README, "Under systemd").
+//! rewrite). Two migrations predate this (README, "Under systemd"), and
+//! block enqueues when an old schema is upgraded: 0003's checks scan the
+//! table once under its lock (from version 2 or older), and 0004 builds
+//! `events_delivered_at` and `events_failed_since` with a plain `CREATE
+//! INDEX` in the transaction (from version 3 or older): each build reads
+//! the whole table, and its lock blocks the table's writes until the
+//! transaction, all later migrations of the run included, commits.
 //!
 //! A change of the catalogue (a dropped constraint or trigger) still needs
 //! a brief exclusive lock on the table. Queued behind an application
