@@ -259,6 +259,62 @@ async fn a_401_or_404_is_tried_a_few_times_before_failing() {
     daemon.stop().await;
 }
 
+/// What the README says of the delivery log line: one per attempt, at a
+/// level that follows the next state, so that at the default level a
+/// success leaves no line.
+#[tokio::test(flavor = "multi_thread")]
+async fn at_info_a_delivery_attempt_is_logged_unless_it_succeeded() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let flaky = Receiver::start(|_, nth| {
+        if nth == 1 {
+            Reply::Json(503, json!({"status": "0", "error": "busy"}))
+        } else {
+            Reply::Json(200, json!({"status": "1", "message": "ok"}))
+        }
+    })
+    .await;
+    let rejecting = Receiver::start(|_, _| {
+        Reply::Json(200, json!({"status": "0", "error": "no such payment"}))
+    })
+    .await;
+    set_endpoint(&client, 1, &flaky.url("/"), "none").await;
+    set_endpoint(&client, 2, &rejecting.url("/"), "none").await;
+    let mut env = FAST_RETRY.to_vec();
+    env.push(("RUST_LOG", "info"));
+    let daemon = Daemon::start(&db, &env).await;
+    let retried = enqueue(&client, 1, 1, "1", None).await;
+    let rejected = enqueue(&client, 2, 2, "2", None).await;
+    wait_state(&client, retried, "delivered", SECS(10)).await;
+    wait_state(&client, rejected, "failed", SECS(10)).await;
+    let log = daemon.log();
+    daemon.stop().await;
+    let lines = |id: uuid::Uuid| -> Vec<String> {
+        log.iter()
+            .filter(|l| l.contains(" delivery ") && l.contains(&id.to_string()))
+            .cloned()
+            .collect()
+    };
+    let retried = lines(retried);
+    assert_eq!(
+        retried.len(),
+        1,
+        "the retry only, not the success: {retried:#?}"
+    );
+    assert!(
+        retried[0].contains("INFO") && retried[0].contains("retry"),
+        "{}",
+        retried[0]
+    );
+    let rejected = lines(rejected);
+    assert_eq!(rejected.len(), 1, "{rejected:#?}");
+    assert!(
+        rejected[0].contains("WARN") && rejected[0].contains("failed"),
+        "{}",
+        rejected[0]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_500_then_200_is_delivered_on_attempt_2() {
     let db = TestDb::new().await;
