@@ -17,8 +17,8 @@ use crate::store::pool as db;
 use crate::store::upkeep;
 pub use crate::store::upkeep::{CIRCUIT_STATES, Deleted, QueueStats};
 use crate::telemetry::{
-    CIRCUIT_OPEN_LONGEST, ENDPOINTS, EVENTS_HELD, EVENTS_LEASED, EVENTS_PENDING,
-    NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE,
+    CIRCUIT_OPEN_LONGEST, ENDPOINTS, ENDPOINTS_HELD, EVENTS_HELD, EVENTS_LEASED, EVENTS_PENDING,
+    NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE, OLDEST_HELD_AGE,
 };
 
 /// Events put back in the queue per statement by [`LeaseExpiry`].
@@ -214,6 +214,8 @@ impl Maintenance {
             gauge!(ENDPOINTS, "circuit" => *state).set(n as f64);
         }
         gauge!(EVENTS_HELD).set(stats.held as f64);
+        gauge!(OLDEST_HELD_AGE).set(stats.oldest_held_age.as_secs_f64());
+        gauge!(ENDPOINTS_HELD).set(stats.endpoints_held as f64);
         gauge!(CIRCUIT_OPEN_LONGEST).set(stats.longest_open.as_secs_f64());
         crate::telemetry::queue_gauges_refreshed();
         Ok(stats)

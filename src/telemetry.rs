@@ -39,6 +39,8 @@ pub const CIRCUIT_PROBES: &str = "outboxd_circuit_probes_total";
 pub const CIRCUIT_OPEN_LONGEST: &str = "outboxd_circuit_open_longest_seconds";
 pub const ENDPOINTS: &str = "outboxd_endpoints";
 pub const EVENTS_HELD: &str = "outboxd_events_held";
+pub const OLDEST_HELD_AGE: &str = "outboxd_oldest_held_event_age_seconds";
+pub const ENDPOINTS_HELD: &str = "outboxd_endpoints_held";
 pub const QUEUE_GAUGES_REFRESHED: &str = "outboxd_queue_gauges_refreshed_timestamp_seconds";
 pub const DB_POOL_CONNECTIONS: &str = "outboxd_db_pool_connections";
 pub const DB_POOL_MAX: &str = "outboxd_db_pool_max_connections";
@@ -185,6 +187,15 @@ fn describe() {
         "Pending events of endpoints whose circuit is not closed or that a Retry-After pauses: waiting, not attempted (refreshed on a timer)."
     );
     describe_gauge!(
+        OLDEST_HELD_AGE,
+        metrics::Unit::Seconds,
+        "Age since enqueue of the oldest held event that is due now (0 when none is); not counted in outboxd_oldest_due_event_age_seconds."
+    );
+    describe_gauge!(
+        ENDPOINTS_HELD,
+        "Held endpoints (circuit open, half-open or paused, or a Retry-After) with an event due now (refreshed on a timer)."
+    );
+    describe_gauge!(
         CIRCUIT_OPEN_LONGEST,
         metrics::Unit::Seconds,
         "How long the longest-open circuit has been open; 0 when none is (operator pauses not counted)."
@@ -226,7 +237,7 @@ fn describe() {
     describe_gauge!(
         OLDEST_DUE_AGE,
         metrics::Unit::Seconds,
-        "Age since enqueue of the oldest event that is due now (0 when none is)."
+        "Age since enqueue of the oldest event that is due now and whose endpoint is not held (0 when none is); held events are in outboxd_oldest_held_event_age_seconds."
     );
     describe_counter!(
         LEASES_EXPIRED,

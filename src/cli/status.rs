@@ -1,6 +1,9 @@
 //! `outboxd status`: the outbox at a glance, for a person on call or a
 //! script (`--json`). Events per state, the age of the oldest event due now
-//! (the same figure as the `outboxd_oldest_due_event_age_seconds` gauge),
+//! of an endpoint that is not held (the same figure as the
+//! `outboxd_oldest_due_event_age_seconds` gauge), the events held and the
+//! age of the oldest of them (`outboxd_events_held`,
+//! `outboxd_oldest_held_event_age_seconds`),
 //! how many of the events finished in the last hour failed, the emails
 //! waiting, the endpoints with the most failed events in the last day, and
 //! every endpoint whose circuit is not closed (open, half-open, paused, or
@@ -31,7 +34,9 @@ pub struct StatusArgs {
 struct Status {
     events: Counts,
     /// Since it was enqueued, to the millisecond; 0 when nothing is due.
+    /// Held endpoints' events are not counted here but in `held`.
     oldest_due_age_seconds: f64,
+    held: Held,
     last_hour: LastHour,
     emails_queued: i64,
     failing_endpoints: Vec<FailingEndpoint>,
@@ -68,6 +73,17 @@ mod humantime_serde_opt {
             None => s.serialize_none(),
         }
     }
+}
+
+/// The events of held endpoints: waiting for their receiver or an
+/// operator, not for outboxd.
+#[derive(Debug, Serialize)]
+struct Held {
+    events: i64,
+    /// Held endpoints with an event due now.
+    endpoints: i64,
+    /// The oldest held event due now, since it was enqueued; 0: none.
+    oldest_age_seconds: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -158,6 +174,11 @@ pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
         held_endpoints,
         events,
         oldest_due_age_seconds: queue.oldest_due_age.as_millis() as f64 / 1000.0,
+        held: Held {
+            events: queue.held,
+            endpoints: queue.endpoints_held,
+            oldest_age_seconds: queue.oldest_held_age.as_millis() as f64 / 1000.0,
+        },
         last_hour: LastHour {
             finished,
             failed,
@@ -174,20 +195,46 @@ pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
     }
 }
 
+/// An age for people: whole seconds past a minute; "350ms" is worth
+/// showing below it.
+fn readable(seconds: f64) -> String {
+    let age = Duration::from_secs_f64(seconds);
+    let age = if age >= Duration::from_secs(60) {
+        Duration::from_secs(age.as_secs())
+    } else {
+        Duration::from_millis(age.as_millis() as u64)
+    };
+    humantime::format_duration(age).to_string()
+}
+
 impl Status {
     fn text(&self) -> String {
         let e = &self.events;
         let oldest = if self.oldest_due_age_seconds > 0.0 {
-            // Whole seconds past a minute; "350ms" is worth showing below it.
-            let age = Duration::from_secs_f64(self.oldest_due_age_seconds);
-            let age = if age >= Duration::from_secs(60) {
-                Duration::from_secs(age.as_secs())
-            } else {
-                Duration::from_millis(age.as_millis() as u64)
-            };
-            format!("{} since it was enqueued", humantime::format_duration(age))
+            format!(
+                "{} since it was enqueued",
+                readable(self.oldest_due_age_seconds)
+            )
         } else {
             "none (no event is due now)".to_string()
+        };
+        let held = &self.held;
+        let held = if held.events == 0 {
+            "none".to_string()
+        } else if held.oldest_age_seconds > 0.0 {
+            format!(
+                "{} events, the oldest due enqueued {} ago ({} {} with events due)",
+                held.events,
+                readable(held.oldest_age_seconds),
+                held.endpoints,
+                if held.endpoints == 1 {
+                    "endpoint"
+                } else {
+                    "endpoints"
+                }
+            )
+        } else {
+            format!("{} events, none due now", held.events)
         };
         let hour = match self.last_hour.failure_ratio {
             None => "no events finished".to_string(),
@@ -201,6 +248,7 @@ impl Status {
         let mut text = format!(
             "events:      {} pending, {} leased, {} delivered, {} failed\n\
              oldest due:  {oldest}\n\
+             held:        {held}\n\
              last hour:   {hour}\n\
              emails:      {} queued\n",
             e.pending, e.leased, e.delivered, e.failed, self.emails_queued

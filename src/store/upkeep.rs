@@ -62,14 +62,20 @@ pub async fn expire_held(
 pub struct QueueStats {
     pub pending: i64,
     pub leased: i64,
-    /// Age since enqueue of the oldest event due now, 0 when none is.
+    /// Age since enqueue of the oldest event due now whose endpoint is not
+    /// held (see `held`), 0 when none is: what no instance has got to.
     pub oldest_due_age: Duration,
     pub emails_queued: i64,
     /// Endpoints by circuit state: closed, open, half-open, paused.
     pub endpoints: [i64; 4],
-    /// Pending events of endpoints whose circuit is not closed (or that a
-    /// Retry-After pauses).
+    /// Pending events of endpoints whose circuit is not closed (open,
+    /// half-open, paused by an operator) or that a Retry-After pauses.
     pub held: i64,
+    /// Age since enqueue of the oldest of those that is due now, 0 when
+    /// none is.
+    pub oldest_held_age: Duration,
+    /// Held endpoints with an event due now.
+    pub endpoints_held: i64,
     /// How long the longest-open circuit has been open (0: none is).
     pub longest_open: Duration,
 }
@@ -84,6 +90,7 @@ pub async fn queue_stats(
 ) -> Result<QueueStats, tokio_postgres::Error> {
     let row = client.query_one(QUEUE_SQL, &[]).await?;
     let age_ms: i64 = row.get("oldest_due_age_ms");
+    let held_ms: i64 = row.get("oldest_held_age_ms");
     let open_ms: i64 = row.get("longest_open_ms");
     Ok(QueueStats {
         pending: row.get("pending"),
@@ -97,6 +104,8 @@ pub async fn queue_stats(
             row.get("paused"),
         ],
         held: row.get("held"),
+        oldest_held_age: Duration::from_millis(held_ms.max(0) as u64),
+        endpoints_held: row.get("endpoints_held"),
         longest_open: Duration::from_millis(open_ms.max(0) as u64),
     })
 }

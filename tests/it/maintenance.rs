@@ -233,3 +233,77 @@ async fn deleting_an_old_email_does_not_email_its_failures_again() {
         0
     );
 }
+
+/// Minutes since `age`, rounded: the gauges' ages are read a moment after
+/// the rows were written.
+fn minutes(age: Duration) -> u64 {
+    (age.as_secs() + 30) / 60
+}
+
+#[tokio::test]
+async fn held_endpoints_are_counted_apart_and_left_out_of_the_oldest_due_age() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let gauges = Maintenance::new(db.pool(), Duration::from_secs(60), Duration::from_secs(60));
+    // Held: 1 open (its receiver down), 2 half-open (a probe out), 3 paused
+    // by an operator, 4 waiting out a Retry-After. Not held: 5, whose
+    // Retry-After is over, and 6, which has no circuit row.
+    client
+        .batch_execute(
+            "INSERT INTO outbox.endpoint_circuits
+                    (company_id, event_type, state, opened_at, retry_at, manual, paused_until, failures)
+             VALUES (1, 'payment.cancellation', 'open', now() - interval '1 hour', now() + interval '1 hour', false, NULL, 5),
+                    (2, 'payment.cancellation', 'half_open', now() - interval '1 hour', now() + interval '1 minute', false, NULL, 5),
+                    (3, 'payment.cancellation', 'open', now(), 'infinity', true, NULL, 0),
+                    (4, 'payment.cancellation', 'closed', NULL, NULL, false, now() + interval '1 hour', 1),
+                    (5, 'payment.cancellation', 'closed', NULL, NULL, false, now() - interval '1 second', 1);
+             INSERT INTO outbox.events (company_id, payload, created_at, next_attempt_at)
+             VALUES (1, '{}', now() - interval '180 minutes', now()),
+                    (2, '{}', now() - interval '120 minutes', now()),
+                    (3, '{}', now() - interval '120 minutes', now()),
+                    (4, '{}', now() - interval '120 minutes', now()),
+                    -- Held, and not due yet: counted, but not aged.
+                    (4, '{}', now() - interval '300 minutes', now() + interval '1 hour'),
+                    (5, '{}', now() - interval '90 minutes', now()),
+                    (6, '{}', now() - interval '30 minutes', now());",
+        )
+        .await
+        .unwrap();
+    let stats = gauges.run_once().await.unwrap();
+    assert_eq!(stats.pending, 7);
+    assert_eq!(stats.held, 5, "{stats:?}");
+    assert_eq!(stats.endpoints_held, 4, "{stats:?}");
+    assert_eq!(minutes(stats.oldest_held_age), 180, "{stats:?}");
+    assert_eq!(minutes(stats.oldest_due_age), 90, "{stats:?}");
+    // closed, open, half-open, paused (4 is held by its Retry-After, but
+    // its circuit is closed).
+    assert_eq!(stats.endpoints, [0, 1, 1, 1], "{stats:?}");
+
+    // A lease that ran out is due whatever its endpoint: it waits for an
+    // instance to put it back, not for the receiver.
+    client
+        .batch_execute(
+            "INSERT INTO outbox.events (company_id, payload, created_at, next_attempt_at, state, lease_owner, attempts)
+             VALUES (1, '{}', now() - interval '600 minutes', now() - interval '1 second', 'leased', 'gone', 1);",
+        )
+        .await
+        .unwrap();
+    let stats = gauges.run_once().await.unwrap();
+    assert_eq!(minutes(stats.oldest_due_age), 600, "{stats:?}");
+
+    // The circuits closed: nothing held, every due event in the age.
+    client
+        .batch_execute(
+            "DELETE FROM outbox.endpoint_circuits;
+             DELETE FROM outbox.events WHERE state = 'leased';",
+        )
+        .await
+        .unwrap();
+    let stats = gauges.run_once().await.unwrap();
+    assert_eq!(
+        (stats.held, stats.endpoints_held, stats.oldest_held_age),
+        (0, 0, Duration::ZERO),
+        "{stats:?}"
+    );
+    assert_eq!(minutes(stats.oldest_due_age), 180, "{stats:?}");
+}

@@ -502,8 +502,22 @@ async fn an_operator_pauses_an_endpoint_sees_it_held_and_resets_it() {
         0,
         &["circuit: paused by an operator", "0 in flight, 3 waiting"],
     );
+    // Held apart: its events are not what the paging age reads.
+    client
+        .batch_execute("UPDATE outbox.events SET created_at = now() - interval '1 hour'")
+        .await
+        .unwrap();
     let status = outboxd(&db, "status").await;
-    expect(&status, 0, &["1 paused", "6316"]);
+    expect(
+        &status,
+        0,
+        &[
+            "1 paused",
+            "6316",
+            "oldest due:  none (no event is due now)",
+            "held:        3 events, the oldest due enqueued 1h",
+        ],
+    );
     let listed = outboxd(&db, "endpoint list").await;
     expect(&listed, 0, &["paused"]);
     let untried = count(
