@@ -5,7 +5,7 @@
 #   . scripts/lib/setup.sh
 #   ensure_build_deps        # C toolchain + OpenSSL headers for openssl-sys
 #   ensure_smtp_test_server  # Python with aiosmtpd, for the tests' SMTP server
-#   ensure_ops_tools         # promtool and systemd-analyze, for the operations tests
+#   ensure_ops_tools         # promtool, prometheus and systemd-analyze, for the operations tests
 #   ensure_packaging_tools   # cargo-deb and dpkg-deb, for scripts/package
 #   ensure_lintian           # lintian, for scripts/check-package
 #   ensure_standardwebhooks  # PyPI standardwebhooks, the tests' signature verifier
@@ -262,11 +262,15 @@ ensure_smtp_test_server() {
     _outboxd_apt_install python3 python3-aiosmtpd
 }
 
-# The operations tests check the exposition and the alert rules with promtool
-# (Debian package prometheus) and the unit files with systemd-analyze.
+# The operations tests check the exposition and the alert rules with promtool,
+# run the rules in a real Prometheus server scraping a daemon (both from
+# Debian's package prometheus; the test starts its own server on a free
+# port), and check the unit files with systemd-analyze.
 ensure_ops_tools() {
     local -a missing=()
-    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+        missing+=(prometheus)
+    fi
     command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
     ((${#missing[@]} == 0)) || _outboxd_apt_install "${missing[@]}"
 }

@@ -19,6 +19,7 @@ mod ops;
 mod ops_cli;
 mod pg_tls;
 mod private_pg;
+mod prometheus;
 mod proxy;
 mod receiver;
 mod record;
