@@ -101,7 +101,8 @@ pub enum EndpointCommand {
     /// Delete an endpoint and its settings
     ///
     /// Its events then fail at once (no_endpoint) until an endpoint is set
-    /// again. The events and their attempts are kept.
+    /// again. Its signing secrets go too (a delete of the endpoint row alone,
+    /// in SQL, keeps them). The events and their attempts are kept.
     ///
     /// Example:
     ///

@@ -18,7 +18,7 @@ const SECRETS_SQL: &str = include_str!("../../sql/queries/secret_list.sql");
 const EXISTS_SQL: &str = "SELECT 1 FROM outbox.endpoints WHERE company_id = $1 AND event_type = $2";
 const ENABLE_SQL: &str =
     "UPDATE outbox.endpoints SET enabled = $3 WHERE company_id = $1 AND event_type = $2";
-const REMOVE_SQL: &str = "DELETE FROM outbox.endpoints WHERE company_id = $1 AND event_type = $2";
+const REMOVE_SQL: &str = include_str!("../../sql/queries/endpoint_remove.sql");
 
 /// An endpoint as `endpoint set` writes it, whole.
 #[derive(Debug)]
@@ -145,7 +145,8 @@ pub async fn set_enabled(
         > 0)
 }
 
-/// Removes an endpoint; false when there was none.
+/// Removes an endpoint with its signing secrets (`endpoint_remove.sql`);
+/// false when there was none.
 pub async fn remove(
     client: &impl GenericClient,
     company: i64,

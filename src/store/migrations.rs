@@ -73,6 +73,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/migrations/0009_light_enqueue.sql"),
         online: include_str!("../../sql/migrations/0009_light_enqueue.online.sql"),
     },
+    Migration {
+        version: 10,
+        name: "signing_secrets_kept",
+        sql: include_str!("../../sql/migrations/0010_signing_secrets_kept.sql"),
+        online: "",
+    },
 ];
 
 impl Migration {

@@ -397,6 +397,18 @@ async fn secrets_are_rotated_listed_by_fingerprint_and_signed_by_endpoint_test()
     );
     let test = run(&mut outboxd(&[&["endpoint", "test"][..], &key].concat())).await;
     assert_eq!(test.code, Some(0), "{test:?}");
+
+    // `endpoint remove` takes the secrets with it (a bare DELETE of the
+    // endpoint row no longer does, since 0010), and the record that the
+    // endpoint signed.
+    let removed = run(&mut outboxd(&[&["endpoint", "remove"][..], &key].concat())).await;
+    assert_eq!(removed.code, Some(0), "{removed:?}");
+    let client = db.client().await;
+    for table in ["endpoint_signing_secrets", "signed_endpoints"] {
+        let left =
+            crate::harness::count(&client, &format!("SELECT count(*) FROM outbox.{table}")).await;
+        assert_eq!(left, 0, "{table}");
+    }
 }
 
 /// `endpoint set --signing-secret-file` writes the endpoint and its secret
@@ -557,4 +569,292 @@ async fn the_reference_receiver_verifies_signatures() {
     assert_eq!(post(&url, &signed(now, body), &changed).await, "0");
     assert_eq!(post(&url, &signed(now - 600, body), body).await, "0");
     assert_eq!(post(&url, &signed(now + 600, body), body).await, "0");
+}
+
+/// Issue 25, point 7: the schema's check and the daemon's decoder agree on
+/// every secret. 0008 stored base64 whose last character carries non-zero
+/// unused bits (PostgreSQL's decode() ignores them, the daemon refuses
+/// them), and every event of that endpoint then failed. Each candidate is
+/// judged by `outbox.is_valid_signing_secret` (what the constraint and the
+/// trigger call) and by `SigningKey::parse` (what the claim's secrets go
+/// through); the texts are never printed, only their index.
+#[tokio::test]
+async fn the_schema_accepts_exactly_the_secrets_the_daemon_accepts() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+    use outboxd::http::sign::SigningKey;
+    use tokio_postgres::error::SqlState;
+
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute("INSERT INTO outbox.endpoints (company_id, url) VALUES (1, 'https://erp.example.com/h')")
+        .await
+        .unwrap();
+    let insert = |secret: String| {
+        let client = &client;
+        async move {
+            client
+                .execute(
+                    "INSERT INTO outbox.endpoint_signing_secrets (company_id, event_type, secret)
+                     VALUES (1, 'payment.cancellation', $1)",
+                    &[&secret],
+                )
+                .await
+        }
+    };
+
+    // The issue's example: 32 bytes whose last character says B where
+    // only A (unused bits zero) is canonical.
+    let non_canonical = format!("whsec_{}B=", "A".repeat(42));
+    let canonical = format!("whsec_{}A=", "A".repeat(42));
+    assert!(SigningKey::parse(&non_canonical).is_err());
+    assert!(SigningKey::parse(&canonical).is_ok());
+    let refused = insert(non_canonical.clone()).await.unwrap_err();
+    let refused = refused.as_db_error().expect("a database error");
+    assert_eq!(refused.code(), &SqlState::CHECK_VIOLATION);
+    assert_eq!(
+        refused.constraint(),
+        Some("endpoint_signing_secrets_format")
+    );
+    let said = format!("{} {:?}", refused.message(), refused.detail());
+    assert!(said.contains("unused bits zero"), "{said}");
+    assert!(
+        !said.contains(&"A".repeat(42)),
+        "the error echoes the secret"
+    );
+    insert(canonical.clone()).await.unwrap();
+
+    // Every length around the allowed 24..=64 bytes, each key spelt
+    // canonically, with every other last character, without its padding,
+    // with a padding character too many or too few, and with a stray
+    // character; and a few that are wrong from the start.
+    let mut candidates: Vec<String> = vec![
+        "whsec_".into(),
+        "whsec_====".into(),
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        "WHSEC_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into(),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaS-".into(),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaS_".into(),
+        "whsec_MfKQ9r8GKYqrTwjU=D8ILPZIo2LaLaSw".into(),
+    ];
+    const ALPHABET: &str = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    for len in 20..=68 {
+        let key: Vec<u8> = (0..len).map(|_| fastrand::u8(..)).collect();
+        let text = STANDARD.encode(&key);
+        let body = text.trim_end_matches('=');
+        let pad = &text[body.len()..];
+        let (head, _) = body.split_at(body.len() - 1);
+        for last in ALPHABET.chars() {
+            candidates.push(format!("whsec_{head}{last}{pad}"));
+        }
+        candidates.push(format!("whsec_{}", STANDARD_NO_PAD.encode(&key)));
+        candidates.push(format!("whsec_{text}="));
+        if !pad.is_empty() {
+            candidates.push(format!("whsec_{}", &text[..text.len() - 1]));
+        }
+        candidates.push(format!("whsec_{text}A"));
+        candidates.push(format!("whsec_{head}!{pad}"));
+    }
+    let rows = client
+        .query(
+            "SELECT outbox.is_valid_signing_secret(s) FROM unnest($1::text[]) WITH ORDINALITY AS c(s, i) ORDER BY i",
+            &[&candidates],
+        )
+        .await
+        .unwrap();
+    let (mut accepted, mut disagreements) = (0, Vec::new());
+    for (i, (text, row)) in candidates.iter().zip(&rows).enumerate() {
+        let schema: bool = row.get(0);
+        let daemon = SigningKey::parse(text).is_ok();
+        if schema != daemon {
+            disagreements.push((i, text.len(), schema, daemon));
+        }
+        accepted += usize::from(daemon);
+    }
+    assert!(
+        disagreements.is_empty(),
+        "(candidate, length, schema, daemon): {disagreements:?}"
+    );
+    // Both verdicts were exercised: for each of the 41 allowed lengths
+    // the last characters whose unused bits are zero (all 64 without
+    // padding, and the same text once more as "without padding"; 16
+    // before "=", 4 before "=="), and the published vector.
+    let per_length = |len: usize| [64 + 1, 4, 16][len % 3];
+    let expected: usize = (24..=64).map(per_length).sum::<usize>() + 1;
+    assert_eq!(accepted, expected, "of {} candidates", candidates.len());
+    assert!(candidates.len() - accepted > 2000);
+
+    // The one deliberate difference: the daemon trims a secret file's
+    // newline; the schema stores no whitespace at all.
+    let with_newline = format!("{canonical}\n");
+    assert!(SigningKey::parse(&with_newline).is_ok());
+    assert!(insert(with_newline).await.is_err());
+}
+
+/// Issue 25, point 7: a settings screen that saves an endpoint by deleting
+/// its row and inserting it again (in one transaction or two) keeps its
+/// signing secrets, so its requests stay signed; up to 0009 the secrets
+/// went with the row (ON DELETE CASCADE) and the requests went out
+/// unsigned. Checked by the `standardwebhooks` verifier.
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_outlive_a_delete_and_reinsert_of_their_endpoint() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let dir = TempDir::new("signing-reinsert");
+    let (_, secret) = outboxd::http::sign::SigningKey::generate().unwrap();
+    let file = dir.join("whsec");
+    std::fs::write(&file, &secret).unwrap();
+    let verifier = Verifier::start(&file).await;
+    let save = format!(
+        "INSERT INTO outbox.endpoints (company_id, url, notify_emails)
+         VALUES (6316, '{}', '{{ops@example.com}}')",
+        verifier.url()
+    );
+    client.batch_execute(&save).await.unwrap();
+    client
+        .execute(
+            "INSERT INTO outbox.endpoint_signing_secrets (company_id, event_type, secret)
+             VALUES (6316, 'payment.cancellation', $1)",
+            &[&secret],
+        )
+        .await
+        .unwrap();
+    // The settings screen saves: in one transaction, then in two.
+    client
+        .batch_execute(&format!(
+            "BEGIN; DELETE FROM outbox.endpoints WHERE company_id = 6316; {save}; COMMIT;"
+        ))
+        .await
+        .unwrap();
+    client
+        .batch_execute("DELETE FROM outbox.endpoints WHERE company_id = 6316")
+        .await
+        .unwrap();
+    client.batch_execute(&save).await.unwrap();
+    let daemon = Daemon::start(&db, &[]).await;
+    client
+        .batch_execute("SELECT outbox.enqueue_payment_cancellation(6316, 1, 'AFTER-SAVE')")
+        .await
+        .unwrap();
+    let seen = verifier.wait_for(1).await;
+    assert_eq!(seen[0]["verified"], true, "{:?}", seen[0]["error"]);
+    eventually_count(
+        &client,
+        "delivered, signed",
+        SECS(20),
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+        1,
+    )
+    .await;
+    assert!(daemon.stop().await.success());
+}
+
+/// Issue 25, point 7: a database migrated to 0009 may hold secrets that
+/// 0008's check let through and the daemon refuses. Migration 0010 spells
+/// them canonically (the same key: the bytes PostgreSQL and the Standard
+/// Webhooks libraries decode from the text the receiver holds), validates
+/// the new check, and records their endpoints as signed.
+#[tokio::test]
+async fn migration_10_respells_stored_non_canonical_secrets_as_the_same_keys() {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD;
+    use outboxd::http::sign::SigningKey;
+    use outboxd::store::migrations::MIGRATIONS;
+
+    let db = TestDb::empty().await;
+    let mut client = db.client().await;
+    // The schema at 0009, applied as `outboxd migrate` of that release did.
+    client
+        .batch_execute(
+            "CREATE SCHEMA outbox;
+             CREATE TABLE outbox.schema_migrations (
+                 version integer PRIMARY KEY, name text NOT NULL, checksum text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now());",
+        )
+        .await
+        .unwrap();
+    for m in MIGRATIONS.iter().filter(|m| m.version <= 9) {
+        client.batch_execute(m.sql).await.unwrap();
+        client
+            .execute(
+                "INSERT INTO outbox.schema_migrations (version, name, checksum) VALUES ($1, $2, md5($3))",
+                &[&m.version, &m.name, &format!("{}{}", m.sql, m.online)],
+            )
+            .await
+            .unwrap();
+    }
+    // The issue's example (32 bytes, "=") and a 64-byte key ("==", and
+    // long enough for encode() to break its line), each with its last
+    // character's unused bits set; and a canonical one, left alone.
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let long = STANDARD.encode((0..64).map(|_| fastrand::u8(..)).collect::<Vec<u8>>());
+    let last = long.len() - 3;
+    let index = ALPHABET
+        .iter()
+        .position(|c| *c == long.as_bytes()[last])
+        .unwrap();
+    let mut bent = long.clone().into_bytes();
+    bent[last] = ALPHABET[index | 1];
+    let bent = String::from_utf8(bent).unwrap();
+    let (_, fine) = SigningKey::generate().unwrap();
+    let stored = [
+        (1_i64, format!("whsec_{}B=", "A".repeat(42))),
+        (2, format!("whsec_{bent}")),
+        (3, fine.clone()),
+    ];
+    for (company, secret) in &stored {
+        client
+            .execute(
+                "INSERT INTO outbox.endpoints (company_id, url) VALUES ($1, 'https://erp.example.com/h')",
+                &[company],
+            )
+            .await
+            .unwrap();
+        client
+            .execute(
+                "INSERT INTO outbox.endpoint_signing_secrets (company_id, event_type, secret)
+                 VALUES ($1, 'payment.cancellation', $2)",
+                &[company, secret],
+            )
+            .await
+            .unwrap();
+        assert!(SigningKey::parse(secret).is_err() == (*company != 3));
+    }
+
+    let report = outboxd::store::migrate::migrate(&mut client).await.unwrap();
+    assert!(report.applied.contains(&10), "{report:?}");
+    let now: Vec<String> = client
+        .query(
+            "SELECT secret FROM outbox.endpoint_signing_secrets ORDER BY company_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let want = [
+        format!("whsec_{}A=", "A".repeat(42)),
+        format!("whsec_{long}"),
+        fine,
+    ];
+    assert!(now == want, "the secrets were not respelt as expected");
+    for secret in &now {
+        assert!(SigningKey::parse(secret).is_ok());
+    }
+    let validated: bool = client
+        .query_one(
+            "SELECT convalidated FROM pg_constraint WHERE conname = 'endpoint_signing_secrets_format'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(validated, "every stored secret meets the new check");
+    assert_eq!(
+        crate::harness::count(&client, "SELECT count(*) FROM outbox.signed_endpoints").await,
+        3
+    );
 }

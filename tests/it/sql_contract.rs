@@ -583,7 +583,9 @@ where
              GRANT EXECUTE ON FUNCTION outbox.enqueue_payment_cancellation(bigint, bigint, text, bigint[]),
                                        outbox.enqueue(text, bigint, jsonb) TO {role};
              GRANT SELECT ON outbox.events, outbox.attempts TO {role};
-             GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.endpoints TO {role};"
+             GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.endpoints TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON outbox.endpoint_signing_secrets TO {role};
+             GRANT SELECT, DELETE ON outbox.signed_endpoints TO {role};"
         ))
         .await
         .unwrap();
@@ -689,4 +691,65 @@ async fn the_callers_search_path_cannot_reach_into_the_enqueue() {
         .unwrap()
         .get(0);
     assert_eq!(fixed, 2, "both run as their owner with a fixed search_path");
+}
+
+/// Issue 25, point 7: a settings screen with the README's grants manages
+/// signing secrets: storing one records the endpoint as signing (a trigger
+/// with its owner's rights; the role cannot write that table itself),
+/// saving the endpoint by delete and re-insert keeps the secret, and
+/// stopping on purpose is deleting both.
+#[tokio::test]
+async fn the_settings_screen_manages_signing_secrets_with_the_documented_grants() {
+    let db = TestDb::new().await;
+    let (_, secret) = outboxd::http::sign::SigningKey::generate().unwrap();
+    as_the_application(&db, |client| async move {
+        client
+            .batch_execute(
+                "INSERT INTO outbox.endpoints (company_id, url) VALUES (6316, 'https://x.example/h')",
+            )
+            .await?;
+        client
+            .execute(
+                "INSERT INTO outbox.endpoint_signing_secrets (company_id, event_type, secret)
+                 VALUES (6316, 'payment.cancellation', $1)",
+                &[&secret],
+            )
+            .await?;
+        client
+            .batch_execute(
+                "BEGIN;
+                 DELETE FROM outbox.endpoints WHERE company_id = 6316;
+                 INSERT INTO outbox.endpoints (company_id, url) VALUES (6316, 'https://x.example/h');
+                 COMMIT;",
+            )
+            .await?;
+        let kept: i64 = client
+            .query_one("SELECT count(*) FROM outbox.endpoint_signing_secrets", &[])
+            .await?
+            .get(0);
+        assert_eq!(kept, 1);
+        let signed: i64 = client
+            .query_one("SELECT count(*) FROM outbox.signed_endpoints", &[])
+            .await?
+            .get(0);
+        assert_eq!(signed, 1);
+        let denied = client
+            .batch_execute("INSERT INTO outbox.signed_endpoints (company_id, event_type) VALUES (1, 'x')")
+            .await
+            .unwrap_err();
+        assert_eq!(denied.code(), Some(&SqlState::INSUFFICIENT_PRIVILEGE));
+        client
+            .batch_execute(
+                "DELETE FROM outbox.endpoint_signing_secrets WHERE company_id = 6316;
+                 DELETE FROM outbox.signed_endpoints WHERE company_id = 6316;",
+            )
+            .await?;
+        Ok(())
+    })
+    .await;
+    let admin = db.client().await;
+    assert_eq!(
+        count(&admin, "SELECT count(*) FROM outbox.signed_endpoints").await,
+        0
+    );
 }
