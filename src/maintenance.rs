@@ -222,7 +222,8 @@ impl Maintenance {
     }
 }
 
-/// Deletes finished rows past their retention, in batches.
+/// Deletes finished rows past their retention, and signing secrets
+/// expired for longer than `retention.delivered`, in batches.
 pub struct Retention {
     pool: deadpool_postgres::Pool,
     config: RetentionConfig,
@@ -253,8 +254,10 @@ impl Service for Retention {
             Ok(deleted) => {
                 self.round.events += deleted.events;
                 self.round.emails += deleted.emails;
+                self.round.secrets += deleted.secrets;
                 if deleted.events >= self.config.batch_size
                     || deleted.emails >= self.config.batch_size
+                    || deleted.secrets >= self.config.batch_size
                 {
                     return Next::Now;
                 }
@@ -269,6 +272,7 @@ impl Service for Retention {
             tracing::info!(
                 events = round.events,
                 emails = round.emails,
+                signing_secrets = round.secrets,
                 "retention: deleted old rows"
             );
         }

@@ -115,10 +115,13 @@ pub async fn queue_stats(
 pub struct Deleted {
     pub events: i64,
     pub emails: i64,
+    /// Signing secrets expired for longer than `retention.delivered`.
+    pub secrets: i64,
 }
 
-/// One retention batch (`sql/queries/retention.sql`): finished events and
-/// sent emails past their retention, at most `config.batch_size` of each.
+/// One retention batch (`sql/queries/retention.sql`): finished events,
+/// sent emails and long-expired signing secrets past their retention, at
+/// most `config.batch_size` of each.
 pub async fn retention(
     pool: &deadpool_postgres::Pool,
     config: &RetentionConfig,
@@ -138,5 +141,6 @@ pub async fn retention(
     Ok(Deleted {
         events: row.get("events"),
         emails: row.get("emails"),
+        secrets: row.get("secrets"),
     })
 }

@@ -64,13 +64,15 @@ async fn old_finished_events_are_deleted_in_batches_with_their_attempts() {
     let total = rounds.iter().fold(Deleted::default(), |a, d| Deleted {
         events: a.events + d.events,
         emails: a.emails + d.emails,
+        secrets: a.secrets + d.secrets,
     });
     // 5 old delivered + 1 old failed; 1 old email.
     assert_eq!(
         total,
         Deleted {
             events: 6,
-            emails: 1
+            emails: 1,
+            secrets: 0
         }
     );
     assert!(
@@ -202,7 +204,8 @@ async fn deleting_an_old_email_does_not_email_its_failures_again() {
         deleted,
         Deleted {
             events: 0,
-            emails: 1
+            emails: 1,
+            secrets: 0
         }
     );
     assert_eq!(
@@ -306,4 +309,57 @@ async fn held_endpoints_are_counted_apart_and_left_out_of_the_oldest_due_age() {
         "{stats:?}"
     );
     assert_eq!(minutes(stats.oldest_due_age), 180, "{stats:?}");
+}
+
+/// Issue 25, point 7: retention deletes signing secrets once they have
+/// been expired for longer than `retention.delivered` (7 days by default),
+/// in batches; active ones, ones expired more recently and ones without an
+/// end stay, and so does the record that their endpoints sign.
+#[tokio::test]
+async fn long_expired_signing_secrets_are_deleted_and_the_others_kept() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let (_, a) = outboxd::http::sign::SigningKey::generate().unwrap();
+    let (_, b) = outboxd::http::sign::SigningKey::generate().unwrap();
+    client
+        .execute(
+            "INSERT INTO outbox.endpoint_signing_secrets (company_id, event_type, secret, expires_at)
+             SELECT c, 'payment.cancellation', CASE WHEN c % 2 = 0 THEN $1 ELSE $2 END, e
+               FROM generate_series(1, 3) AS c,
+                    unnest(ARRAY[now() - interval '8 days', now() - interval '30 days',
+                                 now() - interval '6 days', now() + interval '1 day',
+                                 NULL]::timestamptz[]) AS e",
+            &[&a, &b],
+        )
+        .await
+        .unwrap();
+    let retention = retention(&db, 4);
+    let mut rounds = Vec::new();
+    loop {
+        let deleted = retention.run_once().await.unwrap();
+        rounds.push(deleted.secrets);
+        if deleted.secrets < 4 {
+            break;
+        }
+    }
+    assert_eq!(rounds, [4, 2], "batches of 4 until the 6 are gone");
+    let left = count(
+        &client,
+        "SELECT count(*) FROM outbox.endpoint_signing_secrets
+          WHERE expires_at IS NULL OR expires_at > now() - interval '7 days'",
+    )
+    .await;
+    assert_eq!(left, 9);
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.endpoint_signing_secrets"
+        )
+        .await,
+        9
+    );
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM outbox.signed_endpoints").await,
+        3
+    );
 }
