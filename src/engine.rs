@@ -68,7 +68,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::http::client::Deliverer;
 use crate::listen::Listener;
-use crate::maintenance::{HoldLimit, LeaseExpiry, Maintenance, Retention};
+use crate::maintenance::{HoldLimit, LeaseExpiry, Maintenance, Retention, SigningWatch};
 use crate::notify::mailer::Mailer;
 use crate::pipeline::producer::{self, ClaimLoop};
 use crate::pipeline::schema_watch::SchemaWatch;
@@ -190,6 +190,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         ),
         hold_limit: service::spawn(
             HoldLimit::new(upkeep_pool.clone(), &config.circuit, db_limit),
+            &liveness,
+        ),
+        signing_watch: service::spawn(
+            SigningWatch::new(
+                upkeep_pool.clone(),
+                config.metrics.refresh_interval,
+                config.notify.window,
+                db_limit,
+            ),
             &liveness,
         ),
         lease_expiry: service::spawn(
@@ -364,6 +373,7 @@ struct Services {
     gauges: Running,
     retention: Running,
     hold_limit: Running,
+    signing_watch: Running,
     lease_expiry: Running,
     listener: Running,
     mailer: Running,
@@ -379,6 +389,7 @@ impl Services {
         self.mailer.stop();
         self.retention.stop();
         self.hold_limit.stop();
+        self.signing_watch.stop();
         self.lease_expiry.stop();
     }
 
@@ -390,6 +401,7 @@ impl Services {
         self.mailer.join().await;
         self.retention.join().await;
         self.hold_limit.join().await;
+        self.signing_watch.join().await;
         self.lease_expiry.join().await;
         self.gauges.stop();
         if let Some(upkeep) = &self.upkeep {

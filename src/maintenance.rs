@@ -1,8 +1,9 @@
 //! Periodic upkeep outside the delivery path: the queue gauges, refreshed by
 //! one cheap query every `metrics.refresh_interval` (not per delivery)
 //! ([`Maintenance`]), the retention cleanup ([`Retention`]), the limit
-//! on how long an open circuit holds an event ([`HoldLimit`]), and the
-//! return to the queue of events whose lease ran out ([`LeaseExpiry`]).
+//! on how long an open circuit holds an event ([`HoldLimit`]), the
+//! return to the queue of events whose lease ran out ([`LeaseExpiry`]),
+//! and the endpoints that stopped signing ([`SigningWatch`]).
 //!
 //! All are [`Service`]s: `run_once()` does one round and returns what it
 //! found (what tests call); the service's tick calls it and logs a failure.
@@ -15,11 +16,13 @@ use crate::config::{CircuitConfig, DeliveryConfig, RetentionConfig};
 use crate::service::{Next, Service};
 use crate::store::pool as db;
 use crate::store::upkeep;
-pub use crate::store::upkeep::{CIRCUIT_STATES, Deleted, QueueStats};
+pub use crate::store::upkeep::{CIRCUIT_STATES, Deleted, QueueStats, SigningStopped};
 use crate::telemetry::{
-    CIRCUIT_OPEN_LONGEST, ENDPOINTS, ENDPOINTS_HELD, EVENTS_HELD, EVENTS_LEASED, EVENTS_PENDING,
-    NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE, OLDEST_HELD_AGE,
+    CIRCUIT_OPEN_LONGEST, ENDPOINTS, ENDPOINTS_HELD, ENDPOINTS_UNSIGNED, EVENTS_HELD,
+    EVENTS_LEASED, EVENTS_PENDING, NOTIFICATIONS_QUEUED, OLDEST_DUE_AGE, OLDEST_HELD_AGE,
+    SIGNING_STOPPED,
 };
+use metrics::counter;
 
 /// Events put back in the queue per statement by [`LeaseExpiry`].
 const RELEASE_BATCH: i64 = 1000;
@@ -297,5 +300,88 @@ impl Retention {
     /// One batch.
     pub async fn run_once(&self) -> Result<Deleted, String> {
         upkeep::retention(&self.pool, &self.config).await
+    }
+}
+
+/// Finds the endpoints that have had a signing secret and have none
+/// active any more (`sql/queries/signing_watch.sql`), every
+/// `metrics.refresh_interval`: each such endpoint is logged (with its
+/// company), counted, and its notify_emails are emailed once; its
+/// requests go out unsigned meanwhile. Every instance runs it; the
+/// statement's row lock makes exactly one of them report each change.
+///
+/// Why unsigned rather than held or failed: an application that removes an
+/// endpoint's secrets on purpose (its "stop signing") must not see its
+/// events stop; a receiver that verifies signatures refuses the unsigned
+/// requests itself, and those failures reach the company the usual way,
+/// on top of this one email saying why.
+pub struct SigningWatch {
+    pool: deadpool_postgres::Pool,
+    interval: Duration,
+    /// notify.window: no second email about one endpoint within it.
+    window: Duration,
+    limit: Duration,
+}
+
+impl Service for SigningWatch {
+    const NAME: &'static str = "signing watch";
+
+    fn tick_limit(&self) -> Duration {
+        self.limit
+    }
+
+    fn after_overrun(&self) -> Duration {
+        self.interval
+    }
+
+    async fn tick(&mut self) -> Next {
+        if let Err(e) = self.run_once().await {
+            crate::telemetry::database_error("maintenance");
+            tracing::warn!(error = %e, "looking for endpoints that stopped signing");
+        }
+        Next::After(self.interval)
+    }
+}
+
+impl SigningWatch {
+    pub fn new(
+        pool: deadpool_postgres::Pool,
+        interval: Duration,
+        window: Duration,
+        limit: Duration,
+    ) -> SigningWatch {
+        SigningWatch {
+            pool,
+            interval,
+            window,
+            limit,
+        }
+    }
+
+    /// One look: logs and counts what changed, sets the gauge.
+    pub async fn run_once(&self) -> Result<upkeep::SigningWatch, String> {
+        let found = upkeep::signing_watch(&self.pool, self.window).await?;
+        for stopped in &found.stopped {
+            counter!(SIGNING_STOPPED).increment(1);
+            tracing::warn!(
+                company_id = stopped.company_id,
+                event_type = %stopped.event_type,
+                secrets = %stopped.why,
+                emailed = stopped.emailed,
+                "an endpoint that signed its requests has no active signing secret: they go out \
+                 unsigned, and a receiver that verifies signatures will refuse them; give it a \
+                 secret (outboxd endpoint secret rotate), or clear it to stop signing on purpose \
+                 (outboxd endpoint secret clear)"
+            );
+        }
+        for (company_id, event_type) in &found.resumed {
+            tracing::info!(
+                company_id,
+                event_type = %event_type,
+                "an endpoint has an active signing secret again: its requests are signed"
+            );
+        }
+        gauge!(ENDPOINTS_UNSIGNED).set(found.unsigned as f64);
+        Ok(found)
     }
 }

@@ -50,6 +50,8 @@ pub const LAST_CLAIM_AGE: &str = "outboxd_last_claim_age_seconds";
 pub const OLDEST_UNRECORDED_AGE: &str = "outboxd_oldest_unrecorded_outcome_age_seconds";
 pub const OUTCOMES_SET_ASIDE: &str = "outboxd_outcomes_set_aside";
 pub const OUTCOMES_SET_ASIDE_TOTAL: &str = "outboxd_outcomes_set_aside_total";
+pub const ENDPOINTS_UNSIGNED: &str = "outboxd_endpoints_unsigned";
+pub const SIGNING_STOPPED: &str = "outboxd_signing_stopped_total";
 
 /// The `process_*` metrics every Prometheus client exports (CPU, memory,
 /// open and allowed file descriptors, threads, start time), read from
@@ -134,6 +136,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
         NOTIFICATION_RECIPIENTS_REFUSED,
         CIRCUIT_PROBES,
         OUTCOMES_SET_ASIDE_TOTAL,
+        SIGNING_STOPPED,
     ] {
         counter!(name).absolute(0);
     }
@@ -173,6 +176,14 @@ fn describe() {
     describe_counter!(
         DB_POOL_WAITS,
         "Checkouts of a pooled database connection that found every connection of the pool in use and waited, by who asked (claim, record, mailer, upkeep, stop, schema). The claim and the recorder should never wait."
+    );
+    describe_gauge!(
+        ENDPOINTS_UNSIGNED,
+        "Endpoints that have had a signing secret and have no active one (all expired or deleted): their requests go out unsigned. All instances (refreshed on a timer)."
+    );
+    describe_counter!(
+        SIGNING_STOPPED,
+        "Endpoints this instance found left without an active signing secret (each is found once, by one instance); their companies are emailed."
     );
     describe_counter!(
         CIRCUIT_PROBES,

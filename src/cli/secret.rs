@@ -44,6 +44,19 @@ pub enum SecretCommand {
     ///
     ///   $ outboxd endpoint secret list --company 6316
     List(EndpointKey),
+
+    /// Stop signing an endpoint's requests, on purpose
+    ///
+    /// Deletes its signing secrets and the record that it signed, so that
+    /// outboxd does not report it as an endpoint left without a secret
+    /// (which it does, once, when the secrets of an endpoint that signed
+    /// all expire or are deleted). Its requests go out unsigned from the
+    /// next one on. Works for an endpoint that is gone too.
+    ///
+    /// Example:
+    ///
+    ///   $ outboxd endpoint secret clear --company 6316
+    Clear(EndpointKey),
 }
 
 fn keep_old_arg(text: &str) -> Result<Duration, String> {
@@ -54,7 +67,27 @@ pub async fn run(command: SecretCommand, config: &Config) -> Result<(), CliError
     match command {
         SecretCommand::Rotate { key, keep_old } => rotate(&key, keep_old, config).await,
         SecretCommand::List(key) => list(&key, config).await,
+        SecretCommand::Clear(key) => clear(&key, config).await,
     }
+}
+
+async fn clear(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
+    let client = connect_current(config).await?;
+    let (secrets, signed) = endpoints::clear_secrets(&client, key.company, &key.event)
+        .await
+        .map_err(|e| CliError::database("deleting the signing secrets", &e))?;
+    if secrets == 0 && !signed {
+        println!(
+            "company {} ({}) does not sign its requests: nothing to clear",
+            key.company, key.event
+        );
+    } else {
+        println!(
+            "company {} ({}) no longer signs its requests: {secrets} signing secret(s) deleted",
+            key.company, key.event
+        );
+    }
+    Ok(())
 }
 
 async fn rotate(key: &EndpointKey, keep_old: Duration, config: &Config) -> Result<(), CliError> {

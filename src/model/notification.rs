@@ -43,8 +43,9 @@ pub struct ClaimedEmail {
     pub sent_to: Vec<String>,
     pub refused: Vec<String>,
     pub attempt: i32,
-    /// failures (a digest of notifications), circuit_opened, circuit_closed.
+    /// failures (a digest of notifications), circuit_opened, circuit_closed,
+    /// signing_stopped.
     pub kind: String,
-    /// What a circuit email reports, as JSON text.
+    /// What a circuit or signing email reports, as JSON text.
     pub about: Option<String>,
 }

@@ -385,6 +385,75 @@ pub fn render_circuit(
     }
 }
 
+/// An endpoint that had signed its requests and has no active signing
+/// secret, as `outbox.emails.about` recorded it then. Never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct SigningNews {
+    /// The endpoint URL at that moment (never credentials).
+    pub url: String,
+    /// Since when, RFC 3339 in UTC, to the second.
+    pub since: Option<String>,
+    /// "expired" (its last secret expired) or "removed" (none is left).
+    pub why: Option<String>,
+}
+
+/// The one email about an endpoint whose requests are no longer signed.
+pub fn render_signing_stopped(company_id: i64, event_type: &str, news: &SigningNews) -> Rendered {
+    let name = webhook_name(event_type);
+    let subject = format!("{name} webhook: requests are no longer signed (company {company_id})");
+    let lead = format!(
+        "The {name} webhook endpoint of company {company_id} signed its requests \
+         (Standard Webhooks: webhook-signature), and it has no active signing secret any \
+         more. outboxd keeps delivering to it, without a signature."
+    );
+    let what = match news.why.as_deref() {
+        Some("expired") => "its last secret expired",
+        Some("removed") => "its secrets were deleted",
+        _ => "no secret is active",
+    };
+    let rows: Vec<(&str, String)> = vec![
+        ("Endpoint", shown_url(&news.url)),
+        ("Unsigned since", snapshot_time(news.since.as_deref())),
+        ("Why", what.to_string()),
+    ];
+    let next = "What to do: if your receiver verifies signatures, it refuses these requests, \
+                and you will be told of each event that fails; have your outboxd operator give \
+                the endpoint a new secret (outboxd endpoint secret rotate) and install it in the \
+                receiver, then have the failed events sent again. If signing was stopped on \
+                purpose, nothing to do: the operator can clear the record of it (outboxd \
+                endpoint secret clear)."
+        .to_string();
+    let mut text = format!("{}\n\n", wrap(&lead, 72));
+    let mut html = format!(
+        "<html><body style=\"font-family: sans-serif\">\n<p>{}</p>\n<table cellpadding=\"3\">\n",
+        escape(&lead)
+    );
+    for (label, value) in &rows {
+        let _ = writeln!(text, "  {:<20} {value}", format!("{label}:"));
+        let _ = writeln!(
+            html,
+            "<tr><th align=\"left\">{}</th><td>{}</td></tr>",
+            escape(label),
+            escape(value)
+        );
+    }
+    let _ = writeln!(text, "\n{}", wrap(&next, 72));
+    let _ = writeln!(
+        text,
+        "\n-- \nSent by outboxd, once when an endpoint stops signing its requests."
+    );
+    let _ = write!(
+        html,
+        "</table>\n<p>{}</p>\n<p style=\"color: #666\">Sent by outboxd, once when an endpoint stops signing its requests.</p>\n</body></html>\n",
+        escape(&next)
+    );
+    Rendered {
+        subject,
+        text,
+        html,
+    }
+}
+
 /// Greedy word wrap for the plain-text part, which mail clients show as is.
 fn wrap(text: &str, width: usize) -> String {
     let mut out = String::new();
@@ -471,6 +540,36 @@ mod tests {
 
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_signing_email_says_which_endpoint_since_when_why_and_what_to_do() {
+        let news = SigningNews {
+            url: "https://erp.example.com/hook?token=abc".into(),
+            since: Some("2026-12-01T14:03:07Z".into()),
+            why: Some("expired".into()),
+        };
+        let r = render_signing_stopped(6316, PAYMENT_CANCELLATION, &news);
+        assert_eq!(
+            r.subject,
+            "Payment Cancellation webhook: requests are no longer signed (company 6316)"
+        );
+        for part in [&r.text, &r.html] {
+            // As read: the text part's line breaks are spaces.
+            let part = &part.split_whitespace().collect::<Vec<_>>().join(" ");
+            for want in [
+                "https://erp.example.com/hook?token=***",
+                "2026-12-01 14:03:07 UTC",
+                "its last secret expired",
+                "outboxd endpoint secret rotate",
+                "without a signature",
+            ] {
+                assert!(part.contains(want), "{want:?} missing from:\n{part}");
+            }
+            assert!(!part.contains("abc"));
+        }
+        let next = r.text.split("What to do").nth(1).unwrap();
+        assert!(next.lines().all(|l| l.chars().count() <= 72), "{next}");
+    }
 
     fn failed(number: &str, message: Option<&str>, error: Option<&str>) -> FailedEvent {
         FailedEvent {

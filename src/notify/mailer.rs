@@ -204,8 +204,8 @@ impl Mailer {
         client: &impl GenericClient,
         email: &ClaimedEmail,
     ) -> Result<Option<email::Rendered>, NotifyError> {
-        if let Some(circuit) = email.circuit() {
-            return Ok(Some(circuit));
+        if let Some(news) = email.circuit().or_else(|| email.signing()) {
+            return Ok(Some(news));
         }
         let digest = self
             .bounded("loading an email's events", async {
@@ -384,12 +384,36 @@ impl Mailer {
     }
 }
 
-/// What a claimed email says when it is about a circuit.
-trait CircuitContent {
+/// What a claimed email says when it is about its endpoint, not failures:
+/// a circuit, or signing that stopped.
+trait EndpointNews {
     fn circuit(&self) -> Option<email::Rendered>;
+    fn signing(&self) -> Option<email::Rendered>;
 }
 
-impl CircuitContent for ClaimedEmail {
+impl EndpointNews for ClaimedEmail {
+    /// The email about an endpoint that stopped signing; None for another
+    /// kind. A snapshot that does not parse still tells the news.
+    fn signing(&self) -> Option<email::Rendered> {
+        if self.kind != "signing_stopped" {
+            return None;
+        }
+        let news = self
+            .about
+            .as_deref()
+            .and_then(|about| serde_json::from_str(about).ok())
+            .unwrap_or_else(|| email::SigningNews {
+                url: "(not recorded)".to_string(),
+                since: None,
+                why: None,
+            });
+        Some(email::render_signing_stopped(
+            self.company_id,
+            &self.event_type,
+            &news,
+        ))
+    }
+
     /// A circuit email, rendered from its snapshot; None for a digest. A
     /// snapshot that does not parse (written by hand) still tells the news,
     /// with what is known.

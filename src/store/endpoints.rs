@@ -15,6 +15,7 @@ const RESET_SQL: &str = include_str!("../../sql/queries/circuit_reset.sql");
 const ROTATE_SQL: &str = include_str!("../../sql/queries/secret_rotate.sql");
 const REPLACE_SQL: &str = include_str!("../../sql/queries/secret_replace.sql");
 const SECRETS_SQL: &str = include_str!("../../sql/queries/secret_list.sql");
+const CLEAR_SQL: &str = include_str!("../../sql/queries/secret_clear.sql");
 const EXISTS_SQL: &str = "SELECT 1 FROM outbox.endpoints WHERE company_id = $1 AND event_type = $2";
 const ENABLE_SQL: &str =
     "UPDATE outbox.endpoints SET enabled = $3 WHERE company_id = $1 AND event_type = $2";
@@ -196,4 +197,16 @@ pub async fn secrets(
     event: &str,
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
     client.query(SECRETS_SQL, &[&company, &event]).await
+}
+
+/// Stops the endpoint signing (`secret_clear.sql`): its secrets and the
+/// record that it signed are deleted. How many secrets went, and whether
+/// it was recorded as signing.
+pub async fn clear_secrets(
+    client: &impl GenericClient,
+    company: i64,
+    event: &str,
+) -> Result<(i64, bool), tokio_postgres::Error> {
+    let row = client.query_one(CLEAR_SQL, &[&company, &event]).await?;
+    Ok((row.get("secrets"), row.get("signed")))
 }

@@ -371,7 +371,7 @@ pub fn pool(config: &DatabaseConfig) -> deadpool_postgres::Pool {
 }
 
 /// Connections of the periodic upkeep (lease expiry, the hold limit, the
-/// queue gauges, retention): a pool of its own, so that a long retention
+/// queue gauges, retention, the signing watch): a pool of its own, so that a long retention
 /// batch or a slow gauge query never takes a connection the claim or the
 /// recorder is waiting for. Two: the services take turns on them (each
 /// tick is one short statement, bounded by the round-trip limit).

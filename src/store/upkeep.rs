@@ -144,3 +144,66 @@ pub async fn retention(
         secrets: row.get("secrets"),
     })
 }
+
+const SIGNING_WATCH_SQL: &str = include_str!("../../sql/queries/signing_watch.sql");
+
+/// An endpoint that has had a signing secret and now has no active one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SigningStopped {
+    pub company_id: i64,
+    pub event_type: String,
+    /// "expired" (its last secret expired) or "removed" (none left).
+    pub why: String,
+    /// An email to its notify_emails was queued.
+    pub emailed: bool,
+}
+
+/// What one look at the signing endpoints found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SigningWatch {
+    /// Endpoints found without an active secret this time (each is found
+    /// once, by one instance).
+    pub stopped: Vec<SigningStopped>,
+    /// Endpoints that sign again: (company, event type).
+    pub resumed: Vec<(i64, String)>,
+    /// Endpoints without an active secret now, all told.
+    pub unsigned: i64,
+}
+
+/// Notes the endpoints that stopped or resumed signing, queueing one email
+/// for each that stopped unless one went out within `window`
+/// (`sql/queries/signing_watch.sql`).
+pub async fn signing_watch(
+    pool: &deadpool_postgres::Pool,
+    window: Duration,
+) -> Result<SigningWatch, String> {
+    let client = db::Checkout::get(pool, "upkeep")
+        .await
+        .map_err(|e| db::describe_pool(&e))?;
+    let statement = client
+        .prepare_cached(SIGNING_WATCH_SQL)
+        .await
+        .map_err(|e| db::describe(&e))?;
+    let window_ms = window.as_millis() as i64;
+    let rows = client
+        .query(&statement, &[&window_ms])
+        .await
+        .map_err(|e| db::describe(&e))?;
+    client.done();
+    let mut found = SigningWatch::default();
+    for row in &rows {
+        match row.get::<_, &str>("change") {
+            "stopped" => found.stopped.push(SigningStopped {
+                company_id: row.get("company_id"),
+                event_type: row.get("event_type"),
+                why: row.get("why"),
+                emailed: row.get("emailed"),
+            }),
+            "resumed" => found
+                .resumed
+                .push((row.get("company_id"), row.get("event_type"))),
+            _ => found.unsigned = row.get("unsigned"),
+        }
+    }
+    Ok(found)
+}

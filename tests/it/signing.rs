@@ -858,3 +858,239 @@ async fn migration_10_respells_stored_non_canonical_secrets_as_the_same_keys() {
         3
     );
 }
+
+/// Issue 25, point 7: an endpoint that has had a signing secret and has
+/// none active any more (all expired, or deleted) is found once, by one of
+/// two instances looking side by side, and its notify_emails get one
+/// email (not another while the notification window lasts, nor when its
+/// expired secrets are deleted later); one that signs again is noted, one
+/// that never signed or whose row is gone is left alone, and a delete and
+/// re-insert of the endpoint changes nothing. Clearing the record (what
+/// `outboxd endpoint secret clear` does) stops counting it.
+#[tokio::test]
+async fn an_endpoint_left_without_an_active_secret_is_found_once_and_emailed_once() {
+    use outboxd::maintenance::{SigningStopped, SigningWatch};
+
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let watch = || SigningWatch::new(db.pool(), SECS(60), Duration::from_secs(15 * 60), SECS(10));
+    let (_, secret) = outboxd::http::sign::SigningKey::generate().unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url, notify_emails)
+             SELECT c, 'https://erp.example.com/h?token=t0ken',
+                    CASE WHEN c = 4 THEN '{}'::text[] ELSE '{ops@example.com}' END
+               FROM generate_series(1, 5) AS c",
+        )
+        .await
+        .unwrap();
+    // 1 signs; 2's secret expired a minute ago; 3 never signed; 4's
+    // secret was deleted (and nobody is to be emailed); 5's endpoint row
+    // and secret were deleted.
+    for (company, expires) in [
+        (1_i64, "NULL"),
+        (2, "now() - interval '1 minute'"),
+        (4, "NULL"),
+        (5, "NULL"),
+    ] {
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO outbox.endpoint_signing_secrets (company_id, event_type, secret, expires_at)
+                     VALUES ($1, 'payment.cancellation', $2, {expires})"
+                ),
+                &[&company, &secret],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute(
+            "DELETE FROM outbox.endpoint_signing_secrets WHERE company_id IN (4, 5);
+             DELETE FROM outbox.endpoints WHERE company_id = 5;",
+        )
+        .await
+        .unwrap();
+
+    let (a, b) = (watch(), watch());
+    let (found_a, found_b) = tokio::join!(a.run_once(), b.run_once());
+    let (found_a, found_b) = (found_a.unwrap(), found_b.unwrap());
+    let mut stopped: Vec<SigningStopped> = [found_a.stopped, found_b.stopped].concat();
+    stopped.sort_by_key(|s| s.company_id);
+    let stopped_as = |company_id: i64, why: &str, emailed: bool| SigningStopped {
+        company_id,
+        event_type: "payment.cancellation".into(),
+        why: why.into(),
+        emailed,
+    };
+    assert_eq!(
+        stopped,
+        [
+            stopped_as(2, "expired", true),
+            stopped_as(4, "removed", false)
+        ],
+        "each found once, by one of the two"
+    );
+    let emails = || {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    "SELECT company_id, recipients, about->>'why', about->>'url', about::text
+                       FROM outbox.emails WHERE kind = 'signing_stopped' ORDER BY id",
+                    &[],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let queued = emails().await;
+    assert_eq!(queued.len(), 1);
+    assert_eq!(queued[0].get::<_, i64>(0), 2);
+    assert_eq!(queued[0].get::<_, Vec<String>>(1), ["ops@example.com"]);
+    assert_eq!(queued[0].get::<_, String>(2), "expired");
+    let about: String = queued[0].get(4);
+    assert!(
+        !about.contains(&secret["whsec_".len()..]),
+        "a secret in the email"
+    );
+
+    // Again, and after its expired secret is deleted: nothing new.
+    let again = a.run_once().await.unwrap();
+    assert_eq!((again.stopped.len(), again.unsigned), (0, 2));
+    client
+        .batch_execute("DELETE FROM outbox.endpoint_signing_secrets WHERE company_id = 2")
+        .await
+        .unwrap();
+    let again = b.run_once().await.unwrap();
+    assert_eq!((again.stopped.len(), again.unsigned), (0, 2));
+    assert_eq!(emails().await.len(), 1);
+
+    // 2 signs again, then its secret expires once more: found again, but
+    // emailed only once per notification window.
+    client
+        .execute(
+            "INSERT INTO outbox.endpoint_signing_secrets (company_id, event_type, secret)
+             VALUES (2, 'payment.cancellation', $1)",
+            &[&secret],
+        )
+        .await
+        .unwrap();
+    let back = a.run_once().await.unwrap();
+    assert_eq!(back.resumed, [(2, "payment.cancellation".to_string())]);
+    assert_eq!(back.unsigned, 1);
+    client
+        .batch_execute(
+            "UPDATE outbox.endpoint_signing_secrets SET expires_at = now() WHERE company_id = 2",
+        )
+        .await
+        .unwrap();
+    let gone = a.run_once().await.unwrap();
+    assert_eq!(gone.stopped, [stopped_as(2, "expired", false)]);
+    assert_eq!(emails().await.len(), 1);
+
+    // Company 1 saved by delete and re-insert: still signing.
+    client
+        .batch_execute(
+            "BEGIN;
+             DELETE FROM outbox.endpoints WHERE company_id = 1;
+             INSERT INTO outbox.endpoints (company_id, url) VALUES (1, 'https://erp.example.com/h');
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    let after = a.run_once().await.unwrap();
+    assert!(after.stopped.is_empty() && after.resumed.is_empty());
+    assert_eq!(after.unsigned, 2);
+
+    // Stopping on purpose: the record goes, it is no longer counted.
+    let mut clear = db.outboxd();
+    clear.args(["endpoint", "secret", "clear", "--company", "4"]);
+    let cleared = crate::harness::run(&mut clear).await;
+    assert_eq!(cleared.code, Some(0), "{cleared:?}");
+    assert!(cleared.stdout.contains("no longer signs"), "{cleared:?}");
+    assert_eq!(a.run_once().await.unwrap().unsigned, 1);
+}
+
+/// Issue 25, point 7, end to end: a daemon, a real receiver and a real SMTP
+/// server. The settings screen deletes an endpoint's only secret; the
+/// daemon logs it with the company, counts it in
+/// `outboxd_endpoints_unsigned` and `outboxd_signing_stopped_total`, emails
+/// the company once, and keeps delivering, unsigned.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_daemon_reports_an_endpoint_whose_secrets_vanished_once() {
+    use crate::harness::http_get;
+    use crate::smtp::{SmtpServer, free_port};
+
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = crate::receiver::Receiver::ok().await;
+    crate::notify::endpoint(&client, 6316, &receiver.url("/hooks"), &["ops@example.com"]).await;
+    let (_, secret) = outboxd::http::sign::SigningKey::generate().unwrap();
+    client
+        .execute(
+            "INSERT INTO outbox.endpoint_signing_secrets (company_id, event_type, secret)
+             VALUES (6316, 'payment.cancellation', $1)",
+            &[&secret],
+        )
+        .await
+        .unwrap();
+    let port = free_port();
+    let smtp = SmtpServer::start(port, &[]).await;
+    let env = crate::notify::smtp_env(port, &[("OUTBOXD_METRICS__REFRESH_INTERVAL", "200ms")]);
+    let daemon = crate::notify::start(&db, &env).await;
+    client
+        .batch_execute("DELETE FROM outbox.endpoint_signing_secrets WHERE company_id = 6316")
+        .await
+        .unwrap();
+    let line = daemon
+        .wait_for_log("has no active signing secret", SECS(20))
+        .await;
+    assert!(line.contains("6316"), "{line}");
+    let mails = smtp.wait_for(1, SECS(20)).await;
+    assert!(
+        mails[0]
+            .subject
+            .contains("requests are no longer signed (company 6316)"),
+        "{}",
+        mails[0].subject
+    );
+    assert!(
+        mails[0]
+            .part("text/plain")
+            .contains("its secrets were deleted")
+    );
+    let (_, metrics) = http_get(&format!("{}/metrics", daemon.admin)).await;
+    for want in [
+        "outboxd_endpoints_unsigned 1",
+        "outboxd_signing_stopped_total 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == want), "{want} in\n{metrics}");
+    }
+    // Still delivered, unsigned; no second email after a few more looks.
+    client
+        .batch_execute("SELECT outbox.enqueue_payment_cancellation(6316, 1, 'UNSIGNED')")
+        .await
+        .unwrap();
+    eventually_count(
+        &client,
+        "delivered",
+        SECS(20),
+        "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+        1,
+    )
+    .await;
+    tokio::time::sleep(SECS(1)).await;
+    let log = daemon.log();
+    assert!(daemon.stop().await.success());
+    assert_eq!(smtp.mails().len(), 1);
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("has no active signing secret"))
+            .count(),
+        1
+    );
+    let key = &secret["whsec_".len()..];
+    assert!(!log.iter().any(|l| l.contains(key)), "a secret in the log");
+    assert!(!smtp.mails()[0].raw.contains(key), "a secret in the email");
+}
