@@ -1,5 +1,5 @@
 -- expire_held: fail up to $2 events that a circuit which is not closed (an
--- endpoint found down, or paused by an operator) has held for more than
+-- endpoint found down, or paused by an operator or by its company) has held for more than
 -- $1 ms past their due time, and queue an error notification for each, as
 -- for any event that fails for good after real attempts. $3 is the limit as
 -- people read it ("1day"), for the recorded reason.
@@ -32,7 +32,9 @@ WITH held AS (
        SET state = 'failed',
            lease_owner = NULL,
            last_error = CASE
-               WHEN d.manual THEN format('held for more than %s: the endpoint is paused by an operator', $3::text)
+               -- 'paused by an operator' or 'paused by the company'.
+               WHEN d.manual THEN format('held for more than %s: the endpoint is %s', $3::text,
+                                         coalesce(d.last_error, 'paused'))
                ELSE format('held for more than %s: the endpoint has not been reachable since %s; last error: %s',
                            $3::text, to_char(d.opened_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"'),
                            coalesce(d.last_error, e.last_error, 'unknown'))

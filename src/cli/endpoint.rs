@@ -360,8 +360,14 @@ impl Circuit {
         let when = |t: Option<SystemTime>| t.map(table::time).unwrap_or_else(|| "-".into());
         let mut out = match (self.manual, self.state.as_str()) {
             (true, _) => format!(
-                "paused by an operator since {} (until `outboxd endpoint reset`)",
-                when(self.opened_at)
+                "{} since {} (until `outboxd endpoint reset`{})",
+                self.last_error.as_deref().unwrap_or("paused"),
+                when(self.opened_at),
+                if self.last_error.as_deref() == Some("paused by the company") {
+                    " or the company's outbox.resume_endpoint"
+                } else {
+                    ""
+                }
             ),
             (false, "open") => format!(
                 "open since {}, events held; next probe after {}",

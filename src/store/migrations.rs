@@ -79,6 +79,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/migrations/0010_signing_secrets_kept.sql"),
         online: "",
     },
+    Migration {
+        version: 11,
+        name: "tenant_pause",
+        sql: include_str!("../../sql/migrations/0011_tenant_pause.sql"),
+        online: "",
+    },
 ];
 
 impl Migration {

@@ -549,3 +549,141 @@ async fn an_operator_pauses_an_endpoint_sees_it_held_and_resets_it() {
     );
     daemon.stop().await;
 }
+
+/// Claim rounds the daemon has made so far (every wake-up is followed by
+/// a claim): to wait for a few of them rather than for a while.
+async fn wakeups(daemon: &Daemon) -> f64 {
+    let (_, body) = crate::harness::http_get(&format!("{}/metrics", daemon.admin)).await;
+    crate::ops::samples(&body)
+        .iter()
+        .filter(|(k, _)| k.starts_with("outboxd_wakeups_total"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// The company pauses its own endpoint for its ERP's maintenance night,
+/// from the settings screen, as the application's role with nothing but
+/// EXECUTE on the two functions: its events are held (not attempted, not
+/// failed, retries untouched) and go out when it resumes. Its resume does
+/// not undo an operator's pause; a pause of an endpoint that does not
+/// exist fails in the caller's transaction. (Before, the only switch was
+/// `enabled = false`, which fails every event at once, with no email.)
+#[tokio::test]
+async fn a_company_pauses_its_endpoint_and_its_events_wait_until_it_resumes() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    endpoint(&client, 6316, &receiver.url("/erp"), None).await;
+    let app = format!("app_{}", db.name);
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {app};
+             GRANT USAGE ON SCHEMA outbox TO {app};
+             GRANT EXECUTE ON FUNCTION outbox.pause_endpoint(bigint, text),
+                                       outbox.resume_endpoint(bigint, text) TO {app};"
+        ))
+        .await
+        .unwrap();
+    let as_app = |sql: &str| format!("SET ROLE {app}; {sql}; RESET ROLE");
+    client
+        .batch_execute(&as_app("SELECT outbox.pause_endpoint(6316)"))
+        .await
+        .unwrap();
+    let unknown = client
+        .batch_execute(&as_app("SELECT outbox.pause_endpoint(4242)"))
+        .await
+        .unwrap_err();
+    let unknown = outboxd::store::pool::describe(&unknown);
+    assert!(
+        unknown.contains("company 4242 has no endpoint"),
+        "{unknown}"
+    );
+    client.batch_execute("RESET ROLE").await.unwrap();
+
+    let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__POLL_INTERVAL", "100ms")]).await;
+    enqueue(&client, 6316, 3).await;
+    let before = wakeups(&daemon).await;
+    eventually("a few claim rounds", SECS(10), || async {
+        wakeups(&daemon).await >= before + 5.0
+    })
+    .await;
+    assert!(
+        receiver.received().is_empty(),
+        "a paused endpoint got requests"
+    );
+    let untried = count(
+        &client,
+        "SELECT count(*) FROM outbox.events WHERE attempts = 0 AND state = 'pending'",
+    )
+    .await;
+    assert_eq!(untried, 3);
+    let show = crate::ops_cli::outboxd(&db, "endpoint show --company 6316").await;
+    crate::ops_cli::expect(&show, 0, &["circuit: paused by the company"]);
+
+    client
+        .batch_execute(&format!("SET ROLE {app}"))
+        .await
+        .unwrap();
+    let resumed: bool = client
+        .query_one("SELECT outbox.resume_endpoint(6316)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client.batch_execute("RESET ROLE").await.unwrap();
+    assert!(resumed);
+    receiver.wait_for(3, SECS(10)).await;
+    all_delivered(&client, 3, SECS(10)).await;
+
+    // An operator's pause is not the company's to undo.
+    crate::ops_cli::outboxd(&db, "endpoint pause --company 6316").await;
+    client
+        .batch_execute(&as_app("SELECT outbox.pause_endpoint(6316)"))
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!("SET ROLE {app}"))
+        .await
+        .unwrap();
+    let resumed: bool = client
+        .query_one("SELECT outbox.resume_endpoint(6316)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    client.batch_execute("RESET ROLE").await.unwrap();
+    assert!(!resumed);
+    assert_eq!(circuit(&client, 6316).await.unwrap().0, "open");
+    daemon.stop().await;
+    client
+        .batch_execute(&format!("DROP OWNED BY {app}; DROP ROLE {app}"))
+        .await
+        .unwrap();
+}
+
+/// A pause the company forgets is still bounded by `circuit.max_hold`:
+/// its events then fail, saying why, and the company is notified.
+#[tokio::test]
+async fn a_company_pause_left_on_fails_its_events_after_max_hold_with_the_reason() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    endpoint(&client, 6316, &receiver.url("/erp"), None).await;
+    client
+        .batch_execute("SELECT outbox.pause_endpoint(6316)")
+        .await
+        .unwrap();
+    enqueue(&client, 6316, 2).await;
+    let daemon = Daemon::start(&db, &[("OUTBOXD_CIRCUIT__MAX_HOLD", "2s")]).await;
+    eventually_count(
+        &client,
+        "both failed after max_hold",
+        SECS(30),
+        "SELECT count(*) FROM outbox.events WHERE state = 'failed' \
+         AND last_error LIKE 'held for more than 2s: the endpoint is paused by the company'",
+        2,
+    )
+    .await;
+    assert!(receiver.received().is_empty());
+    let notified = count(&client, "SELECT count(*) FROM outbox.notifications").await;
+    assert_eq!(notified, 2);
+    daemon.stop().await;
+}
