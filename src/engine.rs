@@ -215,7 +215,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
             &liveness,
         ),
         mailer: service::spawn(
-            Mailer::new(pool.clone(), owner.clone(), config.notify.clone(), db_limit),
+            Mailer::new(
+                pool.clone(),
+                owner.clone(),
+                config.notify.clone(),
+                &config.circuit,
+                db_limit,
+            ),
             &liveness,
         ),
     };

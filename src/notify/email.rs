@@ -7,7 +7,7 @@
 //! as `***`), never its password or token.
 
 use std::fmt::Write as _;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::http::classify::truncate_chars;
 use crate::model::{Digest, FailedEvent, PAYMENT_CANCELLATION, PaymentCancellation, shown_url};
@@ -302,12 +302,42 @@ fn snapshot_time(t: Option<&str>) -> String {
     }
 }
 
-/// The one email about an endpoint going down, or coming back.
+/// What the endpoint-down email says of `[circuit]`: how often a probe
+/// goes out at most, and when waiting events fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitLimits {
+    pub max_cooldown: Duration,
+    pub max_hold: Duration,
+}
+
+/// A duration as people say it: "10 minutes", "a day", "36 hours";
+/// humantime's spelling for what is not a whole number of one unit.
+fn in_words(d: Duration) -> String {
+    let secs = d.as_secs();
+    let unit = |n: u64, one: &str| {
+        if n == 1 {
+            format!("a{} {one}", if one == "hour" { "n" } else { "" })
+        } else {
+            format!("{n} {one}s")
+        }
+    };
+    match secs {
+        0 => humantime::format_duration(d).to_string(),
+        s if d.subsec_nanos() == 0 && s % 86_400 == 0 => unit(s / 86_400, "day"),
+        s if d.subsec_nanos() == 0 && s % 3_600 == 0 => unit(s / 3_600, "hour"),
+        s if d.subsec_nanos() == 0 && s % 60 == 0 => unit(s / 60, "minute"),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
+
+/// The one email about an endpoint going down, or coming back; `limits`
+/// are this instance's `[circuit]` settings, which the email states.
 pub fn render_circuit(
     kind: CircuitEmail,
     company_id: i64,
     event_type: &str,
     news: &CircuitNews,
+    limits: &CircuitLimits,
 ) -> Rendered {
     let name = webhook_name(event_type);
     let since = snapshot_time(news.opened_at.as_deref());
@@ -329,13 +359,16 @@ pub fn render_circuit(
                 ("Waiting", waiting),
                 ("Next try", snapshot_time(news.retry_at.as_deref())),
             ],
-            "What happens next: the waiting events are kept, not failed one by one, and no \
-             retries are used up while the endpoint is down. outboxd sends one of them now and \
-             then to see whether the endpoint is back, less and less often (up to every 10 \
-             minutes); as soon as it answers, the waiting events are delivered and you get one \
-             more email. Events still waiting after a day fail and are reported. What to do: \
-             check that the endpoint is up and reachable from outboxd."
-                .to_string(),
+            format!(
+                "What happens next: the waiting events are kept, not failed one by one, and no \
+                 retries are used up while the endpoint is down. outboxd sends one of them now \
+                 and then to see whether the endpoint is back, less and less often (at most \
+                 {} apart); as soon as it answers, the waiting events are delivered and you get \
+                 one more email. Events still waiting after {} fail and are reported. What to \
+                 do: check that the endpoint is up and reachable from outboxd.",
+                in_words(limits.max_cooldown),
+                in_words(limits.max_hold)
+            ),
         ),
         CircuitEmail::Closed => (
             format!("{name} webhook: deliveries resumed (company {company_id})"),
@@ -499,6 +532,64 @@ pub fn escape(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// The defaults of `[circuit]`.
+    const LIMITS: CircuitLimits = CircuitLimits {
+        max_cooldown: Duration::from_secs(600),
+        max_hold: Duration::from_secs(86_400),
+    };
+
+    #[test]
+    fn the_endpoint_down_email_states_this_instances_circuit_limits() {
+        let news = CircuitNews {
+            url: "https://erp.example.com/hook".into(),
+            opened_at: None,
+            closed_at: None,
+            retry_at: None,
+            last_error: None,
+            waiting: 3,
+        };
+        let text = |limits: CircuitLimits| {
+            let open = render_circuit(
+                CircuitEmail::Opened,
+                1,
+                PAYMENT_CANCELLATION,
+                &news,
+                &limits,
+            );
+            open.text.split_whitespace().collect::<Vec<_>>().join(" ")
+        };
+        let s = Duration::from_secs;
+        for (cooldown, hold, apart, after) in [
+            (
+                s(600),
+                s(86_400),
+                "at most 10 minutes apart",
+                "after a day fail",
+            ),
+            (
+                s(3_600),
+                s(3 * 86_400),
+                "at most an hour apart",
+                "after 3 days fail",
+            ),
+            (
+                s(90),
+                s(36 * 3_600),
+                "at most 1m 30s apart",
+                "after 36 hours fail",
+            ),
+        ] {
+            let got = text(CircuitLimits {
+                max_cooldown: cooldown,
+                max_hold: hold,
+            });
+            assert!(
+                got.contains(apart) && got.contains(after),
+                "{apart} / {after} in {got}"
+            );
+        }
+    }
+
     #[test]
     fn circuit_emails_say_what_failed_since_when_how_many_wait_and_what_next() {
         let news = CircuitNews {
@@ -509,7 +600,13 @@ mod tests {
             last_error: Some("timed out after 10s".into()),
             waiting: 1234,
         };
-        let open = render_circuit(CircuitEmail::Opened, 6316, PAYMENT_CANCELLATION, &news);
+        let open = render_circuit(
+            CircuitEmail::Opened,
+            6316,
+            PAYMENT_CANCELLATION,
+            &news,
+            &LIMITS,
+        );
         assert!(open.subject.contains("not reachable"), "{}", open.subject);
         assert!(open.subject.contains("6316"));
         for want in [
@@ -523,7 +620,13 @@ mod tests {
             assert!(open.text.contains(want), "{want} in {}", open.text);
             assert!(open.html.contains(want), "{want} in {}", open.html);
         }
-        let closed = render_circuit(CircuitEmail::Closed, 6316, PAYMENT_CANCELLATION, &news);
+        let closed = render_circuit(
+            CircuitEmail::Closed,
+            6316,
+            PAYMENT_CANCELLATION,
+            &news,
+            &LIMITS,
+        );
         assert!(closed.subject.contains("resumed"), "{}", closed.subject);
         assert!(
             closed.text.contains("2026-12-01 15:10:00 UTC"),

@@ -29,7 +29,7 @@ use std::time::Duration;
 use mail_send::mail_builder::MessageBuilder;
 use tokio_postgres::GenericClient;
 
-use crate::config::{NotifyConfig, SmtpConfig};
+use crate::config::{CircuitConfig, NotifyConfig, SmtpConfig};
 use crate::model::ClaimedEmail;
 use crate::notify::email;
 use crate::notify::smtp;
@@ -82,6 +82,8 @@ pub struct Mailer {
     pool: deadpool_postgres::Pool,
     owner: String,
     config: NotifyConfig,
+    /// `[circuit]`'s limits, as the endpoint-down email states them.
+    limits: email::CircuitLimits,
     /// One database round trip's bound (`store::pool::round_trip_limit`).
     db_limit: Duration,
     /// The last tick sent an email: this one goes on sending, and gathers
@@ -137,10 +139,13 @@ impl Service for Mailer {
 }
 
 impl Mailer {
+    /// `circuit`: what the endpoint-down email tells of the probes and the
+    /// hold limit.
     pub fn new(
         pool: deadpool_postgres::Pool,
         owner: String,
         config: NotifyConfig,
+        circuit: &CircuitConfig,
         db_limit: Duration,
     ) -> Mailer {
         if config.smtp.is_none() {
@@ -152,6 +157,10 @@ impl Mailer {
             pool,
             owner,
             config,
+            limits: email::CircuitLimits {
+                max_cooldown: circuit.max_cooldown,
+                max_hold: circuit.max_hold,
+            },
             db_limit,
             continuing: false,
         }
@@ -204,7 +213,7 @@ impl Mailer {
         client: &impl GenericClient,
         email: &ClaimedEmail,
     ) -> Result<Option<email::Rendered>, NotifyError> {
-        if let Some(news) = email.circuit().or_else(|| email.signing()) {
+        if let Some(news) = email.circuit(&self.limits).or_else(|| email.signing()) {
             return Ok(Some(news));
         }
         let digest = self
@@ -387,7 +396,7 @@ impl Mailer {
 /// What a claimed email says when it is about its endpoint, not failures:
 /// a circuit, or signing that stopped.
 trait EndpointNews {
-    fn circuit(&self) -> Option<email::Rendered>;
+    fn circuit(&self, limits: &email::CircuitLimits) -> Option<email::Rendered>;
     fn signing(&self) -> Option<email::Rendered>;
 }
 
@@ -417,7 +426,7 @@ impl EndpointNews for ClaimedEmail {
     /// A circuit email, rendered from its snapshot; None for a digest. A
     /// snapshot that does not parse (written by hand) still tells the news,
     /// with what is known.
-    fn circuit(&self) -> Option<email::Rendered> {
+    fn circuit(&self, limits: &email::CircuitLimits) -> Option<email::Rendered> {
         let kind = match self.kind.as_str() {
             "circuit_opened" => email::CircuitEmail::Opened,
             "circuit_closed" => email::CircuitEmail::Closed,
@@ -440,6 +449,7 @@ impl EndpointNews for ClaimedEmail {
             self.company_id,
             &self.event_type,
             &news,
+            limits,
         ))
     }
 }

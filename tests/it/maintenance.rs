@@ -227,6 +227,7 @@ async fn deleting_an_old_email_does_not_email_its_failures_again() {
         db.pool(),
         "test".into(),
         config.notify,
+        &config.circuit,
         outboxd::store::pool::round_trip_limit(&config.database),
     );
     let report = mailer.run_once().await.unwrap();
