@@ -17,8 +17,11 @@
 -- daemon died mid-delivery) is put back to pending by release_expired.sql,
 -- keeping its lease_owner: that is how `lease_expired` is known here.
 -- Claiming increments `attempts`, which fences every later update of this
--- delivery (record.sql). The statement commits on its own, before any HTTP
--- request is made.
+-- delivery (record.sql). The statement runs in an explicit transaction,
+-- BEGIN and COMMIT sent with it in one round trip (src/store/txn.rs,
+-- begin_durable.sql), and no HTTP request is made before the COMMIT has
+-- answered: PostgreSQL sends an implicit transaction's rows before it
+-- commits.
 --
 -- Plans: this statement runs on a connection of its own whose plan is made
 -- once, without the parameters' values, from the statistics of that moment

@@ -14,8 +14,9 @@
 -- daemon died mid-delivery) is put back to pending by release_expired.sql,
 -- keeping its lease_owner: that is how `lease_expired` is known here.
 -- Claiming increments `attempts`, which fences every later update of this
--- delivery (record.sql). The statement commits on its own, before any HTTP
--- request is made.
+-- delivery (record.sql). It runs in an explicit transaction, BEGIN and
+-- COMMIT sent with it in one round trip (src/store/txn.rs), and no HTTP
+-- request is made before the COMMIT has answered.
 --
 -- Fair between endpoints, oldest first within one (docs/design/fair-claims/
 -- has the measurements behind each choice):

@@ -10,7 +10,9 @@
 -- and was put back in the queue by release_expired.sql keeps its owner and
 -- attempt number until the next claim: a late outcome still counts until
 -- then.) The ids that were marked (or had been, by an earlier try of this
--- same group) are returned.
+-- same group) are returned. It runs in an explicit transaction, BEGIN and
+-- COMMIT sent with it (src/store/txn.rs): the ids count as marked only
+-- once the COMMIT has answered.
 --
 --  $1 uuid[]        event ids
 --  $2 int[]         attempt numbers (the fence)

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use crate::model::{Auth, ClaimedEvent, Endpoint, EndpointKey, Secret};
 use crate::store::error::{self, ErrorKind};
 use crate::store::pool as db;
+use crate::store::txn;
 use crate::telemetry;
 
 const CLAIM_SQL: &str = include_str!("../../sql/queries/claim.sql");
@@ -93,21 +94,23 @@ pub async fn claim(
         Mode::Fair => CLAIM_FAIR_SQL,
     };
     let statement = client.prepare_cached(sql).await.map_err(describe)?;
-    let rows = client
-        .query(
-            &statement,
-            &[
-                &limit,
-                &owner,
-                &lease_ms,
-                &cap,
-                &in_flight.company_ids,
-                &in_flight.event_types,
-                &in_flight.counts,
-            ],
-        )
-        .await
-        .map_err(describe)?;
+    // Committed before anything is done with the rows (store::txn): an
+    // error here leaves the leases unknown, and nothing of them is sent.
+    let rows = txn::query_committed(
+        client,
+        &statement,
+        &[
+            &limit,
+            &owner,
+            &lease_ms,
+            &cap,
+            &in_flight.company_ids,
+            &in_flight.event_types,
+            &in_flight.counts,
+        ],
+    )
+    .await
+    .map_err(describe)?;
     let mut claim = Claim::default();
     for row in &rows {
         match row.get::<_, Option<&str>>("note") {

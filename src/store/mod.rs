@@ -4,7 +4,8 @@
 //! ([`migrations`]) and their runner ([`migrate`]), and one file per
 //! group of statements, each loading its text from `sql/queries/`: the
 //! claim ([`claim`]), marking outcomes and moving circuits ([`record`]),
-//! the periodic upkeep ([`upkeep`]), the notification emails ([`mail`]),
+//! the periodic upkeep ([`upkeep`]), the explicit transaction the claim
+//! and the marks commit in ([`txn`]), the notification emails ([`mail`]),
 //! and what the operator's commands read and change ([`endpoints`],
 //! [`events`]). The daemon and the CLI both go through it.
 
@@ -18,4 +19,5 @@ pub mod migrations;
 pub mod pool;
 pub mod record;
 pub mod server;
+pub mod txn;
 pub mod upkeep;

@@ -11,6 +11,7 @@ use crate::config::CircuitConfig;
 use crate::model::{AttemptKind, NextState, Outcome};
 use crate::store::error::{self, ErrorKind};
 use crate::store::pool as db;
+use crate::store::txn;
 use crate::telemetry;
 
 const RECORD_SQL: &str = include_str!("../../sql/queries/record.sql");
@@ -101,27 +102,30 @@ pub async fn write(
         attempt_messages.push(o.response_message.as_deref().or(o.error.as_deref()));
         notify.push(o.notify);
     }
-    let rows = client
-        .query(
-            &statement,
-            &[
-                &ids,
-                &attempts,
-                &states,
-                &retry_ms,
-                &messages,
-                &errors,
-                &started,
-                &durations,
-                &statuses,
-                &kinds,
-                &attempt_messages,
-                &owner,
-                &notify,
-                &again,
-            ],
-        )
-        .await?;
+    // Committed in its own explicit transaction (store::txn): only a
+    // known commit makes these ids marked; an error is retried with
+    // `again`.
+    let rows = txn::query_committed(
+        client,
+        &statement,
+        &[
+            &ids,
+            &attempts,
+            &states,
+            &retry_ms,
+            &messages,
+            &errors,
+            &started,
+            &durations,
+            &statuses,
+            &kinds,
+            &attempt_messages,
+            &owner,
+            &notify,
+            &again,
+        ],
+    )
+    .await?;
     let mut written = Written {
         marked: rows.iter().map(|r| r.get(0)).collect(),
         circuits: Vec::new(),
@@ -212,23 +216,26 @@ async fn write_circuits(
         pauses.push(n.pause.map(millis));
         errors.push(n.error);
     }
-    let rows = client
-        .query(
-            &statement,
-            &[
-                &companies,
-                &event_types,
-                &failed,
-                &answered,
-                &pauses,
-                &errors,
-                &(circuit.open_after as i32),
-                &millis(circuit.cooldown),
-                &millis(circuit.max_cooldown),
-                &millis(notify_window),
-            ],
-        )
-        .await?;
+    // Committed in its own explicit transaction (store::txn): only a
+    // known commit makes these ids marked; an error is retried with
+    // `again`.
+    let rows = txn::query_committed(
+        client,
+        &statement,
+        &[
+            &companies,
+            &event_types,
+            &failed,
+            &answered,
+            &pauses,
+            &errors,
+            &(circuit.open_after as i32),
+            &millis(circuit.cooldown),
+            &millis(circuit.max_cooldown),
+            &millis(notify_window),
+        ],
+    )
+    .await?;
     Ok(rows
         .iter()
         .map(|row| CircuitChange {
