@@ -30,6 +30,11 @@ use crate::telemetry;
 pub trait Freed: Send + Sync {
     /// One delivery ended per `(company_id, event_type)` in `endpoints`.
     fn finished(&self, endpoints: &[(i64, &str)]);
+
+    /// The outcomes of these (event id, attempt) were written, marked or
+    /// refused by the fence: their leases are no longer this instance's to
+    /// keep (the claim loop hands back the leases it does not know of).
+    fn recorded(&self, outcomes: &[(Uuid, i32)]);
 }
 
 /// Outcomes written per round trip at most. Under load the recorder takes
@@ -362,6 +367,8 @@ impl Writer<'_> {
 
     /// After a write: metrics, and the circuits it moved.
     fn written(&self, batch: &[Outcome], written: &Written) {
+        let ids: Vec<(Uuid, i32)> = batch.iter().map(|o| (o.event_id, o.attempt)).collect();
+        self.recorder.room.recorded(&ids);
         count_marked(batch, &written.marked);
         for c in &written.circuits {
             log_circuit(c);

@@ -20,6 +20,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::config::Config;
 use crate::model::{ClaimedEvent, EndpointKey};
@@ -28,7 +29,7 @@ use crate::pipeline::executor;
 use crate::pipeline::schema_watch::SchemaWatch;
 use crate::progress::Progress;
 use crate::service::Heartbeat;
-use crate::store::claim::{Claim, ClaimError, InFlight, Mode, claim};
+use crate::store::claim::{Claim, InFlight, Mode, claim, hand_back_unknown};
 use crate::store::error::ErrorKind;
 use crate::store::pool as db;
 use crate::{systemd, telemetry};
@@ -47,6 +48,11 @@ use crate::{systemd, telemetry};
 /// every instance's live leases cost each claim an index probe per endpoint
 /// and every claimed row an entry in one more index (docs/BENCHMARKS.md).
 /// With N instances an endpoint has at most N x cap requests in flight.
+///
+/// It also knows which leases this instance holds knowingly: every event
+/// claimed, by id and attempt, until its outcome is written. After a claim
+/// whose result is unknown, the leases of this instance that are not among
+/// them are handed back ([`ClaimLoop`]).
 #[derive(Debug, Default)]
 pub struct Room {
     state: Mutex<RoomState>,
@@ -57,6 +63,11 @@ pub struct Room {
 struct RoomState {
     in_flight: HashMap<EndpointKey, u32>,
     capped: HashSet<EndpointKey>,
+    /// Claimed events whose outcome is not written yet: id → (attempt,
+    /// when claimed).
+    known: HashMap<Uuid, (i32, Instant)>,
+    /// When `known` was last cleared of entries older than the lease.
+    pruned_at: Option<Instant>,
 }
 
 impl Room {
@@ -77,12 +88,38 @@ impl Room {
         if ended_meanwhile {
             self.freed.notify_one();
         }
+        let now = Instant::now();
         for e in events {
             *state
                 .in_flight
                 .entry((e.company_id, e.event_type.clone()))
                 .or_insert(0) += 1;
+            state.known.insert(e.id, (e.attempt, now));
         }
+    }
+
+    /// The leases this instance knows it holds: (event id, attempt).
+    fn known(&self) -> Vec<(Uuid, i32)> {
+        let state = self.state();
+        state
+            .known
+            .iter()
+            .map(|(id, (attempt, _))| (*id, *attempt))
+            .collect()
+    }
+
+    /// Forgets, at most every quarter of `lease`, the events claimed more
+    /// than `lease` ago that have no outcome written: one the database
+    /// refused even without its texts, or a delivery task that panicked.
+    /// Their leases run out by then, and the lease expiry puts them back.
+    fn forget_stale(&self, lease: Duration) {
+        let mut state = self.state();
+        let now = Instant::now();
+        if state.pruned_at.is_some_and(|at| now - at < lease / 4) {
+            return;
+        }
+        state.pruned_at = Some(now);
+        state.known.retain(|_, (_, at)| now - *at < lease);
     }
 
     fn in_flight(&self) -> InFlight {
@@ -121,6 +158,17 @@ impl Freed for Room {
         drop(state);
         if freed {
             self.freed.notify_one();
+        }
+    }
+
+    /// These outcomes were written (marked, or refused by the fence): their
+    /// leases are no longer this instance's to keep.
+    fn recorded(&self, outcomes: &[(Uuid, i32)]) {
+        let mut state = self.state();
+        for (id, attempt) in outcomes {
+            if state.known.get(id).is_some_and(|(a, _)| a == attempt) {
+                state.known.remove(id);
+            }
         }
     }
 }
@@ -267,6 +315,9 @@ impl ClaimLoop<'_> {
         // Plain until a claim leaves due events behind.
         let mut mode = Mode::Plain;
         let mut follow_up = FollowUp::default();
+        // A claim's result is not known (it may have committed): hand back
+        // the leases this instance does not know of before the next claim.
+        let mut unknown_leases = false;
         let recorder_died = 'serve: loop {
             // Claim until a claim comes back short (nothing more is due) or
             // shutdown; with every slot busy, wait for one to free up.
@@ -282,6 +333,32 @@ impl ClaimLoop<'_> {
                     break 'serve true;
                 }
                 reap(tasks);
+                if unknown_leases {
+                    heartbeat.within(self.claim_limit);
+                    let handed = tokio::select! {
+                        _ = shutdown.cancelled() => break 'serve false,
+                        handed = tokio::time::timeout(self.claim_limit, self.hand_back_unknown()) => handed,
+                    }
+                    .unwrap_or_else(|_| Err(format!("no answer within {:?}", self.claim_limit)));
+                    match handed {
+                        Ok(n) => {
+                            unknown_leases = false;
+                            if n > 0 {
+                                tracing::info!(
+                                    handed_back = n,
+                                    "events leased to this instance but unknown to it (a claim whose reply was lost) are back in the queue, due at once"
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            telemetry::database_error("claim");
+                            tracing::warn!(error = %e, "could not hand back the leases of a claim whose reply was lost; trying again before the next claim");
+                            heartbeat.within(CLAIM_ERROR_BACKOFF);
+                            pause(shutdown, CLAIM_ERROR_BACKOFF).await;
+                            continue;
+                        }
+                    }
+                }
                 heartbeat.within(poll_interval);
                 if self.progress.recording_blocked() {
                     // Every outcome is refused (see completer::SetAside):
@@ -332,9 +409,10 @@ impl ClaimLoop<'_> {
                     }
                 }
                 .unwrap_or_else(|_| {
-                    Err(ClaimError {
+                    Err(ClaimFailed {
                         message: format!("no answer within {:?}", self.claim_limit),
                         kind: ErrorKind::Transient,
+                        maybe_leased: true,
                     })
                 });
                 follow_up.claimed(claim_started.elapsed());
@@ -353,6 +431,7 @@ impl ClaimLoop<'_> {
                             systemd::status("delivering");
                         }
                         self.room.claimed(capped, &events, &before);
+                        self.room.forget_stale(self.config.delivery.lease);
                         // A plain claim that left events behind says nothing
                         // of the rest of the queue: look again, fairly, now.
                         let again = more || (held && mode == Mode::Plain);
@@ -363,19 +442,26 @@ impl ClaimLoop<'_> {
                         }
                         (events, again)
                     }
-                    Err(e) => {
+                    Err(ClaimFailed {
+                        message: e,
+                        kind,
+                        maybe_leased,
+                    }) => {
+                        // Its rows, if it committed, are not delivered: they
+                        // are handed back before the next claim.
+                        unknown_leases |= maybe_leased;
                         telemetry::database_error("claim");
                         tracing::warn!(error = %e, "claim failed");
-                        self.progress.claim_failed(&e.message);
-                        if e.kind == ErrorKind::Structural {
+                        self.progress.claim_failed(&e);
+                        if kind == ErrorKind::Structural {
                             heartbeat.within(self.claim_limit);
-                            if self.schema.recheck("claim", &e.message).await {
+                            if self.schema.recheck("claim", &e).await {
                                 break 'serve false;
                             }
                         }
                         // `systemctl status` shows the outage while it lasts.
                         failing = true;
-                        systemd::status(&format!("delivering, but claims fail: {}", e.message));
+                        systemd::status(&format!("delivering, but claims fail: {e}"));
                         heartbeat.within(CLAIM_ERROR_BACKOFF);
                         pause(shutdown, CLAIM_ERROR_BACKOFF).await;
                         gather = 1;
@@ -430,16 +516,17 @@ impl ClaimLoop<'_> {
         recorder_died
     }
 
-    async fn claim(&self, mode: Mode, wanted: usize) -> Result<(Claim, InFlight), ClaimError> {
+    async fn claim(&self, mode: Mode, wanted: usize) -> Result<(Claim, InFlight), ClaimFailed> {
         let pool = match mode {
             Mode::Plain => self.plain_pool,
             Mode::Fair => self.pool,
         };
         let client = db::Checkout::get(pool, "claim")
             .await
-            .map_err(|e| ClaimError {
+            .map_err(|e| ClaimFailed {
                 message: format!("no database connection: {}", db::describe_pool(&e)),
                 kind: ErrorKind::Transient,
+                maybe_leased: false,
             })?;
         let delivery = &self.config.delivery;
         let in_flight = self.room.in_flight();
@@ -453,10 +540,40 @@ impl ClaimLoop<'_> {
             &in_flight,
         )
         .await
-        .map(|claim| (claim, in_flight));
+        .map(|claim| (claim, in_flight))
+        .map_err(|e| ClaimFailed {
+            message: e.message,
+            kind: e.kind,
+            maybe_leased: true,
+        });
         client.done();
         claimed
     }
+
+    /// Hands back the leases of this instance that it does not know of
+    /// (`store::claim::hand_back_unknown`); how many.
+    async fn hand_back_unknown(&self) -> Result<i64, String> {
+        let client = db::Checkout::get(self.pool, "claim")
+            .await
+            .map_err(|e| format!("no database connection: {}", db::describe_pool(&e)))?;
+        let known = self.room.known();
+        let handed = hand_back_unknown(&client, self.owner, &known)
+            .await
+            .map_err(|e| db::describe(&e));
+        client.done();
+        handed
+    }
+}
+
+/// A claim that did not come back with its rows.
+struct ClaimFailed {
+    message: String,
+    /// What retrying can do about it ([`ErrorKind`]).
+    kind: ErrorKind,
+    /// The claim was sent and may have committed (an error, no answer in
+    /// time, the connection lost): leases this instance does not know of
+    /// may exist. False when no connection could be had.
+    maybe_leased: bool,
 }
 
 /// Collects finished delivery tasks. A panic there is a bug; the event's
@@ -645,6 +762,44 @@ mod tests {
         let started = Instant::now();
         assert_eq!(free_slots(&slots, 3).await.num_permits(), 3);
         assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    fn claimed_event(id: u128, attempt: i32) -> ClaimedEvent {
+        ClaimedEvent {
+            id: Uuid::from_u128(id),
+            event_type: "payment.cancellation".into(),
+            company_id: 1,
+            payload: "{}".into(),
+            attempt,
+            budget_attempt: attempt,
+            age: Duration::ZERO,
+            lease_expired: false,
+            probe: false,
+            circuit_dirty: false,
+            endpoint: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_room_knows_its_leases_until_their_outcomes_are_written() {
+        let room = Room::default();
+        let before = room.in_flight();
+        let events = [claimed_event(1, 1), claimed_event(2, 3)];
+        room.claimed(HashSet::new(), &events, &before);
+        let mut known = room.known();
+        known.sort();
+        assert_eq!(known, [(Uuid::from_u128(1), 1), (Uuid::from_u128(2), 3)]);
+        // An outcome of another attempt of the same event does not end this
+        // lease; its own does.
+        room.recorded(&[(Uuid::from_u128(2), 2), (Uuid::from_u128(1), 1)]);
+        assert_eq!(room.known(), [(Uuid::from_u128(2), 3)]);
+        // One never written is forgotten once its lease is over.
+        let lease = Duration::from_secs(60);
+        room.forget_stale(lease);
+        assert_eq!(room.known().len(), 1);
+        sleep(lease).await;
+        room.forget_stale(lease);
+        assert!(room.known().is_empty());
     }
 
     #[tokio::test(start_paused = true)]

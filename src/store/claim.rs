@@ -17,6 +17,7 @@ use crate::telemetry;
 const CLAIM_SQL: &str = include_str!("../../sql/queries/claim.sql");
 const CLAIM_FAIR_SQL: &str = include_str!("../../sql/queries/claim_fair.sql");
 const HAND_BACK_SQL: &str = include_str!("../../sql/queries/hand_back.sql");
+const HAND_BACK_UNKNOWN_SQL: &str = include_str!("../../sql/queries/hand_back_unknown.sql");
 
 /// Which claim statement: the plain oldest-first one, or the fair one,
 /// taken while some endpoint is held or at its cap.
@@ -145,6 +146,22 @@ pub async fn hand_back(
     owner: &str,
 ) -> Result<i64, tokio_postgres::Error> {
     let row = client.query_one(HAND_BACK_SQL, &[&owner]).await?;
+    Ok(row.get("handed_back"))
+}
+
+/// Puts back in the queue, due at once, every event leased to `owner` that
+/// is not in `known` (an id at its claimed attempt: a delivery in flight
+/// or an outcome not written yet): the leases of a claim whose result was
+/// not known (`sql/queries/hand_back_unknown.sql`). How many.
+pub async fn hand_back_unknown(
+    client: &tokio_postgres::Client,
+    owner: &str,
+    known: &[(Uuid, i32)],
+) -> Result<i64, tokio_postgres::Error> {
+    let (ids, attempts): (Vec<Uuid>, Vec<i32>) = known.iter().copied().unzip();
+    let row = client
+        .query_one(HAND_BACK_UNKNOWN_SQL, &[&owner, &ids, &attempts])
+        .await?;
     Ok(row.get("handed_back"))
 }
 
