@@ -19,7 +19,7 @@ use crate::progress::Progress;
 use crate::service::Heartbeat;
 use crate::store::error::ErrorKind;
 use crate::store::pool as db;
-use crate::store::record::{CircuitChange, RecordError, Written, write};
+use crate::store::record::{CircuitChange, FenceReason, Fenced, RecordError, Written, write};
 use crate::store::server;
 use crate::telemetry;
 
@@ -369,7 +369,7 @@ impl Writer<'_> {
     fn written(&self, batch: &[Outcome], written: &Written) {
         let ids: Vec<(Uuid, i32)> = batch.iter().map(|o| (o.event_id, o.attempt)).collect();
         self.recorder.room.recorded(&ids);
-        count_marked(batch, &written.marked);
+        count_marked(batch, written);
         for c in &written.circuits {
             log_circuit(c);
         }
@@ -516,16 +516,38 @@ fn fit_texts(outcome: &mut Outcome, charset: server::Charset) {
 }
 
 /// Metrics for what was written; a warning for each outcome the fence
-/// refused.
-fn count_marked(batch: &[Outcome], marked: &[Uuid]) {
-    let marked: std::collections::HashSet<&Uuid> = marked.iter().collect();
+/// refused, saying why as record.sql found the row.
+fn count_marked(batch: &[Outcome], written: &Written) {
+    let marked: std::collections::HashSet<&Uuid> = written.marked.iter().collect();
+    let fenced: std::collections::HashMap<&Uuid, &Fenced> =
+        written.fenced.iter().map(|f| (&f.id, f)).collect();
     for o in batch {
         if !marked.contains(&o.event_id) {
             ::metrics::counter!(crate::telemetry::OUTCOMES_FENCED).increment(1);
+            let why = fenced.get(&o.event_id);
+            let (now_attempt, now_state) = why
+                .map(|f| (f.attempts, f.state.as_deref()))
+                .unwrap_or_default();
+            let message = match why.map(|f| f.reason) {
+                Some(FenceReason::Gone) => "outcome not recorded: the event no longer exists",
+                Some(FenceReason::Unclaimed) => {
+                    "outcome not recorded: the database does not have this attempt's claim \
+                     (lost with a primary that failed, or in a crash); the event is sent again"
+                }
+                Some(FenceReason::ClaimedAgain) => {
+                    "outcome not recorded: the event was claimed again since \
+                     (this attempt's lease had expired or been handed back)"
+                }
+                Some(FenceReason::NotLeased) | None => {
+                    "outcome not recorded: the event no longer carries this attempt's lease"
+                }
+            };
             tracing::warn!(
                 event_id = %o.event_id,
                 attempt = o.attempt,
-                "outcome not recorded: the lease ran out and the event was claimed again"
+                now_attempt,
+                now_state,
+                "{message}"
             );
             continue;
         }

@@ -47,12 +47,51 @@ pub struct CircuitChange {
     pub change: String,
 }
 
+/// Why the fence refused an outcome, as record.sql found the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FenceReason {
+    /// The row is gone (deleted).
+    Gone,
+    /// The row has fewer attempts than this outcome's: the claim of this
+    /// attempt is not in the database (lost with a primary that failed
+    /// before it reached a standby, or in a crash).
+    Unclaimed,
+    /// The row was claimed again since: this attempt's lease had ended
+    /// (run out, or handed back).
+    ClaimedAgain,
+    /// At this attempt, the row no longer carries this instance's lease
+    /// (marked by another writer, or changed while this one wrote).
+    NotLeased,
+}
+
+impl FenceReason {
+    fn from_sql(code: &str) -> FenceReason {
+        match code {
+            "gone" => FenceReason::Gone,
+            "unclaimed" => FenceReason::Unclaimed,
+            "claimed_again" => FenceReason::ClaimedAgain,
+            _ => FenceReason::NotLeased,
+        }
+    }
+}
+
+/// An outcome the fence refused, and what the row said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fenced {
+    pub id: Uuid,
+    pub reason: FenceReason,
+    /// The row's attempts and state (None: the row is gone).
+    pub attempts: Option<i32>,
+    pub state: Option<String>,
+}
+
 /// What one write did.
 #[derive(Debug, Default)]
 pub struct Written {
-    /// The ids whose rows were marked; the others had lost their lease and
-    /// were left alone.
+    /// The ids whose rows were marked; the others were left alone.
     pub marked: Vec<Uuid>,
+    /// The outcomes the fence refused, with the reason.
+    pub fenced: Vec<Fenced>,
     pub circuits: Vec<CircuitChange>,
 }
 
@@ -126,10 +165,18 @@ pub async fn write(
         ],
     )
     .await?;
-    let mut written = Written {
-        marked: rows.iter().map(|r| r.get(0)).collect(),
-        circuits: Vec::new(),
-    };
+    let mut written = Written::default();
+    for row in &rows {
+        match row.get::<_, Option<&str>>("fenced") {
+            None => written.marked.push(row.get("id")),
+            Some(code) => written.fenced.push(Fenced {
+                id: row.get("id"),
+                reason: FenceReason::from_sql(code),
+                attempts: row.get("attempts_now"),
+                state: row.get("state_now"),
+            }),
+        }
+    }
     // Best effort: the outcomes are written, and a circuit that misses one
     // group's news still opens on the next failures.
     match write_circuits(client, outcomes, &written.marked, circuit, notify_window).await {
@@ -216,26 +263,23 @@ async fn write_circuits(
         pauses.push(n.pause.map(millis));
         errors.push(n.error);
     }
-    // Committed in its own explicit transaction (store::txn): only a
-    // known commit makes these ids marked; an error is retried with
-    // `again`.
-    let rows = txn::query_committed(
-        client,
-        &statement,
-        &[
-            &companies,
-            &event_types,
-            &failed,
-            &answered,
-            &pauses,
-            &errors,
-            &(circuit.open_after as i32),
-            &millis(circuit.cooldown),
-            &millis(circuit.max_cooldown),
-            &millis(notify_window),
-        ],
-    )
-    .await?;
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &companies,
+                &event_types,
+                &failed,
+                &answered,
+                &pauses,
+                &errors,
+                &(circuit.open_after as i32),
+                &millis(circuit.cooldown),
+                &millis(circuit.max_cooldown),
+                &millis(notify_window),
+            ],
+        )
+        .await?;
     Ok(rows
         .iter()
         .map(|row| CircuitChange {

@@ -319,7 +319,7 @@ async fn a_daemon_frozen_past_its_lease_cannot_overwrite_the_outcome_of_the_one_
             frozen
                 .log()
                 .iter()
-                .filter(|l| l.contains("outcome not recorded: the lease ran out"))
+                .filter(|l| l.contains("outcome not recorded: the event was claimed again since"))
                 .count()
                 == EVENTS
         },

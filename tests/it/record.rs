@@ -123,8 +123,27 @@ async fn a_late_outcome_from_an_expired_lease_never_overwrites_the_newer_claim()
     failed.kind = AttemptKind::Rejected;
     failed.error = Some("rejected".into());
     assert_eq!(write(&client, "b", &[failed], false).await.len(), 1);
-    let late = write(&client, "a", &[delivered(&a[0])], false).await;
-    assert!(late.is_empty(), "fenced out");
+    let late = record::write(
+        &client,
+        "a",
+        &[delivered(&a[0])],
+        false,
+        &CircuitConfig::default(),
+        Duration::from_secs(900),
+    )
+    .await
+    .unwrap();
+    assert!(late.marked.is_empty(), "fenced out");
+    // And it says why, as the row was: claimed again, at attempt 2, failed.
+    assert_eq!(
+        late.fenced,
+        [record::Fenced {
+            id: a[0].id,
+            reason: record::FenceReason::ClaimedAgain,
+            attempts: Some(2),
+            state: Some("failed".into()),
+        }]
+    );
 
     let row = client
         .query_one(
