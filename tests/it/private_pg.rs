@@ -16,6 +16,8 @@ pub struct PrivatePg {
     /// The data directory; its socket and log live inside it too.
     data: PathBuf,
     pub port: u16,
+    /// Server options of this cluster's own, added to every start.
+    options: String,
     // Last: removed after the server is stopped in Drop.
     _dir: TempDir,
 }
@@ -36,21 +38,91 @@ impl PrivatePg {
         PrivatePg::start_with(Some((cert, key, ca))).await
     }
 
-    async fn start_with(tls: Option<(&Path, &Path, &Path)>) -> PrivatePg {
-        let bin = server_bin_dir();
-        let dir = TempDir::new("pg");
-        let data = dir.join("data");
-        std::fs::create_dir(&data).unwrap();
-        if is_root() {
-            for path in [&dir.0, &data] {
-                let out = Command::new("chown")
-                    .arg("postgres:")
-                    .arg(path)
+    /// A new cluster that a streaming standby ([`PrivatePg::standby_of`])
+    /// can follow, and whose commits wait for that standby
+    /// (`synchronous_standby_names = '*'`, given on the command line so that
+    /// the standby's copy of the configuration does not carry it: promoted,
+    /// it has no standby to wait for). initdb's pg_hba.conf already lets
+    /// local replication connections in, and wal_level is `replica` by
+    /// default.
+    pub async fn start_primary() -> PrivatePg {
+        PrivatePg::start_as(None, "-c synchronous_standby_names='*'").await
+    }
+
+    /// A streaming standby of `primary` (`pg_basebackup -R -X stream`), on a
+    /// port of its own; waits until the primary reports it streaming as its
+    /// synchronous standby.
+    pub async fn standby_of(primary: &PrivatePg) -> PrivatePg {
+        let (bin, dir, data) = new_dirs();
+        // pg_basebackup creates the data directory itself (mode 0700).
+        std::fs::remove_dir(&data).unwrap();
+        let ran = tokio::task::spawn_blocking({
+            let basebackup = bin.join("pg_basebackup");
+            let data = data.clone();
+            let port = primary.port.to_string();
+            move || {
+                as_postgres(&basebackup)
+                    .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres"])
+                    .args(["-R", "-X", "stream", "--no-sync", "-D"])
+                    .arg(&data)
                     .output()
-                    .unwrap();
-                assert!(out.status.success(), "chown postgres: {out:?}");
+                    .unwrap()
             }
-        }
+        })
+        .await
+        .unwrap();
+        assert!(
+            ran.status.success(),
+            "pg_basebackup failed: {}{}",
+            String::from_utf8_lossy(&ran.stdout),
+            String::from_utf8_lossy(&ran.stderr)
+        );
+        let standby = PrivatePg::started(bin, data, dir, String::new()).await;
+        let client = crate::harness::connect_url(&primary.admin_url()).await;
+        crate::harness::eventually(
+            "the standby to stream as the synchronous standby",
+            std::time::Duration::from_secs(30),
+            || async {
+                client
+                    .query_opt(
+                        "SELECT 1 FROM pg_stat_replication
+                          WHERE state = 'streaming' AND sync_state = 'sync'",
+                        &[],
+                    )
+                    .await
+                    .unwrap()
+                    .is_some()
+            },
+        )
+        .await;
+        standby
+    }
+
+    /// Stops the server with `-m immediate`: every process ends at once,
+    /// without a checkpoint, as in a crash.
+    pub async fn crash(&self) {
+        let out = self
+            .pg_ctl(&["stop", "-m", "immediate", "-w", "-t", "30"])
+            .await;
+        assert!(out.status.success(), "pg_ctl stop: {out:?}\n{}", self.log());
+    }
+
+    /// Promotes a standby; waits until it accepts writes.
+    pub async fn promote(&self) {
+        let out = self.pg_ctl(&["promote", "-w", "-t", "30"]).await;
+        assert!(
+            out.status.success(),
+            "pg_ctl promote: {out:?}\n{}",
+            self.log()
+        );
+    }
+
+    async fn start_with(tls: Option<(&Path, &Path, &Path)>) -> PrivatePg {
+        PrivatePg::start_as(tls, "").await
+    }
+
+    async fn start_as(tls: Option<(&Path, &Path, &Path)>, options: &str) -> PrivatePg {
+        let (bin, dir, data) = new_dirs();
         let ran = tokio::task::spawn_blocking({
             let initdb = bin.join("initdb");
             let data = data.clone();
@@ -112,10 +184,16 @@ impl PrivatePg {
             )
             .unwrap();
         }
+        PrivatePg::started(bin, data, dir, options.to_string()).await
+    }
+
+    /// Starts the cluster in `data` on a free port.
+    async fn started(bin: PathBuf, data: PathBuf, dir: TempDir, options: String) -> PrivatePg {
         let mut pg = PrivatePg {
             bin,
             data,
             port: 0,
+            options,
             _dir: dir,
         };
         // The free port is found by binding and closing it; another process
@@ -157,9 +235,10 @@ impl PrivatePg {
 
     async fn try_start(&self) -> bool {
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c full_page_writes=off",
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c full_page_writes=off {}",
             self.port,
-            self.data.display()
+            self.data.display(),
+            self.options
         );
         let log = self.data.join("postgres.log");
         let log = log.to_str().unwrap().to_string();
@@ -197,6 +276,26 @@ impl Drop for PrivatePg {
                 .output();
         }
     }
+}
+
+/// The server's bin directory, a new temp dir and its `data` directory,
+/// both owned by the postgres OS user when we are root.
+fn new_dirs() -> (PathBuf, TempDir, PathBuf) {
+    let bin = server_bin_dir();
+    let dir = TempDir::new("pg");
+    let data = dir.join("data");
+    std::fs::create_dir(&data).unwrap();
+    if is_root() {
+        for path in [&dir.0, &data] {
+            let out = Command::new("chown")
+                .arg("postgres:")
+                .arg(path)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "chown postgres: {out:?}");
+        }
+    }
+    (bin, dir, data)
 }
 
 fn is_root() -> bool {
