@@ -309,7 +309,9 @@ const ONE_OFF_SESSION_OPTIONS: &str = "-c lock_timeout=30s -c statement_timeout=
 ///   the same Idempotency-Key. At-least-once delivery holds; what it buys is
 ///   throughput: 6,500 to 10,000 events/s in the drain benchmark on the
 ///   2-core development machine (docs/BENCHMARKS.md). The sales
-///   application's enqueue transactions are not affected.
+///   application's enqueue transactions are not affected. Claims and marks
+///   still wait for a synchronous standby when the server names one
+///   (`sql/queries/begin_durable.sql`), so that a failover keeps them.
 /// - `plan_cache_mode=force_custom_plan`, `enable_seqscan=off`,
 ///   `enable_bitmapscan=off`: every pooled statement is built around an
 ///   index walked in order (the claim reads `events_pending_due` oldest
