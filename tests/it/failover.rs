@@ -2,13 +2,15 @@
 //! two private clusters, and the daemon given both hosts the way libpq
 //! users write it (`host1,host2` with `target_session_attrs=read-write`).
 //! The primary crashes mid-drain (`pg_ctl stop -m immediate`) and the
-//! standby is promoted.
+//! standby is promoted. And the part of it that a crash may or may not
+//! hit: a claim that commits while its reply is lost.
 
 use std::time::{Duration, Instant};
 
 use crate::faults::{assert_delivered_and_marked_once, delivered, endpoint, enqueue_many};
-use crate::harness::{Daemon, TestDb, connect_url, eventually, url_with_dbname};
+use crate::harness::{Daemon, TestDb, connect_url, count, eventually, url_with_dbname};
 use crate::private_pg::PrivatePg;
+use crate::proxy::Proxy;
 use crate::receiver::{Receiver, Reply};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -138,6 +140,114 @@ async fn a_failover_to_the_synchronous_standby_mid_drain_flows_again_within_seco
             !line.contains("lease ran out"),
             "a lease ran out in a run shorter than the lease: {line}"
         );
+        assert!(!line.contains("panicked"), "outboxd panicked: {line}");
+    }
+}
+
+/// A claim that commits while its reply is lost (what a failover does to a
+/// claim that reached the synchronous standby, as the failover test above
+/// may or may not catch) leaves a lease this instance does not know of. It
+/// is handed back before the next claim, and the event goes out at once,
+/// once, instead of after its lease (60 s, and the lease expiry's 15 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_whose_reply_is_lost_is_handed_back_at_once_and_sent_once() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    endpoint(&client, 1, "payment.cancellation", &receiver.url("/")).await;
+    // The claim sleeps 0.6 s per row it leases: time to lose its reply.
+    client
+        .batch_execute(
+            "CREATE FUNCTION public.slow_claim() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN PERFORM pg_sleep(0.6); RETURN NEW; END $$;
+             CREATE TRIGGER slow_claim BEFORE UPDATE ON outbox.events FOR EACH ROW
+               WHEN (OLD.state = 'pending' AND NEW.state = 'leased')
+               EXECUTE FUNCTION public.slow_claim();",
+        )
+        .await
+        .unwrap();
+    let pg: tokio_postgres::Config = db.url.parse().unwrap();
+    let host = match &pg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        other => panic!("this test needs a TCP DATABASE_URL, not {other:?}"),
+    };
+    let upstream = tokio::net::lookup_host((host.as_str(), pg.get_ports()[0]))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = Proxy::start(upstream).await;
+    let via_proxy = url_with_dbname(
+        &format!("postgres://{}@{}", pg.get_user().unwrap(), proxy.addr),
+        &db.name,
+    );
+    // The default lease, 60 s.
+    let daemon = Daemon::start(
+        &db,
+        &[
+            ("OUTBOXD_DATABASE__URL", via_proxy.as_str()),
+            ("OUTBOXD_DATABASE__CONNECT_TIMEOUT", "1s"),
+        ],
+    )
+    .await;
+    client
+        .batch_execute("SELECT outbox.enqueue_payment_cancellation(1, 222125, '2271')")
+        .await
+        .unwrap();
+    eventually("the claim is sleeping in the trigger", SECS(10), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event = 'PgSleep' AND query LIKE '-- claim:%'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let lost_at = Instant::now();
+    proxy.lose_replies();
+    // The claim commits without anyone hearing it: leased, attempt 1.
+    eventually("the claim to commit unheard", SECS(10), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE state = 'leased' AND attempts = 1",
+        )
+        .await
+            == 1
+            || count(
+                &client,
+                "SELECT count(*) FROM outbox.events WHERE attempts = 2",
+            )
+            .await
+                == 1
+    })
+    .await;
+    receiver.wait_for(1, SECS(10)).await;
+    let took = lost_at.elapsed();
+    eventually("the event marked delivered", SECS(10), || async {
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    eprintln!("lost claim reply: the event went out {took:?} after the reply was lost");
+    assert!(took < SECS(10), "sent {took:?} after the lost reply");
+    // The lost claim counts as an attempt (it may have been anything), and
+    // nothing of it was sent: one request, by the second claim.
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE state = 'delivered' AND attempts = 2"
+        )
+        .await,
+        1
+    );
+    assert_eq!(receiver.received().len(), 1);
+    daemon.wait_for_log("unknown to it", SECS(1)).await;
+    for line in daemon.log() {
         assert!(!line.contains("panicked"), "outboxd panicked: {line}");
     }
 }

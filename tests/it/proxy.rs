@@ -1,12 +1,14 @@
 //! A TCP proxy on 127.0.0.1 in front of PostgreSQL, to take the database
 //! away from a running daemon and give it back: real connections, really
-//! cut, with no change to the server other tests share.
+//! cut, with no change to the server other tests share. It can also lose
+//! the server's replies while the server goes on ([`Proxy::lose_replies`]).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pub struct Proxy {
     pub addr: SocketAddr,
@@ -18,6 +20,8 @@ pub struct Proxy {
 struct State {
     accept: Option<JoinHandle<()>>,
     connections: Vec<JoinHandle<()>>,
+    /// Cancelled by [`Proxy::lose_replies`] for the connections open then.
+    lose: CancellationToken,
 }
 
 impl Proxy {
@@ -39,9 +43,24 @@ impl Proxy {
         let upstream = self.upstream;
         let accept = tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
+                let lose = state.lock().unwrap().lose.clone();
                 let task = tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(upstream).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    let Ok(mut server) = TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let lost = {
+                        let both = tokio::io::copy_bidirectional(&mut client, &mut server);
+                        tokio::select! {
+                            _ = both => false,
+                            _ = lose.cancelled() => true,
+                        }
+                    };
+                    if lost {
+                        // The client's end is closed; the server's stays
+                        // open and is read to the end, so the server goes
+                        // on with what it received and its replies are lost.
+                        drop(client);
+                        let _ = tokio::io::copy(&mut server, &mut tokio::io::sink()).await;
                     }
                 });
                 state.lock().unwrap().connections.push(task);
@@ -59,6 +78,15 @@ impl Proxy {
         for task in state.connections.drain(..) {
             task.abort(); // drops both sockets
         }
+    }
+
+    /// The connections open now lose their replies: each client sees its
+    /// connection closed at once, while the server, its end kept open, goes
+    /// on with what it has received (a claim and its COMMIT commit) and
+    /// what it sends is thrown away. New connections are served as before.
+    pub fn lose_replies(&self) {
+        let mut state = self.state.lock().unwrap();
+        std::mem::take(&mut state.lose).cancel();
     }
 
     /// The database is back on the same address.
