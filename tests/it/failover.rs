@@ -134,6 +134,10 @@ async fn a_failover_to_the_synchronous_standby_mid_drain_flows_again_within_seco
     // Each event marked once, by the delivery the receiver got; one that
     // arrived twice was claimed twice.
     assert_delivered_and_marked_once(&client, &receiver, EVENTS).await;
+    // The LISTEN connection came back, on the new primary.
+    daemon
+        .wait_for_logs("listening for NOTIFY", 2, SECS(15))
+        .await;
     // A fenced outcome says why, truthfully: no lease ran out here (60 s).
     for line in &log {
         assert!(
