@@ -10,7 +10,7 @@
 -- and was put back in the queue by release_expired.sql keeps its owner and
 -- attempt number until the next claim: a late outcome still counts until
 -- then.) The ids that were marked (or had been, by an earlier try of this
--- same group) are returned, and those the fence refused with the reason. It runs in an explicit transaction, BEGIN and
+-- same group) are returned. It runs in an explicit transaction, BEGIN and
 -- COMMIT sent with it (src/store/txn.rs): the ids count as marked only
 -- once the COMMIT has answered.
 --
@@ -77,48 +77,13 @@ WITH outcome AS (
       FROM outcome AS o
      WHERE EXISTS (SELECT 1 FROM outbox.events AS e WHERE e.id = o.id)
         ON CONFLICT (event_id, attempt) DO NOTHING
-), refused AS MATERIALIZED (
-    -- The outcomes the fence refused (usually none): only these are looked
-    -- up again below. Materialized, so that the planner cannot join every
-    -- outcome with outbox.events before filtering (it did, by a merge join
-    -- walking events_pkey: about 8 µs more PostgreSQL CPU per event in the
-    -- drain benchmark).
-    SELECT o.id, o.attempt, o.state
-      FROM outcome AS o
-     WHERE NOT EXISTS (SELECT 1 FROM marked AS m WHERE m.id = o.id)
 )
-SELECT id, NULL::text AS fenced, NULL::int AS attempts_now, NULL::text AS state_now
-  FROM marked
+SELECT id FROM marked
 UNION ALL
 -- Already in the state this outcome sets, at this attempt: a retry of a
 -- group whose commit succeeded but whose reply was lost. Not a lost lease.
 -- Only looked up on such a retry ($14), not on every group.
-SELECT o.id, NULL, NULL, NULL
+SELECT o.id
   FROM outcome AS o
   JOIN outbox.events AS e ON e.id = o.id
  WHERE $14 AND e.attempts = o.attempt AND e.state = o.state AND e.lease_owner IS NULL
-UNION ALL
--- Refused by the fence, and why, so that the log says what happened: the
--- row is gone; it does not have this attempt's claim (fewer attempts: the
--- claim was lost, e.g. with a primary that failed before it reached the
--- standby); it was claimed again since (more attempts: this lease had
--- ended, run out or handed back); or, at this attempt, it no longer
--- carries this lease. Read as the row was before this statement (the
--- update above did not touch it); one primary-key probe per refused
--- outcome, none when every outcome was marked.
-SELECT r.id,
-       CASE WHEN e.id IS NULL THEN 'gone'
-            WHEN e.attempts < r.attempt THEN 'unclaimed'
-            WHEN e.attempts > r.attempt THEN 'claimed_again'
-            ELSE 'not_leased' END,
-       e.attempts, e.state
-  FROM refused AS r
-  -- By primary key, one probe per refused outcome (LATERAL with LIMIT 1
-  -- leaves the planner no other way in; a merge join walked the index).
-  LEFT JOIN LATERAL (
-        SELECT x.id, x.attempts, x.state, x.lease_owner
-          FROM outbox.events AS x
-         WHERE x.id = r.id
-         LIMIT 1) AS e ON true
- WHERE NOT coalesce($14 AND e.attempts = r.attempt AND e.state = r.state
-                    AND e.lease_owner IS NULL, false)

@@ -516,7 +516,7 @@ fn fit_texts(outcome: &mut Outcome, charset: server::Charset) {
 }
 
 /// Metrics for what was written; a warning for each outcome the fence
-/// refused, saying why as record.sql found the row.
+/// refused, saying why as `fence_reasons.sql` found the row.
 fn count_marked(batch: &[Outcome], written: &Written) {
     let marked: std::collections::HashSet<&Uuid> = written.marked.iter().collect();
     let fenced: std::collections::HashMap<&Uuid, &Fenced> =

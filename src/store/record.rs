@@ -1,7 +1,8 @@
 //! Marking events: the outcomes of many deliveries written in one fenced
 //! round trip (`sql/queries/record.sql`, which also queues a notification
 //! for each final failure), and the circuit breakers of their endpoints
-//! moved by what the group says of them (`circuits_record.sql`).
+//! moved by what the group says of them (`circuits_record.sql`); why the
+//! fence refused an outcome, when it did (`fence_reasons.sql`).
 
 use std::time::{Duration, SystemTime};
 
@@ -16,6 +17,7 @@ use crate::telemetry;
 
 const RECORD_SQL: &str = include_str!("../../sql/queries/record.sql");
 const CIRCUITS_SQL: &str = include_str!("../../sql/queries/circuits_record.sql");
+const FENCE_REASONS_SQL: &str = include_str!("../../sql/queries/fence_reasons.sql");
 
 /// No retry is put further out than this, whatever the policy computed: the
 /// database's interval type and the people waiting both have limits.
@@ -47,7 +49,7 @@ pub struct CircuitChange {
     pub change: String,
 }
 
-/// Why the fence refused an outcome, as record.sql found the row.
+/// Why the fence refused an outcome, as `fence_reasons.sql` found the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FenceReason {
     /// The row is gone (deleted).
@@ -165,16 +167,18 @@ pub async fn write(
         ],
     )
     .await?;
-    let mut written = Written::default();
-    for row in &rows {
-        match row.get::<_, Option<&str>>("fenced") {
-            None => written.marked.push(row.get("id")),
-            Some(code) => written.fenced.push(Fenced {
-                id: row.get("id"),
-                reason: FenceReason::from_sql(code),
-                attempts: row.get("attempts_now"),
-                state: row.get("state_now"),
-            }),
+    let mut written = Written {
+        marked: rows.iter().map(|r| r.get(0)).collect(),
+        ..Written::default()
+    };
+    // Best effort, and only when the fence refused some: why, for the log.
+    if written.marked.len() < outcomes.len() {
+        match fence_reasons(client, outcomes, &written.marked).await {
+            Ok(fenced) => written.fenced = fenced,
+            Err(e) => {
+                telemetry::database_error("record");
+                tracing::warn!(error = %db::describe(&e), "reading why the fence refused outcomes");
+            }
         }
     }
     // Best effort: the outcomes are written, and a circuit that misses one
@@ -187,6 +191,32 @@ pub async fn write(
         }
     }
     Ok(written)
+}
+
+/// Why the fence refused those of `outcomes` not in `marked`
+/// (`sql/queries/fence_reasons.sql`), as their rows are now.
+async fn fence_reasons(
+    client: &deadpool_postgres::Client,
+    outcomes: &[Outcome],
+    marked: &[Uuid],
+) -> Result<Vec<Fenced>, tokio_postgres::Error> {
+    let marked: std::collections::HashSet<&Uuid> = marked.iter().collect();
+    let (ids, attempts): (Vec<Uuid>, Vec<i32>) = outcomes
+        .iter()
+        .filter(|o| !marked.contains(&o.event_id))
+        .map(|o| (o.event_id, o.attempt))
+        .unzip();
+    let statement = client.prepare_cached(FENCE_REASONS_SQL).await?;
+    let rows = client.query(&statement, &[&ids, &attempts]).await?;
+    Ok(rows
+        .iter()
+        .map(|row| Fenced {
+            id: row.get("id"),
+            reason: FenceReason::from_sql(row.get("fenced")),
+            attempts: row.get("attempts_now"),
+            state: row.get("state_now"),
+        })
+        .collect())
 }
 
 /// What one endpoint's outcomes in a group say about it.
