@@ -462,10 +462,13 @@ async fn hand_back(pool: &deadpool_postgres::Pool, owner: &str) {
     .unwrap_or_else(|_| Err(format!("no answer within {HAND_BACK_TIMEOUT:?}")));
     match handed {
         Ok(0) => {}
-        Ok(n) => tracing::info!(
-            handed_back = n,
-            "events still leased to this instance are back in the queue, due at once"
-        ),
+        Ok(n) => {
+            telemetry::handed_back("stop", n);
+            tracing::info!(
+                handed_back = n,
+                "events still leased to this instance are back in the queue, due at once"
+            )
+        }
         Err(e) => tracing::warn!(
             error = %e,
             "could not hand back this instance's leases; those events wait for their leases to run out"

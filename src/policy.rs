@@ -76,6 +76,42 @@ pub fn decide(
         ) => Some((*after).min(policy.max_retry_after)),
         _ => None,
     };
+    // A probe that failed as the endpoint fails (not answering, 5xx, 429,
+    // 401/403/404): the circuit reopens, and the event goes back as it
+    // was, held with its endpoint, its retry budget untouched. Held events
+    // fail at `circuit.max_hold` (the hold limit), not one probe at a time
+    // through the retry policy.
+    if let (
+        true,
+        Some(due_at),
+        Verdict::Retry {
+            reason, message, ..
+        },
+    )
+    | (true, Some(due_at), Verdict::Misconfigured { reason, message }) =
+        (event.probe, event.due_at, &verdict)
+    {
+        return Outcome {
+            event_id: event.id,
+            company_id: event.company_id,
+            event_type: event.event_type.clone(),
+            age: event.age + duration,
+            attempt: event.attempt,
+            next: NextState::Held(due_at),
+            kind: AttemptKind::Retryable,
+            response_message: message.clone(),
+            error: Some(truncate_chars(
+                &format!("{reason} (a probe of an endpoint found down; the event stays held)"),
+                MAX_MESSAGE_CHARS,
+            )),
+            started_at,
+            duration,
+            http_status,
+            notify: false,
+            pause,
+            circuit_dirty: event.circuit_dirty,
+        };
+    }
     let (next, kind, response_message, error) = match verdict {
         Verdict::Delivered { message } => {
             (NextState::Delivered, AttemptKind::Success, message, None)
@@ -189,6 +225,7 @@ mod tests {
             age,
             lease_expired: false,
             probe: false,
+            due_at: None,
             circuit_dirty: false,
             endpoint: None,
         }
@@ -200,6 +237,59 @@ mod tests {
             message: None,
             retry_after,
         }
+    }
+
+    #[test]
+    fn a_failed_probe_puts_its_event_back_held_without_spending_its_budget() {
+        let policy = RetryPolicy::default();
+        let due = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        // At the last attempt of its budget: a normal failure would fail it.
+        let probe = ClaimedEvent {
+            probe: true,
+            due_at: Some(due),
+            ..event(policy.max_attempts as i32, Duration::from_secs(60))
+        };
+        let at = SystemTime::UNIX_EPOCH;
+        let s = Duration::from_secs;
+        for verdict in [
+            retry("timed out", None),
+            Verdict::Misconfigured {
+                reason: "HTTP 401".into(),
+                message: None,
+            },
+        ] {
+            let o = decide(&probe, verdict, at, s(1), None, &policy, 0.5);
+            assert_eq!(o.next, NextState::Held(due));
+            assert_eq!(o.kind, AttemptKind::Retryable, "the circuit reopens");
+            assert!(!o.notify);
+            assert!(o.error.unwrap().contains("stays held"));
+        }
+        // What is not a failure of the endpoint goes as for any event.
+        let ok = Verdict::Delivered { message: None };
+        assert_eq!(
+            decide(&probe, ok, at, s(1), Some(200), &policy, 0.5).next,
+            NextState::Delivered
+        );
+        let bad = Verdict::Permanent {
+            reason: "HTTP 400".into(),
+            message: None,
+        };
+        assert_eq!(
+            decide(&probe, bad, at, s(1), Some(400), &policy, 0.5).next,
+            NextState::Failed
+        );
+        // The same failure of an event that is not a probe fails it.
+        let plain = event(policy.max_attempts as i32, s(60));
+        let o = decide(
+            &plain,
+            retry("timed out", None),
+            at,
+            s(1),
+            None,
+            &policy,
+            0.5,
+        );
+        assert_eq!(o.next, NextState::Failed);
     }
 
     #[test]

@@ -22,6 +22,7 @@ pub const EVENTS_PENDING: &str = "outboxd_events_pending";
 pub const EVENTS_LEASED: &str = "outboxd_events_leased";
 pub const OLDEST_DUE_AGE: &str = "outboxd_oldest_due_event_age_seconds";
 pub const LEASES_EXPIRED: &str = "outboxd_leases_expired_total";
+pub const LEASES_HANDED_BACK: &str = "outboxd_leases_handed_back_total";
 pub const OUTCOMES_FENCED: &str = "outboxd_outcomes_fenced_total";
 pub const CLAIM_BATCHES: &str = "outboxd_claim_batches_total";
 pub const CLAIM_BATCH_SIZE: &str = "outboxd_claim_batch_size";
@@ -141,6 +142,9 @@ pub fn install() -> Result<PrometheusHandle, String> {
         counter!(name).absolute(0);
     }
     gauge!(OUTCOMES_SET_ASIDE).set(0.0);
+    for why in ["stop", "unknown"] {
+        counter!(LEASES_HANDED_BACK, "why" => why).absolute(0);
+    }
     for change in ["opened", "reopened", "closed"] {
         counter!(CIRCUIT_CHANGES, "change" => change).absolute(0);
     }
@@ -249,6 +253,10 @@ fn describe() {
         OLDEST_DUE_AGE,
         metrics::Unit::Seconds,
         "Age since enqueue of the oldest event that is due now and whose endpoint is not held (0 when none is); held events are in outboxd_oldest_held_event_age_seconds."
+    );
+    describe_counter!(
+        LEASES_HANDED_BACK,
+        "Leases this instance gave back to the queue, due at once, by why: stop (deliveries cut off at the drain deadline, a claim never started) or unknown (a claim whose reply was lost, after a failover). Not counted as expired."
     );
     describe_counter!(
         LEASES_EXPIRED,
@@ -397,4 +405,10 @@ pub fn claimed(batch: usize, expired: usize) {
     if expired > 0 {
         counter!(LEASES_EXPIRED).increment(expired as u64);
     }
+}
+
+/// `n` leases handed back to the queue: at a stop, or after a claim whose
+/// result is unknown.
+pub fn handed_back(why: &'static str, n: i64) {
+    counter!(LEASES_HANDED_BACK, "why" => why).increment(n.max(0) as u64);
 }

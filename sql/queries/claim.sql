@@ -114,6 +114,8 @@ WITH due AS (
 )
 SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,
        c.age_ms, p.lease_expired, false AS probe, p.circuit_dirty,
+       -- due_at: what a failed probe puts back (claim_fair.sql); no probe here.
+       NULL::timestamptz AS due_at,
        p.url, p.auth_type, p.username, p.password, p.token, p.enabled, p.signing_secrets, 
        -- worn_out: failed above, at the bound on attempts; not to be sent.
        CASE WHEN c.state = 'failed' THEN 'worn_out' END AS note
@@ -124,7 +126,7 @@ UNION ALL
 -- (A held endpoint's rows come to the front of the queue in time, and the
 -- fair claim that follows sends its probe.)
 SELECT NULL::uuid, NULL::text, NULL::bigint, NULL::text, NULL::int, NULL::int,
-       NULL::bigint, NULL::bool, NULL::bool, NULL::bool,
+       NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
        'held'
  WHERE (SELECT count(*) FROM due) > (SELECT count(*) FROM picked)

@@ -102,7 +102,8 @@ WITH RECURSIVE active AS (
      ORDER BY s.probe DESC, s.head_at
      LIMIT $1
 ), ranked AS (
-    SELECT r.id, r.lease_expired, c.probe, c.circuit_dirty, c.company_id, c.event_type, c.head_at, c.room,
+    SELECT r.id, r.next_attempt_at, r.lease_expired, c.probe, c.circuit_dirty, c.company_id,
+           c.event_type, c.head_at, c.room,
            least(c.room, ($1 + c.n_cand - 1) / c.n_cand) AS share,
            row_number() OVER (PARTITION BY c.company_id, c.event_type
                               ORDER BY r.next_attempt_at, r.id) AS rn
@@ -123,7 +124,8 @@ WITH RECURSIVE active AS (
             LIMIT least(c.room, ($1 + c.n_cand - 1) / c.n_cand)
               FOR UPDATE SKIP LOCKED) AS r
 ), picked AS (
-    SELECT id, lease_expired, probe, circuit_dirty FROM ranked ORDER BY rn, head_at LIMIT $1
+    SELECT id, lease_expired, probe, circuit_dirty, next_attempt_at AS due_at
+      FROM ranked ORDER BY rn, head_at LIMIT $1
 ), claimed AS (
     UPDATE outbox.events AS e
        -- A row with a million attempts or more (only a hand-written one
@@ -157,7 +159,7 @@ WITH RECURSIVE active AS (
                 THEN (extract(epoch FROM now() - coalesce(e.replayed_at, e.created_at)) * 1000)::bigint
                 WHEN coalesce(e.replayed_at, e.created_at) < now() THEN 9223372036854775807
                 ELSE 0 END AS age_ms,
-           picked.lease_expired, picked.probe, picked.circuit_dirty
+           picked.lease_expired, picked.probe, picked.circuit_dirty, picked.due_at
 ), notes AS (
     -- capped: an endpoint with more due than its room, at its cap before
     -- this claim or filled by it (the loop claims again when one of its
@@ -179,6 +181,9 @@ WITH RECURSIVE active AS (
 )
 SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,
        c.age_ms, c.lease_expired, c.probe, c.circuit_dirty,
+       -- When it was due before this claim: a probe that fails is put back
+       -- so, its hold counted from then (policy::decide, record.sql).
+       c.due_at,
        ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled,
        -- The endpoint's active signing secrets, newest first (none: unsigned).
        ARRAY(SELECT s.secret FROM outbox.endpoint_signing_secrets AS s
@@ -192,7 +197,7 @@ SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since
          ON ep.company_id = c.company_id AND ep.event_type = c.event_type
 UNION ALL
 SELECT NULL::uuid, k.event_type, k.company_id, NULL::text, NULL::int, NULL::int,
-       NULL::bigint, NULL::bool, NULL::bool, NULL::bool,
+       NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
        k.note
   FROM notes AS k

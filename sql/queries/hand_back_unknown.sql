@@ -10,7 +10,9 @@
 -- Nothing of these events was sent (a claim's rows are used only once its
 -- COMMIT has answered), so they need not wait out their lease (60 s by
 -- default) and the lease expiry's round: each becomes pending and due at
--- once. lease_owner and attempts are kept, as hand_back.sql keeps them.
+-- once. attempts is kept; lease_owner is cleared, as hand_back.sql clears
+-- it: nothing was sent, so no outcome can come, and the next claim must not
+-- count the row as a lease that ran out.
 --
 -- Fenced by the owner (a lease another instance holds is never touched) and
 -- by the known leases (a delivery of this instance in flight, or an outcome
@@ -19,6 +21,7 @@
 WITH handed AS (
     UPDATE outbox.events AS e
        SET state = 'pending',
+           lease_owner = NULL,
            next_attempt_at = now()
      WHERE e.state = 'leased'
        AND e.lease_owner = $1

@@ -28,21 +28,29 @@
 -- $12 text          this instance's name
 -- $13 bool[]        notify the endpoint's notify_emails (it failed for good after a real attempt)
 -- $14 bool          this group was sent before and its reply lost (see the end)
+-- $15 timestamptz[] for a probe that failed (state pending): when it was
+--                   due before its claim. It goes back due then, held with
+--                   its endpoint (circuit.max_hold counts from then), and
+--                   the attempt is not counted against its retry budget
+--                   (attempts_at_replay, the budget's start, moves up one).
 WITH outcome AS (
     SELECT *
       FROM unnest($1::uuid[], $2::int[], $3::text[], $4::bigint[], $5::text[], $6::text[],
                   $7::timestamptz[], $8::int[], $9::smallint[], $10::text[], $11::text[],
-                  $13::bool[])
+                  $13::bool[], $15::timestamptz[])
            AS o(id, attempt, state, retry_in_ms, response_message, last_error,
                 started_at, duration_ms, http_status, attempt_outcome, attempt_message,
-                notify)
+                notify, held_due_at)
 ), marked AS (
     UPDATE outbox.events AS e
        SET state = o.state,
            lease_owner = NULL,
-           next_attempt_at = CASE WHEN o.state = 'pending'
+           next_attempt_at = CASE WHEN o.held_due_at IS NOT NULL THEN o.held_due_at
+                                  WHEN o.state = 'pending'
                                   THEN now() + o.retry_in_ms * interval '1 millisecond'
                                   ELSE e.next_attempt_at END,
+           attempts_at_replay = e.attempts_at_replay
+                                + CASE WHEN o.held_due_at IS NOT NULL THEN 1 ELSE 0 END,
            delivered_at = CASE WHEN o.state = 'delivered' THEN now() END,
            response_message = CASE WHEN o.state = 'delivered' OR o.response_message IS NOT NULL
                                    THEN o.response_message

@@ -207,6 +207,7 @@ mod tests {
             age: Duration::ZERO,
             lease_expired: false,
             probe: false,
+            due_at: None,
             circuit_dirty: false,
             endpoint: None,
         }

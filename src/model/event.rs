@@ -1,7 +1,7 @@
 //! A claimed event and the endpoint it goes to, as the claim returns them.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use uuid::Uuid;
 
@@ -25,6 +25,10 @@ pub struct ClaimedEvent {
     pub lease_expired: bool,
     /// Sent to learn whether an endpoint whose circuit is open is back.
     pub probe: bool,
+    /// When it was due before this claim (the fair claim says; None from
+    /// the plain one, which takes no probe): a probe that fails is put
+    /// back due then, so its hold counts from then.
+    pub due_at: Option<SystemTime>,
     /// Its endpoint's circuit was not closed and clean at the claim.
     pub circuit_dirty: bool,
     /// The company's endpoint for this event type, if one is configured.

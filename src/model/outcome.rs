@@ -12,6 +12,11 @@ pub enum NextState {
     Failed,
     /// Back to pending, due after this delay.
     Retry(Duration),
+    /// A probe that failed: back to pending as it was before (due at this
+    /// moment, held with its endpoint), the attempt not counted against
+    /// its retry budget. A held event fails at `circuit.max_hold`, not by
+    /// probes.
+    Held(SystemTime),
 }
 
 /// How one attempt went, as logged in `outbox.attempts.outcome`.

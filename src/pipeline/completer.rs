@@ -557,7 +557,7 @@ fn count_marked(batch: &[Outcome], written: &Written) {
                 telemetry::lag(&o.event_type, o.age);
             }
             NextState::Failed => telemetry::completed(&o.event_type, "failed"),
-            NextState::Retry(_) => telemetry::retried(&o.event_type),
+            NextState::Retry(_) | NextState::Held(_) => telemetry::retried(&o.event_type),
         }
     }
 }

@@ -100,6 +100,9 @@ pub async fn attempt(event: &ClaimedEvent, deliverer: &Deliverer, retry: &RetryP
 fn log_outcome(event: &ClaimedEvent, outcome: &Outcome) {
     let retry_in = match outcome.next {
         NextState::Retry(d) => Some(humantime::format_duration(d).to_string()),
+        NextState::Held(_) => {
+            Some("when its endpoint's circuit lets the next probe go".to_string())
+        }
         _ => None,
     };
     macro_rules! line {
@@ -122,6 +125,7 @@ fn log_outcome(event: &ClaimedEvent, outcome: &Outcome) {
     match outcome.next {
         NextState::Delivered => line!(debug, "delivered"),
         NextState::Retry(_) => line!(info, "retry"),
+        NextState::Held(_) => line!(info, "held"),
         NextState::Failed => line!(warn, "failed"),
     }
 }

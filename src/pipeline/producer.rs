@@ -343,6 +343,7 @@ impl ClaimLoop<'_> {
                     match handed {
                         Ok(n) => {
                             unknown_leases = false;
+                            telemetry::handed_back("unknown", n);
                             if n > 0 {
                                 tracing::info!(
                                     handed_back = n,
@@ -775,6 +776,7 @@ mod tests {
             age: Duration::ZERO,
             lease_expired: false,
             probe: false,
+            due_at: None,
             circuit_dirty: false,
             endpoint: None,
         }

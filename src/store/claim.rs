@@ -189,6 +189,7 @@ fn from_row(row: &tokio_postgres::Row) -> ClaimedEvent {
         age: Duration::from_millis(age_ms.max(0) as u64),
         lease_expired: row.get("lease_expired"),
         probe: row.get("probe"),
+        due_at: row.get("due_at"),
         circuit_dirty: row.get("circuit_dirty"),
         endpoint,
     }

@@ -124,14 +124,21 @@ pub async fn write(
     let mut kinds = Vec::with_capacity(n);
     let mut attempt_messages = Vec::with_capacity(n);
     let mut notify = Vec::with_capacity(n);
+    let mut held_due_at = Vec::with_capacity(n);
     for o in outcomes {
         ids.push(o.event_id);
         attempts.push(o.attempt);
-        let (state, delay) = match o.next {
-            NextState::Delivered => ("delivered", None),
-            NextState::Failed => ("failed", None),
-            NextState::Retry(d) => ("pending", Some(d.min(MAX_RETRY_DELAY).as_millis() as i64)),
+        let (state, delay, held) = match o.next {
+            NextState::Delivered => ("delivered", None, None),
+            NextState::Failed => ("failed", None, None),
+            NextState::Retry(d) => (
+                "pending",
+                Some(d.min(MAX_RETRY_DELAY).as_millis() as i64),
+                None,
+            ),
+            NextState::Held(due_at) => ("pending", None, Some(due_at)),
         };
+        held_due_at.push(held);
         states.push(state);
         retry_ms.push(delay);
         messages.push(o.response_message.as_deref());
@@ -164,6 +171,7 @@ pub async fn write(
             &owner,
             &notify,
             &again,
+            &held_due_at,
         ],
     )
     .await?;

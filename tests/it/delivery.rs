@@ -747,9 +747,11 @@ async fn sigkill_mid_batch_leased_rows_are_delivered_after_the_lease_with_the_sa
 }
 
 /// A stop that cuts deliveries off at the drain deadline hands their leases
-/// back: the events are pending again, due at once, with their owner and
-/// attempt kept, and a daemon started right after delivers them within
-/// seconds, with the same idempotency keys, instead of after the 60 s lease.
+/// back: the events are pending again, due at once, their attempt kept and
+/// no owner, and a daemon started right after delivers them within
+/// seconds, with the same idempotency keys, instead of after the 60 s lease;
+/// it does not count them as leases that ran out (a rolling deploy must not
+/// look like instances dying to OutboxdLeasesExpiring).
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_hands_back_the_leases_of_cut_off_deliveries_and_a_restart_sends_them_at_once() {
     let db = TestDb::new().await;
@@ -778,12 +780,12 @@ async fn sigterm_hands_back_the_leases_of_cut_off_deliveries_and_a_restart_sends
         &client,
         "SELECT count(*) FROM outbox.events
           WHERE state = 'pending' AND next_attempt_at <= now()
-            AND lease_owner IS NOT NULL AND attempts = 1",
+            AND lease_owner IS NULL AND attempts = 1",
     )
     .await;
     assert_eq!(
         handed_back, 4,
-        "all four pending and due, owner and attempt kept"
+        "all four pending and due, attempt kept, no owner"
     );
 
     first_life.store(false, std::sync::atomic::Ordering::SeqCst);
@@ -813,6 +815,9 @@ async fn sigterm_hands_back_the_leases_of_cut_off_deliveries_and_a_restart_sends
         4,
     )
     .await;
+    let (_, metrics) = crate::harness::http_get(&format!("{}/metrics", daemon.admin)).await;
+    let metrics = crate::ops::samples(&metrics);
+    assert_eq!(metrics.get("outboxd_leases_expired_total"), Some(&0.0));
     daemon.stop().await;
 }
 

@@ -251,6 +251,14 @@ async fn a_claim_whose_reply_is_lost_is_handed_back_at_once_and_sent_once() {
     );
     assert_eq!(receiver.received().len(), 1);
     daemon.wait_for_log("unknown to it", SECS(1)).await;
+    // Counted as handed back, and its second claim not as an expired lease.
+    let (_, metrics) = crate::harness::http_get(&format!("{}/metrics", daemon.admin)).await;
+    let metrics = crate::ops::samples(&metrics);
+    assert_eq!(
+        metrics.get("outboxd_leases_handed_back_total{why=\"unknown\"}"),
+        Some(&1.0)
+    );
+    assert_eq!(metrics.get("outboxd_leases_expired_total"), Some(&0.0));
     for line in daemon.log() {
         assert!(!line.contains("panicked"), "outboxd panicked: {line}");
     }

@@ -429,6 +429,64 @@ async fn an_endpoint_that_never_answers_gets_one_probe_per_cooldown_and_its_even
     daemon.stop().await;
 }
 
+/// A long outage with few held events, the usual case for cancellations:
+/// each probe is one of them, and a failed probe does not spend its
+/// event's retry budget. With `retry.max_attempts = 2` and a probe every
+/// 100-200 ms for 4 s, the events are probed far more than twice, and still
+/// fail only at `circuit.max_hold`, held, with that reason. (Before, each
+/// probe counted as an attempt: they failed "after 2 attempts" within a
+/// second, long before max_hold.)
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_probes_spend_no_retries_and_held_events_fail_only_at_max_hold() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    // A port nobody listens on: every request is refused at once.
+    let refused = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    endpoint(&client, 1, &format!("http://{refused}/erp"), None).await;
+    enqueue(&client, 1, 2).await;
+    let settings = [
+        ("OUTBOXD_RETRY__BASE_DELAY", "100ms"),
+        ("OUTBOXD_RETRY__JITTER", "0"),
+        ("OUTBOXD_RETRY__MAX_ATTEMPTS", "2"),
+        ("OUTBOXD_DELIVERY__POLL_INTERVAL", "100ms"),
+        ("OUTBOXD_CIRCUIT__OPEN_AFTER", "2"),
+        ("OUTBOXD_CIRCUIT__COOLDOWN", "100ms"),
+        ("OUTBOXD_CIRCUIT__MAX_COOLDOWN", "200ms"),
+        ("OUTBOXD_CIRCUIT__MAX_HOLD", "4s"),
+    ];
+    let started = Instant::now();
+    let daemon = Daemon::start(&db, &settings).await;
+    eventually_count(
+        &client,
+        "both failed",
+        SECS(30),
+        "SELECT count(*) FROM outbox.events WHERE state = 'failed'",
+        2,
+    )
+    .await;
+    assert!(started.elapsed() >= SECS(4), "failed before max_hold");
+    let reasons: Vec<String> = client
+        .query("SELECT last_error FROM outbox.events", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for reason in &reasons {
+        assert!(reason.starts_with("held for more than 4s"), "{reasons:?}");
+    }
+    let probes = count(
+        &client,
+        "SELECT count(*) FROM outbox.attempts WHERE message LIKE '%a probe of an endpoint found down%'",
+    )
+    .await;
+    assert!(probes >= 4, "{probes} probes in 4 s");
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_endpoint_going_down_and_coming_back_sends_one_email_each_way() {
     let db = TestDb::new().await;
