@@ -28,7 +28,8 @@
 --    minus what this instance has in flight to it).
 -- 3. `probes`: an open circuit whose cool-down is over (or a half-open one
 --    whose probe's lease ran out) becomes half-open and gets room for one
---    event, the probe. The circuit row is taken FOR UPDATE SKIP LOCKED, so
+--    event, the probe; at most $1 of them, so that each gets its probe in
+--    this claim. The circuit row is taken FOR UPDATE SKIP LOCKED, so
 --    of two instances claiming at once only one sends it; the other sees
 --    the circuit open (its snapshot), then half-open.
 -- 4. `cand`: endpoints with room and a closed (or just probing) circuit
@@ -71,6 +72,11 @@ WITH RECURSIVE active AS (
                AND EXISTS (SELECT 1 FROM outbox.events AS e
                             WHERE e.company_id = c.company_id AND e.event_type = c.event_type
                               AND e.state = 'pending' AND e.next_attempt_at <= now())
+             -- No more than this claim can send: a circuit made half-open
+             -- without its probe would wait a lease for one. The longest
+             -- waiting first; the others stay open, ready for the next claim.
+             ORDER BY c.retry_at
+             LIMIT $1
                FOR UPDATE SKIP LOCKED) AS ready
      WHERE ci.company_id = ready.company_id AND ci.event_type = ready.event_type
  RETURNING ci.company_id, ci.event_type

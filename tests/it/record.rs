@@ -302,3 +302,55 @@ async fn an_event_whose_attempts_ran_out_with_its_leases_fails_and_its_company_i
         "a notification waits for the mailer"
     );
 }
+
+/// Issue 25, point 5: a fair claim with room for fewer events than there
+/// are circuits ready to probe makes half-open only as many as it probes.
+/// (Before, it flipped all three to half-open and probed one; the other
+/// two waited a whole lease with no probe out.)
+#[tokio::test]
+async fn a_claim_makes_half_open_only_the_circuits_it_probes() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url)
+             SELECT c, 'https://erp' || c || '.example.com/' FROM generate_series(1, 3) AS c;
+             SELECT outbox.enqueue_payment_cancellation(c, c, 'P' || c) FROM generate_series(1, 3) AS c;
+             INSERT INTO outbox.endpoint_circuits (company_id, event_type, state, failures, opened_at, retry_at, cooldown_ms)
+             SELECT c, 'payment.cancellation', 'open', 5, now() - interval '1 minute',
+                    now() - c * interval '1 second', 30000
+               FROM generate_series(1, 3) AS c;",
+        )
+        .await
+        .unwrap();
+    let pool = db.pool();
+    let pooled = pool.get().await.unwrap();
+    let claimed = claim::claim(
+        &pooled,
+        claim::Mode::Fair,
+        1,
+        "one-slot",
+        Duration::from_secs(60),
+        8,
+        &claim::InFlight::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(claimed.events.len(), 1);
+    let probe = &claimed.events[0];
+    assert!(probe.probe);
+    // The longest waiting circuit (its retry_at the oldest) goes first.
+    assert_eq!(probe.company_id, 3);
+    let half_open = count(
+        &client,
+        "SELECT count(*) FROM outbox.endpoint_circuits WHERE state = 'half_open'",
+    )
+    .await;
+    assert_eq!(half_open, 1, "only the probed circuit is half-open");
+    let open = count(
+        &client,
+        "SELECT count(*) FROM outbox.endpoint_circuits WHERE state = 'open' AND retry_at <= now()",
+    )
+    .await;
+    assert_eq!(open, 2, "the others stay open, ready for the next claim");
+}
