@@ -50,6 +50,7 @@ pub fn refused(event: &ClaimedEvent, refusal: &Refusal) -> Outcome {
         notify: matches!(refusal, Refusal::BudgetSpent { .. }),
         pause: None,
         circuit_dirty: event.circuit_dirty,
+        probe: event.probe,
     }
 }
 
@@ -110,6 +111,7 @@ pub fn decide(
             notify: false,
             pause,
             circuit_dirty: event.circuit_dirty,
+            probe: event.probe,
         };
     }
     let (next, kind, response_message, error) = match verdict {
@@ -205,6 +207,7 @@ pub fn decide(
         notify: next == NextState::Failed,
         pause,
         circuit_dirty: event.circuit_dirty,
+        probe: event.probe,
     }
 }
 

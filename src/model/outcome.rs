@@ -70,6 +70,8 @@ pub struct Outcome {
     /// The endpoint's circuit was not closed and clean at the claim: this
     /// outcome is news for it even if it is a success.
     pub circuit_dirty: bool,
+    /// The event was its endpoint's probe (see `ClaimedEvent::probe`).
+    pub probe: bool,
 }
 
 /// Why an event is not sent at all.

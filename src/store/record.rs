@@ -17,6 +17,7 @@ use crate::telemetry;
 
 const RECORD_SQL: &str = include_str!("../../sql/queries/record.sql");
 const CIRCUITS_SQL: &str = include_str!("../../sql/queries/circuits_record.sql");
+const PROBE_AGAIN_SQL: &str = include_str!("../../sql/queries/circuit_probe_again.sql");
 const FENCE_REASONS_SQL: &str = include_str!("../../sql/queries/fence_reasons.sql");
 
 /// No retry is put further out than this, whatever the policy computed: the
@@ -198,7 +199,37 @@ pub async fn write(
             tracing::warn!(error = %db::describe(&e), "updating the circuit breakers of a group of outcomes");
         }
     }
+    if let Err(e) = probe_again(client, outcomes, &written.marked).await {
+        telemetry::database_error("record");
+        tracing::warn!(error = %db::describe(&e), "reopening circuits whose probe was not sent");
+    }
     Ok(written)
+}
+
+/// Probes refused before they were sent (no answer, not a failure of the
+/// endpoint) leave their circuit half-open with no probe out: it goes back
+/// to open, due for another probe at once (`circuit_probe_again.sql`). No
+/// statement unless the group has such a probe.
+async fn probe_again(
+    client: &deadpool_postgres::Client,
+    outcomes: &[Outcome],
+    marked: &[Uuid],
+) -> Result<(), tokio_postgres::Error> {
+    let unsent: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|o| o.probe && o.http_status.is_none() && o.kind != AttemptKind::Retryable)
+        .filter(|o| marked.contains(&o.event_id))
+        .collect();
+    if unsent.is_empty() {
+        return Ok(());
+    }
+    let companies: Vec<i64> = unsent.iter().map(|o| o.company_id).collect();
+    let event_types: Vec<&str> = unsent.iter().map(|o| o.event_type.as_str()).collect();
+    let statement = client.prepare_cached(PROBE_AGAIN_SQL).await?;
+    client
+        .execute(&statement, &[&companies, &event_types])
+        .await?;
+    Ok(())
 }
 
 /// Why the fence refused those of `outcomes` not in `marked`
@@ -356,6 +387,7 @@ mod tests {
             notify: false,
             pause,
             circuit_dirty: dirty,
+            probe: false,
         };
         use AttemptKind::*;
         let outcomes = vec![

@@ -487,6 +487,48 @@ async fn failed_probes_spend_no_retries_and_held_events_fail_only_at_max_hold() 
     daemon.stop().await;
 }
 
+/// A probe refused before it is sent (here an event whose payload, written
+/// around the enqueue functions, is not a webhook) says nothing of the
+/// endpoint: its circuit is made ready for another probe at once, and the
+/// next event goes out as the probe, closing the circuit. (Before, the
+/// circuit stayed half-open with no probe out until the probe's lease ran
+/// out: 60 s here.)
+#[tokio::test]
+async fn a_probe_refused_before_sending_makes_way_for_another_at_once() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    endpoint(&client, 1, &receiver.url("/erp"), None).await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox.events (event_type, company_id, payload, next_attempt_at)
+             VALUES ('payment.cancellation', 1, '[1, 2, 3]'::jsonb, now() - interval '1 minute');
+             SELECT outbox.enqueue_payment_cancellation(1, 2, 'P2');
+             INSERT INTO outbox.endpoint_circuits
+                    (company_id, event_type, state, failures, opened_at, retry_at, cooldown_ms)
+             VALUES (1, 'payment.cancellation', 'open', 5, now() - interval '1 minute',
+                     now() - interval '1 second', 30000);",
+        )
+        .await
+        .unwrap();
+    let daemon = Daemon::start(&db, &[("OUTBOXD_DELIVERY__POLL_INTERVAL", "100ms")]).await;
+    receiver.wait_for(1, SECS(10)).await;
+    all_delivered(&client, 1, SECS(10)).await;
+    let failed = count(
+        &client,
+        "SELECT count(*) FROM outbox.events WHERE state = 'failed' AND last_error LIKE 'invalid payload%'",
+    )
+    .await;
+    assert_eq!(failed, 1, "the unsendable probe failed alone");
+    eventually("the circuit to close", SECS(5), || async {
+        circuit(&client, 1)
+            .await
+            .is_some_and(|(s, _)| s == "closed")
+    })
+    .await;
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn an_endpoint_going_down_and_coming_back_sends_one_email_each_way() {
     let db = TestDb::new().await;
