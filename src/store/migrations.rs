@@ -85,6 +85,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/migrations/0011_tenant_pause.sql"),
         online: "",
     },
+    Migration {
+        version: 12,
+        name: "circuit_moved_by_its_probe",
+        sql: include_str!("../../sql/migrations/0012_circuit_moved_by_its_probe.sql"),
+        online: "",
+    },
 ];
 
 impl Migration {

@@ -206,10 +206,11 @@ pub async fn write(
     Ok(written)
 }
 
-/// Probes refused before they were sent (no answer, not a failure of the
-/// endpoint) leave their circuit half-open with no probe out: it goes back
-/// to open, due for another probe at once (`circuit_probe_again.sql`). No
-/// statement unless the group has such a probe.
+/// Probes that said nothing of their endpoint (refused before they were
+/// sent, or answered with a 4xx about the event itself, such as 400) leave
+/// their circuit half-open with no probe out: it goes back to open, due
+/// for another probe at once (`circuit_probe_again.sql`). No statement
+/// unless the group has such a probe.
 async fn probe_again(
     client: &deadpool_postgres::Client,
     outcomes: &[Outcome],
@@ -217,7 +218,13 @@ async fn probe_again(
 ) -> Result<(), tokio_postgres::Error> {
     let unsent: Vec<&Outcome> = outcomes
         .iter()
-        .filter(|o| o.probe && o.http_status.is_none() && o.kind != AttemptKind::Retryable)
+        .filter(|o| {
+            o.probe
+                && !matches!(
+                    o.kind,
+                    AttemptKind::Retryable | AttemptKind::Success | AttemptKind::Rejected
+                )
+        })
         .filter(|o| marked.contains(&o.event_id))
         .collect();
     if unsent.is_empty() {
@@ -261,8 +268,16 @@ async fn fence_reasons(
 /// What one endpoint's outcomes in a group say about it.
 #[derive(Debug, Default, PartialEq)]
 struct EndpointNews<'a> {
+    /// Retryable failures after its last answer in the group (all of them
+    /// without one): "timeouts, then a success" is an endpoint that works.
     failed: i32,
     answered: bool,
+    /// What its probe came to, if the group has it: failed, answered,
+    /// other (only the probe moves a circuit that is not closed).
+    probe: Option<&'static str>,
+    /// When it last answered, and when each retryable failure started.
+    answered_at: Option<SystemTime>,
+    failures_at: Vec<SystemTime>,
     pause: Option<Duration>,
     /// The last retryable failure's error.
     error: Option<&'a str>,
@@ -284,20 +299,37 @@ fn circuit_news<'a>(
         let n = news
             .entry((o.company_id, o.event_type.as_str()))
             .or_default();
+        let answer = matches!(o.kind, AttemptKind::Success | AttemptKind::Rejected);
         if o.kind == AttemptKind::Retryable {
-            n.failed += 1;
+            n.failures_at.push(o.started_at);
             if n.last_failure_at.is_none_or(|at| o.started_at >= at) {
                 n.last_failure_at = Some(o.started_at);
                 n.error = o.error.as_deref();
             }
-        } else if matches!(o.kind, AttemptKind::Success | AttemptKind::Rejected) {
+        } else if answer {
             // Only an answer to the webhook itself says the endpoint works:
             // a 4xx that retrying cannot fix (400, 422) does not close an
             // open circuit, nor clear the count of failures.
             n.answered = true;
+            n.answered_at = n.answered_at.max(Some(o.started_at));
+        }
+        if o.probe {
+            n.probe = Some(match o.kind {
+                AttemptKind::Retryable => "failed",
+                _ if answer => "answered",
+                _ => "other",
+            });
         }
         n.pause = n.pause.max(o.pause);
         n.dirty |= o.circuit_dirty;
+    }
+    for n in news.values_mut() {
+        let after = n.answered_at;
+        n.failed = n
+            .failures_at
+            .iter()
+            .filter(|at| after.is_none_or(|answered| **at > answered))
+            .count() as i32;
     }
     news.retain(|_, n| n.failed > 0 || n.pause.is_some() || n.dirty);
     news
@@ -324,7 +356,9 @@ async fn write_circuits(
     let mut answered = Vec::with_capacity(news.len());
     let mut pauses = Vec::with_capacity(news.len());
     let mut errors = Vec::with_capacity(news.len());
+    let mut probes = Vec::with_capacity(news.len());
     for ((company, event_type), n) in &news {
+        probes.push(n.probe);
         companies.push(*company);
         event_types.push(*event_type);
         failed.push(n.failed);
@@ -346,6 +380,7 @@ async fn write_circuits(
                 &millis(circuit.cooldown),
                 &millis(circuit.max_cooldown),
                 &millis(notify_window),
+                &probes,
             ],
         )
         .await?;
@@ -372,6 +407,7 @@ mod tests {
         let s = Duration::from_secs;
         let at = |secs| SystemTime::UNIX_EPOCH + s(secs);
         let outcome = |id: u128, company: i64, kind, status, pause, dirty, secs| Outcome {
+            probe: false,
             event_id: Uuid::from_u128(id),
             company_id: company,
             event_type: "payment.cancellation".into(),
@@ -387,7 +423,6 @@ mod tests {
             notify: false,
             pause,
             circuit_dirty: dirty,
-            probe: false,
         };
         use AttemptKind::*;
         let outcomes = vec![
@@ -410,22 +445,44 @@ mod tests {
             outcome(9, 6, NoEndpoint, None, None, false, 0),
             // 7: a 400 to a probe (circuit not clean): no answer that
             // closes it.
-            outcome(11, 7, Permanent, Some(400), None, true, 0),
+            Outcome {
+                probe: true,
+                ..outcome(11, 7, Permanent, Some(400), None, true, 0)
+            },
+            // 8: a timeout, then an answer: the endpoint works; no failure
+            // counts. And a late answer to an endpoint whose probe failed:
+            // the probe's news is what moves its circuit.
+            outcome(12, 8, Retryable, None, None, false, 1),
+            outcome(13, 8, Success, Some(200), None, false, 5),
+            Outcome {
+                probe: true,
+                ..outcome(14, 9, Retryable, None, None, true, 3)
+            },
+            outcome(15, 9, Success, Some(200), None, true, 1),
         ];
-        let marked: Vec<Uuid> = (1..=11).filter(|&i| i != 8).map(Uuid::from_u128).collect();
+        let marked: Vec<Uuid> = (1..=15).filter(|&i| i != 8).map(Uuid::from_u128).collect();
         let news = circuit_news(&outcomes, &marked);
-        type Row<'a> = (i64, i32, bool, Option<Duration>, Option<&'a str>);
+        type Row<'a> = (
+            i64,
+            i32,
+            bool,
+            Option<Duration>,
+            Option<&'a str>,
+            Option<&'a str>,
+        );
         let got: Vec<Row> = news
             .iter()
-            .map(|((company, _), n)| (*company, n.failed, n.answered, n.pause, n.error))
+            .map(|((company, _), n)| (*company, n.failed, n.answered, n.pause, n.error, n.probe))
             .collect();
         assert_eq!(
             got,
             vec![
-                (2, 2, true, None, Some("error of 4")),
-                (3, 1, false, Some(s(30)), Some("error of 6")),
-                (4, 0, true, None, None),
-                (7, 0, false, None, None),
+                (2, 2, true, None, Some("error of 4"), None),
+                (3, 1, false, Some(s(30)), Some("error of 6"), None),
+                (4, 0, true, None, None, None),
+                (7, 0, false, None, None, Some("other")),
+                // 8: nothing to learn (its failure came before an answer).
+                (9, 1, true, None, Some("error of 14"), Some("failed")),
             ]
         );
     }

@@ -295,9 +295,11 @@ async fn the_circuit_opens_after_failures_in_a_row_probes_and_closes() {
 }
 
 /// An answer that is not a success (here a 400 to the probe) says the
-/// endpoint is up but not that it works: its circuit stays open instead of
-/// closing as if the endpoint had recovered, and the held events stay held.
-/// (Before, any HTTP answer closed it, and the held events poured out.)
+/// endpoint is up but not that it works: its circuit does not close as if
+/// the endpoint had recovered. It says nothing of the endpoint either, so
+/// the next event is the next probe at once, instead of the circuit
+/// waiting half-open for the probe's lease. (Before, any HTTP answer
+/// closed it, and the held events poured out.)
 #[tokio::test]
 async fn a_400_to_the_probe_does_not_close_the_circuit() {
     let db = TestDb::new().await;
@@ -314,21 +316,15 @@ async fn a_400_to_the_probe_does_not_close_the_circuit() {
     endpoint(&client, 1, &receiver.url("/erp"), None).await;
     enqueue(&client, 1, 5).await;
     let daemon = Daemon::start(&db, &circuit_settings("200ms")).await;
-    receiver.wait_for(4, SECS(10)).await;
+    // Three 503s open it; then probes, each answered 400, one after the
+    // other (the default lease is 60 s: no waiting for it).
+    receiver.wait_for(5, SECS(10)).await;
     eventually_count(
         &client,
-        "the probe's event failed on its 400",
+        "two probes answered 400 and their events failed",
         SECS(10),
-        "SELECT count(*) FROM outbox.attempts WHERE http_status = 400",
-        1,
-    )
-    .await;
-    eventually_count(
-        &client,
-        "the 400 recorded",
-        SECS(10),
-        "SELECT count(*) FROM outbox.events WHERE state = 'failed'",
-        1,
+        "SELECT least(count(*), 2) FROM outbox.events WHERE state = 'failed'",
+        2,
     )
     .await;
     let (state, _) = circuit(&client, 1).await.expect("a circuit row");
@@ -336,6 +332,71 @@ async fn a_400_to_the_probe_does_not_close_the_circuit() {
     let log = daemon.log().join("\n");
     assert!(!log.contains("circuit closed"), "{log}");
     daemon.stop().await;
+}
+
+/// Only its probe moves a circuit that is not closed: a delivery claimed
+/// before the circuit opened, timing out late while the probe is out, does
+/// not reopen it as a failed probe would (twice the cool-down, the probe's
+/// own answer then ignored). (Before, it did.)
+#[tokio::test]
+async fn a_late_outcome_from_before_the_circuit_opened_does_not_move_it() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    endpoint(&client, 1, &receiver.url("/erp"), None).await;
+    enqueue(&client, 1, 2).await;
+    // The first event was claimed (attempt 1) while the circuit was closed
+    // and clean; the circuit has since opened and is half-open, its probe
+    // out (the second event). The first event's late timeout comes in.
+    client
+        .batch_execute(
+            "UPDATE outbox.events SET state = 'leased', attempts = 1, lease_owner = 'late',
+                    next_attempt_at = now() + interval '1 minute';
+             INSERT INTO outbox.endpoint_circuits
+                    (company_id, event_type, state, failures, opened_at, retry_at, cooldown_ms)
+             VALUES (1, 'payment.cancellation', 'half_open', 5, now(), now() + interval '1 minute', 30000);",
+        )
+        .await
+        .unwrap();
+    let ids: Vec<uuid::Uuid> = client
+        .query("SELECT id FROM outbox.events ORDER BY created_at", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let pool = db.pool();
+    let pooled = pool.get().await.unwrap();
+    let late = outboxd::model::Outcome {
+        event_id: ids[0],
+        company_id: 1,
+        event_type: "payment.cancellation".into(),
+        age: SECS(1),
+        attempt: 1,
+        next: outboxd::model::NextState::Retry(SECS(5)),
+        kind: outboxd::model::AttemptKind::Retryable,
+        response_message: None,
+        error: Some("timed out after 10s".into()),
+        started_at: std::time::SystemTime::now(),
+        duration: SECS(10),
+        http_status: None,
+        notify: false,
+        pause: None,
+        circuit_dirty: false,
+        probe: false,
+    };
+    let written = outboxd::store::record::write(
+        &pooled,
+        "late",
+        &[late],
+        false,
+        &outboxd::config::CircuitConfig::default(),
+        SECS(900),
+    )
+    .await
+    .unwrap();
+    assert_eq!(written.marked, [ids[0]]);
+    assert_eq!(circuit(&client, 1).await.unwrap().0, "half_open");
 }
 
 #[tokio::test]
