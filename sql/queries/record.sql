@@ -86,12 +86,15 @@ WITH outcome AS (
      WHERE EXISTS (SELECT 1 FROM outbox.events AS e WHERE e.id = o.id)
         ON CONFLICT (event_id, attempt) DO NOTHING
 )
-SELECT id FROM marked
+-- `now`: marked by this statement. The circuits learn only from those
+-- (store::record): news that an earlier try of this group may have applied
+-- already is not applied twice.
+SELECT id, true AS now FROM marked
 UNION ALL
 -- Already in the state this outcome sets, at this attempt: a retry of a
 -- group whose commit succeeded but whose reply was lost. Not a lost lease.
 -- Only looked up on such a retry ($14), not on every group.
-SELECT o.id
+SELECT o.id, false
   FROM outcome AS o
   JOIN outbox.events AS e ON e.id = o.id
  WHERE $14 AND e.attempts = o.attempt AND e.state = o.state AND e.lease_owner IS NULL

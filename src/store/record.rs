@@ -180,6 +180,16 @@ pub async fn write(
         marked: rows.iter().map(|r| r.get(0)).collect(),
         ..Written::default()
     };
+    // What this statement marked itself: the circuits' news. An outcome an
+    // earlier try of this group marked may have moved its circuit already
+    // (a try that timed out after the circuits' statement); missing one
+    // group's news is the lesser harm (the next failures still count),
+    // counting it twice would open or back off a circuit too soon.
+    let applied_now: Vec<Uuid> = rows
+        .iter()
+        .filter(|r| r.get::<_, bool>(1))
+        .map(|r| r.get(0))
+        .collect();
     // Best effort, and only when the fence refused some: why, for the log.
     if written.marked.len() < outcomes.len() {
         match fence_reasons(client, outcomes, &written.marked).await {
@@ -192,7 +202,7 @@ pub async fn write(
     }
     // Best effort: the outcomes are written, and a circuit that misses one
     // group's news still opens on the next failures.
-    match write_circuits(client, outcomes, &written.marked, circuit, notify_window).await {
+    match write_circuits(client, outcomes, &applied_now, circuit, notify_window).await {
         Ok(changes) => written.circuits = changes,
         Err(e) => {
             telemetry::database_error("record");

@@ -354,3 +354,50 @@ async fn a_claim_makes_half_open_only_the_circuits_it_probes() {
     .await;
     assert_eq!(open, 2, "the others stay open, ready for the next claim");
 }
+
+/// Issue 25, point 5: a group written again (an earlier try that timed out
+/// after its statements, or whose reply was lost) does not move the
+/// circuits a second time: two timeouts counted twice would read as four
+/// failures in a row. Only what the statement marked itself is news.
+#[tokio::test]
+async fn a_group_written_again_does_not_count_its_failures_twice() {
+    let db = TestDb::new().await;
+    let pool = db.pool();
+    let client = pool.get().await.unwrap();
+    client
+        .batch_execute(
+            "SELECT outbox.enqueue_payment_cancellation(1, g, 'P' || g) FROM generate_series(1, 2) g",
+        )
+        .await
+        .unwrap();
+    let events = claim_plain(&client, 10, "a", Duration::from_secs(60)).await;
+    let timeouts: Vec<Outcome> = events
+        .iter()
+        .map(|e| {
+            policy::decide(
+                e,
+                Verdict::Retry {
+                    reason: "timed out after 10s".into(),
+                    message: None,
+                    retry_after: None,
+                },
+                SystemTime::now(),
+                Duration::from_secs(10),
+                None,
+                &RetryPolicy::default(),
+                0.0,
+            )
+        })
+        .collect();
+    let failures = || async {
+        count(
+            &client,
+            "SELECT coalesce(sum(failures), 0)::bigint FROM outbox.endpoint_circuits",
+        )
+        .await
+    };
+    assert_eq!(write(&client, "a", &timeouts, false).await.len(), 2);
+    assert_eq!(failures().await, 2);
+    assert_eq!(write(&client, "a", &timeouts, true).await.len(), 2);
+    assert_eq!(failures().await, 2, "the same two timeouts counted again");
+}
