@@ -387,35 +387,13 @@ pub fn render_circuit(
                 .to_string(),
         ),
     };
-    let mut text = format!("{}\n\n", wrap(&lead, 72));
-    let mut html = format!(
-        "<html><body style=\"font-family: sans-serif\">\n<p>{}</p>\n<table cellpadding=\"3\">\n",
-        escape(&lead)
-    );
-    for (label, value) in &rows {
-        let _ = writeln!(text, "  {:<20} {value}", format!("{label}:"));
-        let _ = writeln!(
-            html,
-            "<tr><th align=\"left\">{}</th><td>{}</td></tr>",
-            escape(label),
-            escape(value)
-        );
-    }
-    let _ = writeln!(text, "\n{}", wrap(&next, 72));
-    let _ = writeln!(
-        text,
-        "\n-- \nSent by outboxd, once when an endpoint goes down and once when it is back."
-    );
-    let _ = write!(
-        html,
-        "</table>\n<p>{}</p>\n<p style=\"color: #666\">Sent by outboxd, once when an endpoint goes down and once when it is back.</p>\n</body></html>\n",
-        escape(&next)
-    );
-    Rendered {
+    table_email(
         subject,
-        text,
-        html,
-    }
+        &lead,
+        &rows,
+        &next,
+        "Sent by outboxd, once when an endpoint goes down and once when it is back.",
+    )
 }
 
 /// An endpoint that had signed its requests and has no active signing
@@ -456,12 +434,31 @@ pub fn render_signing_stopped(company_id: i64, event_type: &str, news: &SigningN
                 purpose, nothing to do: the operator can clear the record of it (outboxd \
                 endpoint secret clear)."
         .to_string();
-    let mut text = format!("{}\n\n", wrap(&lead, 72));
+    table_email(
+        subject,
+        &lead,
+        &rows,
+        &next,
+        "Sent by outboxd, once when an endpoint stops signing its requests.",
+    )
+}
+
+/// An email about an endpoint: a lead paragraph, a table of labelled
+/// values, what happens next, and a footer saying when such an email is
+/// sent; as plain text (wrapped at 72) and as HTML.
+fn table_email(
+    subject: String,
+    lead: &str,
+    rows: &[(&str, String)],
+    next: &str,
+    footer: &str,
+) -> Rendered {
+    let mut text = format!("{}\n\n", wrap(lead, 72));
     let mut html = format!(
         "<html><body style=\"font-family: sans-serif\">\n<p>{}</p>\n<table cellpadding=\"3\">\n",
-        escape(&lead)
+        escape(lead)
     );
-    for (label, value) in &rows {
+    for (label, value) in rows {
         let _ = writeln!(text, "  {:<20} {value}", format!("{label}:"));
         let _ = writeln!(
             html,
@@ -470,15 +467,13 @@ pub fn render_signing_stopped(company_id: i64, event_type: &str, news: &SigningN
             escape(value)
         );
     }
-    let _ = writeln!(text, "\n{}", wrap(&next, 72));
-    let _ = writeln!(
-        text,
-        "\n-- \nSent by outboxd, once when an endpoint stops signing its requests."
-    );
+    let _ = writeln!(text, "\n{}", wrap(next, 72));
+    let _ = writeln!(text, "\n-- \n{footer}");
     let _ = write!(
         html,
-        "</table>\n<p>{}</p>\n<p style=\"color: #666\">Sent by outboxd, once when an endpoint stops signing its requests.</p>\n</body></html>\n",
-        escape(&next)
+        "</table>\n<p>{}</p>\n<p style=\"color: #666\">{}</p>\n</body></html>\n",
+        escape(next),
+        escape(footer)
     );
     Rendered {
         subject,

@@ -166,7 +166,7 @@ impl Recorder {
             }
             if aside.next_retry().is_some_and(|at| at <= Instant::now()) {
                 writer.retry_set_aside(&mut aside).await;
-                self.told(&aside);
+                self.told(&mut aside);
             }
             if !open {
                 break;
@@ -196,7 +196,8 @@ impl Recorder {
             Ok(()) => aside.wrote(),
             Err(e) => {
                 if e.kind == ErrorKind::Structural {
-                    self.heartbeat_bound(writer);
+                    // One more bounded round trip.
+                    writer.heartbeat.within(self.limit);
                     self.schema.recheck("record", &e.message).await;
                 }
                 // One outcome may poison the group: write them one by one
@@ -213,14 +214,15 @@ impl Recorder {
         self.told(aside);
     }
 
-    /// The schema check is one more bounded round trip.
-    fn heartbeat_bound(&self, writer: &Writer<'_>) {
-        writer.heartbeat.within(self.limit);
-    }
-
     /// Tells [`Progress`] what is set aside and since when.
-    fn told(&self, aside: &SetAside) {
+    fn told(&self, aside: &mut SetAside) {
         self.progress.unrecorded_since(aside.oldest());
+        // Nothing set aside, and nothing when last told: the common case,
+        // every group; no lock, no gauge to update.
+        let quiet = aside.entries.is_empty();
+        if std::mem::replace(&mut aside.told_quiet, quiet) && quiet {
+            return;
+        }
         self.progress.set_aside(
             aside.entries.len(),
             aside.entries.last().map(|e| e.reason.as_str()),
@@ -235,6 +237,8 @@ impl Recorder {
 #[derive(Default)]
 struct SetAside {
     entries: Vec<Aside>,
+    /// Progress was last told that nothing is set aside.
+    told_quiet: bool,
     /// No write has succeeded since the oldest entry was set aside.
     blocked: bool,
     /// When to try again (None: nothing set aside).

@@ -29,7 +29,7 @@ use crate::pipeline::executor;
 use crate::pipeline::schema_watch::SchemaWatch;
 use crate::progress::Progress;
 use crate::service::Heartbeat;
-use crate::store::claim::{Claim, InFlight, Mode, claim, hand_back_unknown};
+use crate::store::claim::{Claim, ClaimError, InFlight, Mode, claim, hand_back_unknown};
 use crate::store::error::ErrorKind;
 use crate::store::pool as db;
 use crate::{systemd, telemetry};
@@ -411,8 +411,10 @@ impl ClaimLoop<'_> {
                 }
                 .unwrap_or_else(|_| {
                     Err(ClaimFailed {
-                        message: format!("no answer within {:?}", self.claim_limit),
-                        kind: ErrorKind::Transient,
+                        error: ClaimError {
+                            message: format!("no answer within {:?}", self.claim_limit),
+                            kind: ErrorKind::Transient,
+                        },
                         maybe_leased: true,
                     })
                 });
@@ -444,8 +446,7 @@ impl ClaimLoop<'_> {
                         (events, again)
                     }
                     Err(ClaimFailed {
-                        message: e,
-                        kind,
+                        error: ClaimError { message: e, kind },
                         maybe_leased,
                     }) => {
                         // Its rows, if it committed, are not delivered: they
@@ -525,8 +526,10 @@ impl ClaimLoop<'_> {
         let client = db::Checkout::get(pool, "claim")
             .await
             .map_err(|e| ClaimFailed {
-                message: format!("no database connection: {}", db::describe_pool(&e)),
-                kind: ErrorKind::Transient,
+                error: ClaimError {
+                    message: format!("no database connection: {}", db::describe_pool(&e)),
+                    kind: ErrorKind::Transient,
+                },
                 maybe_leased: false,
             })?;
         let delivery = &self.config.delivery;
@@ -542,9 +545,8 @@ impl ClaimLoop<'_> {
         )
         .await
         .map(|claim| (claim, in_flight))
-        .map_err(|e| ClaimFailed {
-            message: e.message,
-            kind: e.kind,
+        .map_err(|error| ClaimFailed {
+            error,
             maybe_leased: true,
         });
         client.done();
@@ -568,9 +570,7 @@ impl ClaimLoop<'_> {
 
 /// A claim that did not come back with its rows.
 struct ClaimFailed {
-    message: String,
-    /// What retrying can do about it ([`ErrorKind`]).
-    kind: ErrorKind,
+    error: ClaimError,
     /// The claim was sent and may have committed (an error, no answer in
     /// time, the connection lost): leases this instance does not know of
     /// may exist. False when no connection could be had.

@@ -170,21 +170,7 @@ async fn a_claim_whose_reply_is_lost_is_handed_back_at_once_and_sent_once() {
         )
         .await
         .unwrap();
-    let pg: tokio_postgres::Config = db.url.parse().unwrap();
-    let host = match &pg.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        other => panic!("this test needs a TCP DATABASE_URL, not {other:?}"),
-    };
-    let upstream = tokio::net::lookup_host((host.as_str(), pg.get_ports()[0]))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let proxy = Proxy::start(upstream).await;
-    let via_proxy = url_with_dbname(
-        &format!("postgres://{}@{}", pg.get_user().unwrap(), proxy.addr),
-        &db.name,
-    );
+    let (proxy, via_proxy) = Proxy::in_front_of(&db).await;
     // The default lease, 60 s.
     let daemon = Daemon::start(
         &db,

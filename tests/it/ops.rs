@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{Daemon, TempDir, TestDb, eventually, http_get, repo_root, url_with_dbname};
+use crate::harness::{Daemon, TempDir, TestDb, eventually, http_get, repo_root};
 use crate::proxy::Proxy;
 use crate::receiver::{Receiver, Reply};
 
@@ -202,21 +202,7 @@ async fn metrics_count_what_was_delivered_failed_and_retried() {
 #[tokio::test(flavor = "multi_thread")]
 async fn readyz_fails_while_the_database_is_unreachable_and_recovers() {
     let db = TestDb::new().await;
-    let pg: tokio_postgres::Config = db.url.parse().unwrap();
-    let host = match &pg.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        other => panic!("this test needs a TCP DATABASE_URL, not {other:?}"),
-    };
-    let upstream = tokio::net::lookup_host((host.as_str(), pg.get_ports()[0]))
-        .await
-        .unwrap()
-        .next()
-        .unwrap();
-    let proxy = Proxy::start(upstream).await;
-    let via_proxy = url_with_dbname(
-        &format!("postgres://{}@{}", pg.get_user().unwrap(), proxy.addr),
-        &db.name,
-    );
+    let (proxy, via_proxy) = Proxy::in_front_of(&db).await;
     let daemon = Daemon::start(
         &db,
         &[

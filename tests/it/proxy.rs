@@ -25,6 +25,27 @@ struct State {
 }
 
 impl Proxy {
+    /// A proxy in front of `db`'s server (its DATABASE_URL must be TCP),
+    /// and `db`'s URL through it.
+    pub async fn in_front_of(db: &crate::harness::TestDb) -> (Proxy, String) {
+        let pg: tokio_postgres::Config = db.url.parse().unwrap();
+        let host = match &pg.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            other => panic!("this test needs a TCP DATABASE_URL, not {other:?}"),
+        };
+        let upstream = tokio::net::lookup_host((host.as_str(), pg.get_ports()[0]))
+            .await
+            .unwrap()
+            .next()
+            .unwrap();
+        let proxy = Proxy::start(upstream).await;
+        let url = crate::harness::url_with_dbname(
+            &format!("postgres://{}@{}", pg.get_user().unwrap(), proxy.addr),
+            &db.name,
+        );
+        (proxy, url)
+    }
+
     /// Starts forwarding a free local port to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
