@@ -5,7 +5,7 @@
 //! cargo bench --bench outboxd                     # 100k events, 100 companies
 //! cargo bench --bench outboxd -- --large          # also a 1M backlog
 //! cargo bench --bench outboxd -- --events 20000 --latency-seconds 10
-//! cargo bench --bench outboxd -- --only drain      # or sql, latency, tenants, signing, enqueue
+//! cargo bench --bench outboxd -- --only drain      # or sql, latency, tenants, signing, enqueue, scale
 //! ```
 //!
 //! Phases, each on a fresh database (`DATABASE_URL`, default the local
@@ -25,10 +25,14 @@
 //! 7. signing: CPU per signed request (`src/sign.rs`), in this process;
 //! 8. enqueue: the application's transactions per second with outboxd's
 //!    enqueue against the same with a bare outbox insert, at 8, 32 and 64
-//!    writers (`outboxd/enqueue.rs`).
+//!    writers (`outboxd/enqueue.rs`);
+//! 9. scale: the claim and the drain beside 100 and 20,000 endpoints with
+//!    a retry set for later, one of them paused (`outboxd/scale.rs`).
 
 #[path = "outboxd/enqueue.rs"]
 mod enqueue;
+#[path = "outboxd/scale.rs"]
+mod scale;
 #[path = "outboxd/tenants.rs"]
 mod tenants;
 
@@ -106,6 +110,8 @@ enum Phase {
     Signing,
     /// The enqueue's cost in the application's transactions, against a bare insert.
     Enqueue,
+    /// The claim and the drain beside many endpoints with a retry set.
+    Scale,
 }
 
 impl Opts {
@@ -518,7 +524,7 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
     let client = connect(&url).await;
     preload(&client, opts.events, opts.companies, "http://127.0.0.1:9").await;
     // The daemon's own pool settings (synchronous_commit off included), and
-    // its plain claim's own session.
+    // its claim's own session.
     let database = daemon_database(&url);
     let pool = outboxd::store::pool::pool(&database);
     let claim_pool = outboxd::store::pool::claim_pool(&database);
@@ -531,11 +537,10 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
     let claiming = tokio::spawn(async move {
         loop {
             // The daemon's default cap per endpoint.
-            // The daemon's first claim; every endpoint has room (its
-            // deliveries are over once recorded), so it stays the plain one.
+            // The daemon's claim; every endpoint has room (its deliveries
+            // are over once recorded).
             let claimed = claim::claim(
                 &claimer,
-                claim::Mode::Plain,
                 batch,
                 "bench",
                 Duration::from_secs(60),
@@ -785,6 +790,11 @@ fn main() {
             None
         };
         let signing = opts.runs(Phase::Signing).then(signing_cost);
+        let scale = if opts.runs(Phase::Scale) {
+            Some(scale::run(&opts).await)
+        } else {
+            None
+        };
         let enqueue = if opts.runs(Phase::Enqueue) {
             Some(enqueue::run(&opts).await)
         } else {
@@ -873,6 +883,26 @@ fn main() {
                     c.notifies_per_second
                 );
             }
+        }
+        if let Some(sc) = scale {
+            let [s_few, s_many, p_few, p_many] = sc.claim_ms;
+            println!(
+                "| claim of 64 (300 due on 10 endpoints) beside 100 / 20,000 endpoints with a retry set, `scheduled` | {s_few:.2} ms / {s_many:.2} ms ({:.2}x) |",
+                s_many / s_few
+            );
+            println!(
+                "| the same with the retries `pending` and due later (as before migration 0013) | {p_few:.2} ms / {p_many:.2} ms ({:.2}x) |",
+                p_many / p_few
+            );
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            println!(
+                "| drain of 3,000 over 30 endpoints: beside 100 with a retry set, nothing held / beside 20,000 and one paused | {:.0} events/s ({}) / {:.0} events/s ({}): ratio {:.2} |",
+                mean(&sc.quiet),
+                sc.quiet.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", "),
+                mean(&sc.crowded),
+                sc.crowded.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", "),
+                mean(&sc.crowded) / mean(&sc.quiet)
+            );
         }
         if let Some([one, two]) = signing {
             println!(

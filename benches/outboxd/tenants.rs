@@ -269,7 +269,8 @@ async fn claim_time() -> [f64; 2] {
         .batch_execute("VACUUM ANALYZE outbox.events")
         .await
         .unwrap();
-    let pool = outboxd::store::pool::pool(&daemon_database(&url));
+    // The daemon's claim session: a plan made once, at the first claim.
+    let pool = outboxd::store::pool::claim_pool(&daemon_database(&url));
     let client = pool.get().await.unwrap();
     let without = median_claim(&client).await;
     setup
@@ -300,7 +301,6 @@ async fn median_claim(client: &deadpool_postgres::Client) -> f64 {
         let started = Instant::now();
         let claimed = outboxd::store::claim::claim(
             client,
-            outboxd::store::claim::Mode::Fair,
             64,
             "bench",
             Duration::from_secs(60),

@@ -10,7 +10,9 @@
 SELECT (SELECT count(*) FROM outbox.events
          WHERE company_id = $1 AND event_type = $2
            AND state = 'leased' AND next_attempt_at > now()) AS in_flight,
-       count(*) FILTER (WHERE next_attempt_at <= now()) AS waiting,
-       count(*) FILTER (WHERE next_attempt_at > now()) AS scheduled
+       count(*) FILTER (WHERE state = 'pending' AND next_attempt_at <= now()) AS waiting,
+       -- `scheduled` since migration 0013 (events_scheduled: every
+       -- endpoint's retries, by time); `pending` and due later before it.
+       count(*) FILTER (WHERE state = 'scheduled' OR next_attempt_at > now()) AS scheduled
   FROM outbox.events
- WHERE company_id = $1 AND event_type = $2 AND state = 'pending'
+ WHERE company_id = $1 AND event_type = $2 AND state IN ('pending', 'scheduled')

@@ -16,8 +16,9 @@
 --
 --  $1 uuid[]        event ids
 --  $2 int[]         attempt numbers (the fence)
---  $3 text[]        new state: delivered | failed | pending (retry)
---  $4 bigint[]      retry delay in ms, for pending
+--  $3 text[]        new state: delivered | failed | scheduled (a retry) |
+--                   pending (a probe put back held: see $15)
+--  $4 bigint[]      retry delay in ms, for scheduled
 --  $5 text[]        what the external system said (NULL: nothing new)
 --  $6 text[]        last_error (NULL when delivered)
 --  $7 timestamptz[] attempt start
@@ -46,7 +47,7 @@ WITH outcome AS (
        SET state = o.state,
            lease_owner = NULL,
            next_attempt_at = CASE WHEN o.held_due_at IS NOT NULL THEN o.held_due_at
-                                  WHEN o.state = 'pending'
+                                  WHEN o.state = 'scheduled'
                                   THEN now() + o.retry_in_ms * interval '1 millisecond'
                                   ELSE e.next_attempt_at END,
            attempts_at_replay = e.attempts_at_replay

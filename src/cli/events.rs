@@ -98,6 +98,7 @@ pub struct ListArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum State {
     Pending,
+    Scheduled,
     Leased,
     Delivered,
     Failed,

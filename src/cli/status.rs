@@ -89,6 +89,7 @@ struct Held {
 #[derive(Debug, Default, Serialize)]
 struct Counts {
     pending: i64,
+    scheduled: i64,
     leased: i64,
     delivered: i64,
     failed: i64,
@@ -121,6 +122,7 @@ pub async fn run(args: StatusArgs, config: &Config) -> Result<(), CliError> {
         let n: i64 = row.get("events");
         match row.get::<_, &str>("state") {
             "pending" => events.pending = n,
+            "scheduled" => events.scheduled = n,
             "leased" => events.leased = n,
             "delivered" => events.delivered = n,
             "failed" => events.failed = n,
@@ -246,12 +248,12 @@ impl Status {
             ),
         };
         let mut text = format!(
-            "events:      {} pending, {} leased, {} delivered, {} failed\n\
+            "events:      {} pending, {} scheduled, {} leased, {} delivered, {} failed\n\
              oldest due:  {oldest}\n\
              held:        {held}\n\
              last hour:   {hour}\n\
              emails:      {} queued\n",
-            e.pending, e.leased, e.delivered, e.failed, self.emails_queued
+            e.pending, e.scheduled, e.leased, e.delivered, e.failed, self.emails_queued
         );
         if self.failing_endpoints.is_empty() {
             text.push_str("failing endpoints (last 24 h): none\n");

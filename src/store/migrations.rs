@@ -91,6 +91,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/migrations/0012_circuit_moved_by_its_probe.sql"),
         online: "",
     },
+    Migration {
+        version: 13,
+        name: "scheduled_retries",
+        sql: include_str!("../../sql/migrations/0013_scheduled_retries.sql"),
+        online: include_str!("../../sql/migrations/0013_scheduled_retries.online.sql"),
+    },
 ];
 
 impl Migration {
@@ -212,14 +218,14 @@ mod tests {
         };
         // events_endpoint_due (0005) was replaced by 0006, and with it the
         // claim index of 0001, which no online part built; 0009 replaced
-        // 0001's company index.
+        // 0001's company index; 0013 dropped the plain claim's index.
         assert_eq!(
             names(all_online_indexes()),
             [
-                "events_pending_due",
                 "events_endpoint_pending",
                 "events_lease_expiry",
-                "events_company_settled"
+                "events_company_settled",
+                "events_scheduled"
             ]
         );
         assert_eq!(
@@ -227,7 +233,8 @@ mod tests {
             [
                 "events_endpoint_due",
                 "events_due",
-                "events_company_created"
+                "events_company_created",
+                "events_pending_due"
             ]
         );
     }

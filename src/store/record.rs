@@ -132,8 +132,9 @@ pub async fn write(
         let (state, delay, held) = match o.next {
             NextState::Delivered => ("delivered", None, None),
             NextState::Failed => ("failed", None, None),
+            // Set for later: `scheduled` until it comes due (migration 0013).
             NextState::Retry(d) => (
-                "pending",
+                "scheduled",
                 Some(d.min(MAX_RETRY_DELAY).as_millis() as i64),
                 None,
             ),

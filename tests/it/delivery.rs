@@ -355,6 +355,60 @@ async fn a_500_then_200_is_delivered_on_attempt_2() {
     daemon.stop().await;
 }
 
+/// Issue 26: a retry set for later waits as `scheduled`, outside the
+/// claim's index of pending rows (so the claim's skip scan does not walk
+/// it, however many endpoints have one), and the claim moves it back to
+/// `pending` when it comes due, and sends it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_waits_as_scheduled_and_is_sent_when_it_comes_due() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::start(|_, nth| {
+        if nth == 1 {
+            Reply::Json(503, json!({"status": "0", "error": "busy"}))
+        } else {
+            Reply::Json(200, json!({"status": 1, "message": "ok now"}))
+        }
+    })
+    .await;
+    set_endpoint(&client, 6316, &receiver.url("/"), "none").await;
+    let daemon = Daemon::start(
+        &db,
+        &[
+            ("OUTBOXD_RETRY__BASE_DELAY", "3s"),
+            ("OUTBOXD_RETRY__JITTER", "0"),
+            ("OUTBOXD_DELIVERY__POLL_INTERVAL", "500ms"),
+        ],
+    )
+    .await;
+    let id = enqueue(&client, 6316, 222125, "2271", None).await;
+    wait_state(&client, id, "scheduled", SECS(10)).await;
+    let waits: f64 = client
+        .query_one(
+            "SELECT extract(epoch FROM next_attempt_at - now())::float8
+               FROM outbox.events WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(waits > 1.0, "set for later: {waits} s");
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE state = 'pending'"
+        )
+        .await,
+        0,
+        "nothing pending while the retry waits"
+    );
+    assert_eq!(receiver.received().len(), 1);
+    wait_state(&client, id, "delivered", SECS(15)).await;
+    let (_, attempts, message, _) = event_row(&client, id).await;
+    assert_eq!((attempts, message.as_deref()), (2, Some("ok now")));
+    daemon.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_429_with_retry_after_is_not_retried_sooner() {
     let db = TestDb::new().await;

@@ -430,7 +430,7 @@ async fn status_counts_states_and_names_the_failing_endpoints() {
     let status = json_of(&outboxd(&db, "status --json").await);
     assert_eq!(
         status["events"],
-        json!({"pending": 2, "leased": 0, "delivered": 1, "failed": 4})
+        json!({"pending": 2, "scheduled": 0, "leased": 0, "delivered": 1, "failed": 4})
     );
     let age = status["oldest_due_age_seconds"].as_f64().unwrap();
     assert!((300.0..400.0).contains(&age), "{age}");
@@ -452,7 +452,7 @@ async fn status_counts_states_and_names_the_failing_endpoints() {
     let text = outboxd(&db, "status").await;
     assert_eq!(text.code, Some(0), "{text:?}");
     for want in [
-        "events:      2 pending, 0 leased, 1 delivered, 4 failed",
+        "events:      2 pending, 0 scheduled, 0 leased, 1 delivered, 4 failed",
         "oldest due:  5m",
         "last hour:   3 of 4 finished events failed (75.0%)",
         "failing endpoints (last 24 h):",

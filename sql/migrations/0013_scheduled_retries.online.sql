@@ -1,0 +1,11 @@
+-- 0013, online: the retries set for later, soonest first. Only outboxd
+-- writes these rows (a failed attempt's retry), never the enqueue; the
+-- claim reads the head of this index to move those come due to `pending`.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS events_scheduled
+    ON outbox.events (next_attempt_at)
+    WHERE state = 'scheduled';
+
+-- The plain claim's index goes (src/store/claim.rs: one claim now, which
+-- reads events_endpoint_pending): one entry fewer for every enqueue to
+-- write, and the busiest one, every new row landing on its last page.
+DROP INDEX CONCURRENTLY IF EXISTS outbox.events_pending_due;
