@@ -99,26 +99,45 @@ async fn claim_time(state: &str, n: i32) -> f64 {
     let client = pool.get().await.unwrap();
     let mut times = Vec::with_capacity(300);
     for _ in 0..300 {
-        client.batch_execute("BEGIN").await.unwrap();
-        let started = Instant::now();
-        let claimed = outboxd::store::claim::claim(
-            &client,
-            64,
-            "bench",
-            Duration::from_secs(60),
-            8,
-            &outboxd::store::claim::InFlight::default(),
-        )
-        .await
-        .unwrap();
-        times.push(started.elapsed().as_secs_f64() * 1000.0);
-        assert_eq!(claimed.events.len(), 64);
-        client.batch_execute("ROLLBACK").await.unwrap();
+        let (took, claimed) = claim_rolled_back(&client, 64).await;
+        times.push(took);
+        assert_eq!(claimed.len(), 64);
     }
     times.sort_by(f64::total_cmp);
     drop((client, pool, setup));
     drop_db(db).await;
     times[times.len() / 2]
+}
+
+const CLAIM_SQL: &str = include_str!("../../sql/queries/claim.sql");
+
+/// One claim of up to `limit` as the daemon makes it (its statement, its
+/// parameters with nothing in flight, on the connection given), in a
+/// transaction rolled back so that every run sees the same rows: ms, and
+/// the company of each event claimed. (`store::claim::claim` commits its
+/// own transaction.)
+pub async fn claim_rolled_back(client: &deadpool_postgres::Client, limit: i64) -> (f64, Vec<i64>) {
+    let statement = client.prepare_cached(CLAIM_SQL).await.unwrap();
+    let none: (Vec<i64>, Vec<String>, Vec<i32>) = Default::default();
+    client.batch_execute("BEGIN").await.unwrap();
+    let started = Instant::now();
+    let rows = client
+        .query(
+            &statement,
+            &[
+                &limit, &"bench", &60_000i64, &8i32, &none.0, &none.1, &none.2,
+            ],
+        )
+        .await
+        .unwrap();
+    let took = started.elapsed().as_secs_f64() * 1000.0;
+    client.batch_execute("ROLLBACK").await.unwrap();
+    let companies = rows
+        .iter()
+        .filter(|r| r.get::<_, Option<uuid::Uuid>>("id").is_some())
+        .map(|r| r.get("company_id"))
+        .collect();
+    (took, companies)
 }
 
 /// Events/s of 3,000 due events over 30 endpoints, beside `n` endpoints
@@ -136,8 +155,7 @@ async fn drain_beside(opts: &Opts, n: i32, paused: bool) -> f64 {
              SELECT count(outbox.enqueue_payment_cancellation(1 + g % 30, g, 'P-' || g))
                FROM generate_series(1, {EVENTS}) g;
              {retries}
-             {pause}
-             VACUUM ANALYZE outbox.events;",
+             {pause}",
             url = receiver.url,
             retries = retries_sql("scheduled", n),
             pause = if paused {
@@ -150,7 +168,10 @@ async fn drain_beside(opts: &Opts, n: i32, paused: bool) -> f64 {
         ))
         .await
         .unwrap();
-    client.batch_execute("CHECKPOINT").await.unwrap();
+    // Apart: VACUUM cannot share an implicit transaction.
+    for statement in ["VACUUM ANALYZE outbox.events", "CHECKPOINT"] {
+        client.batch_execute(statement).await.unwrap();
+    }
     let daemon = Daemon::start(opts.daemon(), opts.config(), &url, opts.concurrency).await;
     let started = Instant::now();
     loop {
