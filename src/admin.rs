@@ -41,6 +41,9 @@ pub struct State {
     pub listening: Arc<AtomicBool>,
     /// Whether claims and records get anything done.
     pub progress: Arc<Progress>,
+    /// Whether this instance does the maintenance: the queue gauges are
+    /// shown only then.
+    pub role: crate::election::Role,
 }
 
 /// Binds `addr` (so a bad address fails start-up) and serves until
@@ -86,7 +89,11 @@ async fn route(req: Request<Incoming>, state: &State) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/metrics" => {
             crate::telemetry::scrape(&state.pool, &state.progress);
-            let mut response = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            let mut rendered = state.metrics.render();
+            if !state.role.exports_queue_gauges() {
+                rendered = crate::telemetry::without_leader_only(&rendered);
+            }
+            let mut response = Response::new(Full::new(Bytes::from(rendered)));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -66,6 +66,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::election::{Election, Role};
 use crate::http::client::Deliverer;
 use crate::listen::Listener;
 use crate::maintenance::{HoldLimit, LeaseExpiry, Maintenance, Retention, SigningWatch};
@@ -135,6 +136,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     let db_limit = db::round_trip_limit(&config.database);
     let listening = Arc::new(AtomicBool::new(false));
     let progress = Arc::new(Progress::new());
+    // Whether this instance does the maintenance (crate::election).
+    let role = Role::standby();
+    let hand_over = CancellationToken::new();
 
     // Phase zero. The admin server answers from here to the very end, so
     // /readyz says why the daemon is not ready while it waits, and /metrics
@@ -145,6 +149,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
         &pool,
         &listening,
         &progress,
+        &role,
     )
     .await?;
     systemd::ready("waiting for the database");
@@ -176,20 +181,27 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     let wake = Arc::new(Notify::new());
     let services = Services {
         upkeep: metrics_handle.map(|handle| service::spawn(Upkeep(handle), &liveness)),
+        election: service::spawn(
+            Election::new(&config.database, role.clone(), hand_over.clone()),
+            &liveness,
+        ),
+        hand_over,
         gauges: service::spawn(
             Maintenance::new(
                 upkeep_pool.clone(),
                 config.metrics.refresh_interval,
                 db_limit,
-            ),
+            )
+            .elected(role.clone()),
             &liveness,
         ),
         retention: service::spawn(
-            Retention::new(upkeep_pool.clone(), config.retention.clone(), db_limit),
+            Retention::new(upkeep_pool.clone(), config.retention.clone(), db_limit)
+                .elected(role.clone()),
             &liveness,
         ),
         hold_limit: service::spawn(
-            HoldLimit::new(upkeep_pool.clone(), &config.circuit, db_limit),
+            HoldLimit::new(upkeep_pool.clone(), &config.circuit, db_limit).elected(role.clone()),
             &liveness,
         ),
         signing_watch: service::spawn(
@@ -198,7 +210,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
                 config.metrics.refresh_interval,
                 config.notify.window,
                 db_limit,
-            ),
+            )
+            .elected(role.clone()),
             &liveness,
         ),
         lease_expiry: service::spawn(
@@ -207,7 +220,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
                 &config.delivery,
                 db_limit,
                 wake.clone(),
-            ),
+            )
+            .elected(role.clone()),
             &liveness,
         ),
         listener: service::spawn(
@@ -339,6 +353,7 @@ impl Admin {
         pool: &deadpool_postgres::Pool,
         listening: &Arc<AtomicBool>,
         progress: &Arc<Progress>,
+        role: &Role,
     ) -> Result<Admin, EngineError> {
         let stop = CancellationToken::new();
         let (Some(addr), Some(metrics)) = (config.metrics.listen, metrics) else {
@@ -349,6 +364,7 @@ impl Admin {
             pool: pool.clone(),
             listening: listening.clone(),
             progress: progress.clone(),
+            role: role.clone(),
         };
         let (bound, task) =
             admin::start(addr, state, stop.clone())
@@ -376,6 +392,9 @@ impl Admin {
 /// The background services of phase one.
 struct Services {
     upkeep: Option<Running>,
+    /// The maintenance election; `hand_over` tells it the stop has begun.
+    election: Running,
+    hand_over: CancellationToken,
     gauges: Running,
     retention: Running,
     hold_limit: Running,
@@ -391,6 +410,10 @@ impl Services {
     /// wait on) are told to stop, and wind down beside the drain within
     /// their grace.
     fn wind_down(&self) {
+        // The maintenance goes to another instance now, not when this
+        // process ends: its jobs stop here too.
+        self.hand_over.cancel();
+        self.election.stop();
         self.listener.stop();
         self.mailer.stop();
         self.retention.stop();
@@ -409,6 +432,7 @@ impl Services {
         self.hold_limit.join().await;
         self.signing_watch.join().await;
         self.lease_expiry.join().await;
+        self.election.join().await;
         self.gauges.stop();
         if let Some(upkeep) = &self.upkeep {
             upkeep.stop();

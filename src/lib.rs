@@ -49,6 +49,7 @@ pub mod admin;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod election;
 pub mod engine;
 pub mod http;
 pub mod listen;

@@ -7,12 +7,17 @@
 //!
 //! All are [`Service`]s: `run_once()` does one round and returns what it
 //! found (what tests call); the service's tick calls it and logs a failure.
+//! In the daemon each is [`elected`](LeaseExpiry::elected): its tick does
+//! its round only on the instance that the maintenance election
+//! ([`crate::election`]) chose, and on the others waits to be chosen, so
+//! that N instances cost the database what one does.
 
 use std::time::Duration;
 
 use metrics::gauge;
 
 use crate::config::{CircuitConfig, DeliveryConfig, RetentionConfig};
+use crate::election::Role;
 use crate::service::{Next, Service};
 use crate::store::pool as db;
 use crate::store::upkeep;
@@ -23,6 +28,10 @@ use crate::telemetry::{
     SIGNING_STOPPED,
 };
 use metrics::counter;
+
+/// How often a job that does not lead looks again whether it does (a look
+/// at a flag, not at the database): a new leader's jobs start within this.
+const STANDBY_LOOK: Duration = Duration::from_secs(1);
 
 /// Events put back in the queue per statement by [`LeaseExpiry`].
 const RELEASE_BATCH: i64 = 1000;
@@ -35,9 +44,10 @@ const RELEASE_BATCH: i64 = 1000;
 /// to them, at most a quarter of a lease after the lease ran out: 15 s with
 /// the default 60 s lease, so that an idle daemon does not ask the database
 /// something every second for what only happens when an instance dies.
-/// Every instance runs it; SKIP LOCKED keeps them apart.
+/// The elected instance runs it (SKIP LOCKED would keep several apart).
 pub struct LeaseExpiry {
     pool: deadpool_postgres::Pool,
+    role: Role,
     interval: Duration,
     limit: Duration,
     wake: std::sync::Arc<tokio::sync::Notify>,
@@ -55,6 +65,9 @@ impl Service for LeaseExpiry {
     }
 
     async fn tick(&mut self) -> Next {
+        if !self.role.leading() {
+            return Next::After(STANDBY_LOOK);
+        }
         match self.run_once().await {
             Ok(0) => {}
             Ok(released) => {
@@ -76,6 +89,12 @@ impl Service for LeaseExpiry {
 }
 
 impl LeaseExpiry {
+    /// Runs its rounds only while `role` leads.
+    pub fn elected(mut self, role: Role) -> LeaseExpiry {
+        self.role = role;
+        self
+    }
+
     pub fn new(
         pool: deadpool_postgres::Pool,
         config: &DeliveryConfig,
@@ -84,6 +103,7 @@ impl LeaseExpiry {
     ) -> LeaseExpiry {
         LeaseExpiry {
             pool,
+            role: Role::always(),
             interval: (config.lease / 4).max(config.poll_interval),
             limit,
             wake,
@@ -106,10 +126,11 @@ const HOLD_BATCH: i64 = 1000;
 
 /// Fails the events an open circuit has held for longer than
 /// `circuit.max_hold` past their due time (`sql/queries/expire_held.sql`),
-/// once a minute, batch after batch while there are more. Every instance
-/// runs it; SKIP LOCKED keeps them apart.
+/// once a minute, batch after batch while there are more. The elected
+/// instance runs it (SKIP LOCKED would keep several apart).
 pub struct HoldLimit {
     pool: deadpool_postgres::Pool,
+    role: Role,
     max_hold: Duration,
     interval: Duration,
     limit: Duration,
@@ -127,6 +148,9 @@ impl Service for HoldLimit {
     }
 
     async fn tick(&mut self) -> Next {
+        if !self.role.leading() {
+            return Next::After(STANDBY_LOOK);
+        }
         match self.run_once().await {
             Ok(failed) if failed >= HOLD_BATCH => return Next::Now,
             Ok(0) => {}
@@ -145,6 +169,12 @@ impl Service for HoldLimit {
 }
 
 impl HoldLimit {
+    /// Runs its rounds only while `role` leads.
+    pub fn elected(mut self, role: Role) -> HoldLimit {
+        self.role = role;
+        self
+    }
+
     pub fn new(
         pool: deadpool_postgres::Pool,
         config: &CircuitConfig,
@@ -152,6 +182,7 @@ impl HoldLimit {
     ) -> HoldLimit {
         HoldLimit {
             pool,
+            role: Role::always(),
             max_hold: config.max_hold,
             interval: Duration::from_secs(60).min(config.max_hold),
             limit,
@@ -166,6 +197,7 @@ impl HoldLimit {
 
 pub struct Maintenance {
     pool: deadpool_postgres::Pool,
+    role: Role,
     interval: Duration,
     /// One round trip's bound (`store::pool::round_trip_limit`).
     limit: Duration,
@@ -183,6 +215,9 @@ impl Service for Maintenance {
     }
 
     async fn tick(&mut self) -> Next {
+        if !self.role.leading() {
+            return Next::After(STANDBY_LOOK);
+        }
         if let Err(e) = self.run_once().await {
             crate::telemetry::database_error("maintenance");
             tracing::warn!(error = %e, "refreshing queue metrics");
@@ -192,9 +227,16 @@ impl Service for Maintenance {
 }
 
 impl Maintenance {
+    /// Runs its rounds only while `role` leads.
+    pub fn elected(mut self, role: Role) -> Maintenance {
+        self.role = role;
+        self
+    }
+
     pub fn new(pool: deadpool_postgres::Pool, interval: Duration, limit: Duration) -> Maintenance {
         Maintenance {
             pool,
+            role: Role::always(),
             interval,
             limit,
         }
@@ -221,6 +263,7 @@ impl Maintenance {
         gauge!(ENDPOINTS_HELD).set(stats.endpoints_held as f64);
         gauge!(CIRCUIT_OPEN_LONGEST).set(stats.longest_open.as_secs_f64());
         crate::telemetry::queue_gauges_refreshed();
+        self.role.gauges_refreshed();
         Ok(stats)
     }
 }
@@ -229,6 +272,7 @@ impl Maintenance {
 /// expired for longer than `retention.delivered`, in batches.
 pub struct Retention {
     pool: deadpool_postgres::Pool,
+    role: Role,
     config: RetentionConfig,
     /// One round trip's bound (`store::pool::round_trip_limit`).
     limit: Duration,
@@ -253,6 +297,9 @@ impl Service for Retention {
     }
 
     async fn tick(&mut self) -> Next {
+        if !self.role.leading() {
+            return Next::After(STANDBY_LOOK);
+        }
         match self.run_once().await {
             Ok(deleted) => {
                 self.round.events += deleted.events;
@@ -284,6 +331,12 @@ impl Service for Retention {
 }
 
 impl Retention {
+    /// Runs its rounds only while `role` leads.
+    pub fn elected(mut self, role: Role) -> Retention {
+        self.role = role;
+        self
+    }
+
     pub fn new(
         pool: deadpool_postgres::Pool,
         config: RetentionConfig,
@@ -291,6 +344,7 @@ impl Retention {
     ) -> Retention {
         Retention {
             pool,
+            role: Role::always(),
             config,
             limit,
             round: Deleted::default(),
@@ -307,8 +361,9 @@ impl Retention {
 /// active any more (`sql/queries/signing_watch.sql`), every
 /// `metrics.refresh_interval`: each such endpoint is logged (with its
 /// company), counted, and its notify_emails are emailed once; its
-/// requests go out unsigned meanwhile. Every instance runs it; the
-/// statement's row lock makes exactly one of them report each change.
+/// requests go out unsigned meanwhile. The elected instance runs it (the
+/// statement's row lock would make exactly one of several report each
+/// change).
 ///
 /// Why unsigned rather than held or failed: an application that removes an
 /// endpoint's secrets on purpose (its "stop signing") must not see its
@@ -317,6 +372,7 @@ impl Retention {
 /// on top of this one email saying why.
 pub struct SigningWatch {
     pool: deadpool_postgres::Pool,
+    role: Role,
     interval: Duration,
     /// notify.window: no second email about one endpoint within it.
     window: Duration,
@@ -335,6 +391,9 @@ impl Service for SigningWatch {
     }
 
     async fn tick(&mut self) -> Next {
+        if !self.role.leading() {
+            return Next::After(STANDBY_LOOK);
+        }
         if let Err(e) = self.run_once().await {
             crate::telemetry::database_error("maintenance");
             tracing::warn!(error = %e, "looking for endpoints that stopped signing");
@@ -344,6 +403,12 @@ impl Service for SigningWatch {
 }
 
 impl SigningWatch {
+    /// Runs its rounds only while `role` leads.
+    pub fn elected(mut self, role: Role) -> SigningWatch {
+        self.role = role;
+        self
+    }
+
     pub fn new(
         pool: deadpool_postgres::Pool,
         interval: Duration,
@@ -352,6 +417,7 @@ impl SigningWatch {
     ) -> SigningWatch {
         SigningWatch {
             pool,
+            role: Role::always(),
             interval,
             window,
             limit,

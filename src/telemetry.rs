@@ -53,6 +53,50 @@ pub const OUTCOMES_SET_ASIDE: &str = "outboxd_outcomes_set_aside";
 pub const OUTCOMES_SET_ASIDE_TOTAL: &str = "outboxd_outcomes_set_aside_total";
 pub const ENDPOINTS_UNSIGNED: &str = "outboxd_endpoints_unsigned";
 pub const SIGNING_STOPPED: &str = "outboxd_signing_stopped_total";
+pub const MAINTENANCE_LEADER: &str = "outboxd_maintenance_leader";
+
+/// The gauges read from the database by the maintenance (the whole queue's
+/// figures, the same whoever reads them): `/metrics` shows them only on
+/// the instance that does the maintenance (`crate::election`), so that a
+/// standby never shows values left from when it led. Dashboards and alerts
+/// take max() across instances, which is the leader's value.
+pub const LEADER_ONLY: [&str; 11] = [
+    EVENTS_PENDING,
+    EVENTS_LEASED,
+    OLDEST_DUE_AGE,
+    NOTIFICATIONS_QUEUED,
+    ENDPOINTS,
+    EVENTS_HELD,
+    OLDEST_HELD_AGE,
+    ENDPOINTS_HELD,
+    CIRCUIT_OPEN_LONGEST,
+    QUEUE_GAUGES_REFRESHED,
+    ENDPOINTS_UNSIGNED,
+];
+
+/// The Prometheus text `rendered` without the [`LEADER_ONLY`] families
+/// (their HELP, TYPE and samples): what a standby instance shows.
+pub fn without_leader_only(rendered: &str) -> String {
+    fn family(line: &str) -> Option<&str> {
+        match line
+            .strip_prefix("# HELP ")
+            .or_else(|| line.strip_prefix("# TYPE "))
+        {
+            Some(rest) => rest.split(' ').next(),
+            None if line.starts_with('#') => None,
+            None => line.split(['{', ' ']).next(),
+        }
+    }
+    let mut out = String::with_capacity(rendered.len());
+    for line in rendered.split_inclusive('\n') {
+        let trimmed = line.trim_end_matches('\n');
+        if family(trimmed).is_some_and(|name| LEADER_ONLY.contains(&name)) {
+            continue;
+        }
+        out.push_str(line);
+    }
+    out
+}
 
 /// The `process_*` metrics every Prometheus client exports (CPU, memory,
 /// open and allowed file descriptors, threads, start time), read from
@@ -160,6 +204,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
 
 fn describe() {
     describe_gauge!(
+        MAINTENANCE_LEADER,
+        "1 on the instance that does the maintenance (lease expiry, hold limit, retention, signing watch, queue gauges), 0 on the others; exactly one instance should show 1. The queue gauges are shown by that instance only."
+    );
+    describe_gauge!(
         LAST_CLAIM_AGE,
         metrics::Unit::Seconds,
         "Time since this instance last claimed successfully (or found every delivery slot busy). Grows while claims fail or pause; see OutboxdInstanceStuck."
@@ -183,7 +231,7 @@ fn describe() {
     );
     describe_gauge!(
         ENDPOINTS_UNSIGNED,
-        "Endpoints that have had a signing secret and have no active one (all expired or deleted): their requests go out unsigned. All instances (refreshed on a timer)."
+        "Endpoints that have had a signing secret and have no active one (all expired or deleted): their requests go out unsigned. All instances; shown by the instance doing the maintenance (refreshed on a timer)."
     );
     describe_counter!(
         SIGNING_STOPPED,
@@ -195,7 +243,7 @@ fn describe() {
     );
     describe_gauge!(
         ENDPOINTS,
-        "Endpoints by circuit state: closed, open (held), half_open (a probe is out), paused (by an operator). All instances (refreshed on a timer)."
+        "Endpoints by circuit state: closed, open (held), half_open (a probe is out), paused (by an operator). All instances; shown by the instance doing the maintenance (refreshed on a timer)."
     );
     describe_gauge!(
         EVENTS_HELD,
@@ -411,4 +459,51 @@ pub fn claimed(batch: usize, expired: usize) {
 /// result is unknown.
 pub fn handed_back(why: &'static str, n: i64) {
     counter!(LEASES_HANDED_BACK, "why" => why).increment(n.max(0) as u64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_shows_no_leader_only_family_and_everything_else() {
+        let rendered = "\
+# HELP outboxd_events_pending Events waiting.
+# TYPE outboxd_events_pending gauge
+outboxd_events_pending 12
+# TYPE outboxd_endpoints gauge
+outboxd_endpoints{circuit=\"open\"} 1
+outboxd_endpoints{circuit=\"closed\"} 3
+# HELP outboxd_events_pending_total_not_a_gauge Similar name, other family.
+outboxd_events_pending_total_not_a_gauge 5
+# TYPE outboxd_maintenance_leader gauge
+outboxd_maintenance_leader 0
+outboxd_queue_gauges_refreshed_timestamp_seconds 1700000000
+outboxd_endpoints_unsigned 2
+outboxd_events_leased_by_me 1
+outboxd_build_info{version=\"1\"} 1
+";
+        let kept = without_leader_only(rendered);
+        // (line, kept)
+        let cases = [
+            ("# HELP outboxd_events_pending Events waiting.", false),
+            ("outboxd_events_pending 12", false),
+            ("outboxd_endpoints{circuit=\"open\"} 1", false),
+            ("outboxd_endpoints{circuit=\"closed\"} 3", false),
+            (
+                "outboxd_queue_gauges_refreshed_timestamp_seconds 1700000000",
+                false,
+            ),
+            ("outboxd_endpoints_unsigned 2", false),
+            ("outboxd_events_pending_total_not_a_gauge 5", true),
+            ("# TYPE outboxd_maintenance_leader gauge", true),
+            ("outboxd_maintenance_leader 0", true),
+            ("outboxd_events_leased_by_me 1", true),
+            ("outboxd_build_info{version=\"1\"} 1", true),
+        ];
+        for (line, want) in cases {
+            assert_eq!(kept.lines().any(|l| l == line), want, "{line}");
+        }
+        assert!(kept.ends_with('\n'));
+    }
 }
