@@ -4,6 +4,7 @@
 //! puts back); when it dies (SIGKILL) another takes over within seconds and
 //! does the work; when it stops (SIGTERM) it hands over at once.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use outboxd::election::{LOCK_KEY, SILENCE};
@@ -23,6 +24,9 @@ const ENV: &[(&str, &str)] = &[
     ("OUTBOXD_DELIVERY__REQUEST_TIMEOUT", "1s"),
     ("OUTBOXD_DELIVERY__LEASE", "12s"),
 ];
+
+/// The log line of an instance that found the role taken.
+const STANDING_BY: &str = "this one stands by";
 
 /// The log line of a lease expiry round that put events back.
 const RELEASED: &str = "events whose lease ran out";
@@ -69,6 +73,48 @@ async fn lock_holders(client: &tokio_postgres::Client) -> Vec<(i32, bool)> {
         .collect()
 }
 
+/// The application names (one per daemon here) of the sessions whose last
+/// statement was one of the maintenance's: who did maintenance lately.
+async fn maintainers(client: &tokio_postgres::Client) -> BTreeSet<String> {
+    client
+        .query(
+            "SELECT DISTINCT application_name FROM pg_stat_activity
+              WHERE datname = current_database()
+                AND query ~ '^-- (queue_stats|release_expired|expire_held|retention|signing_watch):'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The application name of the session holding the maintenance lock.
+async fn holder_name(client: &tokio_postgres::Client) -> String {
+    let pid = lock_holders(client).await[0].0;
+    client
+        .query_one(
+            "SELECT application_name FROM pg_stat_activity WHERE pid = $1",
+            &[&pid],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Daemon `i`, its sessions named `outboxd-i`.
+async fn start(db: &TestDb, i: usize) -> Daemon {
+    let url = format!("{}?application_name=outboxd-{i}", db.url);
+    let mut env = ENV.to_vec();
+    env.push(("OUTBOXD_DATABASE__URL", &url));
+    Daemon::start(db, &env).await
+}
+
+fn name(i: usize) -> String {
+    format!("outboxd-{i}")
+}
+
 /// An event leased to an instance that is gone, its lease run out a second
 /// ago: only the lease expiry puts it back in the queue.
 async fn orphaned_lease(client: &tokio_postgres::Client, payment: i64) {
@@ -111,15 +157,18 @@ async fn one_of_three_instances_does_the_maintenance_and_another_takes_over_when
         .await
         .unwrap();
     let mut daemons = vec![
-        Daemon::start(&db, ENV).await,
-        Daemon::start(&db, ENV).await,
-        Daemon::start(&db, ENV).await,
+        start(&db, 0).await,
+        start(&db, 1).await,
+        start(&db, 2).await,
     ];
 
     // (a) One leader, by its metric and by the lock; the queue gauges on
     // its /metrics only.
     let leader = exactly_one_leader(&mut daemons, SECS(10)).await;
     for (i, d) in daemons.iter().enumerate() {
+        if i != leader {
+            d.wait_for_log(STANDING_BY, SECS(10)).await;
+        }
         let want = if i == leader { 1.0 } else { 0.0 };
         assert_eq!(sample(d, "outboxd_maintenance_leader").await, Some(want));
     }
@@ -144,14 +193,23 @@ async fn one_of_three_instances_does_the_maintenance_and_another_takes_over_when
     assert_eq!(holders.len(), 1, "one holder, nobody waiting: {holders:?}");
     assert!(holders[0].1);
     let first_holder = holders[0].0;
+    assert_eq!(holder_name(&client).await, name(leader));
 
-    // (b) It stays so across several heartbeats and silences (no flapping):
-    // checked for twice the silence after which a standby would ask.
+    // (b) It stays so across several heartbeats and silences (no flapping),
+    // and no other instance runs a maintenance statement: checked for twice
+    // the silence after which a standby would ask.
     let until = Instant::now() + SILENCE * 2;
     while Instant::now() < until {
         assert_eq!(leaders(&mut daemons).await, vec![leader]);
+        let seen = maintainers(&client).await;
+        assert!(
+            seen.iter().all(|n| *n == name(leader)),
+            "maintenance statements from {seen:?}; leader {}",
+            name(leader)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert_eq!(maintainers(&client).await, BTreeSet::from([name(leader)]));
 
     // (c) An expired lease is put back by the leader, and only by it.
     orphaned_lease(&client, 1).await;
@@ -182,6 +240,7 @@ async fn one_of_three_instances_does_the_maintenance_and_another_takes_over_when
     let holders = lock_holders(&client).await;
     assert_eq!(holders.len(), 1, "{holders:?}");
     assert_ne!(holders[0].0, first_holder, "a new session holds the lock");
+    assert_eq!(holder_name(&client).await, name(next));
     daemons[next]
         .wait_for_log("this instance does the maintenance now", SECS(1))
         .await;
@@ -225,6 +284,7 @@ async fn a_stopping_leader_hands_the_maintenance_over_at_once() {
     let mut daemons = vec![Daemon::start(&db, ENV).await, Daemon::start(&db, ENV).await];
     let leader = exactly_one_leader(&mut daemons, SECS(10)).await;
     let other = 1 - leader;
+    daemons[other].wait_for_log(STANDING_BY, SECS(10)).await;
     daemons[leader].signal(libc::SIGTERM);
     let stopped = Instant::now();
     daemons[other]
