@@ -1,6 +1,7 @@
 //! Retention: old finished rows go, in batches, with their attempts; what is
 //! recent or still in flight stays. The queue gauges. Run in-process against
-//! a real database, the way the daemon's maintenance task calls it.
+//! a real database, the way the daemon's maintenance task calls it (on the
+//! instance the election chose: tests/it/election.rs).
 
 use outboxd::config::RawRetention;
 use std::time::Duration;
@@ -150,11 +151,12 @@ async fn queue_gauges_survive_infinite_timestamps() {
         .unwrap();
     let stats = gauges.run_once().await.unwrap();
     assert_eq!((stats.pending, stats.oldest_due_age), (1, Duration::ZERO));
-    // A row from '-infinity' is as old as can be.
+    // A row from '-infinity' is as old as can be. (Each heads an endpoint
+    // of its own: the age is read from the event due the longest on each.)
     client
         .batch_execute(
             "INSERT INTO outbox.events (company_id, payload, created_at)
-             VALUES (1, '{}', '-infinity'), (1, '{}', now() - interval '1 hour')",
+             VALUES (2, '{}', '-infinity'), (3, '{}', now() - interval '1 hour')",
         )
         .await
         .unwrap();
@@ -363,4 +365,58 @@ async fn long_expired_signing_secrets_are_deleted_and_the_others_kept() {
         count(&client, "SELECT count(*) FROM outbox.signed_endpoints").await,
         3
     );
+}
+
+/// The gauges read no more than 10,000 pending rows: pending and held are
+/// exact up to there; past it pending is PostgreSQL's estimate of the
+/// pending index's entries and held stays at 10,000. The ages and the held
+/// endpoints come from each endpoint's first due event, whatever the size.
+#[tokio::test]
+async fn queue_gauges_count_up_to_10000_and_estimate_past_it() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let gauges = Maintenance::new(db.pool(), Duration::from_secs(60), Duration::from_secs(60));
+    // Company 1 is held (its circuit open) with 12,000 events, the oldest
+    // due two hours ago; company 2 has 500, due for 10 minutes; company 3
+    // has one retry scheduled for later.
+    client
+        .batch_execute(
+            "INSERT INTO outbox.events (company_id, payload, created_at, next_attempt_at)
+             SELECT 1, '{}', now() - interval '2 hours' + g * interval '1 second',
+                    now() - interval '2 hours' + g * interval '1 second'
+               FROM generate_series(0, 11999) g;
+             INSERT INTO outbox.events (company_id, payload, created_at, next_attempt_at)
+             SELECT 2, '{}', now() - interval '10 minutes', now() - interval '10 minutes'
+               FROM generate_series(1, 500);
+             INSERT INTO outbox.events (company_id, payload, created_at, next_attempt_at, attempts)
+             VALUES (3, '{}', now() - interval '5 hours', now() + interval '1 hour', 3);
+             INSERT INTO outbox.endpoint_circuits (company_id, event_type, state, opened_at, retry_at, failures)
+             VALUES (1, 'payment.cancellation', 'open', now(), now() + interval '1 hour', 5);",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("VACUUM ANALYZE outbox.events")
+        .await
+        .unwrap();
+    let stats = gauges.run_once().await.unwrap();
+    assert_eq!(stats.held, 10_000, "held stops at 10,000: {stats:?}");
+    assert!(
+        (11_000..14_000).contains(&stats.pending),
+        "pending is estimated near 12,501: {stats:?}"
+    );
+    let age = |d: Duration| d.as_secs();
+    assert!(
+        (7190..7300).contains(&age(stats.oldest_held_age)),
+        "{stats:?}"
+    );
+    assert!((590..700).contains(&age(stats.oldest_due_age)), "{stats:?}");
+    assert_eq!(stats.endpoints_held, 1);
+    // Below the limit, exact again.
+    client
+        .batch_execute("DELETE FROM outbox.events WHERE company_id = 1 AND created_at > now() - interval '2 hours' + interval '2999 seconds'")
+        .await
+        .unwrap();
+    let stats = gauges.run_once().await.unwrap();
+    assert_eq!((stats.pending, stats.held), (3_501, 3_000), "{stats:?}");
 }
