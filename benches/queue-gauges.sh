@@ -45,7 +45,7 @@ SQL
 fi
 echo "backlog: $(psql -At "$dburl" -c "SELECT count(*) FROM outbox.events WHERE state = 'pending'") pending events, $endpoints endpoints, $held held"
 declare -A times buffers
-for round in $(seq "$rounds"); do
+for _ in $(seq "$rounds"); do
     for sql in "$@"; do
         plan=$( (echo "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)"; cat "$sql") | psql -At "$dburl")
         read -r ms buf < <(python3 -c '
