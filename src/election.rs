@@ -155,7 +155,7 @@ impl Role {
 
 type Messages = Pin<Box<dyn Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Send>>;
 
-/// The election's connection.
+/// The election's connection: LISTENing on [`CHANNEL`] while standing by.
 struct Session {
     client: tokio_postgres::Client,
     messages: Messages,
@@ -339,7 +339,11 @@ impl Service for Election {
                 }
                 Ok(_) => {}
             }
-            let beat = format!("NOTIFY {CHANNEL}, 'alive'");
+            // A listener is woken, in a transaction of its own, by every
+            // notification in the database: the leader, which needs none,
+            // stops listening (in the heartbeat's transaction; a no-op after
+            // the first).
+            let beat = format!("UNLISTEN {CHANNEL}; NOTIFY {CHANNEL}, 'alive'");
             return match bounded(on(session, |c| async move { c.batch_execute(&beat).await })).await
             {
                 Ok(()) => Next::Now,
@@ -448,7 +452,8 @@ where
 }
 
 /// Waits until `until` for a notification on [`CHANNEL`] (or the stop);
-/// an error when the connection ends.
+/// an error when the connection ends. (The leader, which no longer
+/// listens, waits here for its session's end or the stop.)
 async fn listen_until(
     session: &mut Session,
     until: Instant,
