@@ -286,6 +286,33 @@ impl Election {
     }
 }
 
+impl Election {
+    /// Ends the sessions holding the lock (an instance's own role may end
+    /// its own role's sessions); their pids.
+    async fn end_silent_leader(session: &mut Session) -> Result<Vec<String>, String> {
+        // Materialized: every filter applies before the first termination.
+        let sql = format!(
+            "WITH holder AS MATERIALIZED (
+                 SELECT l.pid FROM pg_locks AS l
+                  WHERE l.locktype = 'advisory' AND l.granted
+                    AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                    AND l.classid = {} AND l.objid = {} AND l.objsubid = 1
+                    AND l.pid <> pg_backend_pid())
+             SELECT pid FROM holder WHERE pg_terminate_backend(pid)",
+            LOCK_KEY >> 32,
+            LOCK_KEY & 0xffff_ffff
+        );
+        let rows = bounded(on(session, |c| async move { c.simple_query(&sql).await })).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
 /// The `t` of the last row of a simple query whose last statement asked
 /// for the lock.
 fn got_lock(messages: &[SimpleQueryMessage]) -> bool {
@@ -374,6 +401,29 @@ impl Service for Election {
         }
         match Election::try_lock(session).await {
             Ok(true) => self.lead(),
+            Ok(false) if matches!(heard, Heard::Nothing) => {
+                // Held, and silent: a leader that is stopped (SIGSTOP, a
+                // frozen VM) or stalled keeps its session, and its lock,
+                // while it does nothing; its expired leases would wait for
+                // ever. Its session is ended, and the lock asked for again.
+                match Election::end_silent_leader(session).await {
+                    Ok(ended) => {
+                        if !ended.is_empty() {
+                            tracing::warn!(
+                                silence = ?SILENCE,
+                                sessions = ?ended,
+                                "the instance doing the maintenance holds it without a heartbeat (stopped? frozen?); ended its session to take over"
+                            );
+                        }
+                        // Ask again in a moment: the session ends at once.
+                        self.heard_at = Instant::now() - SILENCE + Duration::from_millis(500);
+                    }
+                    Err(reason) => {
+                        tracing::warn!(error = %reason, "could not end the silent maintenance session; waiting for it");
+                        self.heard_at = Instant::now();
+                    }
+                }
+            }
             Ok(false) => self.heard_at = Instant::now(),
             Err(reason) => return self.lost(&reason),
         }
