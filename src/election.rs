@@ -297,10 +297,16 @@ impl Election {
                   WHERE l.locktype = 'advisory' AND l.granted
                     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                     AND l.classid = {} AND l.objid = {} AND l.objsubid = 1
-                    AND l.pid <> pg_backend_pid())
+                    AND l.pid <> pg_backend_pid()
+                    -- Silent for as long as we heard nothing: not a leader
+                    -- elected a moment ago, whose first heartbeat is to come.
+                    AND EXISTS (SELECT 1 FROM pg_stat_activity AS a
+                                 WHERE a.pid = l.pid AND a.state = 'idle'
+                                   AND a.state_change < now() - interval '{} milliseconds'))
              SELECT pid FROM holder WHERE pg_terminate_backend(pid)",
             LOCK_KEY >> 32,
-            LOCK_KEY & 0xffff_ffff
+            LOCK_KEY & 0xffff_ffff,
+            SILENCE.as_millis()
         );
         let rows = bounded(on(session, |c| async move { c.simple_query(&sql).await })).await?;
         Ok(rows
