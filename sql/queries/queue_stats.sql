@@ -33,8 +33,14 @@
 -- and which cannot be subtracted, does not fail the query. Nothing due
 -- (NULL) gives 0.
 --
--- The counts: pending and held are counted exactly up to 10,000 (an index
--- range read up to there and no further). Past that, pending is PostgreSQL's
+-- Retries set for later wait as `scheduled` (migration 0013) and count
+-- among the pending events (both are waiting). One come due but not yet
+-- moved back to pending by a claim (which does so at once while any
+-- instance claims) counts as due from its enqueue: if no instance claims,
+-- it pages like any event.
+--
+-- The counts: pending (and scheduled) and held are counted exactly up to
+-- 10,000 each (an index range read up to there and no further). Past that, pending is PostgreSQL's
 -- own estimate of events_endpoint_pending's entries (its tuples per page at
 -- the last VACUUM or ANALYZE times its pages now, never below what was
 -- counted), and held stays at 10,000, meaning that many or more. Leased rows
@@ -74,8 +80,22 @@ WITH RECURSIVE held AS (
       LEFT JOIN held AS h
              ON h.company_id = d.company_id AND h.event_type = d.event_type
      WHERE d.next_attempt_at <= now()
+), scheduled_due AS (
+    -- The scheduled retry due soonest, if it is due now (events_scheduled).
+    SELECT s.created_at AS oldest_due
+      FROM (SELECT e.created_at, e.next_attempt_at
+              FROM outbox.events AS e
+             WHERE e.state = 'scheduled'
+             ORDER BY e.next_attempt_at
+             LIMIT 1) AS s
+     WHERE s.next_attempt_at <= now()
 ), counted AS (
     SELECT (SELECT count(*) FROM (
+                SELECT 1 FROM outbox.events AS e
+                 WHERE e.state = 'scheduled'
+                 ORDER BY e.next_attempt_at
+                 LIMIT 10001) AS s) AS scheduled,
+           (SELECT count(*) FROM (
                 SELECT 1 FROM outbox.events AS e
                  WHERE e.state = 'pending'
                  ORDER BY e.company_id, e.event_type, e.next_attempt_at
@@ -100,7 +120,8 @@ WITH RECURSIVE held AS (
       FROM outbox.events WHERE state = 'leased'
 )
 SELECT CASE WHEN n.pending <= 10000 THEN n.pending
-            ELSE greatest(n.pending, coalesce(n.estimate, 0)::bigint) END AS pending,
+            ELSE greatest(n.pending, coalesce(n.estimate, 0)::bigint) END
+       + n.scheduled AS pending,
        l.leased,
        CASE WHEN isfinite(q.oldest_due) THEN (extract(epoch FROM now() - q.oldest_due) * 1000)::bigint
             WHEN q.oldest_due < now() THEN 9223372036854775807
@@ -116,7 +137,9 @@ SELECT CASE WHEN n.pending <= 10000 THEN n.pending
        q.endpoints_held, c.longest_open_ms
   FROM counted AS n, leased AS l,
        -- least() skips NULLs: the older of the two, or NULL if neither.
-       (SELECT least(d.oldest_due, l.oldest_due) AS oldest_due, d.oldest_held, d.endpoints_held
+       (SELECT least(d.oldest_due, l.oldest_due,
+                     (SELECT sd.oldest_due FROM scheduled_due AS sd)) AS oldest_due,
+               d.oldest_held, d.endpoints_held
           FROM due AS d, leased AS l) AS q,
        (SELECT count(*) FILTER (WHERE h.state = 'open' AND NOT h.manual) AS open,
                count(*) FILTER (WHERE h.state = 'half_open' AND NOT h.manual) AS half_open,
