@@ -524,7 +524,7 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
     let client = connect(&url).await;
     preload(&client, opts.events, opts.companies, "http://127.0.0.1:9").await;
     // The daemon's own pool settings (synchronous_commit off included), and
-    // its claim's own session.
+    // its plain claim's own session.
     let database = daemon_database(&url);
     let pool = outboxd::store::pool::pool(&database);
     let claim_pool = outboxd::store::pool::claim_pool(&database);
@@ -537,10 +537,11 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
     let claiming = tokio::spawn(async move {
         loop {
             // The daemon's default cap per endpoint.
-            // The daemon's claim; every endpoint has room (its deliveries
-            // are over once recorded).
+            // The daemon's first claim; every endpoint has room (its
+            // deliveries are over once recorded), so it stays the plain one.
             let claimed = claim::claim(
                 &claimer,
+                claim::Mode::Plain,
                 batch,
                 "bench",
                 Duration::from_secs(60),

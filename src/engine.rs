@@ -278,7 +278,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<Summary,
     let mut tasks = JoinSet::new();
     let recorder_died = ClaimLoop {
         pool: &pool,
-        claim_pool: &claim_pool,
+        plain_pool: &claim_pool,
         owner: &owner,
         config: &config,
         claim_limit: db_limit,

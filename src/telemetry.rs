@@ -358,7 +358,7 @@ fn describe() {
     );
     describe_gauge!(
         DB_POOL_CONNECTIONS,
-        "Pooled database connections of this instance by state (in_use, idle); LISTEN and the claim have their own, not counted."
+        "Pooled database connections of this instance by state (in_use, idle); LISTEN and the plain claim have their own, not counted."
     );
     describe_gauge!(DB_POOL_MAX, "The pool's size limit (database.pool_size).");
     describe_gauge!(

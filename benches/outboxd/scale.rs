@@ -3,8 +3,8 @@
 //!
 //! 1. The claim alone: 300 due events on 10 endpoints, beside 100 and then
 //!    20,000 other endpoints that each have one retry set an hour ahead;
-//!    the median of 300 claims of 64, each rolled back, on the daemon's own
-//!    claim session (`store::pool::claim_pool`, a plan made once). The
+//!    the median of 300 fair claims of 64, each rolled back, on the
+//!    daemon's own pool (`store::pool::pool`, plans made per run). The
 //!    retries are written as `scheduled`, as outboxd writes them since
 //!    migration 0013, and again as `pending` with a later next_attempt_at,
 //!    as it wrote them before (and as a daemon older than 0013 still
@@ -95,7 +95,8 @@ async fn claim_time(state: &str, n: i32) -> f64 {
         .batch_execute("VACUUM ANALYZE outbox.events")
         .await
         .unwrap();
-    let pool = outboxd::store::pool::claim_pool(&daemon_database(&url));
+    // The daemon's pool, where it runs the fair claim.
+    let pool = outboxd::store::pool::pool(&daemon_database(&url));
     let client = pool.get().await.unwrap();
     let mut times = Vec::with_capacity(300);
     for _ in 0..300 {
@@ -109,9 +110,9 @@ async fn claim_time(state: &str, n: i32) -> f64 {
     times[times.len() / 2]
 }
 
-const CLAIM_SQL: &str = include_str!("../../sql/queries/claim.sql");
+const CLAIM_SQL: &str = include_str!("../../sql/queries/claim_fair.sql");
 
-/// One claim of up to `limit` as the daemon makes it (its statement, its
+/// One fair claim of up to `limit` as the daemon makes it (its statement, its
 /// parameters with nothing in flight, on the connection given), in a
 /// transaction rolled back so that every run sees the same rows: ms, and
 /// the company of each event claimed. (`store::claim::claim` commits its

@@ -269,8 +269,8 @@ async fn claim_time() -> [f64; 2] {
         .batch_execute("VACUUM ANALYZE outbox.events")
         .await
         .unwrap();
-    // The daemon's claim session: a plan made once, at the first claim.
-    let pool = outboxd::store::pool::claim_pool(&daemon_database(&url));
+    // The daemon's pool, where it runs the fair claim.
+    let pool = outboxd::store::pool::pool(&daemon_database(&url));
     let client = pool.get().await.unwrap();
     let without = median_claim(&client).await;
     setup

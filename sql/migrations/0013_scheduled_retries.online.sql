@@ -4,8 +4,3 @@
 CREATE INDEX CONCURRENTLY IF NOT EXISTS events_scheduled
     ON outbox.events (next_attempt_at)
     WHERE state = 'scheduled';
-
--- The plain claim's index goes (src/store/claim.rs: one claim now, which
--- reads events_endpoint_pending): one entry fewer for every enqueue to
--- write, and the busiest one, every new row landing on its last page.
-DROP INDEX CONCURRENTLY IF EXISTS outbox.events_pending_due;

@@ -10,7 +10,8 @@
 -- Now outboxd writes a retry as `scheduled` (sql/queries/record.sql), and
 -- the claim moves those that have come due back to `pending`, a few
 -- hundred at a time, oldest first, through the small index below (the
--- first step of sql/queries/claim_fair.sql). A `pending` row is so always
+-- first step of both claims, sql/queries/claim.sql and claim_fair.sql). A
+-- `pending` row is so always
 -- due (an enqueue, a retry come due, a lease put back, a held endpoint's
 -- event), and the claim's cost follows the endpoints that have something
 -- due. The enqueue is unchanged: it writes `pending` rows and no entry in
@@ -21,21 +22,11 @@
 -- `pending` events to show "not delivered yet" should now look for
 -- `pending` or `scheduled`.
 --
--- One claim: the plain oldest-first claim (and its index, events_pending_due,
--- dropped in the online part) is gone; the fair claim, whose cost no longer
--- grows with the scheduled retries, serves every case, so that one held
--- endpoint no longer switches every instance to another statement. An
--- enqueue so writes two index entries (events_pkey, events_endpoint_pending)
--- instead of three.
---
--- Online: the new index is built with CREATE INDEX CONCURRENTLY and the old
--- one dropped with DROP INDEX CONCURRENTLY (the online part). A daemon older than this migration keeps working beside it: it
+-- Online: the index is built with CREATE INDEX CONCURRENTLY (the online
+-- part). A daemon older than this migration keeps working beside it: it
 -- claims `pending` rows only and writes its retries as before (`pending`,
 -- due later), which the new claim still reads correctly; the `scheduled`
 -- rows the new daemons write are moved back by the new daemons' claims.
--- Its plain claim, without events_pending_due, reads the pending rows
--- through events_endpoint_pending and sorts them: slower with a large
--- backlog, correct, for as long as the upgrade takes.
 -- Going back to the older version for good needs
 --     UPDATE outbox.events SET state = 'pending' WHERE state = 'scheduled';
 -- first (README, "Upgrading").

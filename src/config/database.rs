@@ -28,9 +28,8 @@ pub struct DatabaseConfig {
     /// Connection settings, password included (its `Debug` redacts it).
     pub pg: tokio_postgres::Config,
     pub connect_timeout: Duration,
-    /// Pooled connections for recording and the mailer (LISTEN and the
-    /// claim have one each of their own, the upkeep two:
-    /// `store::pool::claim_pool`, `store::pool::upkeep_pool`).
+    /// Pooled connections for recording, claiming and upkeep (LISTEN and the
+    /// plain claim have one each of their own: `store::pool::claim_pool`).
     pub pool_size: usize,
     /// How long `run` waits for `outboxd migrate` when it finds the schema
     /// older than itself; zero: exit 3 at once.

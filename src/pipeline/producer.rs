@@ -29,7 +29,7 @@ use crate::pipeline::executor;
 use crate::pipeline::schema_watch::SchemaWatch;
 use crate::progress::Progress;
 use crate::service::Heartbeat;
-use crate::store::claim::{Claim, ClaimError, InFlight, claim, hand_back_unknown};
+use crate::store::claim::{Claim, ClaimError, InFlight, Mode, claim, hand_back_unknown};
 use crate::store::error::ErrorKind;
 use crate::store::pool as db;
 use crate::{systemd, telemetry};
@@ -271,10 +271,10 @@ pub const CLAIM_STOP_GRACE: Duration = Duration::from_secs(1);
 
 /// The claim loop and what it needs.
 pub struct ClaimLoop<'a> {
-    /// For the hand-back of unknown leases.
+    /// For the fair claim.
     pub pool: &'a deadpool_postgres::Pool,
-    /// For the claim, whose plan is made once (`store::pool::claim_pool`).
-    pub claim_pool: &'a deadpool_postgres::Pool,
+    /// For the plain claim, whose plan is made once (`store::pool::claim_pool`).
+    pub plain_pool: &'a deadpool_postgres::Pool,
     pub owner: &'a str,
     pub config: &'a Config,
     /// Bound on one claim, connection included (`store::pool::round_trip_limit`).
@@ -312,6 +312,8 @@ impl ClaimLoop<'_> {
         let mut failing = false;
         // Claiming is paused because no outcome can be recorded.
         let mut paused = false;
+        // Plain until a claim leaves due events behind.
+        let mut mode = Mode::Plain;
         let mut follow_up = FollowUp::default();
         // A claim's result is not known (it may have committed): hand back
         // the leases this instance does not know of before the next claim.
@@ -396,7 +398,7 @@ impl ClaimLoop<'_> {
                 // the end of the stop, or else its lease, brings the rows
                 // back.
                 let claim_started = Instant::now();
-                let claim = tokio::time::timeout(self.claim_limit, self.claim(wanted));
+                let claim = tokio::time::timeout(self.claim_limit, self.claim(mode, wanted));
                 tokio::pin!(claim);
                 let claimed = tokio::select! {
                     claimed = &mut claim => claimed,
@@ -423,6 +425,7 @@ impl ClaimLoop<'_> {
                             events,
                             capped,
                             more,
+                            held,
                         },
                         before,
                     )) => {
@@ -432,7 +435,15 @@ impl ClaimLoop<'_> {
                         }
                         self.room.claimed(capped, &events, &before);
                         self.room.forget_stale(self.config.delivery.lease);
-                        (events, more)
+                        // A plain claim that left events behind says nothing
+                        // of the rest of the queue: look again, fairly, now.
+                        let again = more || (held && mode == Mode::Plain);
+                        let next = if held { Mode::Fair } else { Mode::Plain };
+                        if next != mode {
+                            tracing::debug!(mode = ?next, "claim mode changed");
+                            mode = next;
+                        }
+                        (events, again)
                     }
                     Err(ClaimFailed {
                         error: ClaimError { message: e, kind },
@@ -507,8 +518,12 @@ impl ClaimLoop<'_> {
         recorder_died
     }
 
-    async fn claim(&self, wanted: usize) -> Result<(Claim, InFlight), ClaimFailed> {
-        let client = db::Checkout::get(self.claim_pool, "claim")
+    async fn claim(&self, mode: Mode, wanted: usize) -> Result<(Claim, InFlight), ClaimFailed> {
+        let pool = match mode {
+            Mode::Plain => self.plain_pool,
+            Mode::Fair => self.pool,
+        };
+        let client = db::Checkout::get(pool, "claim")
             .await
             .map_err(|e| ClaimFailed {
                 error: ClaimError {
@@ -521,6 +536,7 @@ impl ClaimLoop<'_> {
         let in_flight = self.room.in_flight();
         let claimed = claim(
             &client,
+            mode,
             wanted,
             self.owner,
             delivery.lease,

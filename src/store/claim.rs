@@ -1,6 +1,7 @@
 //! The claim: the one statement that leases a batch of due events to this
-//! instance, fairly between endpoints, and returns each with its endpoint
-//! (`sql/queries/claim.sql`), and the rows turned into [`ClaimedEvent`]s.
+//! instance and returns each with its endpoint (`sql/queries/claim.sql`,
+//! or `claim_fair.sql` while some endpoint is held or at its cap), and the
+//! rows turned into [`ClaimedEvent`]s.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -14,8 +15,17 @@ use crate::store::txn;
 use crate::telemetry;
 
 const CLAIM_SQL: &str = include_str!("../../sql/queries/claim.sql");
+const CLAIM_FAIR_SQL: &str = include_str!("../../sql/queries/claim_fair.sql");
 const HAND_BACK_SQL: &str = include_str!("../../sql/queries/hand_back.sql");
 const HAND_BACK_UNKNOWN_SQL: &str = include_str!("../../sql/queries/hand_back_unknown.sql");
+
+/// Which claim statement: the plain oldest-first one, or the fair one,
+/// taken while some endpoint is held or at its cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Plain,
+    Fair,
+}
 
 /// What is in flight, as the claim statements take it ($5, $6, $7).
 #[derive(Debug, Default)]
@@ -52,17 +62,21 @@ pub struct Claim {
     /// Endpoints left at their cap with more due.
     pub capped: HashSet<EndpointKey>,
     /// Some endpoint got only its share of this batch and may have more
-    /// due, or retries came due and are claimable now: claim again at
-    /// once, even if the batch was short.
+    /// due: claim again at once, even if the batch was short.
     pub more: bool,
+    /// Some endpoint with due events is held or at its cap, or a circuit
+    /// waits for its probe: the next claim is the fair one.
+    pub held: bool,
 }
 
-/// Leases up to `limit` due events to `owner` for `lease`, at most `endpoint_cap` in flight per endpoint on this
+/// Leases up to `limit` due events to `owner` for `lease`, with `mode`'s
+/// statement, at most `endpoint_cap` in flight per endpoint on this
 /// instance (counting `in_flight`) unless the endpoint sets its own. Each
 /// statement is prepared once per pooled connection: one round trip per
 /// claim, not two.
 pub async fn claim(
     client: &deadpool_postgres::Client,
+    mode: Mode,
     limit: usize,
     owner: &str,
     lease: Duration,
@@ -76,7 +90,11 @@ pub async fn claim(
         message: db::describe(&e),
         kind: error::kind(&e),
     };
-    let statement = client.prepare_cached(CLAIM_SQL).await.map_err(describe)?;
+    let sql = match mode {
+        Mode::Plain => CLAIM_SQL,
+        Mode::Fair => CLAIM_FAIR_SQL,
+    };
+    let statement = client.prepare_cached(sql).await.map_err(describe)?;
     // Committed before anything is done with the rows (store::txn): an
     // error here leaves the leases unknown, and nothing of them is sent.
     let rows = txn::query_committed(
@@ -114,7 +132,7 @@ pub async fn claim(
                     .insert((row.get("company_id"), row.get("event_type")));
             }
             Some("more") => claim.more = true,
-            Some(other) => tracing::debug!(note = other, "unknown claim note"),
+            _ => claim.held = true,
         }
     }
     Ok(claim)

@@ -218,10 +218,11 @@ mod tests {
         };
         // events_endpoint_due (0005) was replaced by 0006, and with it the
         // claim index of 0001, which no online part built; 0009 replaced
-        // 0001's company index; 0013 dropped the plain claim's index.
+        // 0001's company index.
         assert_eq!(
             names(all_online_indexes()),
             [
+                "events_pending_due",
                 "events_endpoint_pending",
                 "events_lease_expiry",
                 "events_company_settled",
@@ -233,8 +234,7 @@ mod tests {
             [
                 "events_endpoint_due",
                 "events_due",
-                "events_company_created",
-                "events_pending_due"
+                "events_company_created"
             ]
         );
     }

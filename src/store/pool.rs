@@ -1,5 +1,5 @@
 //! Database connections: one-off ones (`migrate`, `check`, the operator's
-//! commands), the pools of the daemon (the main one, the claim's, the
+//! commands), the pools of the daemon (the main one, the plain claim's, the
 //! upkeep's) with [`Checkout`], and the plain-text form of PostgreSQL
 //! errors. What the server itself is (version, encoding, autovacuum) is
 //! [`crate::store::server`].
@@ -328,7 +328,7 @@ const ONE_OFF_SESSION_OPTIONS: &str = "-c lock_timeout=30s -c statement_timeout=
 ///   Sequential and bitmap scans (which also read every entry) are used
 ///   only where no index path exists. (Those cached plans were made with
 ///   sequential and bitmap scans allowed, of statements not written for
-///   it. The claim now keeps its plan: [`claim_pool`].)
+///   it. The plain claim now keeps its plan: [`claim_pool`].)
 /// - `jit=off`: every statement is short and planned per execution, so
 ///   compiling it with LLVM can only cost. With the server's default
 ///   (`jit_above_cost` 100,000), a table holding a million queued rows of
@@ -355,19 +355,19 @@ pub fn round_trip_limit(config: &DatabaseConfig) -> Duration {
     config.connect_timeout * 4 + POOLED_STATEMENT_TIMEOUT + Duration::from_secs(5)
 }
 
-/// Added for the claim's own session ([`claim_pool`]): its plan is made
-/// once per connection, not at every claim.
+/// Added for the plain claim's own session ([`claim_pool`]): its plan is
+/// made once per connection, not at every claim.
 ///
-/// The claim (`sql/queries/claim.sql`) runs for every claim, one event per
-/// claim when the queue is quiet; planning the plain claim it replaced took
-/// about as long as running it (0.36-0.45 ms, docs/BENCHMARKS.md), and the
-/// fair claim, a longer statement, 2-4 ms. It is the one pooled statement
-/// written so that a plan made without its parameters, from whatever the
-/// statistics say when it is first run, cannot read more of the queue than
-/// it must; claim.sql says how.
-const CLAIM_SESSION_OPTIONS: &str = "-c plan_cache_mode=force_generic_plan";
+/// The plain claim (`sql/queries/claim.sql`) runs for every claim while no
+/// endpoint is held, one event per claim when the queue is quiet, and
+/// planning it took about as long as running it (0.36-0.45 ms,
+/// docs/BENCHMARKS.md). It is the one pooled statement written so that a
+/// plan made without its parameters, from whatever the statistics say when
+/// it is first run, cannot read more of the queue than the rows it claims;
+/// claim.sql says how.
+const PLAIN_CLAIM_SESSION_OPTIONS: &str = "-c plan_cache_mode=force_generic_plan";
 
-/// The connection pool for recording, the hand-backs and the mailer (which
+/// The connection pool for recording, the fair claim and the mailer (which
 /// holds a connection only for its statements, never during SMTP). Connections are opened lazily, so building it never fails on an
 /// unreachable database; the first `get()` does, after at most twice the
 /// connect timeout.
@@ -387,13 +387,13 @@ pub fn upkeep_pool(config: &DatabaseConfig) -> deadpool_postgres::Pool {
 /// The size of [`upkeep_pool`].
 pub const UPKEEP_POOL_SIZE: usize = 2;
 
-/// The claim's connection, one per daemon (the claim loop makes one
-/// claim at a time), with [`CLAIM_SESSION_OPTIONS`] on top of the
+/// The plain claim's connection, one per daemon (the claim loop makes one
+/// claim at a time), with [`PLAIN_CLAIM_SESSION_OPTIONS`] on top of the
 /// pooled sessions' settings. Nothing else runs on it.
 pub fn claim_pool(config: &DatabaseConfig) -> deadpool_postgres::Pool {
     build_pool(
         config,
-        &format!("{POOLED_SESSION_OPTIONS} {CLAIM_SESSION_OPTIONS}"),
+        &format!("{POOLED_SESSION_OPTIONS} {PLAIN_CLAIM_SESSION_OPTIONS}"),
         1,
     )
 }

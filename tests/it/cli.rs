@@ -351,8 +351,9 @@ async fn without_online_indexes(db: &TestDb, rows: i64) {
     db.client()
         .await
         .batch_execute(
-            "DROP INDEX outbox.events_endpoint_pending, outbox.events_lease_expiry,
-                        outbox.events_company_settled, outbox.events_scheduled;
+            "DROP INDEX outbox.events_pending_due, outbox.events_endpoint_pending,
+                        outbox.events_lease_expiry, outbox.events_company_settled,
+                        outbox.events_scheduled;
              CREATE INDEX events_company_created ON outbox.events (company_id, created_at);
              CREATE INDEX events_due ON outbox.events (next_attempt_at)
                  WHERE state IN ('pending', 'leased');
@@ -373,7 +374,7 @@ async fn migrate_builds_indexes_online_while_the_application_goes_on_enqueueing(
     let check = run(db.outboxd().arg("check")).await;
     assert_eq!(check.code, Some(3), "{check:?}");
     assert!(
-        check.stderr.contains("outbox.events_endpoint_pending"),
+        check.stderr.contains("outbox.events_pending_due"),
         "{check:?}"
     );
 
@@ -409,7 +410,7 @@ async fn migrate_builds_indexes_online_while_the_application_goes_on_enqueueing(
     assert_eq!(migrated.code, Some(0), "{migrated:?}");
     assert!(
         migrated.stdout.contains(
-            "built indexes online: events_endpoint_pending, events_lease_expiry, \
+            "built indexes online: events_pending_due, events_endpoint_pending, events_lease_expiry, \
              events_company_settled, events_scheduled"
         ),
         "{migrated:?}"

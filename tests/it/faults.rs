@@ -1187,8 +1187,8 @@ async fn rows_with_an_infinite_created_at_do_not_stall_the_queue() {
 /// Issue 14.4: a row at the schema's bound on attempts (1000000, only
 /// written by hand) cannot be claimed once more; before, the claim's `+ 1`
 /// failed the check and with it every claim while the row was due. It now
-/// fails unsent with the reason, also while another endpoint is paused,
-/// and the rest is delivered.
+/// fails unsent with the reason, through the plain claim and the fair one
+/// (taken while another endpoint is paused), and the rest is delivered.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
     let db = TestDb::new().await;
@@ -1222,9 +1222,8 @@ async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
     assert_eq!((state.as_str(), attempts), ("failed", 1_000_000));
     assert!(text.contains("attempts is at its limit"), "{text}");
 
-    // Again while company 3's endpoint is paused and holds an event: the
-    // claim then also skips a held endpoint (once the fair claim, taken
-    // only while something was held; one claim since migration 0013).
+    // The fair claim: company 3's endpoint is paused, so some endpoint is
+    // held and the claim loop takes claim_fair.sql.
     let out = crate::harness::run(db.outboxd().args(["endpoint", "pause", "--company", "3"])).await;
     assert_eq!(out.code, Some(0), "{out:?}");
     client
@@ -1234,6 +1233,9 @@ async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
         )
         .await
         .unwrap();
+    daemon
+        .wait_for_log("claim mode changed mode=Fair", SECS(15))
+        .await;
     let fair: uuid::Uuid = client.query_one(&worn_out(2), &[]).await.unwrap().get(0);
     client
         .execute(
@@ -1243,7 +1245,7 @@ async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
         .await
         .unwrap();
     eventually(
-        "the good event delivered beside the paused endpoint",
+        "the fair claim's good event delivered",
         SECS(15),
         || async { delivered(&client).await == 4 },
     )

@@ -145,7 +145,7 @@ impl TestDb {
         outboxd::store::pool::pool(&self.config_with(|_| {}).database)
     }
 
-    /// The daemon's claim connection for this database.
+    /// The daemon's plain claim's connection for this database.
     pub fn claim_pool(&self) -> deadpool_postgres::Pool {
         outboxd::store::pool::claim_pool(&self.config_with(|_| {}).database)
     }

@@ -1,7 +1,7 @@
 //! TLS to PostgreSQL (issue 15): a private cluster with `ssl = on`, a
 //! certificate for `localhost` signed by a CA this test makes, and a
 //! pg_hba.conf that admits the daemon's role only over TLS (`hostssl`).
-//! The daemon (pool, claim, LISTEN) and the CLI connect with each
+//! The daemon (pool, plain claim, LISTEN) and the CLI connect with each
 //! `database.tls` mode; what must be refused is refused, with the reason.
 
 use std::time::Duration;
@@ -211,7 +211,7 @@ async fn tls_to_postgresql_verifies_the_server_and_delivers_end_to_end() {
     )
     .await;
     assert_eq!(plaintext, 0);
-    assert!(encrypted >= 3, "pool, claim and LISTEN: {encrypted}");
+    assert!(encrypted >= 3, "pool, plain claim and LISTEN: {encrypted}");
     assert!(daemon.stop().await.success());
 
     // verify-full refuses a certificate for another name (it is for

@@ -14,17 +14,25 @@ use outboxd::store::record;
 use crate::harness::TestDb;
 use crate::harness::count;
 
-/// The claim, as a daemon with nothing in flight makes it.
+/// The plain claim, as a daemon with nothing in flight makes it.
 async fn claim_plain(
     client: &deadpool_postgres::Client,
     limit: usize,
     owner: &str,
     lease: Duration,
 ) -> Vec<ClaimedEvent> {
-    claim::claim(client, limit, owner, lease, 8, &claim::InFlight::default())
-        .await
-        .unwrap()
-        .events
+    claim::claim(
+        client,
+        claim::Mode::Plain,
+        limit,
+        owner,
+        lease,
+        8,
+        &claim::InFlight::default(),
+    )
+    .await
+    .unwrap()
+    .events
 }
 
 /// Writes `outcomes` as `owner` with the default circuit settings; returns
@@ -319,6 +327,7 @@ async fn a_claim_makes_half_open_only_the_circuits_it_probes() {
     let pooled = pool.get().await.unwrap();
     let claimed = claim::claim(
         &pooled,
+        claim::Mode::Fair,
         1,
         "one-slot",
         Duration::from_secs(60),
