@@ -4,10 +4,12 @@
 #
 #   benches/hosts.sh                     # all of it, about 10 minutes
 #   benches/hosts.sh --only lost         # or delivery, database (comma-separated)
+#   benches/hosts.sh --only delivery --hosts "1 2 3 4 6 8"   # where it flattens
 #   benches/hosts.sh --help
 #
-# 1, 2 and 3 `outboxd run` instances (this repository's release build and
-# config.toml), each in a network namespace of its own with an address of
+# 1, 2 and 3 `outboxd run` instances (or up to 8: --hosts), of this
+# repository's release build and config.toml, each in a network namespace
+# of its own with an address of
 # its own, reach a PostgreSQL cluster and the reference receivers over a
 # veth link to a bridge; nothing goes over loopback:
 #
@@ -16,7 +18,8 @@
 #       outboxd-receiver :8801 answering in 50 ms, :8802 answering at once
 #     ├─ veth h1 ── namespace obxd<pid>-h1: eth0 10.231.47.11, outboxd run
 #     ├─ veth h2 ── namespace obxd<pid>-h2: eth0 10.231.47.12, outboxd run
-#     └─ veth h3 ── namespace obxd<pid>-h3: eth0 10.231.47.13, outboxd run
+#     ├─ veth h3 ── namespace obxd<pid>-h3: eth0 10.231.47.13, outboxd run
+#     └─ …          (h4 to h8: 10.231.47.14 to .18, when --hosts asks)
 #
 # The machine's own network and its PostgreSQL are not touched: the
 # addresses exist only inside these namespaces, and the cluster is the
@@ -38,6 +41,8 @@
 #   busy cores over the same window (/proc/stat), and how much of that was
 #   not ours (other work on a shared machine), are printed with each run.
 #   Runs alternate: round 1 in the order 1, 2, 3 hosts, round 2 in 3, 2, 1.
+#   On a machine with other work, more instances also win a larger share of
+#   the cores from that work: read the "not ours" column before the ratios.
 # lost: 3 instances, the 50 ms receiver, a backlog; once a quarter of it is
 #   delivered, host 3's link is cut (its bridge port set down: packets to
 #   and from it vanish, no connection is reset, as when a cable or a switch
@@ -58,7 +63,7 @@ usage() {
 usage: benches/hosts.sh [options]   (as root)
 
   --only LIST             delivery,database,lost (default: all three)
-  --hosts LIST            instance counts, default "1 2 3" (at most 3)
+  --hosts LIST            instance counts, default "1 2 3" (each 1 to 8)
   --rounds N              rounds of each case, alternating the order (default 2)
   --delivery-events N     backlog of the 50 ms case (default 40000)
   --database-events N     backlog of the at-once case (default 100000)
@@ -108,7 +113,13 @@ while (($#)); do
     shift 2 || die "$1 needs a value"
 done
 wants() { [[ ",$only," == *",$1,"* ]]; }
-for h in $hosts_list; do [[ $h =~ ^[123]$ ]] || die "--hosts: 1, 2 or 3, not $h"; done
+# Namespaces for as many hosts as the largest count (the lost host needs 3).
+max_hosts=0
+wants lost && max_hosts=3
+for h in $hosts_list; do
+    [[ $h =~ ^[1-8]$ ]] || die "--hosts: counts from 1 to 8, not $h"
+    ((h > max_hosts)) && max_hosts=$h
+done
 
 ((EUID == 0)) || die "needs root (ip netns, and PostgreSQL run as the postgres user)"
 for tool in ip psql curl runuser awk; do
@@ -145,7 +156,7 @@ cleanup() {
         (cd / && runuser -u postgres -- "$pg_bin/pg_ctl" stop -D "$pgdata" -m immediate -w -t 30 >/dev/null 2>&1)
     fi
     for ns in $(ip netns list | awk '{print $1}'); do
-        if [[ $ns == "$db_ns" || $ns == obxd$$-h[123] ]]; then
+        if [[ $ns == "$db_ns" || $ns == obxd$$-h[1-8] ]]; then
             # Whatever still runs in a namespace of ours is ours.
             for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null; done
             ip netns delete "$ns"
@@ -171,7 +182,7 @@ setup_network() {
     ip -n "$db_ns" link add obxd0 type bridge
     ip -n "$db_ns" addr add "$net.1/24" dev obxd0
     ip -n "$db_ns" link set obxd0 up
-    for i in 1 2 3; do
+    for ((i = 1; i <= max_hosts; i++)); do
         ns=$(host_ns "$i")
         ip netns add "$ns"
         ip -n "$ns" link set lo up
@@ -558,7 +569,7 @@ report() {
         echo "|---|---|---|---|"
         awk -F'\t' -v c="$case" '$1 == c { n[$2]++; r[$2] += $5; p[$2] += $6 }
             END { base = n[1] ? r[1] / n[1] : 0
-                  for (h = 1; h <= 3; h++) if (n[h])
+                  for (h = 1; h <= 8; h++) if (n[h])
                       printf "| %d | %.0f | %s | %.1f |\n", h, r[h] / n[h],
                           base ? sprintf("%.2f", r[h] / n[h] / base) : "-", p[h] / n[h] }' "$results"
     done
