@@ -71,6 +71,7 @@ usage: benches/hosts.sh [options]   (as root)
   --companies N           companies, one endpoint each (default 1000)
   --delay D               the slow receiver's answer delay (default 50ms)
   --lease D               delivery.lease for the lost-host case (default: config.toml's)
+  --concurrency N         delivery.concurrency of every instance (default: config.toml's, 64)
   --bin-dir DIR           where outboxd and outboxd-receiver are
                           (default \${CARGO_TARGET_DIR:-target}/release)
   --keep                  keep the work directory (logs) and say where
@@ -92,6 +93,7 @@ lost_events=30000
 companies=1000
 delay=50ms
 lease=""
+concurrency=""
 bin_dir=${CARGO_TARGET_DIR:-$repo/target}/release
 keep=0
 while (($#)); do
@@ -105,6 +107,7 @@ while (($#)); do
     --companies) companies=$2 ;;
     --delay) delay=$2 ;;
     --lease) lease=$2 ;;
+    --concurrency) concurrency=$2 ;;
     --bin-dir) bin_dir=$2 ;;
     --keep) keep=1; shift; continue ;;
     -h | --help) usage; exit 0 ;;
@@ -314,6 +317,9 @@ in_host() {
         OUTBOXD_LOG__LEVEL=info)
     if [[ -n $daemon_lease ]]; then
         in_host+=(OUTBOXD_DELIVERY__LEASE="$daemon_lease")
+    fi
+    if [[ -n $concurrency ]]; then
+        in_host+=(OUTBOXD_DELIVERY__CONCURRENCY="$concurrency")
     fi
 }
 
@@ -545,7 +551,8 @@ lost_host() {
 # --- the report ------------------------------------------------------------
 
 report() {
-    local case
+    local case slots
+    slots=${concurrency:-$(awk '/^concurrency *=/ { print $3; exit }' "$repo/config.toml")}
     echo
     echo "Machine: $(nproc) cores, $(awk '/MemTotal/ { printf "%.0f GiB", $2 / 1048576 }' /proc/meminfo)," \
         "$("$pg_bin/postgres" --version), $("$outboxd" --version 2>/dev/null | head -n 1)," \
@@ -554,9 +561,9 @@ report() {
         grep -q "^$case	" "$results" 2>/dev/null || continue
         echo
         if [[ $case == delivery ]]; then
-            echo "Delivery-bound (receiver answers in $delay), $delivery_events events, $companies companies:"
+            echo "Delivery-bound (receiver answers in $delay), $delivery_events events, $companies companies, concurrency $slots:"
         else
-            echo "Database-bound (receiver answers at once), $database_events events, $companies companies:"
+            echo "Database-bound (receiver answers at once), $database_events events, $companies companies, concurrency $slots:"
         fi
         echo
         echo "| hosts | round | events/s | PostgreSQL µs/event | daemons µs/event | receiver µs/event | events/transaction | mean claim batch | machine busy, cores (not ours) | load at start | pool waits | attempts per instance |"
