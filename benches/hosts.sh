@@ -50,7 +50,7 @@
 #   Checked: every event delivered, every event id arrived at the receiver,
 #   duplicates counted there; timed: cut to the last delivery. Then the link
 #   comes back and host 3 is watched rejoining (its late outcomes fenced).
-set -euo pipefail
+set -Eeuo pipefail
 export LC_ALL=C # sort and comm of event ids
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -173,6 +173,8 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
+# set -e ends the run at a failed command; say which.
+trap 'say "failed (status $?) at line $LINENO: $BASH_COMMAND"' ERR
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -231,7 +233,8 @@ postmaster_pid() { head -n 1 "$pgdata/postmaster.pid"; }
 pg_ticks() {
     local pm
     pm=$(postmaster_pid)
-    cat /proc/[0-9]*/stat 2>/dev/null | awk -v pm="$pm" '{
+    # A process may end between the glob and the read: not an error.
+    { cat /proc/[0-9]*/stat 2>/dev/null || true; } | awk -v pm="$pm" '{
         pid = $1; s = $0; sub(/^.*\) /, "", s); split(s, f, " ")
         if (pid == pm) t += f[12] + f[13] + f[14] + f[15]
         else if (f[2] == pm) t += f[12] + f[13]
@@ -261,21 +264,25 @@ machine_ticks() {
 psql_open=0
 open_psql() {
     coproc PSQL { exec psql -h "$pgdata" -p 5432 -U postgres -d outboxd -X -q -At 2>&1; }
+    # Kept apart: bash unsets PSQL when the process ends.
+    psql_in=${PSQL[1]} psql_out=${PSQL[0]}
+    # shellcheck disable=SC2153 # PSQL_PID is set by coproc
+    psql_pid=$PSQL_PID
     psql_open=1
     polls=0
 }
 close_psql() {
     if ((psql_open)); then
         psql_open=0
-        eval "exec ${PSQL[1]}>&-" 2>/dev/null || true
-        wait "$PSQL_PID" 2>/dev/null || true
+        exec {psql_in}>&- {psql_out}<&-
+        wait "$psql_pid" 2>/dev/null || true
     fi
 }
 # One statement that returns exactly one row, through that session; the
 # row in qr. (Not meant for $(...): the count of polls must stay here.)
 q() {
-    printf '%s\n' "$1" >&"${PSQL[1]}"
-    IFS= read -r -t 60 qr <&"${PSQL[0]}" || die "no answer from psql to: $1"
+    printf '%s\n' "$1" >&"$psql_in"
+    IFS= read -r -t 60 qr <&"$psql_out" || die "no answer from psql to: $1"
     polls=$((polls + 1))
 }
 
@@ -335,7 +342,7 @@ start_daemons() {
     done
     for ((i = 1; i <= n; i++)); do
         for ((t = 0; t < 300; t++)); do
-            grep -q 'outboxd is delivering' "$work/daemon-h$i.log" && break
+            grep -qs 'outboxd is delivering' "$work/daemon-h$i.log" && break
             kill -0 "${daemon_pids[i - 1]}" 2>/dev/null ||
                 { cat "$work/daemon-h$i.log" >&2; die "instance $i exited at start"; }
             sleep 0.1
@@ -375,7 +382,7 @@ start_receiver() {
     disown "$receiver_pid"
     receiver_pids+=("$receiver_pid")
     for ((t = 0; t < 100; t++)); do
-        grep -q '^listening on' "$out" && return 0
+        grep -qs '^listening on' "$out" && return 0
         sleep 0.1
     done
     die "receiver on port $port did not start"
@@ -593,7 +600,7 @@ report() {
 say "work directory $work; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 setup_network
 start_postgres
-say "PostgreSQL $("$pg_bin/postgres" --version | awk '{ print $NF }') at $net.1:5432 in $db_ns"
+say "PostgreSQL $("$pg_bin/postgres" --version | awk '{ print $3 }') at $net.1:5432 in $db_ns"
 
 if wants delivery || wants database; then
     start_receiver 8801 --delay "$delay"
