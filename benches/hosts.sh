@@ -205,7 +205,10 @@ as_postgres() { (cd / && runuser -u postgres -- "$@"); }
 
 # psql as the superuser through the cluster's socket (a file: reachable from
 # here whatever the network namespace).
-sql() { psql -h "$pgdata" -p 5432 -U postgres -X -q -At -v ON_ERROR_STOP=1 "$@"; }
+sql() {
+    PGOPTIONS="-c client_min_messages=warning" \
+        psql -h "$pgdata" -p 5432 -U postgres -X -q -At -v ON_ERROR_STOP=1 "$@"
+}
 
 start_postgres() {
     local password
