@@ -98,6 +98,12 @@ bin_dir=${CARGO_TARGET_DIR:-$repo/target}/release
 keep=0
 while (($#)); do
     case $1 in
+    --only | --hosts | --rounds | --*-events | --companies | --delay | --lease | \
+        --concurrency | --bin-dir)
+        (($# >= 2)) || die "$1 needs a value"
+        ;;
+    esac
+    case $1 in
     --only) only=$2 ;;
     --hosts) hosts_list=$2 ;;
     --rounds) rounds=$2 ;;
@@ -113,7 +119,7 @@ while (($#)); do
     -h | --help) usage; exit 0 ;;
     *) usage >&2; exit 2 ;;
     esac
-    shift 2 || die "$1 needs a value"
+    shift 2
 done
 wants() { [[ ",$only," == *",$1,"* ]]; }
 # Namespaces for as many hosts as the largest count (the lost host needs 3).
