@@ -157,6 +157,7 @@ daemon_lease=""
 cleanup() {
     local rc=$? pid ns
     set +e
+    trap - ERR
     close_psql
     for pid in "${daemon_pids[@]}" "${receiver_pids[@]}"; do
         [[ -n $pid ]] && kill -KILL "$pid" 2>/dev/null
