@@ -29,7 +29,7 @@
 -- rows the new daemons write are moved back by the new daemons' claims.
 -- Going back to the older version for good needs
 --     UPDATE outbox.events SET state = 'pending' WHERE state = 'scheduled';
--- first (README, "Upgrading").
+-- first (README, "Under systemd", on upgrades).
 
 COMMENT ON COLUMN outbox.events.state IS
     'pending: due (first attempt, or a retry come due); scheduled: a retry set for next_attempt_at; '
