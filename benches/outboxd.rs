@@ -61,6 +61,12 @@ struct Opts {
     /// Also drain a backlog of 1,000,000 events.
     #[arg(long)]
     large: bool,
+    /// In the drain phase, one more company that paused its endpoint and
+    /// has this many due events, an hour older than all the others (at the
+    /// head of the queue, held, and well within circuit.max_hold): what a
+    /// held endpoint costs the drain (issue 26).
+    #[arg(long, default_value_t = 0)]
+    paused: usize,
     /// Offered load for the latency phase, events per second.
     #[arg(long, default_value_t = 500)]
     rate: u64,
@@ -411,6 +417,17 @@ async fn preload(client: &Client, n: usize, companies: usize, receiver_url: &str
 /// both, which the first branch then reads): counting the backlog instead
 /// took PostgreSQL tens of milliseconds per check at 1M rows, CPU the drain
 /// being measured then lacked.
+async fn count_delivered(client: &Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn wait_drained(client: &Client, limit: Duration) {
     let started = Instant::now();
     loop {
@@ -454,12 +471,39 @@ async fn drain(opts: &Opts, events: usize) -> Drain {
     let receiver = start_receiver(false).await;
     eprintln!("drain: preloading {events} events");
     preload(&client, events, opts.companies, &receiver.url).await;
+    if opts.paused > 0 {
+        let company = opts.companies as i64 + 1;
+        client
+            .batch_execute(&format!(
+                "INSERT INTO outbox.endpoints (company_id, url)
+                 VALUES ({company}, '{url}/hooks/payment-cancelled');
+                 SELECT outbox.pause_endpoint({company});
+                 INSERT INTO outbox.events (company_id, payload, next_attempt_at)
+                 SELECT {company}, jsonb_build_object('companyId', {company}, 'paymentId', g,
+                                                      'paymentNumber', g::text),
+                        now() - interval '1 hour'
+                   FROM generate_series(1, {n}) g;",
+                url = receiver.url,
+                n = opts.paused,
+            ))
+            .await
+            .unwrap();
+    }
     eprintln!("drain: delivering");
     let receiver_before = process_cpu_seconds(receiver.child.id().unwrap());
     let postgres_before = postgres_cpu_seconds();
     let transactions_before = commits(&client, db).await;
     let daemon = Daemon::start(opts.daemon(), opts.config(), &url, opts.concurrency).await;
-    wait_drained(&client, Duration::from_secs(3600)).await;
+    if opts.paused > 0 {
+        // The paused company's events stay pending: wait for the others.
+        let started = Instant::now();
+        while count_delivered(&client).await < events as i64 {
+            assert!(started.elapsed() < Duration::from_secs(3600), "not drained");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    } else {
+        wait_drained(&client, Duration::from_secs(3600)).await;
+    }
     let per_event = |seconds: f64| seconds / events as f64 * 1e6;
     let cpu_us = [
         per_event(daemon.cpu_seconds()),
@@ -475,14 +519,7 @@ async fn drain(opts: &Opts, events: usize) -> Drain {
         .await
         .unwrap()
         .get(0);
-    let delivered: i64 = client
-        .query_one(
-            "SELECT count(*) FROM outbox.events WHERE state = 'delivered'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let delivered = count_delivered(&client).await;
     assert_eq!(delivered as usize, events, "every event delivered");
     let result = Drain {
         events,
@@ -535,10 +572,11 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
     let started = Instant::now();
     let batch = opts.concurrency;
     let claiming = tokio::spawn(async move {
+        let mut cursor = claim::Cursor::default();
         loop {
-            // The daemon's default cap per endpoint.
-            // The daemon's first claim; every endpoint has room (its
-            // deliveries are over once recorded), so it stays the plain one.
+            // The daemon's default cap per endpoint; every endpoint has
+            // room (its deliveries are over once recorded).
+            // The plain claim: every endpoint has room, nothing is held.
             let claimed = claim::claim(
                 &claimer,
                 claim::Mode::Plain,
@@ -547,11 +585,15 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
                 Duration::from_secs(60),
                 8,
                 &claim::InFlight::default(),
+                &cursor,
             )
             .await
             .unwrap();
             if claimed.events.is_empty() {
                 return;
+            }
+            if let Some(next) = claimed.cursor {
+                cursor = next;
             }
             tx.send(claimed.events).await.unwrap();
         }
@@ -804,10 +846,15 @@ fn main() {
 
         println!();
         println!(
-            "outboxd benchmark ({} cores; concurrency {}; {} companies; PostgreSQL autovacuum {})",
+            "outboxd benchmark ({} cores; concurrency {}; {} companies{}; PostgreSQL autovacuum {})",
             num_cpus(),
             opts.concurrency,
             opts.companies,
+            if opts.paused > 0 {
+                format!(", one more paused with {} due events at the head", opts.paused)
+            } else {
+                String::new()
+            },
             autovacuum().await
         );
         println!("| measure | value |");

@@ -126,7 +126,7 @@ pub async fn claim_rolled_back(client: &deadpool_postgres::Client, limit: i64) -
         .query(
             &statement,
             &[
-                &limit, &"bench", &60_000i64, &8i32, &none.0, &none.1, &none.2,
+                &limit, &"bench", &60_000i64, &8i32, &none.0, &none.1, &none.2, &0i64, &"",
             ],
         )
         .await

@@ -4,13 +4,14 @@
 -- endpoint on this instance (an endpoint's max_in_flight wins), and $5, $6,
 -- $7 the endpoints this instance has requests in flight to, and how many.
 --
--- The plain claim, for while no endpoint is held or at its cap, which is
--- when oldest first is fair too. It takes the $1 oldest due rows, as one
--- ordered walk of the partial index events_pending_due (FOR UPDATE SKIP
--- LOCKED lets several daemons claim side by side without queueing behind
--- each other's row locks), and leases those whose endpoint has room and no
--- held circuit. When it leaves any behind, a `note` row says so and the
--- claim loop takes claim_fair.sql from then on: rows of a held endpoint in
+-- The plain claim, for while few rows of held endpoints or of endpoints at
+-- their cap lie at the head of the queue, which is when oldest first is
+-- fair too. It takes the $1 oldest due rows, as one ordered walk of the
+-- partial index events_pending_due (FOR UPDATE SKIP LOCKED lets several
+-- daemons claim side by side without queueing behind each other's row
+-- locks), and leases those whose endpoint has room and no held circuit.
+-- When it leaves more than a quarter behind, a `held` note says so and the
+-- claim loop takes claim_fair.sql for a while: rows of a held endpoint in
 -- front of the queue would otherwise be walked by every claim.
 --
 -- Due: pending with next_attempt_at reached. A row whose lease ran out (its
@@ -136,18 +137,23 @@ SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since
   FROM claimed AS c
   JOIN picked AS p ON p.id = c.id
 UNION ALL
--- held: due rows were left behind, of an endpoint at its cap or held.
--- (A held endpoint's rows come to the front of the queue in time, and the
--- fair claim that follows sends its probe.)
+-- held: more than a quarter of the due rows read were left behind, of
+-- endpoints held or at their cap: they crowd the head of the queue, and
+-- the loop takes the fair claim for a while. A few (a paused endpoint's
+-- handful of events) only cost this claim their rows, and it stays.
+-- (A held endpoint's rows come to the front of the queue in time, and a
+-- fair claim sends its probe: the loop takes one now and then.)
 SELECT NULL::uuid, NULL::text, NULL::bigint, NULL::text, NULL::int, NULL::int,
        NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
        'held'
- WHERE (SELECT count(*) FROM due) > (SELECT count(*) FROM picked)
+ WHERE ((SELECT count(*) FROM due) - (SELECT count(*) FROM picked)) * 4 > (SELECT count(*) FROM due)
 UNION ALL
--- more: retries came due (`promoted`); claim again at once.
+-- more: retries came due (`promoted`), or rows were left behind from a
+-- full window (more may be due behind it): claim again at once.
 SELECT NULL::uuid, NULL::text, NULL::bigint, NULL::text, NULL::int, NULL::int,
        NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
        'more'
  WHERE EXISTS (SELECT 1 FROM promoted)
+    OR ((SELECT count(*) FROM due) >= $1 AND (SELECT count(*) FROM picked) < $1)

@@ -2,31 +2,38 @@
 -- milliseconds, taking endpoints (company and event type) in turn, at most
 -- $4 in flight per endpoint on this instance unless the endpoint sets its
 -- own max_in_flight. $5, $6, $7: the endpoints this instance has requests
--- in flight to, and how many (company ids, event types, counts). Returns
--- each event with its endpoint settings and whether it is its endpoint's
--- probe, then rows with a NULL id and a `note` (see the end).
+-- in flight to, and how many (company ids, event types, counts). $8, $9:
+-- the endpoint the last claim stopped after (company id, event type; 0 and
+-- '' at first), where this one goes on. Returns each event with its
+-- endpoint settings and whether it is its endpoint's probe, then rows with
+-- a NULL id and a `note` (see the end).
 --
--- The claim loop uses this one while some endpoint is held (circuit open,
--- paused, Retry-After) or at its cap, and `claim.sql`, the plain oldest-
--- first claim, while none is (src/pipeline/producer.rs says when it
--- switches). Its cost follows the endpoints with something due (not, since
--- migration 0013, every endpoint with a retry set for later), a few
--- microseconds each: about 1.5 ms a claim beside 20,000 endpoints with a
--- retry set, but also some 15 ms at 1,000 endpoints with events due, where
--- the plain claim reads its 64 rows whatever their number. So it is not
--- the only claim (docs/BENCHMARKS.md, "Issue 26": tried, and the database
--- spent 3-4 times the CPU per event in the several-hosts drain).
+-- The claim loop takes this one while rows of held endpoints (circuit
+-- open, paused, Retry-After) or of endpoints at their cap crowd the head of
+-- the queue, and `claim.sql`, the plain oldest-first claim, otherwise
+-- (src/pipeline/producer.rs says when it switches). It walks the
+-- endpoints with pending rows in the order of their keys, round robin:
+-- from the one after $8/$9 to the end, then from the first, and stops
+-- when it has passed as many endpoints that can send as the claim wants
+-- (plus one for each endpoint this instance has as many in flight to as
+-- the cap, which may have no room), or after 1,000 endpoints, or when it is back where it
+-- began. So its cost follows the batch it leases, not the number of
+-- endpoints with something due, nor what a held endpoint has queued; and
+-- an endpoint with something due gets its turn within a few claims however
+-- many others have something due. (Until issue 26 it walked every
+-- endpoint with something due: some 15 ms a claim at 1,000 of them, which
+-- one held endpoint anywhere imposed on every instance. It still costs
+-- about twice the plain claim per event leased, so it is not the only
+-- claim: docs/BENCHMARKS.md, "Issue 26".)
 --
 -- Plans: it is written to leave no plan that reads more than it must,
 -- even one made once, without the parameters' values, from the statistics
--- of an empty table: the queue is read only by
--- index descents (the skip scan, each endpoint's rows from its head);
--- circuits and endpoints are probed by primary key inside LATERAL
--- subqueries with LIMIT 1; the updates find their rows by primary key from
--- an array. Measured from a plan made on an empty table, then 20,000
--- endpoints with a retry set and a paused endpoint holding 1,000,000 due
--- events: about 2 ms a claim (a join of the picked rows with
--- outbox.events instead read the whole table, 600 ms).
+-- of an empty table: the queue is read
+-- only by index descents of events_endpoint_pending (the walk, each
+-- endpoint's rows from its head); circuits and endpoints are probed by
+-- primary key inside LATERAL subqueries with LIMIT 1; the updates find
+-- their rows by primary key from an array. (A join of the picked rows
+-- with outbox.events instead read the whole table: 600 ms.)
 --
 -- Due: pending with next_attempt_at reached. A row whose lease ran out (its
 -- daemon died mid-delivery) is put back to pending by release_expired.sql,
@@ -34,41 +41,43 @@
 -- Claiming increments `attempts`, which fences every later update of this
 -- delivery (record.sql). It runs in an explicit transaction, BEGIN and
 -- COMMIT sent with it in one round trip (src/store/txn.rs), and no HTTP
--- request is made before the COMMIT has answered.
+-- request is made before the COMMIT has answered: PostgreSQL sends an
+-- implicit transaction's rows before it commits.
 --
--- Fair between endpoints, oldest first within one (docs/design/fair-claims/
--- has the measurements behind each choice):
+-- Steps (docs/design/fair-claims/ has the measurements behind each):
 -- 0. `promoted`: retries set for later wait as `scheduled` (migration
 --    0013); those that have come due become `pending`, at most 500 per
 --    claim, soonest first, from the head of events_scheduled. This
 --    statement's own snapshot does not see them as pending yet: a `more`
 --    note makes the loop claim again at once, and that claim takes them.
---    So every pending row is due, and the skip scan below walks only the
---    endpoints with something due, not every endpoint with a retry set.
--- 1. `active`: a skip scan over events_endpoint_pending lists every endpoint
---    with pending rows and its head (oldest next_attempt_at, then id),
---    one index descent each: an endpoint with a million queued rows costs
---    one step.
--- 2. `sized`: for each endpoint due now, its circuit and its room (its cap
---    minus what this instance has in flight to it).
--- 3. `probes`: an open circuit whose cool-down is over (or a half-open one
+--    So every pending row is due, and the walk meets only endpoints with
+--    something due, not every endpoint with a retry set.
+-- 1. `walk`: the endpoints with pending rows from the cursor on, one index
+--    descent each (an endpoint with a million queued rows costs one step),
+--    with each one's head (oldest next_attempt_at, then id) and circuit.
+--    It counts those whose circuit lets them send or wants a probe, and
+--    stops at as many as wanted, plus one for each endpoint this instance
+--    has $4 or more in flight to (which may be at its cap).
+-- 2. `probes`: an open circuit whose cool-down is over (or a half-open one
 --    whose probe's lease ran out) becomes half-open and gets room for one
---    event, the probe; at most $1 of them, so that each gets its probe in
---    this claim. The circuit row is taken FOR UPDATE SKIP LOCKED, so
---    of two instances claiming at once only one sends it; the other sees
---    the circuit open (its snapshot), then half-open.
+--    event, the probe; at most $1 of them. The circuit row is taken FOR
+--    UPDATE SKIP LOCKED, so of two instances claiming at once only one
+--    sends it; the other sees the circuit open (its snapshot), then
+--    half-open.
+-- 3. `sized`: each endpoint's room (its cap minus what this instance has
+--    in flight to it) and whether it is held.
 -- 4. `cand`: endpoints with room and a closed (or just probing) circuit
---    that no Retry-After pauses, the $1 longest-waiting first.
+--    that no Retry-After pauses, probes first, then in the walk's order.
 -- 5. `ranked`: each candidate's oldest due rows from its head on, locked
 --    inside the LATERAL (FOR UPDATE SKIP LOCKED): its share of the batch
 --    ($1 over the candidates, rounded up), never more than its room.
--- 6. `picked`: round robin, every endpoint's first row (the longest-waiting
---    endpoint first), then every second row, and so on: a company's burst
---    of 100,000 events takes its turn beside another company's one event
+-- 6. `picked`: round robin, every endpoint's first row in the walk's
+--    order, then every second row, and so on: a company's burst of
+--    100,000 events takes its turn beside another company's one event
 --    instead of ahead of it.
---
--- Cost: a few microseconds per endpoint that has pending rows,
--- and nothing per row of a held endpoint's backlog (docs/BENCHMARKS.md).
+-- 7. The cursor for the next claim: just before the first candidate that
+--    got nothing (the batch was full before its turn), or else the last
+--    endpoint walked.
 WITH RECURSIVE promoted AS (
     UPDATE outbox.events AS e
        SET state = 'pending'
@@ -80,42 +89,88 @@ WITH RECURSIVE promoted AS (
             LIMIT 500
               FOR UPDATE SKIP LOCKED))
  RETURNING e.id
-), active AS (
-    (SELECT e.company_id, e.event_type, e.next_attempt_at AS head_at, e.id AS head_id
-       FROM outbox.events AS e
-      WHERE e.state = 'pending'
-      ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
-      LIMIT 1)
+), walk AS (
+    -- The first endpoint after the cursor, or else (`wrapped`) the first.
+    SELECT f.company_id, f.event_type, f.head_at, f.head_id, f.wrapped, 1 AS n,
+           ci.state AS ci_state, ci.paused_until, ci.failures, ci.manual, ci.retry_at,
+           -- Able to send: due, and no circuit, or a closed one, or one
+           -- ready for its probe; and no Retry-After pausing it.
+           CASE WHEN f.head_at <= now()
+                 AND (ci.state IS NULL OR ci.state = 'closed'
+                      OR (NOT ci.manual AND ci.retry_at <= now()))
+                 AND coalesce(ci.paused_until <= now(), true)
+                THEN 1 ELSE 0 END AS able
+      FROM ((SELECT e.company_id, e.event_type, e.next_attempt_at AS head_at, e.id AS head_id,
+                    false AS wrapped
+               FROM outbox.events AS e
+              WHERE e.state = 'pending' AND (e.company_id, e.event_type) > ($8::bigint, $9::text)
+              ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
+              LIMIT 1)
+            UNION ALL
+            (SELECT e.company_id, e.event_type, e.next_attempt_at, e.id, true
+               FROM outbox.events AS e
+              WHERE e.state = 'pending'
+              ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
+              LIMIT 1)
+            LIMIT 1) AS f
+      LEFT JOIN LATERAL (
+            SELECT x.state, x.paused_until, x.failures, x.manual, x.retry_at
+              FROM outbox.endpoint_circuits AS x
+             WHERE x.company_id = f.company_id AND x.event_type = f.event_type
+             LIMIT 1) AS ci ON true
     UNION ALL
-    SELECT nxt.company_id, nxt.event_type, nxt.next_attempt_at, nxt.id
-      FROM active AS a
+    SELECT nxt.company_id, nxt.event_type, nxt.head_at, nxt.head_id, nxt.wrapped, w.n + 1,
+           ci.state, ci.paused_until, ci.failures, ci.manual, ci.retry_at,
+           w.able + CASE WHEN nxt.head_at <= now()
+                          AND (ci.state IS NULL OR ci.state = 'closed'
+                               OR (NOT ci.manual AND ci.retry_at <= now()))
+                          AND coalesce(ci.paused_until <= now(), true)
+                         THEN 1 ELSE 0 END
+      FROM walk AS w
      CROSS JOIN LATERAL (
-           SELECT e.company_id, e.event_type, e.next_attempt_at, e.id
-             FROM outbox.events AS e
-            WHERE e.state = 'pending'
-              AND (e.company_id, e.event_type) > (a.company_id, a.event_type)
-            ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
-            LIMIT 1) AS nxt
+           (SELECT e.company_id, e.event_type, e.next_attempt_at AS head_at, e.id AS head_id,
+                   w.wrapped AS wrapped
+              FROM outbox.events AS e
+             WHERE e.state = 'pending'
+               AND (e.company_id, e.event_type) > (w.company_id, w.event_type)
+             ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
+             LIMIT 1)
+           UNION ALL
+           -- Past the last endpoint: on from the first, once.
+           (SELECT e.company_id, e.event_type, e.next_attempt_at, e.id, true
+              FROM outbox.events AS e
+             WHERE e.state = 'pending' AND NOT w.wrapped
+             ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
+             LIMIT 1)
+           LIMIT 1) AS nxt
+      LEFT JOIN LATERAL (
+            SELECT x.state, x.paused_until, x.failures, x.manual, x.retry_at
+              FROM outbox.endpoint_circuits AS x
+             WHERE x.company_id = nxt.company_id AND x.event_type = nxt.event_type
+             LIMIT 1) AS ci ON true
+     WHERE w.n < 1000
+       AND w.able < $1::bigint + (SELECT count(*) FROM unnest($7::int[]) AS l(n) WHERE l.n >= $4::int)
+       -- Back where it began: the cursor's own endpoint is the last one.
+       AND NOT (nxt.wrapped AND (nxt.company_id, nxt.event_type) > ($8::bigint, $9::text))
 ), probes AS (
     UPDATE outbox.endpoint_circuits AS ci
        SET state = 'half_open',
            retry_at = now() + $3::bigint * interval '1 millisecond'
       FROM (SELECT c.company_id, c.event_type
-              FROM active AS a
-             -- Each endpoint with something due, its circuit by primary
-             -- key (LATERAL with LIMIT 1: no plan can read the whole table).
-             -- Every ready circuit is locked until this claim commits; only
-             -- those it probes are changed.
+              FROM walk AS w
+             -- Its circuit by primary key (LATERAL with LIMIT 1: no plan
+             -- can read the whole table), locked until this claim commits;
+             -- only those it probes are changed.
              CROSS JOIN LATERAL (
                    SELECT x.company_id, x.event_type, x.retry_at
                      FROM outbox.endpoint_circuits AS x
-                    WHERE x.company_id = a.company_id AND x.event_type = a.event_type
+                    WHERE x.company_id = w.company_id AND x.event_type = w.event_type
                       AND x.state IN ('open', 'half_open') AND NOT x.manual
                       AND x.retry_at <= now()
                       AND (x.paused_until IS NULL OR x.paused_until <= now())
                     LIMIT 1
                       FOR UPDATE SKIP LOCKED) AS c
-             WHERE a.head_at <= now()
+             WHERE w.ci_state IN ('open', 'half_open') AND w.head_at <= now()
              -- No more than this claim can send: a circuit made half-open
              -- without its probe would wait a lease for one. The longest
              -- waiting first; the others stay open, ready for the next claim.
@@ -124,41 +179,36 @@ WITH RECURSIVE promoted AS (
      WHERE ci.company_id = ready.company_id AND ci.event_type = ready.event_type
  RETURNING ci.company_id, ci.event_type
 ), sized AS (
-    SELECT a.company_id, a.event_type, a.head_at, a.head_id,
+    SELECT w.company_id, w.event_type, w.head_at, w.head_id, w.n,
            p.company_id IS NOT NULL AS probe,
-           coalesce(ci.failures > 0 OR ci.state <> 'closed', false) AS circuit_dirty,
+           coalesce(w.failures > 0 OR w.ci_state <> 'closed', false) AS circuit_dirty,
            -- Held: the circuit is not closed (and this claim took no probe),
            -- or a Retry-After pauses the endpoint.
-           p.company_id IS NULL AND ci.company_id IS NOT NULL
-               AND (ci.state <> 'closed' OR coalesce(ci.paused_until > now(), false)) AS held,
+           p.company_id IS NULL AND w.ci_state IS NOT NULL
+               AND (w.ci_state <> 'closed' OR coalesce(w.paused_until > now(), false)) AS held,
            CASE WHEN p.company_id IS NOT NULL THEN 1
                 ELSE coalesce(ep.max_in_flight, $4::int) - coalesce(live.n, 0) END AS room
-      FROM active AS a
+      FROM walk AS w
       LEFT JOIN probes AS p
-             ON p.company_id = a.company_id AND p.event_type = a.event_type
-      LEFT JOIN LATERAL (
-            SELECT x.company_id, x.state, x.paused_until, x.failures
-              FROM outbox.endpoint_circuits AS x
-             WHERE x.company_id = a.company_id AND x.event_type = a.event_type
-             LIMIT 1) AS ci ON true
+             ON p.company_id = w.company_id AND p.event_type = w.event_type
       LEFT JOIN LATERAL (
             SELECT x.max_in_flight
               FROM outbox.endpoints AS x
-             WHERE x.company_id = a.company_id AND x.event_type = a.event_type
+             WHERE x.company_id = w.company_id AND x.event_type = w.event_type
              LIMIT 1) AS ep ON true
       LEFT JOIN unnest($5::bigint[], $6::text[], $7::int[]) AS live(company_id, event_type, n)
-             ON live.company_id = a.company_id AND live.event_type = a.event_type
-     WHERE a.head_at <= now()
+             ON live.company_id = w.company_id AND live.event_type = w.event_type
+     WHERE w.head_at <= now()
 ), cand AS (
     SELECT s.company_id, s.event_type, s.head_at, s.head_id, s.room, s.probe, s.circuit_dirty,
-           count(*) OVER () AS n_cand
+           s.n, count(*) OVER () AS n_cand
       FROM sized AS s
      WHERE NOT s.held AND s.room > 0
-     ORDER BY s.probe DESC, s.head_at
+     ORDER BY s.probe DESC, s.n
      LIMIT $1
 ), ranked AS (
     SELECT r.id, r.next_attempt_at, r.lease_expired, c.probe, c.circuit_dirty, c.company_id,
-           c.event_type, c.head_at, c.room,
+           c.event_type, c.n, c.room,
            least(c.room, ($1 + c.n_cand - 1) / c.n_cand) AS share,
            row_number() OVER (PARTITION BY c.company_id, c.event_type
                               ORDER BY r.next_attempt_at, r.id) AS rn
@@ -166,9 +216,8 @@ WITH RECURSIVE promoted AS (
      CROSS JOIN LATERAL (
            -- From the head on: the entries before it are of rows claimed
            -- since the last vacuum, and are not walked again. The bound is
-           -- written on the whole key of events_endpoint_pending, which no other
-           -- index can serve (on events_pending_due it would look like a narrow
-           -- range of times, and the planner would sort what it read).
+           -- written on the whole key of events_endpoint_pending, which no
+           -- other index can serve.
            SELECT e.id, e.next_attempt_at, e.lease_owner IS NOT NULL AS lease_expired
              FROM outbox.events AS e
             WHERE e.company_id = c.company_id AND e.event_type = c.event_type
@@ -179,8 +228,8 @@ WITH RECURSIVE promoted AS (
             LIMIT least(c.room, ($1 + c.n_cand - 1) / c.n_cand)
               FOR UPDATE SKIP LOCKED) AS r
 ), picked AS (
-    SELECT id, lease_expired, probe, circuit_dirty, next_attempt_at AS due_at
-      FROM ranked ORDER BY rn, head_at LIMIT $1
+    SELECT id, lease_expired, probe, circuit_dirty, next_attempt_at AS due_at, n
+      FROM ranked ORDER BY rn, probe DESC, n LIMIT $1
 ), claimed AS (
     UPDATE outbox.events AS e
        -- A row with a million attempts or more (only a hand-written one
@@ -219,9 +268,11 @@ WITH RECURSIVE promoted AS (
     -- capped: an endpoint with more due than its room, at its cap before
     -- this claim or filled by it (the loop claims again when one of its
     -- deliveries ends). more: some endpoint got its whole share but not its
-    -- room and may have more due, or retries came due (`promoted`): the
-    -- loop claims again at once. held: some endpoint with due events is
-    -- held or at its cap (the loop stays with this claim).
+    -- room and may have more due; or the walk stopped at as many endpoints
+    -- able to send as wanted, and the batch is not full (their rows were
+    -- taken by another instance meanwhile: look further); or retries came
+    -- due (`promoted`): the loop claims again at once. cursor: where the
+    -- next claim goes on (step 7).
     SELECT s.company_id, s.event_type, 'capped' AS note
       FROM sized AS s WHERE NOT s.held AND s.room <= 0
     UNION ALL
@@ -231,9 +282,17 @@ WITH RECURSIVE promoted AS (
     SELECT NULL, NULL, 'more'
      WHERE EXISTS (SELECT 1 FROM ranked AS r WHERE r.rn = r.share AND r.share < r.room)
         OR EXISTS (SELECT 1 FROM promoted)
+        OR ((SELECT max(w.able) FROM walk AS w) >= $1::bigint + (SELECT count(*) FROM unnest($7::int[]) AS l(n) WHERE l.n >= $4::int)
+            AND (SELECT count(*) FROM picked) < $1)
     UNION ALL
-    SELECT NULL, NULL, 'held'
-     WHERE EXISTS (SELECT 1 FROM sized AS s WHERE s.held OR s.room <= 0 OR s.probe)
+    (SELECT w.company_id, w.event_type, 'cursor'
+      FROM walk AS w
+     WHERE w.n < coalesce((SELECT min(s.n) FROM sized AS s
+                            WHERE NOT s.held AND s.room > 0
+                              AND NOT EXISTS (SELECT 1 FROM picked AS p WHERE p.n = s.n)),
+                          2147483647)
+     ORDER BY w.n DESC
+     LIMIT 1)
 )
 SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since_replay,
        c.age_ms, p.lease_expired, p.probe, p.circuit_dirty,
@@ -245,7 +304,7 @@ SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since
        ARRAY(SELECT s.secret FROM outbox.endpoint_signing_secrets AS s
               WHERE s.company_id = ep.company_id AND s.event_type = ep.event_type
                 AND (s.expires_at IS NULL OR s.expires_at > now())
-              ORDER BY s.id DESC) AS signing_secrets, 
+              ORDER BY s.id DESC) AS signing_secrets,
        -- worn_out: failed above, at the bound on attempts; not to be sent.
        CASE WHEN c.state = 'failed' THEN 'worn_out' END AS note
   FROM claimed AS c

@@ -8,7 +8,9 @@
 //! keep coming ([`FollowUp`]): the enqueue notifies at most once per quarter
 //! second (migration 0009), and this is how the events in between are
 //! found without waiting for the poll.
-//! The claim is fair between endpoints and keeps each under its cap; an
+//! The claim is fair between endpoints, taking them in turn from where the
+//! last claim stopped (the loop keeps that cursor), and keeps each under
+//! its cap; an
 //! endpoint left at its cap is remembered in [`Room`], and the recorder
 //! wakes the loop when one of that endpoint's deliveries has been marked.
 
@@ -29,7 +31,7 @@ use crate::pipeline::executor;
 use crate::pipeline::schema_watch::SchemaWatch;
 use crate::progress::Progress;
 use crate::service::Heartbeat;
-use crate::store::claim::{Claim, ClaimError, InFlight, Mode, claim, hand_back_unknown};
+use crate::store::claim::{Claim, ClaimError, Cursor, InFlight, Mode, claim, hand_back_unknown};
 use crate::store::error::ErrorKind;
 use crate::store::pool as db;
 use crate::{systemd, telemetry};
@@ -210,8 +212,9 @@ const FOLLOW_UP_MAX_GAP: Duration = Duration::from_millis(20);
 
 /// A follow-up look waits at least this many times as long as the last
 /// claim took, so that follow-ups take at most half the claiming
-/// connection's time however slow the claim is (a fair claim walking many
-/// endpoints: 20-60 ms at 10,000-20,000 of them, issue 26). Four times
+/// connection's time however slow the claim is (a claim that walks up to
+/// 1,000 held endpoints before it finds one able to send: a few ms; before
+/// issue 26, 20-60 ms at 10,000-20,000 endpoints). Four times
 /// was measured too: it doubled the tenant scenarios' worst latency (15 to
 /// 30 ms), their fair claims taking about 5 ms.
 const FOLLOW_UP_COST_FACTOR: u32 = 1;
@@ -257,6 +260,15 @@ impl FollowUp {
         (wait < poll).then_some(wait)
     }
 }
+
+/// How long the claim loop keeps to the fair claim once a plain claim left
+/// more than a quarter of what it read behind (rows of held endpoints, or
+/// of endpoints at their cap, at the head of the queue); then a plain
+/// claim looks again. A plain claim a second costs little however the
+/// queue stands, and a held endpoint with a few events in front (a pause)
+/// no longer keeps an instance on the fair claim for good: it costs each
+/// plain claim those few rows instead (issue 26).
+const FAIR_SPELL: Duration = Duration::from_secs(1);
 
 /// Wait after a failed claim before the next, so a database outage does not
 /// turn into a tight error loop.
@@ -312,8 +324,12 @@ impl ClaimLoop<'_> {
         let mut failing = false;
         // Claiming is paused because no outcome can be recorded.
         let mut paused = false;
-        // Plain until a claim leaves due events behind.
+        // Plain until a plain claim leaves more than a quarter behind; then
+        // fair until `fair_until`, and plain is tried again.
         let mut mode = Mode::Plain;
+        let mut fair_until = Instant::now();
+        // Where the next fair claim goes on walking the endpoints.
+        let mut cursor = Cursor::default();
         let mut follow_up = FollowUp::default();
         // A claim's result is not known (it may have committed): hand back
         // the leases this instance does not know of before the next claim.
@@ -398,7 +414,13 @@ impl ClaimLoop<'_> {
                 // the end of the stop, or else its lease, brings the rows
                 // back.
                 let claim_started = Instant::now();
-                let claim = tokio::time::timeout(self.claim_limit, self.claim(mode, wanted));
+                if mode == Mode::Fair && Instant::now() >= fair_until {
+                    tracing::debug!("claim mode: plain again");
+                    mode = Mode::Plain;
+                }
+                let after = cursor.clone();
+                let claim =
+                    tokio::time::timeout(self.claim_limit, self.claim(mode, wanted, &after));
                 tokio::pin!(claim);
                 let claimed = tokio::select! {
                     claimed = &mut claim => claimed,
@@ -426,6 +448,7 @@ impl ClaimLoop<'_> {
                             capped,
                             more,
                             held,
+                            cursor: next,
                         },
                         before,
                     )) => {
@@ -435,14 +458,20 @@ impl ClaimLoop<'_> {
                         }
                         self.room.claimed(capped, &events, &before);
                         self.room.forget_stale(self.config.delivery.lease);
-                        // A plain claim that left events behind says nothing
-                        // of the rest of the queue: look again, fairly, now.
-                        let again = more || (held && mode == Mode::Plain);
-                        let next = if held { Mode::Fair } else { Mode::Plain };
-                        if next != mode {
-                            tracing::debug!(mode = ?next, "claim mode changed");
-                            mode = next;
+                        if let Some(next) = next {
+                            cursor = next;
                         }
+                        // Held rows crowd the head of the queue: the fair
+                        // claim for a while, from now (this plain claim
+                        // says nothing of the rest of the queue).
+                        let again = if held && mode == Mode::Plain {
+                            tracing::debug!("claim mode: fair for a while");
+                            mode = Mode::Fair;
+                            fair_until = Instant::now() + FAIR_SPELL;
+                            true
+                        } else {
+                            more
+                        };
                         (events, again)
                     }
                     Err(ClaimFailed {
@@ -518,7 +547,12 @@ impl ClaimLoop<'_> {
         recorder_died
     }
 
-    async fn claim(&self, mode: Mode, wanted: usize) -> Result<(Claim, InFlight), ClaimFailed> {
+    async fn claim(
+        &self,
+        mode: Mode,
+        wanted: usize,
+        after: &Cursor,
+    ) -> Result<(Claim, InFlight), ClaimFailed> {
         let pool = match mode {
             Mode::Plain => self.plain_pool,
             Mode::Fair => self.pool,
@@ -542,6 +576,7 @@ impl ClaimLoop<'_> {
             delivery.lease,
             delivery.endpoint_concurrency,
             &in_flight,
+            after,
         )
         .await
         .map(|claim| (claim, in_flight))

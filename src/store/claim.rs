@@ -1,7 +1,8 @@
 //! The claim: the one statement that leases a batch of due events to this
 //! instance and returns each with its endpoint (`sql/queries/claim.sql`,
-//! or `claim_fair.sql` while some endpoint is held or at its cap), and the
-//! rows turned into [`ClaimedEvent`]s.
+//! oldest first, or `claim_fair.sql`, endpoints in turn from where the last
+//! fair claim stopped, while held rows crowd the head of the queue), and
+//! the rows turned into [`ClaimedEvent`]s.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -18,14 +19,6 @@ const CLAIM_SQL: &str = include_str!("../../sql/queries/claim.sql");
 const CLAIM_FAIR_SQL: &str = include_str!("../../sql/queries/claim_fair.sql");
 const HAND_BACK_SQL: &str = include_str!("../../sql/queries/hand_back.sql");
 const HAND_BACK_UNKNOWN_SQL: &str = include_str!("../../sql/queries/hand_back_unknown.sql");
-
-/// Which claim statement: the plain oldest-first one, or the fair one,
-/// taken while some endpoint is held or at its cap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Plain,
-    Fair,
-}
 
 /// What is in flight, as the claim statements take it ($5, $6, $7).
 #[derive(Debug, Default)]
@@ -55,6 +48,24 @@ pub struct ClaimError {
     pub kind: ErrorKind,
 }
 
+/// Which claim statement: the plain oldest-first one, or the fair one,
+/// taken while rows of held endpoints or of endpoints at their cap crowd
+/// the head of the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Plain,
+    Fair,
+}
+
+/// Where the next fair claim goes on walking the endpoints: after this one
+/// (`sql/queries/claim_fair.sql`, step 7). The default is before every endpoint
+/// (company ids are positive).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cursor {
+    pub company_id: i64,
+    pub event_type: String,
+}
+
 /// What one claim returned.
 #[derive(Debug, Default)]
 pub struct Claim {
@@ -62,18 +73,23 @@ pub struct Claim {
     /// Endpoints left at their cap with more due.
     pub capped: HashSet<EndpointKey>,
     /// Some endpoint got only its share of this batch and may have more
-    /// due: claim again at once, even if the batch was short.
+    /// due, or endpoints able to send lie beyond where the walk stopped, or
+    /// retries came due: claim again at once, even if the batch was short.
     pub more: bool,
-    /// Some endpoint with due events is held or at its cap, or a circuit
-    /// waits for its probe: the next claim is the fair one.
+    /// The plain claim left more than a quarter of what it read behind
+    /// (rows of held endpoints, or of endpoints at their cap): the next
+    /// claims are the fair one.
     pub held: bool,
+    /// Where the next fair claim goes on (None: where this one began).
+    pub cursor: Option<Cursor>,
 }
 
 /// Leases up to `limit` due events to `owner` for `lease`, with `mode`'s
-/// statement, at most `endpoint_cap` in flight per endpoint on this
-/// instance (counting `in_flight`) unless the endpoint sets its own. Each
-/// statement is prepared once per pooled connection: one round trip per
-/// claim, not two.
+/// statement (the fair one walks the endpoints from the one after `after`),
+/// at most `endpoint_cap` in flight per endpoint on this instance (counting
+/// `in_flight`) unless the endpoint sets its own. Each statement is
+/// prepared once per pooled connection: one round trip per claim, not two.
+#[allow(clippy::too_many_arguments)]
 pub async fn claim(
     client: &deadpool_postgres::Client,
     mode: Mode,
@@ -82,6 +98,7 @@ pub async fn claim(
     lease: Duration,
     endpoint_cap: u32,
     in_flight: &InFlight,
+    after: &Cursor,
 ) -> Result<Claim, ClaimError> {
     let limit = limit as i64;
     let lease_ms = lease.as_millis() as i64;
@@ -95,23 +112,26 @@ pub async fn claim(
         Mode::Fair => CLAIM_FAIR_SQL,
     };
     let statement = client.prepare_cached(sql).await.map_err(describe)?;
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+        &limit,
+        &owner,
+        &lease_ms,
+        &cap,
+        &in_flight.company_ids,
+        &in_flight.event_types,
+        &in_flight.counts,
+    ];
+    if mode == Mode::Fair {
+        params.extend([
+            &after.company_id as &(dyn tokio_postgres::types::ToSql + Sync),
+            &after.event_type,
+        ]);
+    }
     // Committed before anything is done with the rows (store::txn): an
     // error here leaves the leases unknown, and nothing of them is sent.
-    let rows = txn::query_committed(
-        client,
-        &statement,
-        &[
-            &limit,
-            &owner,
-            &lease_ms,
-            &cap,
-            &in_flight.company_ids,
-            &in_flight.event_types,
-            &in_flight.counts,
-        ],
-    )
-    .await
-    .map_err(describe)?;
+    let rows = txn::query_committed(client, &statement, &params)
+        .await
+        .map_err(describe)?;
     let mut claim = Claim::default();
     for row in &rows {
         match row.get::<_, Option<&str>>("note") {
@@ -132,7 +152,14 @@ pub async fn claim(
                     .insert((row.get("company_id"), row.get("event_type")));
             }
             Some("more") => claim.more = true,
-            _ => claim.held = true,
+            Some("held") => claim.held = true,
+            Some("cursor") => {
+                claim.cursor = Some(Cursor {
+                    company_id: row.get("company_id"),
+                    event_type: row.get("event_type"),
+                });
+            }
+            Some(other) => tracing::debug!(note = other, "unknown claim note"),
         }
     }
     Ok(claim)

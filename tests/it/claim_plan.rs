@@ -212,14 +212,18 @@ async fn the_plain_claims_kept_plan_reads_only_the_rows_it_claims_however_the_ta
 
 // The fair claim (claim_fair.sql), judged the same way: it runs with a
 // plan made per run, but is written so that even a plan made once on an
-// empty table reads no more than it must (issue 26).
+// empty table reads no more than it must (issue 26); and its walk goes
+// only as far as it needs.
 
 const CLAIM_FAIR_SQL: &str = include_str!("../../sql/queries/claim_fair.sql");
 
+/// The fair claim of one event, its walk from the first endpoint.
+const FAIR_PARAMS: &str = "(1, 'a', 60000, 8, '{}', '{}', '{}', 0, '')";
+
 /// Rows of outbox.events the claim of one event may read, every scan of
-/// the table counted: the skip scan's step per endpoint with something due
-/// (here two, one of them paused) and its last look, the claimed row from
-/// its endpoint's head, its update, with room to spare (measured: 5).
+/// the table counted: the walk's step per endpoint it passes (here two,
+/// the first of them paused), the claimed row from its endpoint's head, its
+/// update, with room to spare (measured: 5).
 /// Without the index, or reading the table, it is thousands.
 const MAX_ROWS_READ: f64 = 20.0;
 
@@ -281,7 +285,7 @@ async fn the_fair_claims_plan_made_on_an_empty_table_reads_only_what_it_must() {
     // The plan is made here, on empty tables that ANALYZE saw empty.
     assert!(
         claimer
-            .query(&format!("EXECUTE kept{PARAMS}"), &[])
+            .query(&format!("EXECUTE kept{FAIR_PARAMS}"), &[])
             .await
             .unwrap()
             .is_empty()
@@ -291,7 +295,8 @@ async fn the_fair_claims_plan_made_on_an_empty_table_reads_only_what_it_must() {
     // and lying in front of it in the table: 6,000 events of 20 companies,
     // delivered or failed, in flight on another instance, or with a retry
     // set an hour away (`scheduled`); and 500 due events of a company that
-    // paused its endpoint, older than the due one. Written in those states
+    // paused its endpoint, older than the due one and before it in the
+    // walk's order. Written in those states
     // rather than walked there, so the indexes hold no entries of rows that
     // left them: until a vacuum those are walked by every plan, this one
     // included, and would hide what the plan itself reads.
@@ -314,9 +319,9 @@ async fn the_fair_claims_plan_made_on_an_empty_table_reads_only_what_it_must() {
                                          WHEN g % 10 = 1 THEN 'leased'
                                          WHEN g % 10 < 6 THEN 'scheduled'
                                          ELSE 'delivered' END AS state) AS s;
-             SELECT outbox.pause_endpoint(21);
+             SELECT outbox.pause_endpoint(1);
              INSERT INTO outbox.events (company_id, payload, next_attempt_at)
-             SELECT 21, jsonb_build_object('companyId', 21, 'paymentId', g, 'paymentNumber', g::text),
+             SELECT 1, jsonb_build_object('companyId', 1, 'paymentId', g, 'paymentNumber', g::text),
                     now() - interval '1 hour'
                FROM generate_series(1, 500) g;
              SELECT outbox.enqueue_payment_cancellation(7, 99999, 'due');",
@@ -351,7 +356,7 @@ async fn the_fair_claims_plan_made_on_an_empty_table_reads_only_what_it_must() {
             .unwrap();
         let explained: Value = other
             .query_one(
-                &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}{PARAMS}"),
+                &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}{FAIR_PARAMS}"),
                 &[],
             )
             .await
@@ -371,7 +376,7 @@ async fn the_fair_claims_plan_made_on_an_empty_table_reads_only_what_it_must() {
     // Then the kept plan, on the grown table.
     let explained: Value = claimer
         .query_one(
-            &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE kept{PARAMS}"),
+            &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE kept{FAIR_PARAMS}"),
             &[],
         )
         .await
@@ -379,7 +384,7 @@ async fn the_fair_claims_plan_made_on_an_empty_table_reads_only_what_it_must() {
         .get(0);
     let plan = &explained[0]["Plan"];
     // The due event, a `more` note (it got its share of a batch of one)
-    // and a `held` note (the paused endpoint).
+    // and a `cursor` note (where the walk stopped).
     assert_eq!(plan["Actual Rows"], 3, "the due event is claimed: {plan:#}");
     let found = fair_faults(&explained);
     assert!(found.is_empty(), "{found:#?}");
@@ -392,4 +397,182 @@ async fn the_fair_claims_plan_made_on_an_empty_table_reads_only_what_it_must() {
         .unwrap()
         .get(0);
     assert_eq!(state, "leased");
+}
+
+/// Issue 26: a fair claim whose cost does not grow with the endpoints that
+/// have something due. 1,000 companies with two due events each, and in
+/// front of them in the walk's order a paused company with 500: a claim of
+/// 64 reads about one endpoint per event, where the fair claim before
+/// (which walked every endpoint with something due) read 1,194 rows.
+/// Successive claims go on where the last stopped, so every company is
+/// served once before any is served twice.
+#[tokio::test]
+async fn the_fair_claim_walks_only_the_endpoints_it_needs_and_goes_on_where_it_stopped() {
+    use outboxd::store::claim;
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    let db = TestDb::new().await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url)
+             SELECT c, 'http://127.0.0.1:9/hooks' FROM generate_series(1, 1001) c;
+             SELECT outbox.pause_endpoint(1);
+             INSERT INTO outbox.events (company_id, payload, next_attempt_at)
+             SELECT c, jsonb_build_object('companyId', c, 'paymentId', g, 'paymentNumber', g::text),
+                    now() - interval '1 hour' + g * interval '1 millisecond'
+               FROM generate_series(2, 1001) c, generate_series(1, 2) g;
+             INSERT INTO outbox.events (company_id, payload, next_attempt_at)
+             SELECT 1, jsonb_build_object('companyId', 1, 'paymentId', g, 'paymentNumber', g::text),
+                    now() - interval '2 hours'
+               FROM generate_series(1, 500) g;",
+        )
+        .await
+        .unwrap();
+    admin
+        .batch_execute("VACUUM ANALYZE outbox.events")
+        .await
+        .unwrap();
+
+    // What one claim of 64 reads, rolled back.
+    let pool = db.pool();
+    let claimer = pool.get().await.unwrap();
+    claimer
+        .batch_execute(&format!("PREPARE kept AS {CLAIM_FAIR_SQL}"))
+        .await
+        .unwrap();
+    claimer.batch_execute("BEGIN").await.unwrap();
+    let explained: Value = claimer
+        .query_one(
+            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) \
+             EXECUTE kept(64, 'a', 60000, 8, '{}', '{}', '{}', 0, '')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    claimer.batch_execute("ROLLBACK").await.unwrap();
+    let mut all = Vec::new();
+    nodes(&explained[0]["Plan"], &mut all);
+    let read: f64 = all
+        .iter()
+        .filter(|n| n["Relation Name"] == "events")
+        .map(|n| number(n, "Actual Rows") * number(n, "Actual Loops"))
+        .sum();
+    // Measured: 257, about four per event (the walk's 65 steps, the paused
+    // company and then 64; the rows claimed, each from its endpoint's
+    // head; their update, by id). Walking every endpoint: 1,194.
+    assert!(
+        read <= 5.0 * 64.0,
+        "{read} rows of outbox.events read to claim 64"
+    );
+    drop(claimer);
+
+    // Fair claims in a row, as the claim loop makes them.
+    let pooled = db.pool().get().await.unwrap();
+    let mut cursor = claim::Cursor::default();
+    let mut claims: Vec<HashSet<i64>> = Vec::new();
+    for _ in 0..16 {
+        let claimed = claim::claim(
+            &pooled,
+            claim::Mode::Fair,
+            64,
+            "walker",
+            Duration::from_secs(60),
+            8,
+            &claim::InFlight::default(),
+            &cursor,
+        )
+        .await
+        .unwrap();
+        assert_eq!(claimed.events.len(), 64, "a full batch each time");
+        assert!(claimed.events.iter().all(|e| !e.probe));
+        claims.push(claimed.events.iter().map(|e| e.company_id).collect());
+        cursor = claimed.cursor.expect("a cursor after a full batch");
+    }
+    // One event of each of 64 companies a claim, in the walk's order from
+    // company 2 (the paused one is never claimed); the 16th claim reaches
+    // the last company and wraps round to the first ones again.
+    for (i, companies) in claims[..15].iter().enumerate() {
+        let from = 2 + 64 * i as i64;
+        assert_eq!(*companies, (from..from + 64).collect(), "claim {i}");
+    }
+    assert_eq!(claims[15], (962..=1001).chain(2..=25).collect());
+    assert_eq!(cursor.company_id, 25);
+}
+
+/// Issue 26: a held endpoint with a few events at the head of the queue (a
+/// company that paused its endpoint) no longer turns the claim loop to the
+/// fair claim: the plain claim leaves those rows behind, takes the rest
+/// and says there may be more (`more`), not `held`. Only when held rows
+/// crowd the head (more than a quarter of what a claim reads) does it say
+/// `held`, and the loop takes the fair claim for a while.
+#[tokio::test]
+async fn the_plain_claim_goes_past_a_few_held_rows_and_hands_over_only_when_they_crowd_the_head() {
+    use outboxd::store::claim;
+    use std::time::Duration;
+
+    let db = TestDb::new().await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url)
+             SELECT c, 'http://127.0.0.1:9/hooks' FROM generate_series(1, 101) c;
+             SELECT outbox.pause_endpoint(1);
+             INSERT INTO outbox.events (company_id, payload, next_attempt_at)
+             SELECT 1, jsonb_build_object('companyId', 1, 'paymentId', g, 'paymentNumber', g::text),
+                    now() - interval '2 hours' + g * interval '1 second'
+               FROM generate_series(1, 3) g;
+             INSERT INTO outbox.events (company_id, payload, next_attempt_at)
+             SELECT 1 + g, jsonb_build_object('companyId', 1 + g, 'paymentId', g, 'paymentNumber', g::text),
+                    now() - interval '1 hour' + g * interval '1 second'
+               FROM generate_series(1, 100) g;",
+        )
+        .await
+        .unwrap();
+    let pool = db.claim_pool();
+    let claimer = pool.get().await.unwrap();
+    let plain = |limit| {
+        let claimer = &claimer;
+        async move {
+            claim::claim(
+                claimer,
+                claim::Mode::Plain,
+                limit,
+                "plain",
+                Duration::from_secs(60),
+                8,
+                &claim::InFlight::default(),
+                &claim::Cursor::default(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+
+    // 3 held rows of the 48 read: 45 claimed, and look again at once.
+    let first = plain(48).await;
+    assert_eq!(first.events.len(), 45);
+    assert!(first.events.iter().all(|e| e.company_id != 1));
+    assert!(!first.held, "three held rows in 48 do not hand over");
+    assert!(first.more, "the window was full: more may be due behind it");
+
+    // The paused company gets more due rows: 30 held in front of the 55
+    // left, so 30 of a claim of 48 stay behind.
+    admin
+        .batch_execute(
+            "INSERT INTO outbox.events (company_id, payload, next_attempt_at)
+             SELECT 1, jsonb_build_object('companyId', 1, 'paymentId', g, 'paymentNumber', g::text),
+                    now() - interval '3 hours'
+               FROM generate_series(4, 30) g;",
+        )
+        .await
+        .unwrap();
+    let second = plain(48).await;
+    assert_eq!(second.events.len(), 18);
+    assert!(
+        second.held,
+        "30 held rows in 48 hand over to the fair claim"
+    );
 }

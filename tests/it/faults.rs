@@ -1234,7 +1234,7 @@ async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
         .await
         .unwrap();
     daemon
-        .wait_for_log("claim mode changed mode=Fair", SECS(15))
+        .wait_for_log("claim mode: fair for a while", SECS(15))
         .await;
     let fair: uuid::Uuid = client.query_one(&worn_out(2), &[]).await.unwrap().get(0);
     client

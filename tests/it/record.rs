@@ -29,6 +29,7 @@ async fn claim_plain(
         lease,
         8,
         &claim::InFlight::default(),
+        &claim::Cursor::default(),
     )
     .await
     .unwrap()
@@ -333,14 +334,15 @@ async fn a_claim_makes_half_open_only_the_circuits_it_probes() {
         Duration::from_secs(60),
         8,
         &claim::InFlight::default(),
+        &claim::Cursor::default(),
     )
     .await
     .unwrap();
     assert_eq!(claimed.events.len(), 1);
     let probe = &claimed.events[0];
     assert!(probe.probe);
-    // The longest waiting circuit (its retry_at the oldest) goes first.
-    assert_eq!(probe.company_id, 3);
+    // The first endpoint in the walk's order (from the start: company 1).
+    assert_eq!(probe.company_id, 1);
     let half_open = count(
         &client,
         "SELECT count(*) FROM outbox.endpoint_circuits WHERE state = 'half_open'",
