@@ -14,9 +14,9 @@
 -- (src/pipeline/producer.rs says when it switches). It walks the
 -- endpoints with pending rows in the order of their keys, round robin:
 -- from the one after $8/$9 to the end, then from the first, and stops
--- when it has passed as many endpoints that can send as the claim wants
--- (plus one for each endpoint this instance has as many in flight to as
--- the cap, which may have no room), or after 1,000 endpoints, or when it is back where it
+-- when it has passed as many endpoints able to send as the claim wants
+-- (due, not held, with room on this instance, or with a circuit ready for
+-- its probe), or after 1,000 endpoints, or when it is back where it
 -- began. So its cost follows the batch it leases, not the number of
 -- endpoints with something due, nor what a held endpoint has queued; and
 -- an endpoint with something due gets its turn within a few claims however
@@ -55,9 +55,10 @@
 -- 1. `walk`: the endpoints with pending rows from the cursor on, one index
 --    descent each (an endpoint with a million queued rows costs one step),
 --    with each one's head (oldest next_attempt_at, then id) and circuit.
---    It counts those whose circuit lets them send or wants a probe, and
---    stops at as many as wanted, plus one for each endpoint this instance
---    has $4 or more in flight to (which may be at its cap).
+--    with each one's circuit, cap and what this instance has in flight to
+--    it, all by primary key. It counts those able to send (due, no
+--    Retry-After, a closed circuit and room, or a circuit ready for its
+--    probe) and stops at as many as wanted.
 -- 2. `probes`: an open circuit whose cool-down is over (or a half-open one
 --    whose probe's lease ran out) becomes half-open and gets room for one
 --    event, the probe; at most $1 of them. The circuit row is taken FOR
@@ -65,7 +66,7 @@
 --    sends it; the other sees the circuit open (its snapshot), then
 --    half-open.
 -- 3. `sized`: each endpoint's room (its cap minus what this instance has
---    in flight to it) and whether it is held.
+--    in flight to it, from the walk) and whether it is held.
 -- 4. `cand`: endpoints with room and a closed (or just probing) circuit
 --    that no Retry-After pauses, probes first, then in the walk's order.
 -- 5. `ranked`: each candidate's oldest due rows from its head on, locked
@@ -92,14 +93,8 @@ WITH RECURSIVE promoted AS (
 ), walk AS (
     -- The first endpoint after the cursor, or else (`wrapped`) the first.
     SELECT f.company_id, f.event_type, f.head_at, f.head_id, f.wrapped, 1 AS n,
-           ci.state AS ci_state, ci.paused_until, ci.failures, ci.manual, ci.retry_at,
-           -- Able to send: due, and no circuit, or a closed one, or one
-           -- ready for its probe; and no Retry-After pausing it.
-           CASE WHEN f.head_at <= now()
-                 AND (ci.state IS NULL OR ci.state = 'closed'
-                      OR (NOT ci.manual AND ci.retry_at <= now()))
-                 AND coalesce(ci.paused_until <= now(), true)
-                THEN 1 ELSE 0 END AS able
+           k.ci_state, k.paused_until, k.failures, k.manual, k.retry_at, k.max_in_flight,
+           k.live_n, k.able
       FROM ((SELECT e.company_id, e.event_type, e.next_attempt_at AS head_at, e.id AS head_id,
                     false AS wrapped
                FROM outbox.events AS e
@@ -113,19 +108,40 @@ WITH RECURSIVE promoted AS (
               ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
               LIMIT 1)
             LIMIT 1) AS f
-      LEFT JOIN LATERAL (
-            SELECT x.state, x.paused_until, x.failures, x.manual, x.retry_at
-              FROM outbox.endpoint_circuits AS x
-             WHERE x.company_id = f.company_id AND x.event_type = f.event_type
-             LIMIT 1) AS ci ON true
+      CROSS JOIN LATERAL (
+            -- Its circuit and settings by primary key, and what this
+            -- instance has in flight to it; able to send: due, no
+            -- Retry-After, and a closed circuit (or none) with room, or a
+            -- circuit ready for its probe.
+            SELECT ci.state AS ci_state, ci.paused_until, ci.failures, ci.manual, ci.retry_at,
+                   ep.max_in_flight, coalesce(lv.n, 0) AS live_n,
+                   CASE WHEN f.head_at <= now()
+                         AND coalesce(ci.paused_until <= now(), true)
+                         AND (((ci.state IS NULL OR ci.state = 'closed')
+                               AND coalesce(ep.max_in_flight, $4::int) > coalesce(lv.n, 0))
+                              OR (ci.state IN ('open', 'half_open') AND NOT ci.manual
+                                  AND ci.retry_at <= now()))
+                        THEN 1 ELSE 0 END AS able
+              FROM (SELECT 1) AS one
+              LEFT JOIN LATERAL (
+                    SELECT x.state, x.paused_until, x.failures, x.manual, x.retry_at
+                      FROM outbox.endpoint_circuits AS x
+                     WHERE x.company_id = f.company_id AND x.event_type = f.event_type
+                     LIMIT 1) AS ci ON true
+              LEFT JOIN LATERAL (
+                    SELECT x.max_in_flight
+                      FROM outbox.endpoints AS x
+                     WHERE x.company_id = f.company_id AND x.event_type = f.event_type
+                     LIMIT 1) AS ep ON true
+              LEFT JOIN LATERAL (
+                    SELECT l.n
+                      FROM unnest($5::bigint[], $6::text[], $7::int[]) AS l(company_id, event_type, n)
+                     WHERE l.company_id = f.company_id AND l.event_type = f.event_type
+                     LIMIT 1) AS lv ON true) AS k
     UNION ALL
     SELECT nxt.company_id, nxt.event_type, nxt.head_at, nxt.head_id, nxt.wrapped, w.n + 1,
-           ci.state, ci.paused_until, ci.failures, ci.manual, ci.retry_at,
-           w.able + CASE WHEN nxt.head_at <= now()
-                          AND (ci.state IS NULL OR ci.state = 'closed'
-                               OR (NOT ci.manual AND ci.retry_at <= now()))
-                          AND coalesce(ci.paused_until <= now(), true)
-                         THEN 1 ELSE 0 END
+           k.ci_state, k.paused_until, k.failures, k.manual, k.retry_at, k.max_in_flight,
+           k.live_n, w.able + k.able
       FROM walk AS w
      CROSS JOIN LATERAL (
            (SELECT e.company_id, e.event_type, e.next_attempt_at AS head_at, e.id AS head_id,
@@ -143,13 +159,38 @@ WITH RECURSIVE promoted AS (
              ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
              LIMIT 1)
            LIMIT 1) AS nxt
-      LEFT JOIN LATERAL (
-            SELECT x.state, x.paused_until, x.failures, x.manual, x.retry_at
-              FROM outbox.endpoint_circuits AS x
-             WHERE x.company_id = nxt.company_id AND x.event_type = nxt.event_type
-             LIMIT 1) AS ci ON true
+      CROSS JOIN LATERAL (
+            -- Its circuit and settings by primary key, and what this
+            -- instance has in flight to it; able to send: due, no
+            -- Retry-After, and a closed circuit (or none) with room, or a
+            -- circuit ready for its probe.
+            SELECT ci.state AS ci_state, ci.paused_until, ci.failures, ci.manual, ci.retry_at,
+                   ep.max_in_flight, coalesce(lv.n, 0) AS live_n,
+                   CASE WHEN nxt.head_at <= now()
+                         AND coalesce(ci.paused_until <= now(), true)
+                         AND (((ci.state IS NULL OR ci.state = 'closed')
+                               AND coalesce(ep.max_in_flight, $4::int) > coalesce(lv.n, 0))
+                              OR (ci.state IN ('open', 'half_open') AND NOT ci.manual
+                                  AND ci.retry_at <= now()))
+                        THEN 1 ELSE 0 END AS able
+              FROM (SELECT 1) AS one
+              LEFT JOIN LATERAL (
+                    SELECT x.state, x.paused_until, x.failures, x.manual, x.retry_at
+                      FROM outbox.endpoint_circuits AS x
+                     WHERE x.company_id = nxt.company_id AND x.event_type = nxt.event_type
+                     LIMIT 1) AS ci ON true
+              LEFT JOIN LATERAL (
+                    SELECT x.max_in_flight
+                      FROM outbox.endpoints AS x
+                     WHERE x.company_id = nxt.company_id AND x.event_type = nxt.event_type
+                     LIMIT 1) AS ep ON true
+              LEFT JOIN LATERAL (
+                    SELECT l.n
+                      FROM unnest($5::bigint[], $6::text[], $7::int[]) AS l(company_id, event_type, n)
+                     WHERE l.company_id = nxt.company_id AND l.event_type = nxt.event_type
+                     LIMIT 1) AS lv ON true) AS k
      WHERE w.n < 1000
-       AND w.able < $1::bigint + (SELECT count(*) FROM unnest($7::int[]) AS l(n) WHERE l.n >= $4::int)
+       AND w.able < $1::bigint
        -- Back where it began: the cursor's own endpoint is the last one.
        AND NOT (nxt.wrapped AND (nxt.company_id, nxt.event_type) > ($8::bigint, $9::text))
 ), probes AS (
@@ -187,17 +228,10 @@ WITH RECURSIVE promoted AS (
            p.company_id IS NULL AND w.ci_state IS NOT NULL
                AND (w.ci_state <> 'closed' OR coalesce(w.paused_until > now(), false)) AS held,
            CASE WHEN p.company_id IS NOT NULL THEN 1
-                ELSE coalesce(ep.max_in_flight, $4::int) - coalesce(live.n, 0) END AS room
+                ELSE coalesce(w.max_in_flight, $4::int) - w.live_n END AS room
       FROM walk AS w
       LEFT JOIN probes AS p
              ON p.company_id = w.company_id AND p.event_type = w.event_type
-      LEFT JOIN LATERAL (
-            SELECT x.max_in_flight
-              FROM outbox.endpoints AS x
-             WHERE x.company_id = w.company_id AND x.event_type = w.event_type
-             LIMIT 1) AS ep ON true
-      LEFT JOIN unnest($5::bigint[], $6::text[], $7::int[]) AS live(company_id, event_type, n)
-             ON live.company_id = w.company_id AND live.event_type = w.event_type
      WHERE w.head_at <= now()
 ), cand AS (
     SELECT s.company_id, s.event_type, s.head_at, s.head_id, s.room, s.probe, s.circuit_dirty,
@@ -269,10 +303,10 @@ WITH RECURSIVE promoted AS (
     -- this claim or filled by it (the loop claims again when one of its
     -- deliveries ends). more: some endpoint got its whole share but not its
     -- room and may have more due; or the walk stopped at as many endpoints
-    -- able to send as wanted, and the batch is not full (their rows were
-    -- taken by another instance meanwhile: look further); or retries came
-    -- due (`promoted`): the loop claims again at once. cursor: where the
-    -- next claim goes on (step 7).
+    -- able to send as wanted, and the batch got some but is not full
+    -- (rows taken by another instance meanwhile: look further); or retries
+    -- came due (`promoted`): the loop claims again at once. cursor: where
+    -- the next claim goes on (step 7).
     SELECT s.company_id, s.event_type, 'capped' AS note
       FROM sized AS s WHERE NOT s.held AND s.room <= 0
     UNION ALL
@@ -282,8 +316,15 @@ WITH RECURSIVE promoted AS (
     SELECT NULL, NULL, 'more'
      WHERE EXISTS (SELECT 1 FROM ranked AS r WHERE r.rn = r.share AND r.share < r.room)
         OR EXISTS (SELECT 1 FROM promoted)
-        OR ((SELECT max(w.able) FROM walk AS w) >= $1::bigint + (SELECT count(*) FROM unnest($7::int[]) AS l(n) WHERE l.n >= $4::int)
-            AND (SELECT count(*) FROM picked) < $1)
+        OR ((SELECT max(w.able) FROM walk AS w) >= $1::bigint
+            AND (SELECT count(*) FROM picked) BETWEEN 1 AND $1 - 1)
+    UNION ALL
+    -- far: the walk stopped at its bound of 1,000 endpoints, none of them
+    -- able enough to fill the batch (held ones, mostly): the loop walks on
+    -- at once, a few times per wake-up.
+    SELECT NULL, NULL, 'far'
+     WHERE (SELECT max(w.n) FROM walk AS w) >= 1000
+       AND (SELECT count(*) FROM picked) < $1
     UNION ALL
     (SELECT w.company_id, w.event_type, 'cursor'
       FROM walk AS w

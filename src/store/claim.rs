@@ -77,9 +77,13 @@ pub struct Claim {
     /// retries came due: claim again at once, even if the batch was short.
     pub more: bool,
     /// The plain claim left more than a quarter of what it read behind
-    /// (rows of held endpoints, or of endpoints at their cap): the next
+    /// (rows of held endpoints, or of endpoints at their cap), or read a
+    /// row of an endpoint whose circuit waits for its probe: the next
     /// claims are the fair one.
     pub held: bool,
+    /// The fair claim's walk stopped at its bound of endpoints without
+    /// filling the batch (held endpoints, mostly): walk on at once.
+    pub far: bool,
     /// Where the next fair claim goes on (None: where this one began).
     pub cursor: Option<Cursor>,
 }
@@ -153,6 +157,7 @@ pub async fn claim(
             }
             Some("more") => claim.more = true,
             Some("held") => claim.held = true,
+            Some("far") => claim.far = true,
             Some("cursor") => {
                 claim.cursor = Some(Cursor {
                     company_id: row.get("company_id"),

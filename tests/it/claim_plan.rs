@@ -575,4 +575,114 @@ async fn the_plain_claim_goes_past_a_few_held_rows_and_hands_over_only_when_they
         second.held,
         "30 held rows in 48 hand over to the fair claim"
     );
+
+    // One row of an endpoint whose circuit's cool-down is over, among
+    // rows free to send: only the fair claim probes, so it hands over.
+    admin
+        .batch_execute(
+            "SELECT outbox.resume_endpoint(1);
+             DELETE FROM outbox.events WHERE company_id = 1;
+             INSERT INTO outbox.endpoint_circuits
+                    (company_id, event_type, state, failures, opened_at, retry_at, cooldown_ms)
+             VALUES (90, 'payment.cancellation', 'open', 5, now() - interval '1 minute',
+                     now() - interval '1 second', 30000);
+             UPDATE outbox.events SET next_attempt_at = now() - interval '3 hours'
+              WHERE company_id = 90;",
+        )
+        .await
+        .unwrap();
+    let third = plain(8).await;
+    assert_eq!(third.events.len(), 7);
+    assert!(third.events.iter().all(|e| e.company_id != 90));
+    assert!(third.held, "a circuit waiting for its probe hands over");
+}
+
+/// Issue 26: the fair claim's walk counts only endpoints that can take
+/// something, and says when it stopped at its bound. Endpoints whose own
+/// `max_in_flight` (1) is in flight on this instance are passed, not
+/// counted, so a claim of 2 reaches the endpoints behind them instead of
+/// coming back empty with `more` (which would have the loop claim again at
+/// once for as long as those deliveries last); and behind 1,200 paused
+/// endpoints the walk stops at 1,000 with a `far` note, and the next claim
+/// goes on from there to the endpoint that can send.
+#[tokio::test]
+async fn the_fair_claim_passes_full_and_held_endpoints_without_coming_back_empty_for_nothing() {
+    use outboxd::store::claim;
+    use std::time::Duration;
+
+    let db = TestDb::new().await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url, max_in_flight)
+             SELECT c, 'http://127.0.0.1:9/hooks', CASE WHEN c <= 3 THEN 1 END
+               FROM generate_series(1, 5) c;
+             SELECT count(outbox.enqueue_payment_cancellation(c, c, 'P' || c))
+               FROM generate_series(1, 5) c;",
+        )
+        .await
+        .unwrap();
+    let pooled = db.pool().get().await.unwrap();
+    let fair = |limit, in_flight, after| {
+        let pooled = &pooled;
+        async move {
+            claim::claim(
+                pooled,
+                claim::Mode::Fair,
+                limit,
+                "walker",
+                Duration::from_secs(60),
+                8,
+                in_flight,
+                after,
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let full = claim::InFlight {
+        company_ids: vec![1, 2, 3],
+        event_types: vec!["payment.cancellation".into(); 3],
+        counts: vec![1, 1, 1],
+    };
+    let start = claim::Cursor::default();
+    let first = fair(2, &full, &start).await;
+    let mut got: Vec<i64> = first.events.iter().map(|e| e.company_id).collect();
+    got.sort();
+    assert_eq!(got, [4, 5], "the endpoints with room behind the full ones");
+
+    // 1,200 paused endpoints in front of one that can send.
+    admin
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url)
+             SELECT c, 'http://127.0.0.1:9/hooks' FROM generate_series(100, 1300) c;
+             SELECT count(outbox.pause_endpoint(c)) FROM generate_series(100, 1299) c;
+             SELECT count(outbox.enqueue_payment_cancellation(c, c, 'P' || c))
+               FROM generate_series(100, 1300) c;",
+        )
+        .await
+        .unwrap();
+    let after_five = claim::Cursor {
+        company_id: 5,
+        event_type: "payment.cancellation".into(),
+    };
+    let none = claim::InFlight::default();
+    let stopped = fair(1, &none, &after_five).await;
+    assert!(stopped.events.is_empty());
+    assert!(stopped.far, "the walk stopped at its bound: walk on");
+    let cursor = stopped.cursor.expect("where the walk stopped");
+    assert_eq!(
+        cursor.company_id, 1099,
+        "1,000 endpoints walked from company 100"
+    );
+    let reached = fair(1, &none, &cursor).await;
+    assert_eq!(
+        reached
+            .events
+            .iter()
+            .map(|e| e.company_id)
+            .collect::<Vec<_>>(),
+        [1300]
+    );
+    assert!(!reached.far);
 }

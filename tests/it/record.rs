@@ -307,7 +307,9 @@ async fn an_event_whose_attempts_ran_out_with_its_leases_fails_and_its_company_i
 /// Issue 25, point 5: a fair claim with room for fewer events than there
 /// are circuits ready to probe makes half-open only as many as it probes.
 /// (Before, it flipped all three to half-open and probed one; the other
-/// two waited a whole lease with no probe out.)
+/// two waited a whole lease with no probe out.) Since issue 26 the walk
+/// also stops at the first endpoint able to send when one is wanted, so
+/// the other two circuits are not even looked at by this claim.
 #[tokio::test]
 async fn a_claim_makes_half_open_only_the_circuits_it_probes() {
     let db = TestDb::new().await;
