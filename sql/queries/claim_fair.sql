@@ -61,10 +61,11 @@
 --    probe) and stops at as many as wanted.
 -- 2. `probes`: an open circuit whose cool-down is over (or a half-open one
 --    whose probe's lease ran out) becomes half-open and gets room for one
---    event, the probe; at most $1 of them. The circuit row is taken FOR
---    UPDATE SKIP LOCKED, so of two instances claiming at once only one
---    sends it; the other sees the circuit open (its snapshot), then
---    half-open.
+--    event, the probe; at most $1 of them. The circuit row and the probe's
+--    row are taken FOR UPDATE SKIP LOCKED, so of two instances claiming at
+--    once only one sends it (the other sees the circuit open, its
+--    snapshot, then half-open), and a circuit whose oldest row another
+--    claim holds stays open rather than half-open with no probe.
 -- 3. `sized`: each endpoint's room (its cap minus what this instance has
 --    in flight to it, from the walk) and whether it is held.
 -- 4. `cand`: endpoints with room and a closed (or just probing) circuit
@@ -211,6 +212,16 @@ WITH RECURSIVE promoted AS (
                       AND (x.paused_until IS NULL OR x.paused_until <= now())
                     LIMIT 1
                       FOR UPDATE SKIP LOCKED) AS c
+             -- And its probe, the endpoint's oldest due row, locked now: a
+             -- row another claim holds (a plain claim reads held rows too)
+             -- would leave the circuit half-open with no probe out for a
+             -- whole lease. Such a circuit stays open for the next claim.
+             CROSS JOIN LATERAL (
+                   SELECT e.id
+                     FROM outbox.events AS e
+                    WHERE e.id = w.head_id AND e.state = 'pending'
+                    LIMIT 1
+                      FOR UPDATE SKIP LOCKED) AS h
              WHERE w.ci_state IN ('open', 'half_open') AND w.head_at <= now()
              -- No more than this claim can send: a circuit made half-open
              -- without its probe would wait a lease for one. The longest

@@ -359,6 +359,78 @@ async fn a_claim_makes_half_open_only_the_circuits_it_probes() {
     assert_eq!(open, 2, "the others stay open, ready for the next claim");
 }
 
+/// A circuit whose probe's row another claim holds at that moment (a plain
+/// claim locks the rows it reads, held ones too) stays open for the next
+/// claim; before, the fair claim made it half-open, found the row locked,
+/// and the circuit waited a whole lease with no probe out.
+#[tokio::test]
+async fn a_circuit_whose_probe_row_is_locked_elsewhere_stays_open() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO outbox.endpoints (company_id, url) VALUES (1, 'https://erp1.example.com/');
+             SELECT outbox.enqueue_payment_cancellation(1, 1, 'P1');
+             INSERT INTO outbox.endpoint_circuits
+                    (company_id, event_type, state, failures, opened_at, retry_at, cooldown_ms)
+             VALUES (1, 'payment.cancellation', 'open', 5, now() - interval '1 minute',
+                     now() - interval '1 second', 30000);",
+        )
+        .await
+        .unwrap();
+    // Another claim holds the row.
+    let mut other = db.client().await;
+    let holding = other.transaction().await.unwrap();
+    holding
+        .execute(
+            "SELECT id FROM outbox.events WHERE company_id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .unwrap();
+    let pool = db.pool();
+    let pooled = pool.get().await.unwrap();
+    let claimed = claim::claim(
+        &pooled,
+        claim::Mode::Fair,
+        4,
+        "prober",
+        Duration::from_secs(60),
+        8,
+        &claim::InFlight::default(),
+        &claim::Cursor::default(),
+    )
+    .await
+    .unwrap();
+    assert!(claimed.events.is_empty());
+    let state: String = client
+        .query_one("SELECT state FROM outbox.endpoint_circuits", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        state, "open",
+        "no probe could be taken: the circuit stays open"
+    );
+
+    // Once the row is free, the next claim probes.
+    holding.rollback().await.unwrap();
+    let claimed = claim::claim(
+        &pooled,
+        claim::Mode::Fair,
+        4,
+        "prober",
+        Duration::from_secs(60),
+        8,
+        &claim::InFlight::default(),
+        &claim::Cursor::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(claimed.events.len(), 1);
+    assert!(claimed.events[0].probe);
+}
+
 /// Issue 25, point 5: a group written again (an earlier try that timed out
 /// after its statements, or whose reply was lost) does not move the
 /// circuits a second time: two timeouts counted twice would read as four
