@@ -373,6 +373,59 @@ fn the_alert_rules_pass_promtool() {
     assert!(ok, "{out}");
 }
 
+/// Every query of the Grafana dashboard is valid PromQL (promtool checks
+/// each as a recording rule, Grafana's variables replaced by values) and
+/// names only metrics that outboxd exports (`src/telemetry.rs`), so a
+/// renamed metric or a typo shows as a failed test, not an empty panel.
+#[test]
+fn the_dashboards_queries_parse_and_name_only_exported_metrics() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo_root().join("dashboards/outboxd.json")).unwrap(),
+    )
+    .unwrap();
+    let telemetry = std::fs::read_to_string(repo_root().join("src/telemetry.rs")).unwrap();
+    let mut exprs = Vec::new();
+    let mut panels: Vec<&serde_json::Value> =
+        dashboard["panels"].as_array().unwrap().iter().collect();
+    while let Some(panel) = panels.pop() {
+        panels.extend(panel["panels"].as_array().into_iter().flatten());
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(exprs.len() > 40, "{} queries", exprs.len());
+    let mut rules = String::from("groups:\n- name: dashboard\n  rules:\n");
+    for (i, expr) in exprs.iter().enumerate() {
+        let expr = expr
+            .replace("$__rate_interval", "5m")
+            .replace("$__range", "1h")
+            .replace("$__interval", "1m")
+            .replace("$instance", ".*");
+        rules.push_str(&format!(
+            "  - record: dashboard:query{i}\n    expr: {}\n",
+            serde_json::to_string(&expr).unwrap()
+        ));
+        for name in expr
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|w| w.starts_with("outboxd_"))
+        {
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix))
+                .unwrap_or(name);
+            assert!(
+                telemetry.contains(&format!("\"{base}\"")),
+                "the dashboard reads {name}, which outboxd does not export: {expr}"
+            );
+        }
+    }
+    let dir = TempDir::new("dashboard");
+    let file = dir.join("dashboard-rules.yml");
+    std::fs::write(&file, rules).unwrap();
+    let (ok, out) = promtool(&["check", "rules", file.to_str().unwrap()], "");
+    assert!(ok, "{out}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sighup_reloads_the_log_level_and_keeps_it_on_a_bad_file() {
     let db = TestDb::new().await;
