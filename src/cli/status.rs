@@ -221,12 +221,18 @@ impl Status {
             "none (no event is due now)".to_string()
         };
         let held = &self.held;
+        // The count stops at a limit (queue_stats.sql): there it means "or more".
+        let held_events = if held.events >= crate::store::upkeep::HELD_COUNT_LIMIT {
+            format!("{} or more", held.events)
+        } else {
+            held.events.to_string()
+        };
         let held = if held.events == 0 {
             "none".to_string()
         } else if held.oldest_age_seconds > 0.0 {
             format!(
                 "{} events, the oldest due enqueued {} ago ({} {} with events due)",
-                held.events,
+                held_events,
                 readable(held.oldest_age_seconds),
                 held.endpoints,
                 if held.endpoints == 1 {
@@ -236,7 +242,7 @@ impl Status {
                 }
             )
         } else {
-            format!("{} events, none due now", held.events)
+            format!("{held_events} events, none due now")
         };
         let hour = match self.last_hour.failure_ratio {
             None => "no events finished".to_string(),

@@ -69,7 +69,8 @@ pub struct QueueStats {
     /// Endpoints by circuit state: closed, open, half-open, paused.
     pub endpoints: [i64; 4],
     /// Pending events of endpoints whose circuit is not closed (open,
-    /// half-open, paused by an operator) or that a Retry-After pauses.
+    /// half-open, paused by an operator) or that a Retry-After pauses;
+    /// counted up to [`HELD_COUNT_LIMIT`], which means that many or more.
     pub held: i64,
     /// Age since enqueue of the oldest of those that is due now, 0 when
     /// none is.
@@ -79,6 +80,11 @@ pub struct QueueStats {
     /// How long the longest-open circuit has been open (0: none is).
     pub longest_open: Duration,
 }
+
+/// Where `queue_stats.sql` stops counting held events (an index range read
+/// that far and no further): [`QueueStats::held`] at this value means at
+/// least this many.
+pub const HELD_COUNT_LIMIT: i64 = 10_000;
 
 /// The states of [`QueueStats::endpoints`], as the metric labels them.
 pub const CIRCUIT_STATES: [&str; 4] = ["closed", "open", "half_open", "paused"];

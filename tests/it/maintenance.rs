@@ -412,6 +412,14 @@ async fn queue_gauges_count_up_to_10000_and_estimate_past_it() {
     );
     assert!((590..700).contains(&age(stats.oldest_due_age)), "{stats:?}");
     assert_eq!(stats.endpoints_held, 1);
+    // `outboxd status` says what the limit means.
+    let status = crate::harness::run(db.outboxd().arg("status")).await;
+    assert!(
+        status
+            .stdout
+            .contains("held:        10000 or more events, the oldest due enqueued 2h"),
+        "{status:?}"
+    );
     // Below the limit, exact again.
     client
         .batch_execute("DELETE FROM outbox.events WHERE company_id = 1 AND created_at > now() - interval '2 hours' + interval '2999 seconds'")
