@@ -9,7 +9,9 @@
 //! ```
 //!
 //! Phases, each on a fresh database (`DATABASE_URL`, default the local
-//! server), printed as one table at the end:
+//! server; `OUTBOXD_BENCH_DB_SUFFIX` is appended to each database's name,
+//! so that two benchmarks can run on one server at once), printed as one
+//! table at the end:
 //! 1. drain: preload N events across M companies, start the daemon, time
 //!    until every event is delivered (from the first attempt to the last
 //!    delivery, by the database's clock); the daemon's peak RSS and CPU;
@@ -165,7 +167,20 @@ async fn connect(url: &str) -> Client {
 }
 
 /// A fresh, migrated database; returns its URL.
+/// A phase's database name, with `OUTBOXD_BENCH_DB_SUFFIX` appended when
+/// set: two benchmarks running at once on one PostgreSQL server (two
+/// checkouts compared side by side, or a helper's) would otherwise drop
+/// each other's databases mid-run. [`fresh_db`], [`drop_db`] and
+/// [`commits`] take the phase's own name and add it.
+pub fn db_name(name: &str) -> String {
+    format!(
+        "{name}{}",
+        std::env::var("OUTBOXD_BENCH_DB_SUFFIX").unwrap_or_default()
+    )
+}
+
 async fn fresh_db(name: &str) -> String {
+    let name = &db_name(name);
     let admin = connect(&admin_url()).await;
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -195,6 +210,7 @@ fn daemon_database(url: &str) -> outboxd::config::DatabaseConfig {
 }
 
 async fn drop_db(name: &str) {
+    let name = &db_name(name);
     let admin = connect(&admin_url()).await;
     let _ = admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
@@ -782,6 +798,7 @@ async fn latency(opts: &Opts) -> (Latency, f64, f64) {
 /// Transactions the database has counted: each statement the daemon sends
 /// outside a transaction block is one.
 async fn commits(client: &Client, db: &str) -> i64 {
+    let db = &db_name(db);
     client
         .query_one(
             "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = $1",

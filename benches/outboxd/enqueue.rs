@@ -35,7 +35,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 
-use super::{Opts, admin_url, connect, drop_db, url_with_dbname};
+use super::{Opts, admin_url, connect, db_name, drop_db, url_with_dbname};
 
 /// The application's payments: the rows its own UPDATE touches.
 const PAYMENTS: i64 = 100_000;
@@ -135,6 +135,7 @@ pub async fn run(opts: &Opts) -> Vec<EnqueueCost> {
 /// application's payments and the bare outbox.
 async fn prepare(opts: &Opts, db: &str) -> String {
     drop_db(db).await;
+    let db = &db_name(db);
     connect(&admin_url())
         .await
         .batch_execute(&format!("CREATE DATABASE {db}"))
