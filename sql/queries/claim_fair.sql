@@ -92,53 +92,12 @@ WITH RECURSIVE promoted AS (
               FOR UPDATE SKIP LOCKED))
  RETURNING e.id
 ), walk AS (
-    -- The first endpoint after the cursor, or else (`wrapped`) the first.
-    SELECT f.company_id, f.event_type, f.head_at, f.head_id, f.wrapped, 1 AS n,
-           k.ci_state, k.paused_until, k.failures, k.manual, k.retry_at, k.max_in_flight,
-           k.live_n, k.able
-      FROM ((SELECT e.company_id, e.event_type, e.next_attempt_at AS head_at, e.id AS head_id,
-                    false AS wrapped
-               FROM outbox.events AS e
-              WHERE e.state = 'pending' AND (e.company_id, e.event_type) > ($8::bigint, $9::text)
-              ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
-              LIMIT 1)
-            UNION ALL
-            (SELECT e.company_id, e.event_type, e.next_attempt_at, e.id, true
-               FROM outbox.events AS e
-              WHERE e.state = 'pending'
-              ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
-              LIMIT 1)
-            LIMIT 1) AS f
-      CROSS JOIN LATERAL (
-            -- Its circuit and settings by primary key, and what this
-            -- instance has in flight to it; able to send: due, no
-            -- Retry-After, and a closed circuit (or none) with room, or a
-            -- circuit ready for its probe.
-            SELECT ci.state AS ci_state, ci.paused_until, ci.failures, ci.manual, ci.retry_at,
-                   ep.max_in_flight, coalesce(lv.n, 0) AS live_n,
-                   CASE WHEN f.head_at <= now()
-                         AND coalesce(ci.paused_until <= now(), true)
-                         AND (((ci.state IS NULL OR ci.state = 'closed')
-                               AND coalesce(ep.max_in_flight, $4::int) > coalesce(lv.n, 0))
-                              OR (ci.state IN ('open', 'half_open') AND NOT ci.manual
-                                  AND ci.retry_at <= now()))
-                        THEN 1 ELSE 0 END AS able
-              FROM (SELECT 1) AS one
-              LEFT JOIN LATERAL (
-                    SELECT x.state, x.paused_until, x.failures, x.manual, x.retry_at
-                      FROM outbox.endpoint_circuits AS x
-                     WHERE x.company_id = f.company_id AND x.event_type = f.event_type
-                     LIMIT 1) AS ci ON true
-              LEFT JOIN LATERAL (
-                    SELECT x.max_in_flight
-                      FROM outbox.endpoints AS x
-                     WHERE x.company_id = f.company_id AND x.event_type = f.event_type
-                     LIMIT 1) AS ep ON true
-              LEFT JOIN LATERAL (
-                    SELECT l.n
-                      FROM unnest($5::bigint[], $6::text[], $7::int[]) AS l(company_id, event_type, n)
-                     WHERE l.company_id = f.company_id AND l.event_type = f.event_type
-                     LIMIT 1) AS lv ON true) AS k
+    -- Where the last walk stopped (n = 0, not an endpoint), then each
+    -- endpoint after it: the next key, or else (`wrapped`) the first.
+    SELECT $8::bigint AS company_id, $9::text AS event_type, NULL::timestamptz AS head_at,
+           NULL::uuid AS head_id, false AS wrapped, 0 AS n, NULL::text AS ci_state,
+           NULL::timestamptz AS paused_until, NULL::int AS failures, NULL::bool AS manual,
+           NULL::timestamptz AS retry_at, NULL::int AS max_in_flight, 0 AS live_n, 0 AS able
     UNION ALL
     SELECT nxt.company_id, nxt.event_type, nxt.head_at, nxt.head_id, nxt.wrapped, w.n + 1,
            k.ci_state, k.paused_until, k.failures, k.manual, k.retry_at, k.max_in_flight,
@@ -339,7 +298,7 @@ WITH RECURSIVE promoted AS (
     UNION ALL
     (SELECT w.company_id, w.event_type, 'cursor'
       FROM walk AS w
-     WHERE w.n < coalesce((SELECT min(s.n) FROM sized AS s
+     WHERE w.n > 0 AND w.n < coalesce((SELECT min(s.n) FROM sized AS s
                             WHERE NOT s.held AND s.room > 0
                               AND NOT EXISTS (SELECT 1 FROM picked AS p WHERE p.n = s.n)),
                           2147483647)
