@@ -332,9 +332,8 @@ impl ClaimLoop<'_> {
         let mut failing = false;
         // Claiming is paused because no outcome can be recorded.
         let mut paused = false;
-        // Plain until a plain claim leaves more than a quarter behind; then
-        // fair until `fair_until`, and plain is tried again.
-        let mut mode = Mode::Plain;
+        // The fair claim until then, once a plain claim left more than a
+        // quarter behind; the plain claim otherwise.
         let mut fair_until = Instant::now();
         // Where the next fair claim goes on walking the endpoints, and how
         // many walks stopped at their bound since the loop last waited.
@@ -424,10 +423,11 @@ impl ClaimLoop<'_> {
                 // the end of the stop, or else its lease, brings the rows
                 // back.
                 let claim_started = Instant::now();
-                if mode == Mode::Fair && Instant::now() >= fair_until {
-                    tracing::debug!("claim mode: plain again");
-                    mode = Mode::Plain;
-                }
+                let mode = if Instant::now() < fair_until {
+                    Mode::Fair
+                } else {
+                    Mode::Plain
+                };
                 let after = cursor.clone();
                 let claim =
                     tokio::time::timeout(self.claim_limit, self.claim(mode, wanted, &after));
@@ -477,7 +477,6 @@ impl ClaimLoop<'_> {
                         // says nothing of the rest of the queue).
                         let again = if held && mode == Mode::Plain {
                             tracing::debug!("claim mode: fair for a while");
-                            mode = Mode::Fair;
                             fair_until = Instant::now() + FAIR_SPELL;
                             true
                         } else if far && far_walks < FAR_WALKS_PER_WAKE {

@@ -87,9 +87,14 @@ fn faults(explained: &Value) -> Vec<(&'static str, String)> {
     faults
 }
 
-#[tokio::test]
-async fn the_plain_claims_kept_plan_reads_only_the_rows_it_claims_however_the_table_grew() {
-    let db = TestDb::new().await;
+/// A claim connection of the daemon's (its plan kept) with `sql` prepared
+/// as `kept` and run once, so that its plan is made on empty tables that
+/// ANALYZE saw empty: the worst statistics there are.
+async fn plan_kept_on_empty_tables(
+    db: &TestDb,
+    sql: &str,
+    params: &str,
+) -> deadpool_postgres::Object {
     let admin = db.client().await;
     for table in ["events", "endpoints", "endpoint_circuits"] {
         admin
@@ -97,20 +102,69 @@ async fn the_plain_claims_kept_plan_reads_only_the_rows_it_claims_however_the_ta
             .await
             .unwrap();
     }
-    let pool = db.claim_pool();
-    let claimer = pool.get().await.unwrap();
+    let claimer = db.claim_pool().get().await.unwrap();
     claimer
-        .batch_execute(&format!("PREPARE plain AS {CLAIM_SQL}"))
+        .batch_execute(&format!("PREPARE kept AS {sql}"))
         .await
         .unwrap();
-    // The plan is made here, on empty tables that ANALYZE saw empty.
     assert!(
         claimer
-            .query(&format!("EXECUTE plain{PARAMS}"), &[])
+            .query(&format!("EXECUTE kept{params}"), &[])
             .await
             .unwrap()
             .is_empty()
     );
+    claimer
+}
+
+/// `EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON)` of the prepared statement `name`.
+async fn explain(client: &tokio_postgres::Client, name: &str, params: &str) -> Value {
+    client
+        .query_one(
+            &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}{params}"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// That `judge` can fail: `sql` planned in each of `cases` (a name, the
+/// setting that takes the index away, the kinds of fault the judgement must
+/// find), in transactions that are rolled back (so the due event stays
+/// due, and the kept plan is not touched: a rolled back DROP INDEX
+/// invalidates no other session's plans).
+async fn assert_judgement_condemns(
+    db: &TestDb,
+    sql: &str,
+    params: &str,
+    cases: &[(&str, &str, &[&str])],
+    judge: fn(&Value) -> Vec<(&'static str, String)>,
+) {
+    let other = db.claim_pool().get().await.unwrap();
+    for (name, setup, want) in cases {
+        other
+            .batch_execute(&format!("BEGIN; {setup}; PREPARE {name} AS {sql}"))
+            .await
+            .unwrap();
+        let explained = explain(&other, name, params).await;
+        other.batch_execute("ROLLBACK").await.unwrap();
+        let found = judge(&explained);
+        for kind in *want {
+            assert!(
+                found.iter().any(|(k, _)| k == kind),
+                "{name}: the judgement misses a fault of kind {kind} in {found:#?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_plain_claims_kept_plan_reads_only_the_rows_it_claims_however_the_table_grew() {
+    let db = TestDb::new().await;
+    let admin = db.client().await;
+    // The plan is made here, on empty tables that ANALYZE saw empty.
+    let claimer = plan_kept_on_empty_tables(&db, CLAIM_SQL, PARAMS).await;
 
     // Then the outbox fills, all of it enqueued before the one due event
     // and lying in front of it in the table: 6,000 events, delivered or
@@ -149,52 +203,28 @@ async fn the_plain_claims_kept_plan_reads_only_the_rows_it_claims_however_the_ta
     // back DROP INDEX invalidates no other session's plans). Without the
     // index the planner walks all of events_endpoint_pending and sorts;
     // with index scans off, it reads the table.
-    let judge = db.claim_pool();
-    let other = judge.get().await.unwrap();
-    for (name, setup, want) in [
-        (
-            "without_index",
-            "DROP INDEX outbox.events_pending_due",
-            &["index", "pages"][..],
-        ),
-        (
-            "seq_scan",
-            "SET LOCAL enable_seqscan = on; SET LOCAL enable_indexscan = off",
-            &["index", "filter", "pages"][..],
-        ),
-    ] {
-        other
-            .batch_execute(&format!("BEGIN; {setup}; PREPARE {name} AS {CLAIM_SQL}"))
-            .await
-            .unwrap();
-        let explained: Value = other
-            .query_one(
-                &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}{PARAMS}"),
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        other.batch_execute("ROLLBACK").await.unwrap();
-        let found = faults(&explained);
-        for kind in want {
-            assert!(
-                found.iter().any(|(k, _)| k == kind),
-                "{name}: the judgement misses a fault of kind {kind} in {found:#?}"
-            );
-        }
-    }
-    drop(other);
+    assert_judgement_condemns(
+        &db,
+        CLAIM_SQL,
+        PARAMS,
+        &[
+            (
+                "without_index",
+                "DROP INDEX outbox.events_pending_due",
+                &["index", "pages"][..],
+            ),
+            (
+                "seq_scan",
+                "SET LOCAL enable_seqscan = on; SET LOCAL enable_indexscan = off",
+                &["index", "filter", "pages"][..],
+            ),
+        ],
+        faults,
+    )
+    .await;
 
     // Then the kept plan, on the grown table.
-    let explained: Value = claimer
-        .query_one(
-            &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE plain{PARAMS}"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let explained = explain(&claimer, "kept", PARAMS).await;
     let plan = &explained[0]["Plan"];
     assert_eq!(plan["Actual Rows"], 1, "the due event is claimed: {plan:#}");
     let found = faults(&explained);
@@ -270,26 +300,8 @@ fn fair_faults(explained: &Value) -> Vec<(&'static str, String)> {
 async fn the_fair_claims_plan_made_on_an_empty_table_reads_only_what_it_must() {
     let db = TestDb::new().await;
     let admin = db.client().await;
-    for table in ["events", "endpoints", "endpoint_circuits"] {
-        admin
-            .batch_execute(&format!("VACUUM ANALYZE outbox.{table}"))
-            .await
-            .unwrap();
-    }
-    let pool = db.claim_pool();
-    let claimer = pool.get().await.unwrap();
-    claimer
-        .batch_execute(&format!("PREPARE kept AS {CLAIM_FAIR_SQL}"))
-        .await
-        .unwrap();
     // The plan is made here, on empty tables that ANALYZE saw empty.
-    assert!(
-        claimer
-            .query(&format!("EXECUTE kept{FAIR_PARAMS}"), &[])
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    let claimer = plan_kept_on_empty_tables(&db, CLAIM_FAIR_SQL, FAIR_PARAMS).await;
 
     // Then the outbox fills, all of it enqueued before the one due event
     // and lying in front of it in the table: 6,000 events of 20 companies,
@@ -334,54 +346,28 @@ async fn the_fair_claims_plan_made_on_an_empty_table_reads_only_what_it_must() {
     // event stays due, and the kept plan above is not touched: a rolled
     // back DROP INDEX invalidates no other session's plans). Without the
     // index, or with index scans off, the planner reads the table.
-    let judge = db.claim_pool();
-    let other = judge.get().await.unwrap();
-    for (name, setup, want) in [
-        (
-            "without_index",
-            "DROP INDEX outbox.events_endpoint_pending",
-            &["index", "rows"][..],
-        ),
-        (
-            "seq_scan",
-            "SET LOCAL enable_seqscan = on; SET LOCAL enable_indexscan = off",
-            &["index", "filter", "rows"][..],
-        ),
-    ] {
-        other
-            .batch_execute(&format!(
-                "BEGIN; {setup}; PREPARE {name} AS {CLAIM_FAIR_SQL}"
-            ))
-            .await
-            .unwrap();
-        let explained: Value = other
-            .query_one(
-                &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}{FAIR_PARAMS}"),
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        other.batch_execute("ROLLBACK").await.unwrap();
-        let found = fair_faults(&explained);
-        for kind in want {
-            assert!(
-                found.iter().any(|(k, _)| k == kind),
-                "{name}: the judgement misses a fault of kind {kind} in {found:#?}"
-            );
-        }
-    }
-    drop(other);
+    assert_judgement_condemns(
+        &db,
+        CLAIM_FAIR_SQL,
+        FAIR_PARAMS,
+        &[
+            (
+                "without_index",
+                "DROP INDEX outbox.events_endpoint_pending",
+                &["index", "rows"][..],
+            ),
+            (
+                "seq_scan",
+                "SET LOCAL enable_seqscan = on; SET LOCAL enable_indexscan = off",
+                &["index", "filter", "rows"][..],
+            ),
+        ],
+        fair_faults,
+    )
+    .await;
 
     // Then the kept plan, on the grown table.
-    let explained: Value = claimer
-        .query_one(
-            &format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE kept{FAIR_PARAMS}"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let explained = explain(&claimer, "kept", FAIR_PARAMS).await;
     let plan = &explained[0]["Plan"];
     // The due event, a `more` note (it got its share of a batch of one)
     // and a `cursor` note (where the walk stopped).
@@ -410,7 +396,6 @@ async fn the_fair_claims_plan_made_on_an_empty_table_reads_only_what_it_must() {
 async fn the_fair_claim_walks_only_the_endpoints_it_needs_and_goes_on_where_it_stopped() {
     use outboxd::store::claim;
     use std::collections::HashSet;
-    use std::time::Duration;
 
     let db = TestDb::new().await;
     let admin = db.client().await;
@@ -443,15 +428,12 @@ async fn the_fair_claim_walks_only_the_endpoints_it_needs_and_goes_on_where_it_s
         .await
         .unwrap();
     claimer.batch_execute("BEGIN").await.unwrap();
-    let explained: Value = claimer
-        .query_one(
-            "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) \
-             EXECUTE kept(64, 'a', 60000, 8, '{}', '{}', '{}', 0, '')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let explained = explain(
+        &claimer,
+        "kept",
+        "(64, 'a', 60000, 8, '{}', '{}', '{}', 0, '')",
+    )
+    .await;
     claimer.batch_execute("ROLLBACK").await.unwrap();
     let mut all = Vec::new();
     nodes(&explained[0]["Plan"], &mut all);
@@ -474,18 +456,14 @@ async fn the_fair_claim_walks_only_the_endpoints_it_needs_and_goes_on_where_it_s
     let mut cursor = claim::Cursor::default();
     let mut claims: Vec<HashSet<i64>> = Vec::new();
     for _ in 0..16 {
-        let claimed = claim::claim(
+        let claimed = crate::harness::claim_with(
             &pooled,
             claim::Mode::Fair,
             64,
-            "walker",
-            Duration::from_secs(60),
-            8,
             &claim::InFlight::default(),
             &cursor,
         )
-        .await
-        .unwrap();
+        .await;
         assert_eq!(claimed.events.len(), 64, "a full batch each time");
         assert!(claimed.events.iter().all(|e| !e.probe));
         claims.push(claimed.events.iter().map(|e| e.company_id).collect());
@@ -511,7 +489,6 @@ async fn the_fair_claim_walks_only_the_endpoints_it_needs_and_goes_on_where_it_s
 #[tokio::test]
 async fn the_plain_claim_goes_past_a_few_held_rows_and_hands_over_only_when_they_crowd_the_head() {
     use outboxd::store::claim;
-    use std::time::Duration;
 
     let db = TestDb::new().await;
     let admin = db.client().await;
@@ -536,18 +513,14 @@ async fn the_plain_claim_goes_past_a_few_held_rows_and_hands_over_only_when_they
     let plain = |limit| {
         let claimer = &claimer;
         async move {
-            claim::claim(
+            crate::harness::claim_with(
                 claimer,
                 claim::Mode::Plain,
                 limit,
-                "plain",
-                Duration::from_secs(60),
-                8,
                 &claim::InFlight::default(),
                 &claim::Cursor::default(),
             )
             .await
-            .unwrap()
         }
     };
 
@@ -608,7 +581,6 @@ async fn the_plain_claim_goes_past_a_few_held_rows_and_hands_over_only_when_they
 #[tokio::test]
 async fn the_fair_claim_passes_full_and_held_endpoints_without_coming_back_empty_for_nothing() {
     use outboxd::store::claim;
-    use std::time::Duration;
 
     let db = TestDb::new().await;
     let admin = db.client().await;
@@ -626,18 +598,7 @@ async fn the_fair_claim_passes_full_and_held_endpoints_without_coming_back_empty
     let fair = |limit, in_flight, after| {
         let pooled = &pooled;
         async move {
-            claim::claim(
-                pooled,
-                claim::Mode::Fair,
-                limit,
-                "walker",
-                Duration::from_secs(60),
-                8,
-                in_flight,
-                after,
-            )
-            .await
-            .unwrap()
+            crate::harness::claim_with(pooled, claim::Mode::Fair, limit, in_flight, after).await
         }
     };
     let full = claim::InFlight {

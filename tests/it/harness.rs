@@ -632,3 +632,27 @@ pub async fn notifications_before_marker(
         seen += 1;
     }
 }
+
+/// One claim as a daemon makes it (a 60 s lease, the default cap of 8 per
+/// endpoint), with `mode`'s statement, what is in flight and where the
+/// fair claim's walk goes on from; committed.
+pub async fn claim_with(
+    client: &deadpool_postgres::Client,
+    mode: outboxd::store::claim::Mode,
+    limit: usize,
+    in_flight: &outboxd::store::claim::InFlight,
+    after: &outboxd::store::claim::Cursor,
+) -> outboxd::store::claim::Claim {
+    outboxd::store::claim::claim(
+        client,
+        mode,
+        limit,
+        "test-claimer",
+        std::time::Duration::from_secs(60),
+        8,
+        in_flight,
+        after,
+    )
+    .await
+    .unwrap()
+}

@@ -328,18 +328,14 @@ async fn a_claim_makes_half_open_only_the_circuits_it_probes() {
         .unwrap();
     let pool = db.pool();
     let pooled = pool.get().await.unwrap();
-    let claimed = claim::claim(
+    let claimed = crate::harness::claim_with(
         &pooled,
         claim::Mode::Fair,
         1,
-        "one-slot",
-        Duration::from_secs(60),
-        8,
         &claim::InFlight::default(),
         &claim::Cursor::default(),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(claimed.events.len(), 1);
     let probe = &claimed.events[0];
     assert!(probe.probe);
@@ -390,18 +386,14 @@ async fn a_circuit_whose_probe_row_is_locked_elsewhere_stays_open() {
         .unwrap();
     let pool = db.pool();
     let pooled = pool.get().await.unwrap();
-    let claimed = claim::claim(
+    let claimed = crate::harness::claim_with(
         &pooled,
         claim::Mode::Fair,
         4,
-        "prober",
-        Duration::from_secs(60),
-        8,
         &claim::InFlight::default(),
         &claim::Cursor::default(),
     )
-    .await
-    .unwrap();
+    .await;
     assert!(claimed.events.is_empty());
     let state: String = client
         .query_one("SELECT state FROM outbox.endpoint_circuits", &[])
@@ -415,18 +407,14 @@ async fn a_circuit_whose_probe_row_is_locked_elsewhere_stays_open() {
 
     // Once the row is free, the next claim probes.
     holding.rollback().await.unwrap();
-    let claimed = claim::claim(
+    let claimed = crate::harness::claim_with(
         &pooled,
         claim::Mode::Fair,
         4,
-        "prober",
-        Duration::from_secs(60),
-        8,
         &claim::InFlight::default(),
         &claim::Cursor::default(),
     )
-    .await
-    .unwrap();
+    .await;
     assert_eq!(claimed.events.len(), 1);
     assert!(claimed.events[0].probe);
 }
