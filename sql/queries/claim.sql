@@ -63,22 +63,13 @@ WITH promoted AS (
            row_number() OVER (PARTITION BY d.company_id, d.event_type
                               ORDER BY d.next_attempt_at, d.id) AS rn
       FROM due AS d
-), looked AS (
+), picked AS (
     -- The endpoint and its circuit, each looked up by primary key (LATERAL
     -- with LIMIT 1 leaves the planner no other way in, whatever it thinks
     -- of the tables' sizes: see the note on plans above).
-    SELECT r.id, r.rn, r.lease_expired, coalesce(ci.failures > 0, false) AS circuit_dirty,
+    SELECT r.id, r.lease_expired, coalesce(ci.failures > 0, false) AS circuit_dirty,
            ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled,
-           ep.signing_secrets,
-           coalesce(ep.max_in_flight, $4::int) - coalesce(live.n, 0) AS room,
-           -- Not held: no circuit, or a closed one that no Retry-After pauses.
-           ci.company_id IS NULL
-               OR (ci.state = 'closed' AND (ci.paused_until IS NULL OR ci.paused_until <= now()))
-               AS free,
-           -- A circuit whose cool-down is over: only the fair claim probes.
-           coalesce(ci.state IN ('open', 'half_open') AND NOT ci.manual AND ci.retry_at <= now()
-                    AND (ci.paused_until IS NULL OR ci.paused_until <= now()), false)
-               AS wants_probe
+           ep.signing_secrets
       FROM ranked AS r
       LEFT JOIN LATERAL (
             SELECT x.url, x.auth_type, x.username, x.password, x.token, x.enabled, x.max_in_flight,
@@ -93,15 +84,14 @@ WITH promoted AS (
       LEFT JOIN unnest($5::bigint[], $6::text[], $7::int[]) AS live(company_id, event_type, n)
              ON live.company_id = r.company_id AND live.event_type = r.event_type
       LEFT JOIN LATERAL (
-            SELECT x.company_id, x.state, x.paused_until, x.failures, x.manual, x.retry_at
+            SELECT x.company_id, x.state, x.paused_until, x.failures
               FROM outbox.endpoint_circuits AS x
              WHERE x.company_id = r.company_id AND x.event_type = r.event_type
              LIMIT 1) AS ci ON true
-), picked AS (
-    SELECT l.id, l.lease_expired, l.circuit_dirty, l.url, l.auth_type, l.username, l.password,
-           l.token, l.enabled, l.signing_secrets
-      FROM looked AS l
-     WHERE l.rn <= l.room AND l.free
+     WHERE r.rn <= coalesce(ep.max_in_flight, $4::int) - coalesce(live.n, 0)
+       -- Not held: no circuit, or a closed one that no Retry-After pauses.
+       AND (ci.company_id IS NULL
+            OR (ci.state = 'closed' AND (ci.paused_until IS NULL OR ci.paused_until <= now())))
 ), claimed AS (
     UPDATE outbox.events AS e
        -- A row with a million attempts or more (only a hand-written one
@@ -159,7 +149,18 @@ SELECT NULL::uuid, NULL::text, NULL::bigint, NULL::text, NULL::int, NULL::int,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
        'held'
  WHERE ((SELECT count(*) FROM due) - (SELECT count(*) FROM picked)) * 4 > (SELECT count(*) FROM due)
-    OR EXISTS (SELECT 1 FROM looked AS l WHERE l.wants_probe)
+    -- (Looked for among the rows left behind only, mostly none.)
+    OR EXISTS (SELECT 1
+                 FROM due AS d
+                CROSS JOIN LATERAL (
+                      SELECT 1
+                        FROM outbox.endpoint_circuits AS x
+                       WHERE x.company_id = d.company_id AND x.event_type = d.event_type
+                         AND x.state IN ('open', 'half_open') AND NOT x.manual
+                         AND x.retry_at <= now()
+                         AND (x.paused_until IS NULL OR x.paused_until <= now())
+                       LIMIT 1) AS ready
+                WHERE d.id <> ALL (ARRAY(SELECT p.id FROM picked AS p)))
 UNION ALL
 -- more: retries came due (`promoted`), or rows were left behind from a
 -- full window (more may be due behind it): claim again at once.
