@@ -588,28 +588,23 @@ async fn sql_only(opts: &Opts) -> SqlOnly {
     let started = Instant::now();
     let batch = opts.concurrency;
     let claiming = tokio::spawn(async move {
-        let mut cursor = claim::Cursor::default();
         loop {
             // The daemon's default cap per endpoint; every endpoint has
             // room (its deliveries are over once recorded).
             // The plain claim: every endpoint has room, nothing is held.
             let claimed = claim::claim(
                 &claimer,
-                claim::Mode::Plain,
+                claim::Mode::Plain(&claim::Skip::default()),
                 batch,
                 "bench",
                 Duration::from_secs(60),
                 8,
                 &claim::InFlight::default(),
-                &cursor,
             )
             .await
             .unwrap();
             if claimed.events.is_empty() {
                 return;
-            }
-            if let Some(next) = claimed.cursor {
-                cursor = next;
             }
             tx.send(claimed.events).await.unwrap();
         }

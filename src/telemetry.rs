@@ -26,6 +26,7 @@ pub const LEASES_HANDED_BACK: &str = "outboxd_leases_handed_back_total";
 pub const OUTCOMES_FENCED: &str = "outboxd_outcomes_fenced_total";
 pub const CLAIM_BATCHES: &str = "outboxd_claim_batches_total";
 pub const CLAIM_BATCH_SIZE: &str = "outboxd_claim_batch_size";
+pub const CLAIMS: &str = "outboxd_claims_total";
 pub const LISTEN_RECONNECTS: &str = "outboxd_listen_reconnects_total";
 pub const LISTEN_CONNECTED: &str = "outboxd_listen_connected";
 pub const WAKEUPS: &str = "outboxd_wakeups_total";
@@ -170,6 +171,9 @@ pub fn install() -> Result<PrometheusHandle, String> {
     }
     for source in ["notify", "follow_up", "poll", "room"] {
         counter!(WAKEUPS, "source" => source).absolute(0);
+    }
+    for statement in ["plain", "fair"] {
+        counter!(CLAIMS, "statement" => statement).absolute(0);
     }
     for name in [
         LEASES_EXPIRED,
@@ -319,6 +323,10 @@ fn describe() {
         "Claim statements that returned at least one event."
     );
     describe_histogram!(CLAIM_BATCH_SIZE, "Events per non-empty claim.");
+    describe_counter!(
+        CLAIMS,
+        "Claim statements made, by statement: plain (oldest first, stepping over held endpoints) or fair (endpoints in turn, while held rows crowd the head of the queue)."
+    );
     describe_gauge!(
         LISTEN_CONNECTED,
         "1 while the LISTEN connection is up, else 0 (polling goes on either way)."
@@ -453,6 +461,11 @@ pub fn claimed(batch: usize, expired: usize) {
     if expired > 0 {
         counter!(LEASES_EXPIRED).increment(expired as u64);
     }
+}
+
+/// A claim statement was made (`statement`: plain or fair).
+pub fn claim_made(statement: &'static str) {
+    counter!(CLAIMS, "statement" => statement).increment(1);
 }
 
 /// `n` leases handed back to the queue: at a stop, or after a claim whose

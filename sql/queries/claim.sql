@@ -1,18 +1,24 @@
 -- claim: lease up to $1 due events to the instance named $2 for $3
 -- milliseconds, oldest first, and return each with its endpoint settings.
--- The same parameters and rows as claim_fair.sql: $4 is the cap per
--- endpoint on this instance (an endpoint's max_in_flight wins), and $5, $6,
--- $7 the endpoints this instance has requests in flight to, and how many.
+-- The same rows as claim_fair.sql, and its first parameters: $4 is the cap
+-- per endpoint on this instance (an endpoint's max_in_flight wins), and
+-- $5, $6, $7 the endpoints this instance has requests in flight to, and
+-- how many. $8, $9: the endpoints to step over (company ids, event types):
+-- those the last claims found held or at their cap. $10: up to how many due
+-- rows a note counts per endpoint left behind.
 --
--- The plain claim, for while few rows of held endpoints or of endpoints at
--- their cap lie at the head of the queue, which is when oldest first is
--- fair too. It takes the $1 oldest due rows, as one ordered walk of the
+-- The plain claim, the one taken unless held rows crowd the head of the
+-- queue. It takes the $1 oldest due rows, as one ordered walk of the
 -- partial index events_pending_due (FOR UPDATE SKIP LOCKED lets several
 -- daemons claim side by side without queueing behind each other's row
 -- locks), and leases those whose endpoint has room and no held circuit.
--- When it leaves more than a quarter behind, a `held` note says so and the
--- claim loop takes claim_fair.sql for a while: rows of a held endpoint in
--- front of the queue would otherwise be walked by every claim.
+-- Rows of the endpoints in $8/$9 are passed over in that walk before they
+-- are locked, so they cost a look each (about 0.25 us) and no lock, and
+-- the walk goes on to $1 rows it can lease. The rows it locks and leaves
+-- (an endpoint it did not know held or full) come back as notes, one per
+-- endpoint with its due rows counted, so the claim loop can step over them
+-- next time (src/pipeline/producer.rs, `Steps`), or take the fair claim for
+-- a while when there are too many of them to step over cheaply.
 --
 -- Due: pending with next_attempt_at reached. A row whose lease ran out (its
 -- daemon died mid-delivery) is put back to pending by release_expired.sql,
@@ -55,6 +61,10 @@ WITH promoted AS (
       FROM outbox.events AS e
      WHERE e.state = 'pending'
        AND e.next_attempt_at <= now()
+       -- Checked in the walk, below the row locks: passed over, not locked.
+       AND (e.company_id, e.event_type) NOT IN (
+             SELECT s.company_id, s.event_type
+               FROM unnest($8::bigint[], $9::text[]) AS s(company_id, event_type))
      ORDER BY e.next_attempt_at
      LIMIT $1
        FOR UPDATE SKIP LOCKED
@@ -63,13 +73,19 @@ WITH promoted AS (
            row_number() OVER (PARTITION BY d.company_id, d.event_type
                               ORDER BY d.next_attempt_at, d.id) AS rn
       FROM due AS d
-), picked AS (
+), judged AS (
     -- The endpoint and its circuit, each looked up by primary key (LATERAL
     -- with LIMIT 1 leaves the planner no other way in, whatever it thinks
     -- of the tables' sizes: see the note on plans above).
-    SELECT r.id, r.lease_expired, coalesce(ci.failures > 0, false) AS circuit_dirty,
+    SELECT r.id, r.company_id, r.event_type, r.lease_expired,
+           coalesce(ci.failures > 0, false) AS circuit_dirty,
            ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled,
-           ep.signing_secrets
+           ep.signing_secrets,
+           -- Held: a circuit that is not closed, or a Retry-After.
+           NOT (ci.company_id IS NULL
+                OR (ci.state = 'closed' AND (ci.paused_until IS NULL OR ci.paused_until <= now())))
+               AS held,
+           r.rn > coalesce(ep.max_in_flight, $4::int) - coalesce(live.n, 0) AS full
       FROM ranked AS r
       LEFT JOIN LATERAL (
             SELECT x.url, x.auth_type, x.username, x.password, x.token, x.enabled, x.max_in_flight,
@@ -88,10 +104,26 @@ WITH promoted AS (
               FROM outbox.endpoint_circuits AS x
              WHERE x.company_id = r.company_id AND x.event_type = r.event_type
              LIMIT 1) AS ci ON true
-     WHERE r.rn <= coalesce(ep.max_in_flight, $4::int) - coalesce(live.n, 0)
-       -- Not held: no circuit, or a closed one that no Retry-After pauses.
-       AND (ci.company_id IS NULL
-            OR (ci.state = 'closed' AND (ci.paused_until IS NULL OR ci.paused_until <= now())))
+), picked AS (
+    SELECT j.* FROM judged AS j WHERE NOT j.held AND NOT j.full
+), left_behind AS (
+    -- The endpoints whose rows were locked and left: held ones, and full
+    -- ones (room on this instance used up), each with its due rows counted
+    -- up to $10 + 1 from its own index (events_endpoint_pending), so the
+    -- loop knows what stepping over them would cost.
+    SELECT k.company_id, k.event_type, k.held, n.due
+      FROM (SELECT j.company_id, j.event_type, bool_or(j.held) AS held
+              FROM judged AS j
+             WHERE j.held OR j.full
+             GROUP BY j.company_id, j.event_type) AS k
+     CROSS JOIN LATERAL (
+           SELECT count(*)::int AS due
+             FROM (SELECT 1
+                     FROM outbox.events AS e
+                    WHERE e.company_id = k.company_id AND e.event_type = k.event_type
+                      AND e.state = 'pending' AND e.next_attempt_at <= now()
+                    ORDER BY e.company_id, e.event_type, e.next_attempt_at
+                    LIMIT $10::int + 1) AS w) AS n
 ), claimed AS (
     UPDATE outbox.events AS e
        -- A row with a million attempts or more (only a hand-written one
@@ -137,30 +169,34 @@ SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since
   FROM claimed AS c
   JOIN picked AS p ON p.id = c.id
 UNION ALL
--- held: more than a quarter of the due rows read were left behind, of
--- endpoints held or at their cap: they crowd the head of the queue, and
--- the loop takes the fair claim for a while. A few (a paused endpoint's
--- handful of events) only cost this claim their rows, and it stays. Or a
--- circuit whose cool-down is over has a row here: the fair claim sends
--- its probe. (A held endpoint's rows come to the head of the queue in
--- time, its oldest being older than anything enqueued since.)
+-- step: an endpoint whose rows this claim locked and left, held (circuit
+-- open, half-open or paused, or a Retry-After) or at its cap; `attempts`
+-- holds its due rows, counted up to $10 + 1. The next plain claims step
+-- over it ($8, $9), or the loop takes the fair claim for a while if there
+-- are too many such rows or endpoints (src/pipeline/producer.rs, `Steps`).
+SELECT NULL::uuid, l.event_type, l.company_id, NULL::text, l.due, NULL::int,
+       NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
+       NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
+       CASE WHEN l.held THEN 'step_held' ELSE 'step_full' END
+  FROM left_behind AS l
+UNION ALL
+-- held: a row here belongs to an endpoint whose circuit's cool-down is
+-- over: only the fair claim sends probes, so the loop takes it for a while.
 SELECT NULL::uuid, NULL::text, NULL::bigint, NULL::text, NULL::int, NULL::int,
        NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
        'held'
- WHERE ((SELECT count(*) FROM due) - (SELECT count(*) FROM picked)) * 4 > (SELECT count(*) FROM due)
-    -- (Looked for among the rows left behind only, mostly none.)
-    OR EXISTS (SELECT 1
-                 FROM due AS d
+ WHERE EXISTS (SELECT 1
+                 FROM left_behind AS l
                 CROSS JOIN LATERAL (
                       SELECT 1
                         FROM outbox.endpoint_circuits AS x
-                       WHERE x.company_id = d.company_id AND x.event_type = d.event_type
+                       WHERE x.company_id = l.company_id AND x.event_type = l.event_type
                          AND x.state IN ('open', 'half_open') AND NOT x.manual
                          AND x.retry_at <= now()
                          AND (x.paused_until IS NULL OR x.paused_until <= now())
                        LIMIT 1) AS ready
-                WHERE d.id <> ALL (ARRAY(SELECT p.id FROM picked AS p)))
+                WHERE l.held)
 UNION ALL
 -- more: retries came due (`promoted`), or rows were left behind from a
 -- full window (more may be due behind it): claim again at once.

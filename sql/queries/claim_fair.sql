@@ -8,10 +8,12 @@
 -- endpoint settings and whether it is its endpoint's probe, then rows with
 -- a NULL id and a `note` (see the end).
 --
--- The claim loop takes this one while rows of held endpoints (circuit
--- open, paused, Retry-After) or of endpoints at their cap crowd the head of
--- the queue, and `claim.sql`, the plain oldest-first claim, otherwise
--- (src/pipeline/producer.rs says when it switches). It walks the
+-- The claim loop takes this one for a second at a time when rows of held
+-- endpoints (circuit open, paused, Retry-After) or of endpoints at their
+-- cap crowd the head of the queue in numbers too large for `claim.sql`,
+-- the plain oldest-first claim, to step over cheaply, or a circuit is
+-- ready for its probe; the plain claim otherwise (src/pipeline/producer.rs,
+-- `Steps`, says when it switches). It walks the
 -- endpoints with pending rows in the order of their keys, round robin:
 -- from the one after $8/$9 to the end, then from the first, and stops
 -- when it has passed as many endpoints able to send as the claim wants
@@ -54,9 +56,9 @@
 --    something due, not every endpoint with a retry set.
 -- 1. `walk`: the endpoints with pending rows from the cursor on, one index
 --    descent each (an endpoint with a million queued rows costs one step),
---    with each one's head (oldest next_attempt_at, then id) and circuit.
---    with each one's circuit, cap and what this instance has in flight to
---    it, all by primary key. It counts those able to send (due, no
+--    with each one's head (oldest next_attempt_at, then id), and its
+--    circuit, cap and what this instance has in flight to it, all by
+--    primary key. It counts those able to send (due, no
 --    Retry-After, a closed circuit and room, or a circuit ready for its
 --    probe) and stops at as many as wanted.
 -- 2. `probes`: an open circuit whose cool-down is over (or a half-open one

@@ -8,11 +8,13 @@
 //! keep coming ([`FollowUp`]): the enqueue notifies at most once per quarter
 //! second (migration 0009), and this is how the events in between are
 //! found without waiting for the poll.
-//! The claim is fair between endpoints, taking them in turn from where the
-//! last claim stopped (the loop keeps that cursor), and keeps each under
-//! its cap; an
-//! endpoint left at its cap is remembered in [`Room`], and the recorder
-//! wakes the loop when one of that endpoint's deliveries has been marked.
+//! The claim takes the oldest due rows and steps over the endpoints it
+//! learnt are held or at their cap ([`Steps`]); while there are too many of
+//! those to step over, the fair claim takes endpoints in turn from where
+//! the last one stopped (the loop keeps that cursor). Each endpoint is kept
+//! under its cap; an endpoint left at its cap is remembered in [`Room`],
+//! and the recorder wakes the loop when one of that endpoint's deliveries
+//! has been marked.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -31,7 +33,10 @@ use crate::pipeline::executor;
 use crate::pipeline::schema_watch::SchemaWatch;
 use crate::progress::Progress;
 use crate::service::Heartbeat;
-use crate::store::claim::{Claim, ClaimError, Cursor, InFlight, Mode, claim, hand_back_unknown};
+use crate::store::claim::{
+    Claim, ClaimError, Cursor, InFlight, Mode, STEP_COUNT_LIMIT, Skip, Step, claim,
+    hand_back_unknown,
+};
 use crate::store::error::ErrorKind;
 use crate::store::pool as db;
 use crate::{systemd, telemetry};
@@ -78,18 +83,22 @@ impl Room {
     }
 
     /// What the last claim found at its cap, and what it started. `before`
-    /// is what was in flight when the claim was made: a delivery to a capped
-    /// endpoint that ended while the claim ran found it not yet marked
-    /// capped and woke nobody, so that wake-up is made here.
-    fn claimed(&self, capped: HashSet<EndpointKey>, events: &[ClaimedEvent], before: &InFlight) {
+    /// is what was in flight when the claim was made: an endpoint one of
+    /// whose deliveries ended while the claim ran has room again, so it is
+    /// not marked capped and the loop is woken to claim for it (the
+    /// delivery found it not marked and woke nobody); nor is one with
+    /// nothing in flight, whose room no delivery would ever bring back.
+    /// The plain claim adds to the endpoints known capped (it stepped over
+    /// those, and says nothing of them); the fair claim, which reads every
+    /// endpoint it passes, replaces them (`replace`).
+    fn claimed(
+        &self,
+        capped: HashSet<EndpointKey>,
+        replace: bool,
+        events: &[ClaimedEvent],
+        before: &InFlight,
+    ) {
         let mut state = self.state();
-        let ended_meanwhile = capped
-            .iter()
-            .any(|key| state.in_flight.get(key).copied().unwrap_or(0) < before.count(key));
-        state.capped = capped;
-        if ended_meanwhile {
-            self.freed.notify_one();
-        }
         let now = Instant::now();
         for e in events {
             *state
@@ -97,6 +106,25 @@ impl Room {
                 .entry((e.company_id, e.event_type.clone()))
                 .or_insert(0) += 1;
             state.known.insert(e.id, (e.attempt, now));
+        }
+        if replace {
+            state.capped.clear();
+        }
+        let mut room_back = false;
+        for key in capped {
+            let started = events
+                .iter()
+                .filter(|e| e.company_id == key.0 && e.event_type == key.1)
+                .count() as u32;
+            let now_in_flight = state.in_flight.get(&key).copied().unwrap_or(0);
+            if now_in_flight == 0 || now_in_flight < before.count(&key) + started {
+                room_back = true;
+            } else {
+                state.capped.insert(key);
+            }
+        }
+        if room_back {
+            self.freed.notify_one();
         }
     }
 
@@ -122,6 +150,11 @@ impl Room {
         }
         state.pruned_at = Some(now);
         state.known.retain(|_, (_, at)| now - *at < lease);
+    }
+
+    /// The endpoints at their cap on this instance with more due.
+    fn capped(&self) -> HashSet<EndpointKey> {
+        self.state().capped.clone()
     }
 
     fn in_flight(&self) -> InFlight {
@@ -261,14 +294,81 @@ impl FollowUp {
     }
 }
 
-/// How long the claim loop keeps to the fair claim once a plain claim left
-/// more than a quarter of what it read behind (rows of held endpoints, or
-/// of endpoints at their cap, at the head of the queue); then a plain
-/// claim looks again. A plain claim a second costs little however the
-/// queue stands, and a held endpoint with a few events in front (a pause)
-/// no longer keeps an instance on the fair claim for good: it costs each
-/// plain claim those few rows instead (issue 26).
+/// How long the claim loop keeps to the fair claim once the plain claim
+/// met more held rows than it steps over cheaply ([`Steps`]) or a circuit
+/// ready for its probe; then a plain claim looks again. A plain claim a
+/// second costs little however the queue stands.
 const FAIR_SPELL: Duration = Duration::from_secs(1);
+
+/// How long the plain claim steps over the held endpoints it learnt of
+/// before it forgets them all and reads their rows once more: a circuit
+/// that closed, an endpoint resumed, or a circuit whose cool-down ended is
+/// seen within this long.
+const STEP_SPELL: Duration = Duration::from_secs(1);
+
+/// Most endpoints the plain claim steps over; more (a mass outage) are
+/// left to the fair claim, whose walk passes a held endpoint in one step.
+const STEP_ENDPOINTS_LIMIT: usize = 32;
+
+/// The endpoints the plain claim steps over: each one whose rows a plain
+/// claim locked and left (held, or at its cap on this instance), with its
+/// due rows. Stepping over a row costs the claim's walk about 0.25 us
+/// where the fair claim costs about 0.8 ms more than the plain one per
+/// claim of 48 (docs/BENCHMARKS.md, "Issue 26, the plain claim steps over
+/// held endpoints"), so up to [`STEP_COUNT_LIMIT`] rows of up to
+/// [`STEP_ENDPOINTS_LIMIT`] endpoints are stepped over; past that the fair
+/// claim is cheaper, and the loop takes it for [`FAIR_SPELL`].
+///
+/// Only the held ones are given to the claim from here; those at their cap
+/// come from [`Room`], which forgets one as soon as a delivery to it ends.
+/// All are forgotten [`STEP_SPELL`] after the first was learnt.
+#[derive(Debug, Default)]
+struct Steps {
+    /// Due rows (as last counted) and whether held, per endpoint.
+    due: HashMap<EndpointKey, (u32, bool)>,
+    until: Option<Instant>,
+}
+
+impl Steps {
+    /// The held endpoints to step over at `now`.
+    fn held(&mut self, now: Instant) -> Vec<EndpointKey> {
+        if self.until.is_some_and(|until| now >= until) {
+            self.forget();
+        }
+        self.due
+            .iter()
+            .filter(|(_, (_, held))| *held)
+            .map(|(key, _)| key.clone())
+            .collect()
+    }
+
+    /// Takes what a plain claim locked and left; `capped`: the endpoints
+    /// at their cap now (those that are no longer are not stepped over).
+    /// True: the next plain claims step over all of it; false: there is too
+    /// much to step over, everything is forgotten, and the fair claim is
+    /// the cheaper one.
+    fn learn(&mut self, steps: &[Step], capped: &HashSet<EndpointKey>, now: Instant) -> bool {
+        if self.due.is_empty() {
+            self.until = Some(now + STEP_SPELL);
+        }
+        for step in steps {
+            self.due.insert(step.key.clone(), (step.due, step.held));
+        }
+        self.due
+            .retain(|key, (_, held)| *held || capped.contains(key));
+        let rows: u64 = self.due.values().map(|(due, _)| u64::from(*due)).sum();
+        if self.due.len() > STEP_ENDPOINTS_LIMIT || rows > STEP_COUNT_LIMIT as u64 {
+            self.forget();
+            return false;
+        }
+        true
+    }
+
+    fn forget(&mut self) {
+        self.due.clear();
+        self.until = None;
+    }
+}
 
 /// How many fair claims in a row may walk on at once after their walk
 /// stopped at its bound of 1,000 endpoints without filling the batch, before
@@ -332,9 +432,11 @@ impl ClaimLoop<'_> {
         let mut failing = false;
         // Claiming is paused because no outcome can be recorded.
         let mut paused = false;
-        // The fair claim until then, once a plain claim left more than a
-        // quarter behind; the plain claim otherwise.
+        // The fair claim until then, once the plain claim met more held
+        // rows than it steps over cheaply; the plain claim otherwise,
+        // stepping over the endpoints it learnt were held or full.
         let mut fair_until = Instant::now();
+        let mut steps = Steps::default();
         // Where the next fair claim goes on walking the endpoints, and how
         // many walks stopped at their bound since the loop last waited.
         let mut cursor = Cursor::default();
@@ -423,14 +525,18 @@ impl ClaimLoop<'_> {
                 // the end of the stop, or else its lease, brings the rows
                 // back.
                 let claim_started = Instant::now();
-                let mode = if Instant::now() < fair_until {
-                    Mode::Fair
-                } else {
-                    Mode::Plain
-                };
+                let now = Instant::now();
                 let after = cursor.clone();
-                let claim =
-                    tokio::time::timeout(self.claim_limit, self.claim(mode, wanted, &after));
+                let skip;
+                let mode = if now < fair_until {
+                    Mode::Fair(&after)
+                } else {
+                    let mut keys = steps.held(now);
+                    keys.extend(self.room.capped());
+                    skip = Skip::of(&keys);
+                    Mode::Plain(&skip)
+                };
+                let claim = tokio::time::timeout(self.claim_limit, self.claim(mode, wanted));
                 tokio::pin!(claim);
                 let claimed = tokio::select! {
                     claimed = &mut claim => claimed,
@@ -456,6 +562,7 @@ impl ClaimLoop<'_> {
                         Claim {
                             events,
                             capped,
+                            steps: left,
                             more,
                             held,
                             far,
@@ -467,17 +574,24 @@ impl ClaimLoop<'_> {
                         if std::mem::take(&mut failing) {
                             systemd::status("delivering");
                         }
-                        self.room.claimed(capped, &events, &before);
+                        self.room
+                            .claimed(capped, !mode.is_plain(), &events, &before);
                         self.room.forget_stale(self.config.delivery.lease);
                         if let Some(next) = next {
                             cursor = next;
                         }
-                        // Held rows crowd the head of the queue: the fair
-                        // claim for a while, from now (this plain claim
-                        // says nothing of the rest of the queue).
-                        let again = if held && mode == Mode::Plain {
+                        // A probe is due, or more held rows lie at the
+                        // head of the queue than are cheap to step over:
+                        // the fair claim for a while, from now. Fewer: the
+                        // plain claim steps over them, at once.
+                        let fair = held
+                            || (!left.is_empty() && !steps.learn(&left, &self.room.capped(), now));
+                        let again = if fair && mode.is_plain() {
                             tracing::debug!("claim mode: fair for a while");
+                            steps.forget();
                             fair_until = Instant::now() + FAIR_SPELL;
+                            true
+                        } else if !left.is_empty() {
                             true
                         } else if far && far_walks < FAR_WALKS_PER_WAKE {
                             far_walks += 1;
@@ -561,16 +675,12 @@ impl ClaimLoop<'_> {
         recorder_died
     }
 
-    async fn claim(
-        &self,
-        mode: Mode,
-        wanted: usize,
-        after: &Cursor,
-    ) -> Result<(Claim, InFlight), ClaimFailed> {
-        let pool = match mode {
-            Mode::Plain => self.plain_pool,
-            Mode::Fair => self.pool,
+    async fn claim(&self, mode: Mode<'_>, wanted: usize) -> Result<(Claim, InFlight), ClaimFailed> {
+        let (pool, statement) = match mode {
+            Mode::Plain(_) => (self.plain_pool, "plain"),
+            Mode::Fair(_) => (self.pool, "fair"),
         };
+        telemetry::claim_made(statement);
         let client = db::Checkout::get(pool, "claim")
             .await
             .map_err(|e| ClaimFailed {
@@ -590,7 +700,6 @@ impl ClaimLoop<'_> {
             delivery.lease,
             delivery.endpoint_concurrency,
             &in_flight,
-            after,
         )
         .await
         .map(|claim| (claim, in_flight))
@@ -683,6 +792,106 @@ mod tests {
     use tokio::time::sleep;
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    fn step(company: i64, held: bool, due: u32) -> Step {
+        Step {
+            key: (company, "payment.cancellation".into()),
+            held,
+            due,
+        }
+    }
+
+    /// What the plain claim steps over, claim after claim: each row is
+    /// the steps one claim left, whether the loop steps over them all
+    /// (else the fair claim), and the held companies stepped over next.
+    #[test]
+    fn steps_are_taken_while_cheap_and_forgotten_after_their_spell() {
+        let full = |company| step(company, false, 8);
+        // (what, the steps a claim left, the companies capped now, stepped
+        // over, the held companies stepped over next)
+        type Case<'a> = (&'a str, Vec<Step>, &'a [i64], bool, Vec<i64>);
+        let cases: &[Case] = &[
+            (
+                "one paused company",
+                vec![step(1, true, 100)],
+                &[],
+                true,
+                vec![1],
+            ),
+            ("a full one besides", vec![full(2)], &[2], true, vec![1]),
+            (
+                "another paused one, counted again",
+                vec![step(1, true, 150), step(3, true, 40)],
+                &[2],
+                true,
+                vec![1, 3],
+            ),
+            (
+                "a full one with many rows, while capped",
+                vec![step(5, false, 700)],
+                &[2, 5],
+                true,
+                vec![1, 3],
+            ),
+            (
+                "its room back, it no longer counts",
+                vec![step(6, true, 300)],
+                &[2],
+                true,
+                vec![1, 3, 6],
+            ),
+            (
+                "rows past the bound",
+                vec![step(4, true, 900)],
+                &[2],
+                false,
+                vec![],
+            ),
+            (
+                "after the fair spell, one again",
+                vec![step(4, true, 900)],
+                &[],
+                true,
+                vec![4],
+            ),
+        ];
+        let capped_of = |companies: &[i64]| -> HashSet<EndpointKey> {
+            companies
+                .iter()
+                .map(|c| (*c, "payment.cancellation".to_owned()))
+                .collect()
+        };
+        let mut steps = Steps::default();
+        let now = Instant::now();
+        for (what, left, capped, stepped, held) in cases {
+            assert_eq!(
+                steps.learn(left, &capped_of(capped), now),
+                *stepped,
+                "{what}"
+            );
+            let mut got: Vec<i64> = steps.held(now).iter().map(|k| k.0).collect();
+            got.sort();
+            assert_eq!(got, *held, "{what}");
+        }
+
+        // More endpoints than the bound: the fair claim.
+        let many: Vec<Step> = (0..=STEP_ENDPOINTS_LIMIT as i64)
+            .map(|c| step(100 + c, true, 1))
+            .collect();
+        let none = HashSet::new();
+        let mut steps = Steps::default();
+        assert!(steps.learn(&many[..STEP_ENDPOINTS_LIMIT], &none, now));
+        assert!(!steps.learn(&many[STEP_ENDPOINTS_LIMIT..], &none, now));
+
+        // Forgotten together, a spell after the first was learnt.
+        let mut steps = Steps::default();
+        assert!(steps.learn(&[step(1, true, 1)], &none, now));
+        assert!(steps.learn(&[step(2, true, 1)], &none, now + STEP_SPELL / 2));
+        assert_eq!(steps.held(now + STEP_SPELL - MS(1)).len(), 2);
+        assert!(steps.held(now + STEP_SPELL).is_empty());
+        assert!(steps.learn(&[step(3, true, 1)], &none, now + STEP_SPELL));
+        assert_eq!(steps.held(now + STEP_SPELL * 2 - MS(1)).len(), 1);
+    }
 
     /// The waits of the follow-up looks after one arrival, none finding
     /// anything, until they end.
@@ -836,7 +1045,7 @@ mod tests {
         let room = Room::default();
         let before = room.in_flight();
         let events = [claimed_event(1, 1), claimed_event(2, 3)];
-        room.claimed(HashSet::new(), &events, &before);
+        room.claimed(HashSet::new(), true, &events, &before);
         let mut known = room.known();
         known.sort();
         assert_eq!(known, [(Uuid::from_u128(1), 1), (Uuid::from_u128(2), 3)]);

@@ -48,13 +48,56 @@ pub struct ClaimError {
     pub kind: ErrorKind,
 }
 
-/// Which claim statement: the plain oldest-first one, or the fair one,
-/// taken while rows of held endpoints or of endpoints at their cap crowd
-/// the head of the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Plain,
-    Fair,
+/// Which claim statement, with what it alone takes: the plain oldest-first
+/// one, told which endpoints to step over, or the fair one, told where its
+/// walk goes on (taken while rows of held endpoints crowd the head of the
+/// queue in numbers too large to step over cheaply).
+#[derive(Debug, Clone, Copy)]
+pub enum Mode<'a> {
+    Plain(&'a Skip),
+    Fair(&'a Cursor),
+}
+
+impl Mode<'_> {
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Mode::Plain(_))
+    }
+}
+
+/// The endpoints the plain claim passes over without locking their rows
+/// (`sql/queries/claim.sql`, $8, $9): those the last claims found held or
+/// at their cap on this instance.
+#[derive(Debug, Default, Clone)]
+pub struct Skip {
+    pub company_ids: Vec<i64>,
+    pub event_types: Vec<String>,
+}
+
+impl Skip {
+    pub fn of<'k>(keys: impl IntoIterator<Item = &'k EndpointKey>) -> Skip {
+        let mut skip = Skip::default();
+        for (company_id, event_type) in keys {
+            skip.company_ids.push(*company_id);
+            skip.event_types.push(event_type.clone());
+        }
+        skip
+    }
+}
+
+/// Up to how many due rows the plain claim counts for each endpoint whose
+/// rows it locked and left (`sql/queries/claim.sql`, $10): more than this
+/// many in all are cheaper to leave to the fair claim than to step over
+/// (`pipeline::producer::Steps`).
+pub const STEP_COUNT_LIMIT: i32 = 1000;
+
+/// An endpoint whose rows the plain claim locked and left.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub key: EndpointKey,
+    /// Held (circuit not closed, or a Retry-After); else at its cap.
+    pub held: bool,
+    /// Its due rows, counted up to [`STEP_COUNT_LIMIT`] + 1.
+    pub due: u32,
 }
 
 /// Where the next fair claim goes on walking the endpoints: after this one
@@ -72,14 +115,16 @@ pub struct Claim {
     pub events: Vec<ClaimedEvent>,
     /// Endpoints left at their cap with more due.
     pub capped: HashSet<EndpointKey>,
+    /// The plain claim: endpoints whose rows it locked and left, held or
+    /// at their cap (those at their cap are in `capped` too).
+    pub steps: Vec<Step>,
     /// Some endpoint got only its share of this batch and may have more
     /// due, or endpoints able to send lie beyond where the walk stopped, or
     /// retries came due: claim again at once, even if the batch was short.
     pub more: bool,
-    /// The plain claim left more than a quarter of what it read behind
-    /// (rows of held endpoints, or of endpoints at their cap), or read a
-    /// row of an endpoint whose circuit waits for its probe: the next
-    /// claims are the fair one.
+    /// The plain claim left a row of an endpoint whose circuit waits for
+    /// its probe, which only the fair claim sends: the next claims are the
+    /// fair one.
     pub held: bool,
     /// The fair claim's walk stopped at its bound of endpoints without
     /// filling the batch (held endpoints, mostly): walk on at once.
@@ -89,20 +134,20 @@ pub struct Claim {
 }
 
 /// Leases up to `limit` due events to `owner` for `lease`, with `mode`'s
-/// statement (the fair one walks the endpoints from the one after `after`),
+/// statement (the plain one steps over the endpoints it is given, the fair
+/// one walks the endpoints from the one after the cursor it is given),
 /// at most `endpoint_cap` in flight per endpoint on this instance (counting
 /// `in_flight`) unless the endpoint sets its own. Each statement is
 /// prepared once per pooled connection: one round trip per claim, not two.
 #[allow(clippy::too_many_arguments)]
 pub async fn claim(
     client: &deadpool_postgres::Client,
-    mode: Mode,
+    mode: Mode<'_>,
     limit: usize,
     owner: &str,
     lease: Duration,
     endpoint_cap: u32,
     in_flight: &InFlight,
-    after: &Cursor,
 ) -> Result<Claim, ClaimError> {
     let limit = limit as i64;
     let lease_ms = lease.as_millis() as i64;
@@ -112,8 +157,8 @@ pub async fn claim(
         kind: error::kind(&e),
     };
     let sql = match mode {
-        Mode::Plain => CLAIM_SQL,
-        Mode::Fair => CLAIM_FAIR_SQL,
+        Mode::Plain(_) => CLAIM_SQL,
+        Mode::Fair(_) => CLAIM_FAIR_SQL,
     };
     let statement = client.prepare_cached(sql).await.map_err(describe)?;
     let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
@@ -125,11 +170,16 @@ pub async fn claim(
         &in_flight.event_types,
         &in_flight.counts,
     ];
-    if mode == Mode::Fair {
-        params.extend([
+    match mode {
+        Mode::Plain(skip) => params.extend([
+            &skip.company_ids as &(dyn tokio_postgres::types::ToSql + Sync),
+            &skip.event_types,
+            &STEP_COUNT_LIMIT,
+        ]),
+        Mode::Fair(after) => params.extend([
             &after.company_id as &(dyn tokio_postgres::types::ToSql + Sync),
             &after.event_type,
-        ]);
+        ]),
     }
     // Committed before anything is done with the rows (store::txn): an
     // error here leaves the leases unknown, and nothing of them is sent.
@@ -154,6 +204,18 @@ pub async fn claim(
                 claim
                     .capped
                     .insert((row.get("company_id"), row.get("event_type")));
+            }
+            Some(note @ ("step_held" | "step_full")) => {
+                let key: EndpointKey = (row.get("company_id"), row.get("event_type"));
+                let held = note == "step_held";
+                if !held {
+                    claim.capped.insert(key.clone());
+                }
+                claim.steps.push(Step {
+                    key,
+                    held,
+                    due: row.get::<_, i32>("attempts").max(0) as u32,
+                });
             }
             Some("more") => claim.more = true,
             Some("held") => claim.held = true,

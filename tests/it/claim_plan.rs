@@ -19,7 +19,7 @@ const CLAIM_SQL: &str = include_str!("../../sql/queries/claim.sql");
 
 /// The claim of one event, as the daemon runs it (`$1` = 1: the quiet
 /// queue, one event per claim).
-const PARAMS: &str = "(1, 'a', 60000, 8, '{}', '{}', '{}')";
+const PARAMS: &str = "(1, 'a', 60000, 8, '{}', '{}', '{}', '{}', '{}', 1000)";
 
 /// Pages the search for the due rows may read: the index's root and leaf
 /// and the due row's heap page, with room to spare (measured: 4). Without
@@ -458,10 +458,9 @@ async fn the_fair_claim_walks_only_the_endpoints_it_needs_and_goes_on_where_it_s
     for _ in 0..16 {
         let claimed = crate::harness::claim_with(
             &pooled,
-            claim::Mode::Fair,
+            claim::Mode::Fair(&cursor),
             64,
             &claim::InFlight::default(),
-            &cursor,
         )
         .await;
         assert_eq!(claimed.events.len(), 64, "a full batch each time");
@@ -480,29 +479,36 @@ async fn the_fair_claim_walks_only_the_endpoints_it_needs_and_goes_on_where_it_s
     assert_eq!(cursor.company_id, 25);
 }
 
-/// Issue 26: a held endpoint with a few events at the head of the queue (a
-/// company that paused its endpoint) no longer turns the claim loop to the
-/// fair claim: the plain claim leaves those rows behind, takes the rest
-/// and says there may be more (`more`), not `held`. Only when held rows
-/// crowd the head (more than a quarter of what a claim reads) does it say
-/// `held`, and the loop takes the fair claim for a while.
+/// Issue 26: the plain claim locks and leaves the rows of an endpoint it
+/// did not know was held or full, and says which, with its due rows
+/// counted; told to step over those endpoints, it passes their rows in its
+/// walk before locking them (the plan's index scan throws them away below
+/// the row locks) and leases a whole batch from behind them. A circuit
+/// waiting for its probe still hands over to the fair claim, which alone
+/// sends probes.
 #[tokio::test]
-async fn the_plain_claim_goes_past_a_few_held_rows_and_hands_over_only_when_they_crowd_the_head() {
+async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_their_rows() {
     use outboxd::store::claim;
 
     let db = TestDb::new().await;
     let admin = db.client().await;
+    // Company 1 paused with 30 due rows at the head, company 2 with 10 due
+    // rows and 8 in flight (its cap), 100 companies with one due row each.
     admin
         .batch_execute(
             "INSERT INTO outbox.endpoints (company_id, url)
-             SELECT c, 'http://127.0.0.1:9/hooks' FROM generate_series(1, 101) c;
+             SELECT c, 'http://127.0.0.1:9/hooks' FROM generate_series(1, 102) c;
              SELECT outbox.pause_endpoint(1);
              INSERT INTO outbox.events (company_id, payload, next_attempt_at)
-             SELECT 1, jsonb_build_object('companyId', 1, 'paymentId', g, 'paymentNumber', g::text),
+             SELECT 1 + g % 2, jsonb_build_object('companyId', 1 + g % 2, 'paymentId', g, 'paymentNumber', g::text),
                     now() - interval '2 hours' + g * interval '1 second'
-               FROM generate_series(1, 3) g;
+               FROM generate_series(1, 20) g;
              INSERT INTO outbox.events (company_id, payload, next_attempt_at)
-             SELECT 1 + g, jsonb_build_object('companyId', 1 + g, 'paymentId', g, 'paymentNumber', g::text),
+             SELECT 1, jsonb_build_object('companyId', 1, 'paymentId', g, 'paymentNumber', g::text),
+                    now() - interval '90 minutes' + g * interval '1 second'
+               FROM generate_series(21, 40) g;
+             INSERT INTO outbox.events (company_id, payload, next_attempt_at)
+             SELECT 2 + g, jsonb_build_object('companyId', 2 + g, 'paymentId', g, 'paymentNumber', g::text),
                     now() - interval '1 hour' + g * interval '1 second'
                FROM generate_series(1, 100) g;",
         )
@@ -510,64 +516,119 @@ async fn the_plain_claim_goes_past_a_few_held_rows_and_hands_over_only_when_they
         .unwrap();
     let pool = db.claim_pool();
     let claimer = pool.get().await.unwrap();
-    let plain = |limit| {
-        let claimer = &claimer;
-        async move {
-            crate::harness::claim_with(
-                claimer,
-                claim::Mode::Plain,
-                limit,
-                &claim::InFlight::default(),
-                &claim::Cursor::default(),
-            )
-            .await
-        }
+    let two_full = claim::InFlight {
+        company_ids: vec![2],
+        event_types: vec!["payment.cancellation".into()],
+        counts: vec![8],
     };
+    let nothing = claim::Skip::default();
 
-    // 3 held rows of the 48 read: 45 claimed, and look again at once.
-    let first = plain(48).await;
-    assert_eq!(first.events.len(), 45);
-    assert!(first.events.iter().all(|e| e.company_id != 1));
-    assert!(!first.held, "three held rows in 48 do not hand over");
+    // Not told of them: the 40 rows of companies 1 and 2 are locked and
+    // left, 8 others claimed, and both endpoints come back as steps.
+    let first =
+        crate::harness::claim_with(&claimer, claim::Mode::Plain(&nothing), 48, &two_full).await;
+    assert_eq!(first.events.len(), 8);
+    assert!(first.events.iter().all(|e| e.company_id > 2));
+    let mut steps = first.steps.clone();
+    steps.sort_by_key(|s| s.key.0);
+    assert_eq!(
+        steps,
+        [
+            claim::Step {
+                key: (1, "payment.cancellation".into()),
+                held: true,
+                due: 30
+            },
+            claim::Step {
+                key: (2, "payment.cancellation".into()),
+                held: false,
+                due: 10
+            },
+        ]
+    );
+    assert!(first.capped.contains(&(2, "payment.cancellation".into())));
+    assert!(!first.held, "a paused endpoint waits for no probe");
     assert!(first.more, "the window was full: more may be due behind it");
 
-    // The paused company gets more due rows: 30 held in front of the 55
-    // left, so 30 of a claim of 48 stay behind.
+    // Told of them: a whole batch from behind their 40 rows, which the
+    // walk threw away before the row locks (the plan's scan of
+    // events_pending_due under the LockRows node of `due`).
+    let told = claim::Skip::of(&[
+        (1, "payment.cancellation".to_owned()),
+        (2, "payment.cancellation".to_owned()),
+    ]);
+    admin
+        .batch_execute(&format!("BEGIN; PREPARE told AS {CLAIM_SQL}"))
+        .await
+        .unwrap();
+    let explained = explain(
+        &admin,
+        "told",
+        "(48, 'a', 60000, 8, '{2}', '{payment.cancellation}', '{8}', \
+         '{1,2}', '{payment.cancellation,payment.cancellation}', 1000)",
+    )
+    .await;
+    admin.batch_execute("ROLLBACK").await.unwrap();
+    let mut all = Vec::new();
+    nodes(&explained[0]["Plan"], &mut all);
+    let locked = all
+        .iter()
+        .find(|n| {
+            n["Node Type"] == "LockRows" && n["Plans"][0]["Index Name"] == "events_pending_due"
+        })
+        .unwrap_or_else(|| {
+            panic!("the walk of events_pending_due under its row locks: {explained:#}")
+        });
+    assert_eq!(number(locked, "Actual Rows"), 48.0, "{locked:#}");
+    assert_eq!(
+        number(&locked["Plans"][0], "Rows Removed by Filter"),
+        40.0,
+        "the 40 rows passed over in the walk, not locked: {locked:#}"
+    );
+    let second =
+        crate::harness::claim_with(&claimer, claim::Mode::Plain(&told), 48, &two_full).await;
+    assert_eq!(second.events.len(), 48);
+    assert!(second.events.iter().all(|e| e.company_id > 2));
+    assert!(second.steps.is_empty() && !second.held);
+
+    // A due count is bounded: 1,500 more rows of company 1 count as 1,001.
     admin
         .batch_execute(
             "INSERT INTO outbox.events (company_id, payload, next_attempt_at)
              SELECT 1, jsonb_build_object('companyId', 1, 'paymentId', g, 'paymentNumber', g::text),
                     now() - interval '3 hours'
-               FROM generate_series(4, 30) g;",
+               FROM generate_series(100, 1599) g;",
         )
         .await
         .unwrap();
-    let second = plain(48).await;
-    assert_eq!(second.events.len(), 18);
-    assert!(
-        second.held,
-        "30 held rows in 48 hand over to the fair claim"
-    );
+    let third =
+        crate::harness::claim_with(&claimer, claim::Mode::Plain(&nothing), 4, &two_full).await;
+    assert!(third.events.is_empty());
+    assert_eq!(third.steps.len(), 1);
+    assert_eq!(third.steps[0].due, 1001);
 
     // One row of an endpoint whose circuit's cool-down is over, among
     // rows free to send: only the fair claim probes, so it hands over.
     admin
         .batch_execute(
             "SELECT outbox.resume_endpoint(1);
-             DELETE FROM outbox.events WHERE company_id = 1;
+             DELETE FROM outbox.events WHERE company_id IN (1, 2);
              INSERT INTO outbox.endpoint_circuits
                     (company_id, event_type, state, failures, opened_at, retry_at, cooldown_ms)
              VALUES (90, 'payment.cancellation', 'open', 5, now() - interval '1 minute',
                      now() - interval '1 second', 30000);
-             UPDATE outbox.events SET next_attempt_at = now() - interval '3 hours'
-              WHERE company_id = 90;",
+             UPDATE outbox.events SET state = 'pending', next_attempt_at = now() - interval '3 hours'
+              WHERE company_id = 90;
+             UPDATE outbox.events SET state = 'pending', next_attempt_at = now() - interval '1 hour'
+              WHERE company_id BETWEEN 91 AND 97;",
         )
         .await
         .unwrap();
-    let third = plain(8).await;
-    assert_eq!(third.events.len(), 7);
-    assert!(third.events.iter().all(|e| e.company_id != 90));
-    assert!(third.held, "a circuit waiting for its probe hands over");
+    let fourth =
+        crate::harness::claim_with(&claimer, claim::Mode::Plain(&nothing), 8, &two_full).await;
+    assert_eq!(fourth.events.len(), 7);
+    assert!(fourth.events.iter().all(|e| e.company_id != 90));
+    assert!(fourth.held, "a circuit waiting for its probe hands over");
 }
 
 /// Issue 26: the fair claim's walk counts only endpoints that can take
@@ -598,7 +659,7 @@ async fn the_fair_claim_passes_full_and_held_endpoints_without_coming_back_empty
     let fair = |limit, in_flight, after| {
         let pooled = &pooled;
         async move {
-            crate::harness::claim_with(pooled, claim::Mode::Fair, limit, in_flight, after).await
+            crate::harness::claim_with(pooled, claim::Mode::Fair(after), limit, in_flight).await
         }
     };
     let full = claim::InFlight {

@@ -1188,7 +1188,8 @@ async fn rows_with_an_infinite_created_at_do_not_stall_the_queue() {
 /// written by hand) cannot be claimed once more; before, the claim's `+ 1`
 /// failed the check and with it every claim while the row was due. It now
 /// fails unsent with the reason, through the plain claim and the fair one
-/// (taken while another endpoint is paused), and the rest is delivered.
+/// (taken while another endpoint's circuit waits for its probe), and the
+/// rest is delivered.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
     let db = TestDb::new().await;
@@ -1213,7 +1214,12 @@ async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
         )
         .await
         .unwrap();
-    let daemon = Daemon::start(&db, QUICK).await;
+    let env: Vec<_> = QUICK
+        .iter()
+        .copied()
+        .chain([("OUTBOXD_DELIVERY__CONCURRENCY", "1")])
+        .collect();
+    let daemon = Daemon::start(&db, &env).await;
     eventually("the three good events delivered", SECS(15), || async {
         delivered(&client).await == 3
     })
@@ -1222,32 +1228,37 @@ async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
     assert_eq!((state.as_str(), attempts), ("failed", 1_000_000));
     assert!(text.contains("attempts is at its limit"), "{text}");
 
-    // The fair claim: company 3's endpoint is paused, so some endpoint is
-    // held and the claim loop takes claim_fair.sql.
-    let out = crate::harness::run(db.outboxd().args(["endpoint", "pause", "--company", "3"])).await;
-    assert_eq!(out.code, Some(0), "{out:?}");
-    client
-        .execute(
-            "SELECT outbox.enqueue_payment_cancellation(3, 1, 'HELD')",
+    // The fair claim: company 3's circuit waits for its probe, its event
+    // at the head of the queue, which only the fair claim sends; a claim
+    // of one (concurrency 1) reads only that row, so the worn-out row of
+    // company 2 behind it is met by the fair claims that follow.
+    let fair: uuid::Uuid = client
+        .query_one(
+            &format!(
+                "WITH circuit AS (
+                     INSERT INTO outbox.endpoint_circuits
+                            (company_id, event_type, state, failures, opened_at, retry_at, cooldown_ms)
+                     VALUES (3, 'payment.cancellation', 'open', 5, now() - interval '1 minute',
+                             now() - interval '1 second', 30000)
+                 ), probe AS (
+                     INSERT INTO outbox.events (company_id, payload, next_attempt_at)
+                     VALUES (3, '{{\"companyId\": 3, \"paymentId\": 1, \"paymentNumber\": \"PROBE\"}}',
+                             now() - interval '2 hours')
+                 ), good AS (
+                     SELECT outbox.enqueue_payment_cancellation(2, 9, 'P9')
+                 ), worn AS ({})
+                 SELECT id FROM worn, good",
+                worn_out(2)
+            ),
             &[],
         )
         .await
-        .unwrap();
-    daemon
-        .wait_for_log("claim mode: fair for a while", SECS(15))
-        .await;
-    let fair: uuid::Uuid = client.query_one(&worn_out(2), &[]).await.unwrap().get(0);
-    client
-        .execute(
-            "SELECT outbox.enqueue_payment_cancellation(2, 9, 'P9')",
-            &[],
-        )
-        .await
-        .unwrap();
+        .unwrap()
+        .get(0);
     eventually(
-        "the fair claim's good event delivered",
+        "the fair claim's good event and the probe delivered",
         SECS(15),
-        || async { delivered(&client).await == 4 },
+        || async { delivered(&client).await == 5 },
     )
     .await;
     let (state, attempts, text, _, _) = outcome_of(&client, fair).await;
@@ -1255,8 +1266,19 @@ async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
     assert!(text.contains("attempts is at its limit"), "{text}");
     assert_eq!(
         receiver.received().len(),
-        4,
+        5,
         "neither worn-out row was sent"
+    );
+    let log = daemon.log();
+    let fair_from = log
+        .iter()
+        .position(|l| l.contains("claim mode: fair for a while"))
+        .expect("the fair claim was taken");
+    assert!(
+        log[fair_from..]
+            .iter()
+            .any(|l| l.contains("attempts are at the schema's limit")),
+        "the second worn-out row was met by the fair claim"
     );
     assert!(
         !daemon.log().iter().any(|l| l.contains("claim failed")),

@@ -634,14 +634,14 @@ pub async fn notifications_before_marker(
 }
 
 /// One claim as a daemon makes it (a 60 s lease, the default cap of 8 per
-/// endpoint), with `mode`'s statement, what is in flight and where the
-/// fair claim's walk goes on from; committed.
+/// endpoint), with `mode`'s statement (and what it is told: the endpoints
+/// to step over, or where the fair claim's walk goes on from) and what is
+/// in flight; committed.
 pub async fn claim_with(
     client: &deadpool_postgres::Client,
-    mode: outboxd::store::claim::Mode,
+    mode: outboxd::store::claim::Mode<'_>,
     limit: usize,
     in_flight: &outboxd::store::claim::InFlight,
-    after: &outboxd::store::claim::Cursor,
 ) -> outboxd::store::claim::Claim {
     outboxd::store::claim::claim(
         client,
@@ -651,7 +651,6 @@ pub async fn claim_with(
         std::time::Duration::from_secs(60),
         8,
         in_flight,
-        after,
     )
     .await
     .unwrap()

@@ -23,13 +23,12 @@ async fn claim_plain(
 ) -> Vec<ClaimedEvent> {
     claim::claim(
         client,
-        claim::Mode::Plain,
+        claim::Mode::Plain(&claim::Skip::default()),
         limit,
         owner,
         lease,
         8,
         &claim::InFlight::default(),
-        &claim::Cursor::default(),
     )
     .await
     .unwrap()
@@ -330,10 +329,9 @@ async fn a_claim_makes_half_open_only_the_circuits_it_probes() {
     let pooled = pool.get().await.unwrap();
     let claimed = crate::harness::claim_with(
         &pooled,
-        claim::Mode::Fair,
+        claim::Mode::Fair(&claim::Cursor::default()),
         1,
         &claim::InFlight::default(),
-        &claim::Cursor::default(),
     )
     .await;
     assert_eq!(claimed.events.len(), 1);
@@ -388,10 +386,9 @@ async fn a_circuit_whose_probe_row_is_locked_elsewhere_stays_open() {
     let pooled = pool.get().await.unwrap();
     let claimed = crate::harness::claim_with(
         &pooled,
-        claim::Mode::Fair,
+        claim::Mode::Fair(&claim::Cursor::default()),
         4,
         &claim::InFlight::default(),
-        &claim::Cursor::default(),
     )
     .await;
     assert!(claimed.events.is_empty());
@@ -409,10 +406,9 @@ async fn a_circuit_whose_probe_row_is_locked_elsewhere_stays_open() {
     holding.rollback().await.unwrap();
     let claimed = crate::harness::claim_with(
         &pooled,
-        claim::Mode::Fair,
+        claim::Mode::Fair(&claim::Cursor::default()),
         4,
         &claim::InFlight::default(),
-        &claim::Cursor::default(),
     )
     .await;
     assert_eq!(claimed.events.len(), 1);

@@ -725,6 +725,57 @@ async fn wakeups(daemon: &Daemon) -> f64 {
         .sum()
 }
 
+/// Claims made by `daemon` with `statement` (plain or fair).
+async fn claims(daemon: &Daemon, statement: &str) -> f64 {
+    let (_, body) = crate::harness::http_get(&format!("{}/metrics", daemon.admin)).await;
+    let key = format!("outboxd_claims_total{{statement=\"{statement}\"}}");
+    *crate::ops::samples(&body)
+        .get(&key)
+        .unwrap_or_else(|| panic!("no {key} in the metrics"))
+}
+
+/// Issue 26: a paused company's 200 events at the head of the queue, more
+/// than three claims of the daemon's 64 can take in, no longer send its
+/// claim loop to the fair claim: the plain claim learns the company is
+/// held and steps over its rows, and the 600 events of 60 other companies
+/// behind them go out by the plain claim alone. (Before, more than a
+/// quarter of a claim left behind meant the fair claim, at about twice the
+/// plain claim's cost per event: docs/BENCHMARKS.md.)
+#[tokio::test]
+async fn a_paused_company_at_the_head_of_the_queue_is_stepped_over_by_the_plain_claim() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let receiver = Receiver::ok().await;
+    for company in 1..=61 {
+        endpoint(&client, company, &receiver.url("/erp"), None).await;
+    }
+    client
+        .batch_execute("SELECT outbox.pause_endpoint(61)")
+        .await
+        .unwrap();
+    enqueue(&client, 61, 200).await;
+    for company in 1..=60 {
+        enqueue(&client, company, 10).await;
+    }
+
+    let daemon = Daemon::start(&db, &[]).await;
+    all_delivered(&client, 600, SECS(30)).await;
+    assert_eq!(
+        count(
+            &client,
+            "SELECT count(*) FROM outbox.events WHERE company_id = 61 AND state = 'pending' AND attempts = 0"
+        )
+        .await,
+        200
+    );
+    assert!(claims(&daemon, "plain").await >= 1.0);
+    assert_eq!(
+        claims(&daemon, "fair").await,
+        0.0,
+        "one paused company sent the claim loop to the fair claim"
+    );
+}
+
 /// The company pauses its own endpoint for its ERP's maintenance night,
 /// from the settings screen, as the application's role with nothing but
 /// EXECUTE on the two functions: its events are held (not attempted, not
