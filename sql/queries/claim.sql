@@ -18,7 +18,9 @@
 -- (an endpoint it did not know held or full) come back as notes, one per
 -- endpoint with its due rows counted, so the claim loop can step over them
 -- next time (src/pipeline/producer.rs, `Steps`), or take the fair claim for
--- a while when there are too many of them to step over cheaply.
+-- a while when there are too many of them to step over cheaply. A circuit
+-- ready for its probe among them has the next claim be the fair one, which
+-- alone sends probes.
 --
 -- Due: pending with next_attempt_at reached. A row whose lease ran out (its
 -- daemon died mid-delivery) is put back to pending by release_expired.sql,
@@ -180,23 +182,26 @@ SELECT NULL::uuid, l.event_type, l.company_id, NULL::text, l.due, NULL::int,
        CASE WHEN l.held THEN 'step_held' ELSE 'step_full' END
   FROM left_behind AS l
 UNION ALL
--- held: a row here belongs to an endpoint whose circuit's cool-down is
--- over: only the fair claim sends probes, so the loop takes it for a while.
-SELECT NULL::uuid, NULL::text, NULL::bigint, NULL::text, NULL::int, NULL::int,
-       NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
-       NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
-       'held'
- WHERE EXISTS (SELECT 1
-                 FROM left_behind AS l
-                CROSS JOIN LATERAL (
-                      SELECT 1
-                        FROM outbox.endpoint_circuits AS x
-                       WHERE x.company_id = l.company_id AND x.event_type = l.event_type
-                         AND x.state IN ('open', 'half_open') AND NOT x.manual
-                         AND x.retry_at <= now()
-                         AND (x.paused_until IS NULL OR x.paused_until <= now())
-                       LIMIT 1) AS ready
-                WHERE l.held)
+-- probe: a row here belongs to an endpoint whose circuit's cool-down is
+-- over, and only the fair claim sends probes: the loop makes the next
+-- claim the fair one, its walk starting at this endpoint (the first such
+-- by key) so that it reaches it.
+(SELECT NULL::uuid, l.event_type, l.company_id, NULL::text, NULL::int, NULL::int,
+        NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
+        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
+        'probe'
+   FROM left_behind AS l
+  CROSS JOIN LATERAL (
+        SELECT 1
+          FROM outbox.endpoint_circuits AS x
+         WHERE x.company_id = l.company_id AND x.event_type = l.event_type
+           AND x.state IN ('open', 'half_open') AND NOT x.manual
+           AND x.retry_at <= now()
+           AND (x.paused_until IS NULL OR x.paused_until <= now())
+         LIMIT 1) AS ready
+  WHERE l.held
+  ORDER BY l.company_id, l.event_type
+  LIMIT 1)
 UNION ALL
 -- more: retries came due (`promoted`), or rows were left behind from a
 -- full window (more may be due behind it): claim again at once.

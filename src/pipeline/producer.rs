@@ -295,9 +295,10 @@ impl FollowUp {
 }
 
 /// How long the claim loop keeps to the fair claim once the plain claim
-/// met more held rows than it steps over cheaply ([`Steps`]) or a circuit
-/// ready for its probe; then a plain claim looks again. A plain claim a
-/// second costs little however the queue stands.
+/// met more held rows than it steps over cheaply ([`Steps`]); then a plain
+/// claim looks again. A plain claim a second costs little however the
+/// queue stands. (A circuit ready for its probe costs one fair claim, its
+/// walk starting at that endpoint: only the fair claim sends probes.)
 const FAIR_SPELL: Duration = Duration::from_secs(1);
 
 /// How long the plain claim steps over the held endpoints it learnt of
@@ -437,6 +438,8 @@ impl ClaimLoop<'_> {
         // stepping over the endpoints it learnt were held or full.
         let mut fair_until = Instant::now();
         let mut steps = Steps::default();
+        // The next claim is the fair one, once, for a probe.
+        let mut probe_next = false;
         // Where the next fair claim goes on walking the endpoints, and how
         // many walks stopped at their bound since the loop last waited.
         let mut cursor = Cursor::default();
@@ -528,7 +531,7 @@ impl ClaimLoop<'_> {
                 let now = Instant::now();
                 let after = cursor.clone();
                 let skip;
-                let mode = if now < fair_until {
+                let mode = if now < fair_until || std::mem::take(&mut probe_next) {
                     Mode::Fair(&after)
                 } else {
                     let mut keys = steps.held(now);
@@ -564,7 +567,7 @@ impl ClaimLoop<'_> {
                             capped,
                             steps: left,
                             more,
-                            held,
+                            probe,
                             far,
                             cursor: next,
                         },
@@ -580,18 +583,27 @@ impl ClaimLoop<'_> {
                         if let Some(next) = next {
                             cursor = next;
                         }
-                        // A probe is due, or more held rows lie at the
-                        // head of the queue than are cheap to step over:
-                        // the fair claim for a while, from now. Fewer: the
-                        // plain claim steps over them, at once.
-                        let fair = held
-                            || (!left.is_empty() && !steps.learn(&left, &self.room.capped(), now));
-                        let again = if fair && mode.is_plain() {
+                        // More held rows lie at the head of the queue
+                        // than are cheap to step over: the fair claim for a
+                        // while, from now. Fewer: the plain claim steps
+                        // over them, at once. A circuit waits for its
+                        // probe: the fair claim once, from that endpoint.
+                        let spell =
+                            !left.is_empty() && !steps.learn(&left, &self.room.capped(), now);
+                        if let Some(at) = probe.filter(|_| mode.is_plain()) {
+                            tracing::debug!(
+                                company_id = at.company_id,
+                                "claim mode: fair once, for a probe"
+                            );
+                            cursor = at;
+                            probe_next = true;
+                        }
+                        let again = if spell && mode.is_plain() {
                             tracing::debug!("claim mode: fair for a while");
                             steps.forget();
                             fair_until = Instant::now() + FAIR_SPELL;
                             true
-                        } else if !left.is_empty() {
+                        } else if !left.is_empty() || probe_next {
                             true
                         } else if far && far_walks < FAR_WALKS_PER_WAKE {
                             far_walks += 1;

@@ -123,9 +123,10 @@ pub struct Claim {
     /// retries came due: claim again at once, even if the batch was short.
     pub more: bool,
     /// The plain claim left a row of an endpoint whose circuit waits for
-    /// its probe, which only the fair claim sends: the next claims are the
-    /// fair one.
-    pub held: bool,
+    /// its probe, which only the fair claim sends: the next claim is the
+    /// fair one, its walk starting at this endpoint (the cursor just
+    /// before it).
+    pub probe: Option<Cursor>,
     /// The fair claim's walk stopped at its bound of endpoints without
     /// filling the batch (held endpoints, mostly): walk on at once.
     pub far: bool,
@@ -218,7 +219,14 @@ pub async fn claim(
                 });
             }
             Some("more") => claim.more = true,
-            Some("held") => claim.held = true,
+            Some("probe") => {
+                // Just before the endpoint: the fair claim walks from the
+                // one after its cursor, and no event type is empty.
+                claim.probe = Some(Cursor {
+                    company_id: row.get("company_id"),
+                    event_type: String::new(),
+                });
+            }
             Some("far") => claim.far = true,
             Some("cursor") => {
                 claim.cursor = Some(Cursor {

@@ -484,8 +484,8 @@ async fn the_fair_claim_walks_only_the_endpoints_it_needs_and_goes_on_where_it_s
 /// counted; told to step over those endpoints, it passes their rows in its
 /// walk before locking them (the plan's index scan throws them away below
 /// the row locks) and leases a whole batch from behind them. A circuit
-/// waiting for its probe still hands over to the fair claim, which alone
-/// sends probes.
+/// waiting for its probe hands over to the fair claim, which alone sends
+/// probes, for one claim whose walk starts at that endpoint.
 #[tokio::test]
 async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_their_rows() {
     use outboxd::store::claim;
@@ -547,7 +547,10 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
         ]
     );
     assert!(first.capped.contains(&(2, "payment.cancellation".into())));
-    assert!(!first.held, "a paused endpoint waits for no probe");
+    assert!(
+        first.probe.is_none(),
+        "a paused endpoint waits for no probe"
+    );
     assert!(first.more, "the window was full: more may be due behind it");
 
     // Told of them: a whole batch from behind their 40 rows, which the
@@ -589,7 +592,7 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
         crate::harness::claim_with(&claimer, claim::Mode::Plain(&told), 48, &two_full).await;
     assert_eq!(second.events.len(), 48);
     assert!(second.events.iter().all(|e| e.company_id > 2));
-    assert!(second.steps.is_empty() && !second.held);
+    assert!(second.steps.is_empty() && second.probe.is_none());
 
     // A due count is bounded: 1,500 more rows of company 1 count as 1,001.
     admin
@@ -628,7 +631,27 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
         crate::harness::claim_with(&claimer, claim::Mode::Plain(&nothing), 8, &two_full).await;
     assert_eq!(fourth.events.len(), 7);
     assert!(fourth.events.iter().all(|e| e.company_id != 90));
-    assert!(fourth.held, "a circuit waiting for its probe hands over");
+    let at = fourth
+        .probe
+        .expect("a circuit waiting for its probe hands over");
+    assert_eq!(
+        at,
+        claim::Cursor {
+            company_id: 90,
+            event_type: String::new()
+        }
+    );
+    // The fair claim of one from there reaches it first and probes it.
+    let pooled = db.pool().get().await.unwrap();
+    let probed = crate::harness::claim_with(
+        &pooled,
+        claim::Mode::Fair(&at),
+        1,
+        &claim::InFlight::default(),
+    )
+    .await;
+    assert_eq!(probed.events.len(), 1);
+    assert!(probed.events[0].company_id == 90 && probed.events[0].probe);
 }
 
 /// Issue 26: the fair claim's walk counts only endpoints that can take
