@@ -4,8 +4,9 @@
 -- per endpoint on this instance (an endpoint's max_in_flight wins), and
 -- $5, $6, $7 the endpoints this instance has requests in flight to, and
 -- how many. $8, $9: the endpoints to step over (company ids, event types):
--- those the last claims found held or at their cap. $10: up to how many due
--- rows a note counts per endpoint left behind.
+-- those the last claims found held or at their cap. $10, $11: how many due
+-- rows of held and of full endpoints the loop steps over at most (the
+-- notes count up to there).
 --
 -- The plain claim, the one taken unless held rows crowd the head of the
 -- queue. It takes the $1 oldest due rows, as one ordered walk of the
@@ -111,13 +112,20 @@ WITH promoted AS (
 ), left_behind AS (
     -- The endpoints whose rows were locked and left: held ones, and full
     -- ones (room on this instance used up), each with its due rows counted
-    -- up to $10 + 1 from its own index (events_endpoint_pending), so the
-    -- loop knows what stepping over them would cost.
-    SELECT k.company_id, k.event_type, k.held, n.due
-      FROM (SELECT j.company_id, j.event_type, bool_or(j.held) AS held
-              FROM judged AS j
-             WHERE j.held OR j.full
-             GROUP BY j.company_id, j.event_type) AS k
+    -- from its own index (events_endpoint_pending), so the loop knows what
+    -- stepping over them would cost. The loop steps over up to $10 rows of
+    -- held endpoints and $11 of full ones; each endpoint's count stops at
+    -- its share of that (the bound over the number of endpoints left), and
+    -- one that reaches it is reported as the whole bound and one more, so
+    -- a claim that leaves many endpoints counts at most about the bound.
+    SELECT k.company_id, k.event_type, k.held,
+           CASE WHEN n.due > k.share THEN k.bound + 1 ELSE n.due END AS due
+      FROM (SELECT g.*, greatest(g.bound / count(*) OVER (), 1)::int AS share
+              FROM (SELECT j.company_id, j.event_type, bool_or(j.held) AS held,
+                           CASE WHEN bool_or(j.held) THEN $10::int ELSE $11::int END AS bound
+                      FROM judged AS j
+                     WHERE j.held OR j.full
+                     GROUP BY j.company_id, j.event_type) AS g) AS k
      CROSS JOIN LATERAL (
            SELECT count(*)::int AS due
              FROM (SELECT 1
@@ -125,7 +133,7 @@ WITH promoted AS (
                     WHERE e.company_id = k.company_id AND e.event_type = k.event_type
                       AND e.state = 'pending' AND e.next_attempt_at <= now()
                     ORDER BY e.company_id, e.event_type, e.next_attempt_at
-                    LIMIT $10::int + 1) AS w) AS n
+                    LIMIT k.share + 1) AS w) AS n
 ), claimed AS (
     UPDATE outbox.events AS e
        -- A row with a million attempts or more (only a hand-written one
@@ -173,7 +181,7 @@ SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since
 UNION ALL
 -- step: an endpoint whose rows this claim locked and left, held (circuit
 -- open, half-open or paused, or a Retry-After) or at its cap; `attempts`
--- holds its due rows, counted up to $10 + 1. The next plain claims step
+-- holds its due rows (see left_behind). The next plain claims step
 -- over it ($8, $9), or the loop takes the fair claim for a while if there
 -- are too many such rows or endpoints (src/pipeline/producer.rs, `Steps`).
 SELECT NULL::uuid, l.event_type, l.company_id, NULL::text, l.due, NULL::int,

@@ -34,7 +34,7 @@ use crate::pipeline::schema_watch::SchemaWatch;
 use crate::progress::Progress;
 use crate::service::Heartbeat;
 use crate::store::claim::{
-    Claim, ClaimError, Cursor, InFlight, Mode, STEP_COUNT_LIMIT, Skip, Step, claim,
+    Claim, ClaimError, Cursor, InFlight, Mode, STEP_FULL_ROWS, STEP_HELD_ROWS, Skip, Step, claim,
     hand_back_unknown,
 };
 use crate::store::error::ErrorKind;
@@ -313,12 +313,13 @@ const STEP_ENDPOINTS_LIMIT: usize = 32;
 
 /// The endpoints the plain claim steps over: each one whose rows a plain
 /// claim locked and left (held, or at its cap on this instance), with its
-/// due rows. Stepping over a row costs the claim's walk about 0.25 us
+/// due rows. Stepping over a row costs the claim's walk about 0.22 us,
 /// where the fair claim costs about 0.8 ms more than the plain one per
-/// claim of 48 (docs/BENCHMARKS.md, "Issue 26, the plain claim steps over
-/// held endpoints"), so up to [`STEP_COUNT_LIMIT`] rows of up to
-/// [`STEP_ENDPOINTS_LIMIT`] endpoints are stepped over; past that the fair
-/// claim is cheaper, and the loop takes it for [`FAIR_SPELL`].
+/// claim of 48 and leases smaller batches (docs/BENCHMARKS.md, "Issue 26,
+/// point 1 (end)"), so up to [`STEP_HELD_ROWS`] rows of held endpoints and
+/// [`STEP_FULL_ROWS`] of endpoints at their cap, of up to
+/// [`STEP_ENDPOINTS_LIMIT`] endpoints, are stepped over; past that the
+/// fair claim is the cheaper one, and the loop takes it for [`FAIR_SPELL`].
 ///
 /// Only the held ones are given to the claim from here; those at their cap
 /// come from [`Room`], which forgets one as soon as a delivery to it ends.
@@ -357,8 +358,17 @@ impl Steps {
         }
         self.due
             .retain(|key, (_, held)| *held || capped.contains(key));
-        let rows: u64 = self.due.values().map(|(due, _)| u64::from(*due)).sum();
-        if self.due.len() > STEP_ENDPOINTS_LIMIT || rows > STEP_COUNT_LIMIT as u64 {
+        let rows = |held: bool| -> u64 {
+            self.due
+                .values()
+                .filter(|(_, h)| *h == held)
+                .map(|(due, _)| u64::from(*due))
+                .sum()
+        };
+        if self.due.len() > STEP_ENDPOINTS_LIMIT
+            || rows(true) > STEP_HELD_ROWS as u64
+            || rows(false) > STEP_FULL_ROWS as u64
+        {
             self.forget();
             return false;
         }
@@ -847,24 +857,31 @@ mod tests {
             ),
             (
                 "its room back, it no longer counts",
-                vec![step(6, true, 300)],
-                &[2],
+                vec![step(6, true, 300), step(7, false, 400)],
+                &[2, 7],
                 true,
                 vec![1, 3, 6],
             ),
             (
-                "rows past the bound",
-                vec![step(4, true, 900)],
-                &[2],
+                "held rows past their bound",
+                vec![step(4, true, 4600)],
+                &[2, 7],
                 false,
                 vec![],
             ),
             (
                 "after the fair spell, one again",
-                vec![step(4, true, 900)],
+                vec![step(4, true, 4600)],
                 &[],
                 true,
                 vec![4],
+            ),
+            (
+                "rows of full ones past theirs",
+                vec![step(8, false, 1001)],
+                &[8],
+                false,
+                vec![],
             ),
         ];
         let capped_of = |companies: &[i64]| -> HashSet<EndpointKey> {

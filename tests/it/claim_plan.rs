@@ -19,7 +19,7 @@ const CLAIM_SQL: &str = include_str!("../../sql/queries/claim.sql");
 
 /// The claim of one event, as the daemon runs it (`$1` = 1: the quiet
 /// queue, one event per claim).
-const PARAMS: &str = "(1, 'a', 60000, 8, '{}', '{}', '{}', '{}', '{}', 1000)";
+const PARAMS: &str = "(1, 'a', 60000, 8, '{}', '{}', '{}', '{}', '{}', 5000, 1000)";
 
 /// Pages the search for the due rows may read: the index's root and leaf
 /// and the due row's heap page, with room to spare (measured: 4). Without
@@ -481,7 +481,7 @@ async fn the_fair_claim_walks_only_the_endpoints_it_needs_and_goes_on_where_it_s
 
 /// Issue 26: the plain claim locks and leaves the rows of an endpoint it
 /// did not know was held or full, and says which, with its due rows
-/// counted; told to step over those endpoints, it passes their rows in its
+/// counted (up to a bound); told to step over those endpoints, it passes their rows in its
 /// walk before locking them (the plan's index scan throws them away below
 /// the row locks) and leases a whole batch from behind them. A circuit
 /// waiting for its probe hands over to the fair claim, which alone sends
@@ -568,7 +568,7 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
         &admin,
         "told",
         "(48, 'a', 60000, 8, '{2}', '{payment.cancellation}', '{8}', \
-         '{1,2}', '{payment.cancellation,payment.cancellation}', 1000)",
+         '{1,2}', '{payment.cancellation,payment.cancellation}', 5000, 1000)",
     )
     .await;
     admin.batch_execute("ROLLBACK").await.unwrap();
@@ -594,13 +594,14 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
     assert!(second.events.iter().all(|e| e.company_id > 2));
     assert!(second.steps.is_empty() && second.probe.is_none());
 
-    // A due count is bounded: 1,500 more rows of company 1 count as 1,001.
+    // A due count stops at the bound on held rows stepped over: 5,000 more
+    // rows of company 1 (5,030 due) are reported as 5,001.
     admin
         .batch_execute(
             "INSERT INTO outbox.events (company_id, payload, next_attempt_at)
              SELECT 1, jsonb_build_object('companyId', 1, 'paymentId', g, 'paymentNumber', g::text),
                     now() - interval '3 hours'
-               FROM generate_series(100, 1599) g;",
+               FROM generate_series(100, 5099) g;",
         )
         .await
         .unwrap();
@@ -608,7 +609,7 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
         crate::harness::claim_with(&claimer, claim::Mode::Plain(&nothing), 4, &two_full).await;
     assert!(third.events.is_empty());
     assert_eq!(third.steps.len(), 1);
-    assert_eq!(third.steps[0].due, 1001);
+    assert_eq!(third.steps[0].due, claim::STEP_HELD_ROWS as u32 + 1);
 
     // One row of an endpoint whose circuit's cool-down is over, among
     // rows free to send: only the fair claim probes, so it hands over.

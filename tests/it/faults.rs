@@ -1223,8 +1223,8 @@ async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
     assert_eq!((state.as_str(), attempts), ("failed", 1_000_000));
     assert!(text.contains("attempts is at its limit"), "{text}");
 
-    // The fair claim: company 3 is paused with 1,100 due events at the
-    // head of the queue, more than the plain claim steps over, so the
+    // The fair claim: company 3 is paused with 5,100 due events at the
+    // head of the queue, more than the plain claim steps over (5,000), so the
     // instance takes the fair claim a second at a time; the plain claim in
     // between reads only company 3's rows, and the worn-out row of
     // company 2 behind them is met by the fair claims.
@@ -1237,7 +1237,7 @@ async fn a_row_at_the_attempts_limit_fails_alone_and_the_queue_flows() {
                      INSERT INTO outbox.events (company_id, payload, next_attempt_at)
                      SELECT 3, jsonb_build_object('companyId', 3, 'paymentId', g, 'paymentNumber', g::text),
                             now() - interval '2 hours'
-                       FROM generate_series(1, 1100) g
+                       FROM generate_series(1, 5100) g
                  ), good AS (
                      SELECT outbox.enqueue_payment_cancellation(2, 9, 'P9')
                  ), worn AS ({})
