@@ -321,9 +321,9 @@ const STEP_ENDPOINTS_LIMIT: usize = 32;
 /// [`STEP_ENDPOINTS_LIMIT`] endpoints, are stepped over; past that the
 /// fair claim is the cheaper one, and the loop takes it for [`FAIR_SPELL`].
 ///
-/// Only the held ones are given to the claim from here; those at their cap
-/// come from [`Room`], which forgets one as soon as a delivery to it ends.
-/// All are forgotten [`STEP_SPELL`] after the first was learnt.
+/// Those at their cap are stepped over only while [`Room`] has them capped
+/// (it forgets one as soon as a delivery to it ends). All are forgotten
+/// [`STEP_SPELL`] after the first was learnt.
 #[derive(Debug, Default)]
 struct Steps {
     /// Due rows (as last counted) and whether held, per endpoint.
@@ -332,14 +332,17 @@ struct Steps {
 }
 
 impl Steps {
-    /// The held endpoints to step over at `now`.
-    fn held(&mut self, now: Instant) -> Vec<EndpointKey> {
+    /// The endpoints to step over at `now`: the held ones, and those at
+    /// their cap that are still `capped`. An endpoint capped but not
+    /// learnt here (the fair claim found it, or its rows were too many to
+    /// step over) is read, not stepped over: its rows are counted first.
+    fn skip(&mut self, now: Instant, capped: &HashSet<EndpointKey>) -> Vec<EndpointKey> {
         if self.until.is_some_and(|until| now >= until) {
             self.forget();
         }
         self.due
             .iter()
-            .filter(|(_, (_, held))| *held)
+            .filter(|(key, (_, held))| *held || capped.contains(*key))
             .map(|(key, _)| key.clone())
             .collect()
     }
@@ -544,9 +547,7 @@ impl ClaimLoop<'_> {
                 let mode = if now < fair_until || std::mem::take(&mut probe_next) {
                     Mode::Fair(&after)
                 } else {
-                    let mut keys = steps.held(now);
-                    keys.extend(self.room.capped());
-                    skip = Skip::of(&keys);
+                    skip = Skip::of(&steps.skip(now, &self.room.capped()));
                     Mode::Plain(&skip)
                 };
                 let claim = tokio::time::timeout(self.claim_limit, self.claim(mode, wanted));
@@ -898,9 +899,32 @@ mod tests {
                 *stepped,
                 "{what}"
             );
-            let mut got: Vec<i64> = steps.held(now).iter().map(|k| k.0).collect();
+            let mut got: Vec<i64> = steps
+                .skip(now, &HashSet::new())
+                .iter()
+                .map(|k| k.0)
+                .collect();
             got.sort();
             assert_eq!(got, *held, "{what}");
+            // Those at their cap too, while capped.
+            let mut all: Vec<i64> = steps
+                .skip(now, &capped_of(capped))
+                .iter()
+                .map(|k| k.0)
+                .collect();
+            all.sort();
+            let mut want: Vec<i64> = held
+                .iter()
+                .chain(capped.iter().filter(|c| {
+                    steps
+                        .due
+                        .contains_key(&(**c, "payment.cancellation".to_owned()))
+                }))
+                .copied()
+                .collect();
+            want.sort();
+            want.dedup();
+            assert_eq!(all, want, "{what}");
         }
 
         // More endpoints than the bound: the fair claim.
@@ -916,10 +940,18 @@ mod tests {
         let mut steps = Steps::default();
         assert!(steps.learn(&[step(1, true, 1)], &none, now));
         assert!(steps.learn(&[step(2, true, 1)], &none, now + STEP_SPELL / 2));
-        assert_eq!(steps.held(now + STEP_SPELL - MS(1)).len(), 2);
-        assert!(steps.held(now + STEP_SPELL).is_empty());
+        assert_eq!(steps.skip(now + STEP_SPELL - MS(1), &none).len(), 2);
+        assert!(steps.skip(now + STEP_SPELL, &none).is_empty());
         assert!(steps.learn(&[step(3, true, 1)], &none, now + STEP_SPELL));
-        assert_eq!(steps.held(now + STEP_SPELL * 2 - MS(1)).len(), 1);
+        assert_eq!(steps.skip(now + STEP_SPELL * 2 - MS(1), &none).len(), 1);
+
+        // Capped, but not learnt here: not stepped over.
+        let found_by_the_fair_claim: HashSet<EndpointKey> =
+            [(9, "payment.cancellation".to_owned())].into();
+        assert_eq!(
+            Steps::default().skip(now, &found_by_the_fair_claim),
+            Vec::<EndpointKey>::new()
+        );
     }
 
     /// The waits of the follow-up looks after one arrival, none finding
