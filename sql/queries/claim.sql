@@ -4,9 +4,7 @@
 -- per endpoint on this instance (an endpoint's max_in_flight wins), and
 -- $5, $6, $7 the endpoints this instance has requests in flight to, and
 -- how many. $8, $9: the endpoints to step over (company ids, event types):
--- those the last claims found held or at their cap. $10, $11: how many due
--- rows of held and of full endpoints the loop steps over at most (the
--- notes count up to there).
+-- those the last claims found held or at their cap.
 --
 -- The plain claim, the one taken unless held rows crowd the head of the
 -- queue. It takes the $1 oldest due rows, as one ordered walk of the
@@ -17,9 +15,9 @@
 -- are locked, so they cost a look each (about 0.25 us) and no lock, and
 -- the walk goes on to $1 rows it can lease. The rows it locks and leaves
 -- (an endpoint it did not know held or full) come back as notes, one per
--- endpoint with its due rows counted, so the claim loop can step over them
--- next time (src/pipeline/producer.rs, `Steps`), or take the fair claim for
--- a while when there are too many of them to step over cheaply. A circuit
+-- endpoint; the loop counts their due rows (step_counts.sql) and steps
+-- over them next time (src/pipeline/producer.rs, `Steps`), or takes the
+-- fair claim for a while when there are too many to step over cheaply. A circuit
 -- ready for its probe among them has the next claim be the fair one, which
 -- alone sends probes.
 --
@@ -111,29 +109,14 @@ WITH promoted AS (
     SELECT j.* FROM judged AS j WHERE NOT j.held AND NOT j.full
 ), left_behind AS (
     -- The endpoints whose rows were locked and left: held ones, and full
-    -- ones (room on this instance used up), each with its due rows counted
-    -- from its own index (events_endpoint_pending), so the loop knows what
-    -- stepping over them would cost. The loop steps over up to $10 rows of
-    -- held endpoints and $11 of full ones; each endpoint's count stops at
-    -- its share of that (the bound over the number of endpoints left), and
-    -- one that reaches it is reported as the whole bound and one more, so
-    -- a claim that leaves many endpoints counts at most about the bound.
-    SELECT k.company_id, k.event_type, k.held,
-           CASE WHEN n.due > k.share THEN k.bound + 1 ELSE n.due END AS due
-      FROM (SELECT g.*, greatest(g.bound / count(*) OVER (), 1)::int AS share
-              FROM (SELECT j.company_id, j.event_type, bool_or(j.held) AS held,
-                           CASE WHEN bool_or(j.held) THEN $10::int ELSE $11::int END AS bound
-                      FROM judged AS j
-                     WHERE j.held OR j.full
-                     GROUP BY j.company_id, j.event_type) AS g) AS k
-     CROSS JOIN LATERAL (
-           SELECT count(*)::int AS due
-             FROM (SELECT 1
-                     FROM outbox.events AS e
-                    WHERE e.company_id = k.company_id AND e.event_type = k.event_type
-                      AND e.state = 'pending' AND e.next_attempt_at <= now()
-                    ORDER BY e.company_id, e.event_type, e.next_attempt_at
-                    LIMIT k.share + 1) AS w) AS n
+    -- ones (room on this instance used up). Their due rows are counted
+    -- afterwards by step_counts.sql, planned afresh each time: a count
+    -- here would keep a plan made once, maybe on an empty table, and
+    -- could walk every due row for each endpoint.
+    SELECT j.company_id, j.event_type, bool_or(j.held) AS held
+      FROM judged AS j
+     WHERE j.held OR j.full
+     GROUP BY j.company_id, j.event_type
 ), claimed AS (
     UPDATE outbox.events AS e
        -- A row with a million attempts or more (only a hand-written one
@@ -180,11 +163,11 @@ SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since
   JOIN picked AS p ON p.id = c.id
 UNION ALL
 -- step: an endpoint whose rows this claim locked and left, held (circuit
--- open, half-open or paused, or a Retry-After) or at its cap; `attempts`
--- holds its due rows (see left_behind). The next plain claims step
+-- open, half-open or paused, or a Retry-After) or at its cap. The next
+-- plain claims step
 -- over it ($8, $9), or the loop takes the fair claim for a while if there
 -- are too many such rows or endpoints (src/pipeline/producer.rs, `Steps`).
-SELECT NULL::uuid, l.event_type, l.company_id, NULL::text, l.due, NULL::int,
+SELECT NULL::uuid, l.event_type, l.company_id, NULL::text, NULL::int, NULL::int,
        NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
        CASE WHEN l.held THEN 'step_held' ELSE 'step_full' END
@@ -192,24 +175,34 @@ SELECT NULL::uuid, l.event_type, l.company_id, NULL::text, l.due, NULL::int,
 UNION ALL
 -- probe: a row here belongs to an endpoint whose circuit's cool-down is
 -- over, and only the fair claim sends probes: the loop makes the next
--- claim the fair one, its walk starting at this endpoint (the first such
--- by key) so that it reaches it.
-(SELECT NULL::uuid, l.event_type, l.company_id, NULL::text, NULL::int, NULL::int,
-        NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
-        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
-        'probe'
-   FROM left_behind AS l
-  CROSS JOIN LATERAL (
-        SELECT 1
-          FROM outbox.endpoint_circuits AS x
-         WHERE x.company_id = l.company_id AND x.event_type = l.event_type
-           AND x.state IN ('open', 'half_open') AND NOT x.manual
-           AND x.retry_at <= now()
-           AND (x.paused_until IS NULL OR x.paused_until <= now())
-         LIMIT 1) AS ready
-  WHERE l.held
-  ORDER BY l.company_id, l.event_type
-  LIMIT 1)
+-- claim the fair one, with this note's key as its cursor: the endpoint
+-- with pending rows just before the first such endpoint (one step back on
+-- events_endpoint_pending; 0 and '' if none), so that its walk, which goes
+-- on from the endpoint after its cursor, begins with it.
+SELECT NULL::uuid, coalesce(b.event_type, ''), coalesce(b.company_id, 0), NULL::text, NULL::int,
+       NULL::int, NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
+       NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
+       'probe'
+  FROM (SELECT l.company_id, l.event_type
+          FROM left_behind AS l
+         CROSS JOIN LATERAL (
+               SELECT 1
+                 FROM outbox.endpoint_circuits AS x
+                WHERE x.company_id = l.company_id AND x.event_type = l.event_type
+                  AND x.state IN ('open', 'half_open') AND NOT x.manual
+                  AND x.retry_at <= now()
+                  AND (x.paused_until IS NULL OR x.paused_until <= now())
+                LIMIT 1) AS ready
+         WHERE l.held
+         ORDER BY l.company_id, l.event_type
+         LIMIT 1) AS p
+  LEFT JOIN LATERAL (
+        SELECT e.company_id, e.event_type
+          FROM outbox.events AS e
+         WHERE e.state = 'pending'
+           AND (e.company_id, e.event_type) < (p.company_id, p.event_type)
+         ORDER BY e.company_id DESC, e.event_type DESC
+         LIMIT 1) AS b ON true
 UNION ALL
 -- more: retries came due (`promoted`), or rows were left behind from a
 -- full window (more may be due behind it): claim again at once.

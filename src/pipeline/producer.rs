@@ -35,7 +35,7 @@ use crate::progress::Progress;
 use crate::service::Heartbeat;
 use crate::store::claim::{
     Claim, ClaimError, Cursor, InFlight, Mode, STEP_FULL_ROWS, STEP_HELD_ROWS, Skip, Step, claim,
-    hand_back_unknown,
+    count_steps, hand_back_unknown,
 };
 use crate::store::error::ErrorKind;
 use crate::store::pool as db;
@@ -451,8 +451,9 @@ impl ClaimLoop<'_> {
         // stepping over the endpoints it learnt were held or full.
         let mut fair_until = Instant::now();
         let mut steps = Steps::default();
-        // The next claim is the fair one, once, for a probe.
-        let mut probe_next = false;
+        // The next claim is the fair one, once, for a probe, from this
+        // cursor (the round robin's own is left as it is).
+        let mut probe_at: Option<Cursor> = None;
         // Where the next fair claim goes on walking the endpoints, and how
         // many walks stopped at their bound since the loop last waited.
         let mut cursor = Cursor::default();
@@ -544,7 +545,10 @@ impl ClaimLoop<'_> {
                 let now = Instant::now();
                 let after = cursor.clone();
                 let skip;
-                let mode = if now < fair_until || std::mem::take(&mut probe_next) {
+                let probing = probe_at.take();
+                let mode = if let Some(at) = &probing {
+                    Mode::Fair(at)
+                } else if now < fair_until {
                     Mode::Fair(&after)
                 } else {
                     skip = Skip::of(&steps.skip(now, &self.room.capped()));
@@ -591,7 +595,8 @@ impl ClaimLoop<'_> {
                         self.room
                             .claimed(capped, !mode.is_plain(), &events, &before);
                         self.room.forget_stale(self.config.delivery.lease);
-                        if let Some(next) = next {
+                        // (A probe's claim leaves the round robin where it was.)
+                        if let Some(next) = next.filter(|_| probing.is_none()) {
                             cursor = next;
                         }
                         // More held rows lie at the head of the queue
@@ -603,18 +608,17 @@ impl ClaimLoop<'_> {
                             !left.is_empty() && !steps.learn(&left, &self.room.capped(), now);
                         if let Some(at) = probe.filter(|_| mode.is_plain()) {
                             tracing::debug!(
-                                company_id = at.company_id,
+                                after_company_id = at.company_id,
                                 "claim mode: fair once, for a probe"
                             );
-                            cursor = at;
-                            probe_next = true;
+                            probe_at = Some(at);
                         }
                         let again = if spell && mode.is_plain() {
                             tracing::debug!("claim mode: fair for a while");
                             steps.forget();
                             fair_until = Instant::now() + FAIR_SPELL;
                             true
-                        } else if !left.is_empty() || probe_next {
+                        } else if !left.is_empty() || probe_at.is_some() {
                             true
                         } else if far && far_walks < FAR_WALKS_PER_WAKE {
                             far_walks += 1;
@@ -731,7 +735,33 @@ impl ClaimLoop<'_> {
             maybe_leased: true,
         });
         client.done();
-        claimed
+        let mut claimed = claimed?;
+        if !claimed.0.steps.is_empty() {
+            self.count_steps(&mut claimed.0.steps).await;
+        }
+        Ok(claimed)
+    }
+
+    /// Counts what the plain claim left (`store::claim::count_steps`). A
+    /// count that fails (the claim's rows are leased all the same) counts
+    /// each as too many to step over: the fair claim for a while.
+    async fn count_steps(&self, steps: &mut [Step]) {
+        let counted = match db::Checkout::get(self.pool, "claim").await {
+            Ok(client) => {
+                let counted = count_steps(&client, steps)
+                    .await
+                    .map_err(|e| db::describe(&e));
+                client.done();
+                counted
+            }
+            Err(e) => Err(db::describe_pool(&e).to_string()),
+        };
+        if let Err(e) = counted {
+            tracing::debug!(error = %e, "could not count the rows the claim stepped over; the fair claim for a while");
+            for step in steps {
+                step.due = STEP_HELD_ROWS as u32 + 1;
+            }
+        }
     }
 
     /// Hands back the leases of this instance that it does not know of

@@ -17,6 +17,7 @@ use crate::telemetry;
 
 const CLAIM_SQL: &str = include_str!("../../sql/queries/claim.sql");
 const CLAIM_FAIR_SQL: &str = include_str!("../../sql/queries/claim_fair.sql");
+const STEP_COUNTS_SQL: &str = include_str!("../../sql/queries/step_counts.sql");
 const HAND_BACK_SQL: &str = include_str!("../../sql/queries/hand_back.sql");
 const HAND_BACK_UNKNOWN_SQL: &str = include_str!("../../sql/queries/hand_back_unknown.sql");
 
@@ -102,8 +103,9 @@ pub struct Step {
     pub key: EndpointKey,
     /// Held (circuit not closed, or a Retry-After); else at its cap.
     pub held: bool,
-    /// Its due rows; past its share of [`STEP_HELD_ROWS`] or
-    /// [`STEP_FULL_ROWS`], that bound and one more.
+    /// Its due rows, once [`count_steps`] has counted them; past its share
+    /// of [`STEP_HELD_ROWS`] or [`STEP_FULL_ROWS`], that bound and one
+    /// more.
     pub due: u32,
 }
 
@@ -131,8 +133,8 @@ pub struct Claim {
     pub more: bool,
     /// The plain claim left a row of an endpoint whose circuit waits for
     /// its probe, which only the fair claim sends: the next claim is the
-    /// fair one, its walk starting at this endpoint (the cursor just
-    /// before it).
+    /// fair one, from this cursor (the endpoint with pending rows just
+    /// before that one), so that its walk begins with it.
     pub probe: Option<Cursor>,
     /// The fair claim's walk stopped at its bound of endpoints without
     /// filling the batch (held endpoints, mostly): walk on at once.
@@ -182,8 +184,6 @@ pub async fn claim(
         Mode::Plain(skip) => params.extend([
             &skip.company_ids as &(dyn tokio_postgres::types::ToSql + Sync),
             &skip.event_types,
-            &STEP_HELD_ROWS,
-            &STEP_FULL_ROWS,
         ]),
         Mode::Fair(after) => params.extend([
             &after.company_id as &(dyn tokio_postgres::types::ToSql + Sync),
@@ -220,19 +220,13 @@ pub async fn claim(
                 if !held {
                     claim.capped.insert(key.clone());
                 }
-                claim.steps.push(Step {
-                    key,
-                    held,
-                    due: row.get::<_, i32>("attempts").max(0) as u32,
-                });
+                claim.steps.push(Step { key, held, due: 0 });
             }
             Some("more") => claim.more = true,
             Some("probe") => {
-                // Just before the endpoint: the fair claim walks from the
-                // one after its cursor, and no event type is empty.
                 claim.probe = Some(Cursor {
                     company_id: row.get("company_id"),
-                    event_type: String::new(),
+                    event_type: row.get("event_type"),
                 });
             }
             Some("far") => claim.far = true,
@@ -246,6 +240,41 @@ pub async fn claim(
         }
     }
     Ok(claim)
+}
+
+/// Counts the due rows of the endpoints a plain claim locked and left
+/// (`sql/queries/step_counts.sql`), each up to its share of the bound for
+/// its kind (held or full: the bound over the number of such endpoints),
+/// so that a claim that left many endpoints reads about the bound in all.
+/// One past its share is reported as the whole bound and one more. Run on
+/// a pooled connection whose plans are made afresh: not the plain claim's.
+pub async fn count_steps(
+    client: &deadpool_postgres::Client,
+    steps: &mut [Step],
+) -> Result<(), tokio_postgres::Error> {
+    let bound = |held: bool| if held { STEP_HELD_ROWS } else { STEP_FULL_ROWS };
+    let share = |held: bool| {
+        let n = steps.iter().filter(|s| s.held == held).count().max(1) as i32;
+        (bound(held) / n).max(1)
+    };
+    let (held_share, full_share) = (share(true), share(false));
+    let share_of = |held: bool| if held { held_share } else { full_share };
+    let company_ids: Vec<i64> = steps.iter().map(|s| s.key.0).collect();
+    let event_types: Vec<&str> = steps.iter().map(|s| s.key.1.as_str()).collect();
+    let up_to: Vec<i32> = steps.iter().map(|s| share_of(s.held) + 1).collect();
+    let statement = client.prepare_cached(STEP_COUNTS_SQL).await?;
+    let rows = client
+        .query(&statement, &[&company_ids, &event_types, &up_to])
+        .await?;
+    for (step, row) in steps.iter_mut().zip(&rows) {
+        let pending = row.get::<_, i32>("pending").max(0);
+        step.due = if pending > share_of(step.held) {
+            bound(step.held) as u32 + 1
+        } else {
+            pending as u32
+        };
+    }
+    Ok(())
 }
 
 /// Puts every event still leased to `owner` back in the queue, due at once

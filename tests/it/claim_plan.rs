@@ -19,7 +19,7 @@ const CLAIM_SQL: &str = include_str!("../../sql/queries/claim.sql");
 
 /// The claim of one event, as the daemon runs it (`$1` = 1: the quiet
 /// queue, one event per claim).
-const PARAMS: &str = "(1, 'a', 60000, 8, '{}', '{}', '{}', '{}', '{}', 5000, 1000)";
+const PARAMS: &str = "(1, 'a', 60000, 8, '{}', '{}', '{}', '{}', '{}')";
 
 /// Pages the search for the due rows may read: the index's root and leaf
 /// and the due row's heap page, with room to spare (measured: 4). Without
@@ -529,7 +529,10 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
         crate::harness::claim_with(&claimer, claim::Mode::Plain(&nothing), 48, &two_full).await;
     assert_eq!(first.events.len(), 8);
     assert!(first.events.iter().all(|e| e.company_id > 2));
+    // Counted as the loop counts them, on a connection of the other pool.
+    let pooled = db.pool().get().await.unwrap();
     let mut steps = first.steps.clone();
+    claim::count_steps(&pooled, &mut steps).await.unwrap();
     steps.sort_by_key(|s| s.key.0);
     assert_eq!(
         steps,
@@ -560,18 +563,20 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
         (1, "payment.cancellation".to_owned()),
         (2, "payment.cancellation".to_owned()),
     ]);
-    admin
+    // (On the daemon's claim connection, so planned as the daemon plans
+    // it: generic, no sequential or bitmap scans.)
+    claimer
         .batch_execute(&format!("BEGIN; PREPARE told AS {CLAIM_SQL}"))
         .await
         .unwrap();
     let explained = explain(
-        &admin,
+        &claimer,
         "told",
         "(48, 'a', 60000, 8, '{2}', '{payment.cancellation}', '{8}', \
-         '{1,2}', '{payment.cancellation,payment.cancellation}', 5000, 1000)",
+         '{1,2}', '{payment.cancellation,payment.cancellation}')",
     )
     .await;
-    admin.batch_execute("ROLLBACK").await.unwrap();
+    claimer.batch_execute("ROLLBACK").await.unwrap();
     let mut all = Vec::new();
     nodes(&explained[0]["Plan"], &mut all);
     let locked = all
@@ -605,14 +610,17 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
         )
         .await
         .unwrap();
-    let third =
+    let mut third =
         crate::harness::claim_with(&claimer, claim::Mode::Plain(&nothing), 4, &two_full).await;
     assert!(third.events.is_empty());
     assert_eq!(third.steps.len(), 1);
+    claim::count_steps(&pooled, &mut third.steps).await.unwrap();
     assert_eq!(third.steps[0].due, claim::STEP_HELD_ROWS as u32 + 1);
 
     // One row of an endpoint whose circuit's cool-down is over, among
-    // rows free to send: only the fair claim probes, so it hands over.
+    // rows free to send: only the fair claim probes, so it hands over,
+    // with the cursor just before that endpoint: the same company's other
+    // endpoint, which sorts before it and has a row due.
     admin
         .batch_execute(
             "SELECT outbox.resume_endpoint(1);
@@ -624,7 +632,11 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
              UPDATE outbox.events SET state = 'pending', next_attempt_at = now() - interval '3 hours'
               WHERE company_id = 90;
              UPDATE outbox.events SET state = 'pending', next_attempt_at = now() - interval '1 hour'
-              WHERE company_id BETWEEN 91 AND 97;",
+              WHERE company_id BETWEEN 91 AND 97;
+             INSERT INTO outbox.endpoints (company_id, event_type, url)
+             VALUES (90, 'invoice.created', 'http://127.0.0.1:9/hooks');
+             INSERT INTO outbox.events (company_id, event_type, payload, next_attempt_at)
+             VALUES (90, 'invoice.created', '{\"invoiceId\": 1}', now() - interval '30 minutes');",
         )
         .await
         .unwrap();
@@ -639,11 +651,10 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
         at,
         claim::Cursor {
             company_id: 90,
-            event_type: String::new()
+            event_type: "invoice.created".into()
         }
     );
-    // The fair claim of one from there reaches it first and probes it.
-    let pooled = db.pool().get().await.unwrap();
+    // The fair claim of one from there begins with it, and probes it.
     let probed = crate::harness::claim_with(
         &pooled,
         claim::Mode::Fair(&at),
@@ -652,7 +663,11 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
     )
     .await;
     assert_eq!(probed.events.len(), 1);
-    assert!(probed.events[0].company_id == 90 && probed.events[0].probe);
+    let sent = &probed.events[0];
+    assert_eq!(
+        (sent.company_id, sent.event_type.as_str(), sent.probe),
+        (90, "payment.cancellation", true)
+    );
 }
 
 /// Issue 26: the fair claim's walk counts only endpoints that can take
