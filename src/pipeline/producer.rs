@@ -1153,6 +1153,42 @@ mod tests {
         assert!(room.known().is_empty());
     }
 
+    /// Which endpoints a claim's `capped` notes leave marked capped: one
+    /// with its deliveries still going, yes; one of whose deliveries ended
+    /// while the claim ran, or with nothing in flight, no (room is back,
+    /// or no delivery would bring it back), and the loop is woken. The
+    /// plain claim adds to what is marked; the fair claim replaces it.
+    #[tokio::test(start_paused = true)]
+    async fn a_claim_marks_capped_only_endpoints_whose_room_a_delivery_will_bring_back() {
+        let key = |company: i64| (company, "payment.cancellation".to_owned());
+        let event = |id: u128, company: i64| ClaimedEvent {
+            company_id: company,
+            ..claimed_event(id, 1)
+        };
+        let room = Room::default();
+        // Company 1 gets two deliveries in flight and is at its cap.
+        let before = room.in_flight();
+        room.claimed([key(1)].into(), false, &[event(1, 1), event(2, 1)], &before);
+        assert_eq!(room.capped(), [key(1)].into());
+
+        // Company 2: one in flight; a claim made then finds it at its cap,
+        // but that delivery ends while the claim runs.
+        room.claimed(HashSet::new(), false, &[event(3, 2)], &room.in_flight());
+        let before = room.in_flight();
+        room.finished(&[(2, "payment.cancellation")]);
+        room.claimed([key(2), key(3)].into(), false, &[], &before);
+        // Not marked: company 2's room is back, company 3 has nothing in
+        // flight; company 1, from the claim before, is still marked.
+        assert_eq!(room.capped(), [key(1)].into());
+        tokio::time::timeout(Duration::from_millis(1), room.freed())
+            .await
+            .expect("the loop is woken to claim for the room that came back");
+
+        // The fair claim replaces what is marked.
+        room.claimed(HashSet::new(), true, &[], &room.in_flight());
+        assert!(room.capped().is_empty());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn without_a_backlog_a_claim_takes_what_is_free_at_once() {
         let slots = Arc::new(Semaphore::new(4));
