@@ -86,6 +86,12 @@ WITH promoted AS (
            NOT (ci.company_id IS NULL
                 OR (ci.state = 'closed' AND (ci.paused_until IS NULL OR ci.paused_until <= now())))
                AS held,
+           -- Ready for its probe: its cool-down is over (only the fair
+           -- claim sends probes; see the `probe` note).
+           coalesce(ci.state IN ('open', 'half_open') AND NOT ci.manual
+                    AND ci.retry_at <= now()
+                    AND (ci.paused_until IS NULL OR ci.paused_until <= now()), false)
+               AS probe_ready,
            r.rn > coalesce(ep.max_in_flight, $4::int) - coalesce(live.n, 0) AS full
       FROM ranked AS r
       LEFT JOIN LATERAL (
@@ -101,7 +107,7 @@ WITH promoted AS (
       LEFT JOIN unnest($5::bigint[], $6::text[], $7::int[]) AS live(company_id, event_type, n)
              ON live.company_id = r.company_id AND live.event_type = r.event_type
       LEFT JOIN LATERAL (
-            SELECT x.company_id, x.state, x.paused_until, x.failures
+            SELECT x.company_id, x.state, x.paused_until, x.failures, x.manual, x.retry_at
               FROM outbox.endpoint_circuits AS x
              WHERE x.company_id = r.company_id AND x.event_type = r.event_type
              LIMIT 1) AS ci ON true
@@ -113,7 +119,8 @@ WITH promoted AS (
     -- afterwards by step_counts.sql, planned afresh each time: a count
     -- here would keep a plan made once, maybe on an empty table, and
     -- could walk every due row for each endpoint.
-    SELECT j.company_id, j.event_type, bool_or(j.held) AS held
+    SELECT j.company_id, j.event_type, bool_or(j.held) AS held,
+           bool_or(j.probe_ready) AS probe_ready
       FROM judged AS j
      WHERE j.held OR j.full
      GROUP BY j.company_id, j.event_type
@@ -185,15 +192,7 @@ SELECT NULL::uuid, coalesce(b.event_type, ''), coalesce(b.company_id, 0), NULL::
        'probe'
   FROM (SELECT l.company_id, l.event_type
           FROM left_behind AS l
-         CROSS JOIN LATERAL (
-               SELECT 1
-                 FROM outbox.endpoint_circuits AS x
-                WHERE x.company_id = l.company_id AND x.event_type = l.event_type
-                  AND x.state IN ('open', 'half_open') AND NOT x.manual
-                  AND x.retry_at <= now()
-                  AND (x.paused_until IS NULL OR x.paused_until <= now())
-                LIMIT 1) AS ready
-         WHERE l.held
+         WHERE l.probe_ready
          ORDER BY l.company_id, l.event_type
          LIMIT 1) AS p
   LEFT JOIN LATERAL (

@@ -606,14 +606,15 @@ impl ClaimLoop<'_> {
                         // probe: the fair claim once, from that endpoint.
                         let spell =
                             !left.is_empty() && !steps.learn(&left, &self.room.capped(), now);
-                        if let Some(at) = probe.filter(|_| mode.is_plain()) {
+                        // (Only the plain claim leaves steps or a probe.)
+                        if let Some(at) = probe {
                             tracing::debug!(
                                 after_company_id = at.company_id,
                                 "claim mode: fair once, for a probe"
                             );
                             probe_at = Some(at);
                         }
-                        let again = if spell && mode.is_plain() {
+                        let again = if spell {
                             tracing::debug!("claim mode: fair for a while");
                             steps.forget();
                             fair_until = Instant::now() + FAIR_SPELL;

@@ -35,6 +35,18 @@ async fn claim_plain(
     .events
 }
 
+/// The fair claim from the first endpoint on, as a daemon with nothing in
+/// flight makes it; committed.
+async fn claim_fair(client: &deadpool_postgres::Client, limit: usize) -> claim::Claim {
+    crate::harness::claim_with(
+        client,
+        claim::Mode::Fair(&claim::Cursor::default()),
+        limit,
+        &claim::InFlight::default(),
+    )
+    .await
+}
+
 /// Writes `outcomes` as `owner` with the default circuit settings; returns
 /// the ids marked.
 async fn write(
@@ -327,13 +339,7 @@ async fn a_claim_makes_half_open_only_the_circuits_it_probes() {
         .unwrap();
     let pool = db.pool();
     let pooled = pool.get().await.unwrap();
-    let claimed = crate::harness::claim_with(
-        &pooled,
-        claim::Mode::Fair(&claim::Cursor::default()),
-        1,
-        &claim::InFlight::default(),
-    )
-    .await;
+    let claimed = claim_fair(&pooled, 1).await;
     assert_eq!(claimed.events.len(), 1);
     let probe = &claimed.events[0];
     assert!(probe.probe);
@@ -384,13 +390,7 @@ async fn a_circuit_whose_probe_row_is_locked_elsewhere_stays_open() {
         .unwrap();
     let pool = db.pool();
     let pooled = pool.get().await.unwrap();
-    let claimed = crate::harness::claim_with(
-        &pooled,
-        claim::Mode::Fair(&claim::Cursor::default()),
-        4,
-        &claim::InFlight::default(),
-    )
-    .await;
+    let claimed = claim_fair(&pooled, 4).await;
     assert!(claimed.events.is_empty());
     let state: String = client
         .query_one("SELECT state FROM outbox.endpoint_circuits", &[])
@@ -404,13 +404,7 @@ async fn a_circuit_whose_probe_row_is_locked_elsewhere_stays_open() {
 
     // Once the row is free, the next claim probes.
     holding.rollback().await.unwrap();
-    let claimed = crate::harness::claim_with(
-        &pooled,
-        claim::Mode::Fair(&claim::Cursor::default()),
-        4,
-        &claim::InFlight::default(),
-    )
-    .await;
+    let claimed = claim_fair(&pooled, 4).await;
     assert_eq!(claimed.events.len(), 1);
     assert!(claimed.events[0].probe);
 }
