@@ -230,6 +230,7 @@ mod tests {
             probe: false,
             due_at: None,
             circuit_dirty: false,
+            destination: None,
             endpoint: None,
         }
     }

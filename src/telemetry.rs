@@ -27,6 +27,7 @@ pub const OUTCOMES_FENCED: &str = "outboxd_outcomes_fenced_total";
 pub const CLAIM_BATCHES: &str = "outboxd_claim_batches_total";
 pub const CLAIM_BATCH_SIZE: &str = "outboxd_claim_batch_size";
 pub const CLAIMS: &str = "outboxd_claims_total";
+pub const DESTINATIONS_AT_CAP: &str = "outboxd_destinations_at_cap";
 pub const LISTEN_RECONNECTS: &str = "outboxd_listen_reconnects_total";
 pub const LISTEN_CONNECTED: &str = "outboxd_listen_connected";
 pub const WAKEUPS: &str = "outboxd_wakeups_total";
@@ -175,6 +176,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
     for statement in ["plain", "fair"] {
         counter!(CLAIMS, "statement" => statement).absolute(0);
     }
+    gauge!(DESTINATIONS_AT_CAP).set(0.0);
     for name in [
         LEASES_EXPIRED,
         OUTCOMES_FENCED,
@@ -328,6 +330,10 @@ fn describe() {
         "Claim statements made, by statement: plain (oldest first, stepping over held endpoints) or fair (endpoints in turn, while held rows crowd the head of the queue)."
     );
     describe_gauge!(
+        DESTINATIONS_AT_CAP,
+        "Destinations (host and port) this instance holds at delivery.destination_concurrency with more due: slow or unanswering, shared by several endpoints."
+    );
+    describe_gauge!(
         LISTEN_CONNECTED,
         "1 while the LISTEN connection is up, else 0 (polling goes on either way)."
     );
@@ -466,6 +472,11 @@ pub fn claimed(batch: usize, expired: usize) {
 /// A claim statement was made (`statement`: plain or fair).
 pub fn claim_made(statement: &'static str) {
     counter!(CLAIMS, "statement" => statement).increment(1);
+}
+
+/// How many destinations this instance holds at their cap with more due.
+pub fn destinations_at_cap(n: usize) {
+    gauge!(DESTINATIONS_AT_CAP).set(n as f64);
 }
 
 /// `n` leases handed back to the queue: at a stop, or after a claim whose

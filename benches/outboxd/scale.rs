@@ -126,7 +126,22 @@ pub async fn claim_rolled_back(client: &deadpool_postgres::Client, limit: i64) -
         .query(
             &statement,
             &[
-                &limit, &"bench", &60_000i64, &8i32, &none.0, &none.1, &none.2, &0i64, &"",
+                &limit,
+                &"bench",
+                &60_000i64,
+                &8i32,
+                &none.0,
+                &none.1,
+                &none.2,
+                &0i64,
+                &"",
+                // Every endpoint here on one URL, answering quickly as far
+                // as the daemon knows: the cap per destination is not what
+                // this measures.
+                &none.1,
+                &none.2,
+                &i32::MAX,
+                &16i32,
             ],
         )
         .await

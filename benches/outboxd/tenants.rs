@@ -14,6 +14,10 @@
 //! 4. claim: the claim statement's time (median of 300, each rolled back)
 //!    with 300 endpoints of 30 due events each, with and without 1,000,000
 //!    more events of one endpoint whose circuit is open.
+//! 5. shared: fifty companies whose endpoints (one path each) are on one
+//!    host that answers in 8 s, 1,000 events queued between them; the ten
+//!    other companies, on another port (another destination), as in 1.
+//!    Their worst enqueue-to-delivered (issue 25, point 3).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -34,18 +38,33 @@ pub struct Tenants {
     pub burst_rate: f64,
     /// Median claim, ms: without and with the held backlog.
     pub claim_ms: [f64; 2],
+    /// Worst enqueue-to-delivered of the ten companies beside fifty on one
+    /// slow destination, ms.
+    pub shared_worst_ms: f64,
 }
 
 pub async fn run(opts: &Opts) -> Tenants {
     eprintln!("tenants: slow endpoint");
-    let slow_worst_ms = beside(opts, "outboxd_bench_slow", &["--delay", "8s"], 600, None)
+    let slow_worst_ms = beside(opts, "outboxd_bench_slow", &["--delay", "8s"], 1, 600, None)
         .await
         .0;
+    eprintln!("tenants: fifty companies on one slow destination");
+    let shared_worst_ms = beside(
+        opts,
+        "outboxd_bench_shared",
+        &["--delay", "8s"],
+        50,
+        1000,
+        None,
+    )
+    .await
+    .0;
     eprintln!("tenants: dead endpoint (about 80 s)");
     let (dead_worst_ms, dead) = beside(
         opts,
         "outboxd_bench_dead",
         &["--never-answer"],
+        1,
         10_000,
         Some(Duration::from_secs(75)),
     )
@@ -63,17 +82,21 @@ pub async fn run(opts: &Opts) -> Tenants {
         burst_single_ms,
         burst_rate,
         claim_ms,
+        shared_worst_ms,
     }
 }
 
-/// Company 1 on a troubled receiver (`trouble` flags) with `queued` events;
-/// 3 s after the start, ten fast companies enqueue 50 events. Returns their
-/// worst latency, ms, and with `watch`, the troubled receiver's requests
-/// after the circuit opened within that long from the start.
+/// Companies 1 to `troubled` on one troubled receiver (`trouble` flags),
+/// each at its own path, with `queued` events between them; 3 s after the
+/// start, ten fast companies on another receiver enqueue 50 events.
+/// Returns their worst latency, ms, and with `watch`, the troubled
+/// receiver's requests after company 1's circuit opened within that long
+/// from the start.
 async fn beside(
     opts: &Opts,
     db: &str,
     trouble: &[&str],
+    troubled: i64,
     queued: i64,
     watch: Option<Duration>,
 ) -> (f64, Option<(usize, Duration)>) {
@@ -81,19 +104,27 @@ async fn beside(
     let client = connect(&url).await;
     let mut bad = start_receiver_with(true, trouble).await;
     let mut fast = start_receiver_with(true, &[]).await;
-    endpoints(&client, 1..=1, &bad).await;
-    endpoints(&client, 2..=11, &fast).await;
     client
         .execute(
-            "SELECT outbox.enqueue_payment_cancellation(1, g, 'S' || g) FROM generate_series(1, $1::bigint) g",
-            &[&queued],
+            "INSERT INTO outbox.endpoints (company_id, url)
+             SELECT c, $2 || '/hooks/' || c FROM generate_series(1, $1::bigint) c",
+            &[&troubled, &bad.url],
+        )
+        .await
+        .unwrap();
+    endpoints(&client, troubled + 1..=troubled + 10, &fast).await;
+    client
+        .execute(
+            "SELECT outbox.enqueue_payment_cancellation(1 + g % $2::bigint, g, 'S' || g)
+               FROM generate_series(1, $1::bigint) g",
+            &[&queued, &troubled],
         )
         .await
         .unwrap();
     let started = Instant::now();
     let daemon = Daemon::start(opts.daemon(), opts.config(), &url, opts.concurrency).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let committed = enqueue_each(&url, 50, |i| 2 + (i % 10) as i64).await;
+    let committed = enqueue_each(&url, 50, |i| troubled + 1 + (i % 10) as i64).await;
     let worst = worst_latency(&mut fast, &committed, Duration::from_secs(120)).await;
 
     let dead = match watch {
@@ -245,7 +276,8 @@ async fn burst(opts: &Opts) -> (f64, f64) {
 /// The claim's median time over 300 runs, each in a transaction that is
 /// rolled back, so every run sees the same rows: first with 300 endpoints
 /// of 30 due events and 2 live leases each, then with 1,000,000 older
-/// events of one more endpoint whose circuit is open.
+/// events of one more endpoint whose circuit is open. Each endpoint on a
+/// destination of its own (a port each), so that none is at its cap.
 async fn claim_time() -> [f64; 2] {
     let db = "outboxd_bench_claim";
     let url = fresh_db(db).await;
@@ -253,7 +285,7 @@ async fn claim_time() -> [f64; 2] {
     setup
         .batch_execute(
             "INSERT INTO outbox.endpoints (company_id, url)
-             SELECT c, 'http://127.0.0.1:9/hooks' FROM generate_series(1, 301) c;
+             SELECT c, 'http://127.0.0.1:' || (10000 + c) || '/hooks' FROM generate_series(1, 301) c;
              INSERT INTO outbox.events (company_id, payload, next_attempt_at)
              SELECT c, jsonb_build_object('companyId', c, 'paymentId', g, 'paymentNumber', g::text),
                     now() - interval '1 hour' + g * interval '1 second'

@@ -4,7 +4,11 @@
 -- per endpoint on this instance (an endpoint's max_in_flight wins), and
 -- $5, $6, $7 the endpoints this instance has requests in flight to, and
 -- how many. $8, $9: the endpoints to step over (company ids, event types):
--- those the last claims found held or at their cap.
+-- those the last claims found held or at their cap, or whose destination
+-- is. $10, $11: destinations (an endpoint's host and port) and the room
+-- each has on this instance; $12 the room of any other destination (the
+-- cap per destination); $13 the most an endpoint's own max_in_flight
+-- counts for.
 --
 -- The plain claim, the one taken unless held rows crowd the head of the
 -- queue. It takes the $1 oldest due rows, as one ordered walk of the
@@ -70,7 +74,7 @@ WITH promoted AS (
      LIMIT $1
        FOR UPDATE SKIP LOCKED
 ), ranked AS (
-    SELECT d.id, d.company_id, d.event_type, d.lease_expired,
+    SELECT d.id, d.company_id, d.event_type, d.lease_expired, d.next_attempt_at,
            row_number() OVER (PARTITION BY d.company_id, d.event_type
                               ORDER BY d.next_attempt_at, d.id) AS rn
       FROM due AS d
@@ -78,10 +82,10 @@ WITH promoted AS (
     -- The endpoint and its circuit, each looked up by primary key (LATERAL
     -- with LIMIT 1 leaves the planner no other way in, whatever it thinks
     -- of the tables' sizes: see the note on plans above).
-    SELECT r.id, r.company_id, r.event_type, r.lease_expired,
+    SELECT r.id, r.company_id, r.event_type, r.lease_expired, r.next_attempt_at,
            coalesce(ci.failures > 0, false) AS circuit_dirty,
            ep.url, ep.auth_type, ep.username, ep.password, ep.token, ep.enabled,
-           ep.signing_secrets,
+           ep.signing_secrets, ep.destination,
            -- Held: a circuit that is not closed, or a Retry-After.
            NOT (ci.company_id IS NULL
                 OR (ci.state = 'closed' AND (ci.paused_until IS NULL OR ci.paused_until <= now())))
@@ -92,10 +96,14 @@ WITH promoted AS (
                     AND ci.retry_at <= now()
                     AND (ci.paused_until IS NULL OR ci.paused_until <= now()), false)
                AS probe_ready,
-           r.rn > coalesce(ep.max_in_flight, $4::int) - coalesce(live.n, 0) AS full
+           -- An endpoint's own max_in_flight counts for at most $13 (the
+           -- settings screen may write up to 1,000).
+           r.rn > least(coalesce(ep.max_in_flight, $4::int), $13::int) - coalesce(live.n, 0)
+               AS full
       FROM ranked AS r
       LEFT JOIN LATERAL (
             SELECT x.url, x.auth_type, x.username, x.password, x.token, x.enabled, x.max_in_flight,
+                   x.destination,
                    -- Its active signing secrets, newest first (none: unsigned).
                    ARRAY(SELECT s.secret FROM outbox.endpoint_signing_secrets AS s
                           WHERE s.company_id = x.company_id AND s.event_type = x.event_type
@@ -111,18 +119,37 @@ WITH promoted AS (
               FROM outbox.endpoint_circuits AS x
              WHERE x.company_id = r.company_id AND x.event_type = r.event_type
              LIMIT 1) AS ci ON true
+), placed AS (
+    -- The cap per destination: of the rows neither held nor full, each
+    -- destination's oldest up to its room ($10/$11, or $12). The others
+    -- are left like those of an endpoint at its cap.
+    SELECT j.*,
+           NOT j.held AND NOT j.full AND j.destination IS NOT NULL
+           AND row_number() OVER (PARTITION BY j.destination, j.held OR j.full
+                                  ORDER BY j.next_attempt_at, j.id)
+               > coalesce((SELECT d.room
+                             FROM unnest($10::text[], $11::int[]) AS d(destination, room)
+                            WHERE d.destination = j.destination
+                            LIMIT 1), $12::int) AS dest_full
+      FROM judged AS j
 ), picked AS (
-    SELECT j.* FROM judged AS j WHERE NOT j.held AND NOT j.full
+    SELECT j.* FROM placed AS j WHERE NOT j.held AND NOT j.full AND NOT j.dest_full
 ), left_behind AS (
     -- The endpoints whose rows were locked and left: held ones, and full
-    -- ones (room on this instance used up). Their due rows are counted
+    -- ones (room on this instance used up, the endpoint's or, `destination`
+    -- set, its destination's). Their due rows are counted
     -- afterwards by step_counts.sql, planned afresh each time: a count
     -- here would keep a plan made once, maybe on an empty table, and
     -- could walk every due row for each endpoint.
     SELECT j.company_id, j.event_type, bool_or(j.held) AS held,
-           bool_or(j.probe_ready) AS probe_ready
-      FROM judged AS j
-     WHERE j.held OR j.full
+           bool_or(j.probe_ready) AS probe_ready,
+           -- At its destination's cap: the rows it could otherwise have
+           -- sent were left for their destination, which is what has to
+           -- free a place first (the rows past its own cap wait too).
+           CASE WHEN bool_or(j.dest_full) AND NOT bool_or(j.held)
+                THEN min(j.destination) END AS destination
+      FROM placed AS j
+     WHERE j.held OR j.full OR j.dest_full
      GROUP BY j.company_id, j.event_type
 ), claimed AS (
     UPDATE outbox.events AS e
@@ -163,21 +190,23 @@ SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since
        c.age_ms, p.lease_expired, false AS probe, p.circuit_dirty,
        -- due_at: what a failed probe puts back (claim_fair.sql); no probe here.
        NULL::timestamptz AS due_at,
-       p.url, p.auth_type, p.username, p.password, p.token, p.enabled, p.signing_secrets, 
+       p.url, p.auth_type, p.username, p.password, p.token, p.enabled, p.signing_secrets,
+       p.destination,
        -- worn_out: failed above, at the bound on attempts; not to be sent.
        CASE WHEN c.state = 'failed' THEN 'worn_out' END AS note
   FROM claimed AS c
   JOIN picked AS p ON p.id = c.id
 UNION ALL
 -- step: an endpoint whose rows this claim locked and left, held (circuit
--- open, half-open or paused, or a Retry-After) or at its cap. The next
+-- open, half-open or paused, or a Retry-After) or at its cap, or at its
+-- destination's (then named in `destination`). The next
 -- plain claims step
 -- over it ($8, $9), or the loop takes the fair claim for a while if there
 -- are too many such rows or endpoints (src/pipeline/producer.rs, `Steps`).
 SELECT NULL::uuid, l.event_type, l.company_id, NULL::text, NULL::int, NULL::int,
        NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
-       CASE WHEN l.held THEN 'step_held' ELSE 'step_full' END
+       l.destination, CASE WHEN l.held THEN 'step_held' ELSE 'step_full' END
   FROM left_behind AS l
 UNION ALL
 -- probe: a row here belongs to an endpoint whose circuit's cool-down is
@@ -189,7 +218,7 @@ UNION ALL
 SELECT NULL::uuid, coalesce(b.event_type, ''), coalesce(b.company_id, 0), NULL::text, NULL::int,
        NULL::int, NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
-       'probe'
+       NULL::text, 'probe'
   FROM (SELECT l.company_id, l.event_type
           FROM left_behind AS l
          WHERE l.probe_ready
@@ -208,6 +237,6 @@ UNION ALL
 SELECT NULL::uuid, NULL::text, NULL::bigint, NULL::text, NULL::int, NULL::int,
        NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
-       'more'
+       NULL::text, 'more'
  WHERE EXISTS (SELECT 1 FROM promoted)
     OR ((SELECT count(*) FROM due) >= $1 AND (SELECT count(*) FROM picked) < $1)

@@ -4,7 +4,10 @@
 -- own max_in_flight. $5, $6, $7: the endpoints this instance has requests
 -- in flight to, and how many (company ids, event types, counts). $8, $9:
 -- the endpoint the last claim stopped after (company id, event type; 0 and
--- '' at first), where this one goes on. Returns each event with its
+-- '' at first), where this one goes on. $10, $11: destinations (an
+-- endpoint's host and port) and the room each has on this instance; $12
+-- the room of any other destination (the cap per destination); $13 the
+-- most an endpoint's own max_in_flight counts for. Returns each event with its
 -- endpoint settings and whether it is its endpoint's probe, then rows with
 -- a NULL id and a `note` (see the end).
 --
@@ -99,11 +102,12 @@ WITH RECURSIVE promoted AS (
     SELECT $8::bigint AS company_id, $9::text AS event_type, NULL::timestamptz AS head_at,
            NULL::uuid AS head_id, false AS wrapped, 0 AS n, NULL::text AS ci_state,
            NULL::timestamptz AS paused_until, NULL::int AS failures, NULL::bool AS manual,
-           NULL::timestamptz AS retry_at, NULL::int AS max_in_flight, 0 AS live_n, 0 AS able
+           NULL::timestamptz AS retry_at, NULL::int AS max_in_flight, 0 AS live_n, 0 AS able,
+           NULL::text AS destination, 0 AS dest_room
     UNION ALL
     SELECT nxt.company_id, nxt.event_type, nxt.head_at, nxt.head_id, nxt.wrapped, w.n + 1,
            k.ci_state, k.paused_until, k.failures, k.manual, k.retry_at, k.max_in_flight,
-           k.live_n, w.able + k.able
+           k.live_n, w.able + k.able, k.destination, k.dest_room
       FROM walk AS w
      CROSS JOIN LATERAL (
            (SELECT e.company_id, e.event_type, e.next_attempt_at AS head_at, e.id AS head_id,
@@ -124,17 +128,21 @@ WITH RECURSIVE promoted AS (
       CROSS JOIN LATERAL (
             -- Its circuit and settings by primary key, and what this
             -- instance has in flight to it; able to send: due, no
-            -- Retry-After, and a closed circuit (or none) with room, or a
-            -- circuit ready for its probe.
+            -- Retry-After, room at its destination, and a closed circuit
+            -- (or none) with room, or a circuit ready for its probe. An
+            -- endpoint's own max_in_flight counts for at most $13.
             SELECT ci.state AS ci_state, ci.paused_until, ci.failures, ci.manual, ci.retry_at,
                    ep.max_in_flight, coalesce(lv.n, 0) AS live_n,
                    CASE WHEN nxt.head_at <= now()
                          AND coalesce(ci.paused_until <= now(), true)
+                         AND coalesce(dr.room, $12::int) > 0
                          AND (((ci.state IS NULL OR ci.state = 'closed')
-                               AND coalesce(ep.max_in_flight, $4::int) > coalesce(lv.n, 0))
+                               AND least(coalesce(ep.max_in_flight, $4::int), $13::int)
+                                   > coalesce(lv.n, 0))
                               OR (ci.state IN ('open', 'half_open') AND NOT ci.manual
                                   AND ci.retry_at <= now()))
-                        THEN 1 ELSE 0 END AS able
+                        THEN 1 ELSE 0 END AS able,
+                   ep.destination, coalesce(dr.room, $12::int) AS dest_room
               FROM (SELECT 1) AS one
               LEFT JOIN LATERAL (
                     SELECT x.state, x.paused_until, x.failures, x.manual, x.retry_at
@@ -142,10 +150,15 @@ WITH RECURSIVE promoted AS (
                      WHERE x.company_id = nxt.company_id AND x.event_type = nxt.event_type
                      LIMIT 1) AS ci ON true
               LEFT JOIN LATERAL (
-                    SELECT x.max_in_flight
+                    SELECT x.max_in_flight, x.destination
                       FROM outbox.endpoints AS x
                      WHERE x.company_id = nxt.company_id AND x.event_type = nxt.event_type
                      LIMIT 1) AS ep ON true
+              LEFT JOIN LATERAL (
+                    SELECT d.room
+                      FROM unnest($10::text[], $11::int[]) AS d(destination, room)
+                     WHERE d.destination = ep.destination
+                     LIMIT 1) AS dr ON true
               LEFT JOIN LATERAL (
                     SELECT l.n
                       FROM unnest($5::bigint[], $6::text[], $7::int[]) AS l(company_id, event_type, n)
@@ -159,7 +172,13 @@ WITH RECURSIVE promoted AS (
     UPDATE outbox.endpoint_circuits AS ci
        SET state = 'half_open',
            retry_at = now() + $3::bigint * interval '1 millisecond'
-      FROM (SELECT c.company_id, c.event_type
+      FROM (SELECT r.company_id, r.event_type
+              FROM (SELECT c.company_id, c.event_type, c.retry_at, w.dest_room,
+                           -- At most as many probes per destination as it
+                           -- has room for: one refused a place would leave
+                           -- its circuit half-open with no probe out.
+                           row_number() OVER (PARTITION BY w.destination
+                                              ORDER BY c.retry_at) AS dest_rn
               FROM walk AS w
              -- Its circuit by primary key (LATERAL with LIMIT 1: no plan
              -- can read the whole table), locked until this claim commits;
@@ -183,16 +202,17 @@ WITH RECURSIVE promoted AS (
                     WHERE e.id = w.head_id AND e.state = 'pending'
                     LIMIT 1
                       FOR UPDATE SKIP LOCKED) AS h
-             WHERE w.ci_state IN ('open', 'half_open') AND w.head_at <= now()
+             WHERE w.ci_state IN ('open', 'half_open') AND w.head_at <= now()) AS r
+             WHERE r.dest_rn <= r.dest_room
              -- No more than this claim can send: a circuit made half-open
              -- without its probe would wait a lease for one. The longest
              -- waiting first; the others stay open, ready for the next claim.
-             ORDER BY c.retry_at
+             ORDER BY r.retry_at
              LIMIT $1) AS ready
      WHERE ci.company_id = ready.company_id AND ci.event_type = ready.event_type
  RETURNING ci.company_id, ci.event_type
 ), sized AS (
-    SELECT w.company_id, w.event_type, w.head_at, w.head_id, w.n,
+    SELECT w.company_id, w.event_type, w.head_at, w.head_id, w.n, w.destination, w.dest_room,
            p.company_id IS NOT NULL AS probe,
            coalesce(w.failures > 0 OR w.ci_state <> 'closed', false) AS circuit_dirty,
            -- Held: the circuit is not closed (and this claim took no probe),
@@ -200,21 +220,21 @@ WITH RECURSIVE promoted AS (
            p.company_id IS NULL AND w.ci_state IS NOT NULL
                AND (w.ci_state <> 'closed' OR coalesce(w.paused_until > now(), false)) AS held,
            CASE WHEN p.company_id IS NOT NULL THEN 1
-                ELSE coalesce(w.max_in_flight, $4::int) - w.live_n END AS room
+                ELSE least(coalesce(w.max_in_flight, $4::int), $13::int) - w.live_n END AS room
       FROM walk AS w
       LEFT JOIN probes AS p
              ON p.company_id = w.company_id AND p.event_type = w.event_type
      WHERE w.head_at <= now()
 ), cand AS (
     SELECT s.company_id, s.event_type, s.head_at, s.head_id, s.room, s.probe, s.circuit_dirty,
-           s.n, count(*) OVER () AS n_cand
+           s.n, s.destination, s.dest_room, count(*) OVER () AS n_cand
       FROM sized AS s
-     WHERE NOT s.held AND s.room > 0
+     WHERE NOT s.held AND s.room > 0 AND s.dest_room > 0
      ORDER BY s.probe DESC, s.n
      LIMIT $1
 ), ranked AS (
     SELECT r.id, r.next_attempt_at, r.lease_expired, c.probe, c.circuit_dirty, c.company_id,
-           c.event_type, c.n, c.room,
+           c.event_type, c.n, c.room, c.destination, c.dest_room,
            least(c.room, ($1 + c.n_cand - 1) / c.n_cand) AS share,
            row_number() OVER (PARTITION BY c.company_id, c.event_type
                               ORDER BY r.next_attempt_at, r.id) AS rn
@@ -233,9 +253,17 @@ WITH RECURSIVE promoted AS (
             ORDER BY e.company_id, e.event_type, e.next_attempt_at, e.id
             LIMIT least(c.room, ($1 + c.n_cand - 1) / c.n_cand)
               FOR UPDATE SKIP LOCKED) AS r
+), placed AS (
+    -- The cap per destination: each destination's rows in the round
+    -- robin's order, up to its room.
+    SELECT r.*,
+           r.destination IS NOT NULL
+           AND row_number() OVER (PARTITION BY r.destination ORDER BY r.rn, r.probe DESC, r.n)
+               > r.dest_room AS dest_full
+      FROM ranked AS r
 ), picked AS (
     SELECT id, lease_expired, probe, circuit_dirty, next_attempt_at AS due_at, n
-      FROM ranked ORDER BY rn, probe DESC, n LIMIT $1
+      FROM placed WHERE NOT dest_full ORDER BY rn, probe DESC, n LIMIT $1
 ), claimed AS (
     UPDATE outbox.events AS e
        -- A row with a million attempts or more (only a hand-written one
@@ -279,13 +307,21 @@ WITH RECURSIVE promoted AS (
     -- (rows taken by another instance meanwhile: look further); or retries
     -- came due (`promoted`): the loop claims again at once. cursor: where
     -- the next claim goes on (step 7).
-    SELECT s.company_id, s.event_type, 'capped' AS note
+    SELECT s.company_id, s.event_type, NULL::text AS destination, 'capped' AS note
       FROM sized AS s WHERE NOT s.held AND s.room <= 0
     UNION ALL
-    SELECT r.company_id, r.event_type, 'capped'
+    SELECT r.company_id, r.event_type, NULL, 'capped'
       FROM ranked AS r WHERE r.rn = r.room
     UNION ALL
-    SELECT NULL, NULL, 'more'
+    -- capped, with a destination: an endpoint with due rows whose
+    -- destination's room is used up (before this claim, or by it).
+    SELECT DISTINCT s.company_id, s.event_type, s.destination, 'capped'
+      FROM sized AS s WHERE NOT s.held AND s.room > 0 AND s.dest_room <= 0
+    UNION ALL
+    SELECT DISTINCT r.company_id, r.event_type, r.destination, 'capped'
+      FROM placed AS r WHERE r.dest_full
+    UNION ALL
+    SELECT NULL, NULL, NULL, 'more'
      WHERE EXISTS (SELECT 1 FROM ranked AS r WHERE r.rn = r.share AND r.share < r.room)
         OR EXISTS (SELECT 1 FROM promoted)
         OR ((SELECT max(w.able) FROM walk AS w) >= $1::bigint
@@ -294,11 +330,11 @@ WITH RECURSIVE promoted AS (
     -- far: the walk stopped at its bound of 1,000 endpoints, none of them
     -- able enough to fill the batch (held ones, mostly): the loop walks on
     -- at once, a few times per wake-up.
-    SELECT NULL, NULL, 'far'
+    SELECT NULL, NULL, NULL, 'far'
      WHERE (SELECT max(w.n) FROM walk AS w) >= 1000
        AND (SELECT count(*) FROM picked) < $1
     UNION ALL
-    (SELECT w.company_id, w.event_type, 'cursor'
+    (SELECT w.company_id, w.event_type, NULL, 'cursor'
       FROM walk AS w
      WHERE w.n > 0 AND w.n < coalesce((SELECT min(s.n) FROM sized AS s
                             WHERE NOT s.held AND s.room > 0
@@ -318,13 +354,14 @@ SELECT c.id, c.event_type, c.company_id, c.payload, c.attempts, c.attempts_since
               WHERE s.company_id = ep.company_id AND s.event_type = ep.event_type
                 AND (s.expires_at IS NULL OR s.expires_at > now())
               ORDER BY s.id DESC) AS signing_secrets,
+       ep.destination,
        -- worn_out: failed above, at the bound on attempts; not to be sent.
        CASE WHEN c.state = 'failed' THEN 'worn_out' END AS note
   FROM claimed AS c
   JOIN picked AS p ON p.id = c.id
   LEFT JOIN LATERAL (
         SELECT x.company_id, x.event_type, x.url, x.auth_type, x.username, x.password,
-               x.token, x.enabled
+               x.token, x.enabled, x.destination
           FROM outbox.endpoints AS x
          WHERE x.company_id = c.company_id AND x.event_type = c.event_type
          LIMIT 1) AS ep ON true
@@ -332,5 +369,5 @@ UNION ALL
 SELECT NULL::uuid, k.event_type, k.company_id, NULL::text, NULL::int, NULL::int,
        NULL::bigint, NULL::bool, NULL::bool, NULL::bool, NULL::timestamptz,
        NULL::text, NULL::text, NULL::text, NULL::text, NULL::text, NULL::bool, NULL::text[],
-       k.note
+       k.destination, k.note
   FROM notes AS k

@@ -228,7 +228,11 @@ async fn show(key: &EndpointKey, config: &Config) -> Result<(), CliError> {
         view.company_id, view.event_type
     );
     print!("{}", view.details(true));
+    let ceiling = config.delivery.max_in_flight_ceiling;
     let cap = match view.max_in_flight {
+        Some(cap) if cap as i64 > ceiling as i64 => {
+            format!("{ceiling} (its own {cap}, cut to delivery.max_in_flight_ceiling)")
+        }
         Some(cap) => format!("{cap} (its own)"),
         None => format!(
             "{} (delivery.endpoint_concurrency)",

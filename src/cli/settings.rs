@@ -52,7 +52,8 @@ pub struct SetArgs {
     disabled: bool,
 
     /// Requests in flight to it at most, per outboxd instance (1-1000;
-    /// default: the daemon's delivery.endpoint_concurrency)
+    /// default: the daemon's delivery.endpoint_concurrency; counts for at
+    /// most its delivery.max_in_flight_ceiling)
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1000))]
     max_in_flight: Option<i32>,
 

@@ -13,6 +13,16 @@ const DEFAULT_CONCURRENCY: u32 = 64;
 /// Per endpoint and instance: an eighth of one instance's slots, so a
 /// slow tenant leaves the rest to the others (README, "Many tenants").
 const DEFAULT_ENDPOINT_CONCURRENCY: u32 = 8;
+/// Per destination (host and port) and instance, across companies and
+/// event types: half of one instance's slots, so a vendor's SaaS that many
+/// companies point at, slow, hung or down, leaves the other half to
+/// everyone else. A destination that answers quickly is not held to it
+/// (`pipeline::producer::Destination`; README, "Many tenants").
+const DEFAULT_DESTINATION_CONCURRENCY: u32 = 32;
+/// The most an endpoint's own `max_in_flight` (which the settings screen
+/// writes, up to 1,000) is taken at: twice the default cap, a quarter of
+/// one instance's slots.
+const DEFAULT_MAX_IN_FLIGHT_CEILING: u32 = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryConfig {
@@ -21,6 +31,12 @@ pub struct DeliveryConfig {
     /// Deliveries in flight to one endpoint at once from this instance (an
     /// endpoint's `max_in_flight` overrides it).
     pub endpoint_concurrency: u32,
+    /// The most an endpoint's own `max_in_flight` counts for: a higher one
+    /// is cut to this.
+    pub max_in_flight_ceiling: u32,
+    /// Deliveries in flight to one destination (the url's host and port)
+    /// at once from this instance, whatever the companies and event types.
+    pub destination_concurrency: u32,
     /// Longest wait between two looks for due events when no NOTIFY comes.
     pub poll_interval: Duration,
     /// TCP connect to the receiver.
@@ -58,6 +74,8 @@ pub struct RawDelivery {
     pub require_https: Option<bool>,
     pub tls_ca_file: Option<PathBuf>,
     pub endpoint_concurrency: Option<u32>,
+    pub max_in_flight_ceiling: Option<u32>,
+    pub destination_concurrency: Option<u32>,
 }
 
 impl RawDelivery {
@@ -158,8 +176,54 @@ impl RawDelivery {
             1,
             1000,
         );
+        // Unset, the ceiling and the cap per destination are at least the
+        // cap per endpoint: a configuration that raised it above their
+        // defaults stays valid.
+        let cap_or_default = endpoint_concurrency.unwrap_or(DEFAULT_ENDPOINT_CONCURRENCY);
+        let at_least_the_cap = |problems: &mut Vec<Problem>, key: &str, value: Option<u32>| match (
+            value,
+            endpoint_concurrency,
+        ) {
+            (Some(value), Some(cap)) if value < cap => {
+                problem(
+                    problems,
+                    key,
+                    format!("must be at least delivery.endpoint_concurrency ({cap}), got {value}"),
+                );
+                None
+            }
+            _ => value,
+        };
+        let max_in_flight_ceiling = in_range(
+            problems,
+            "delivery.max_in_flight_ceiling",
+            self.max_in_flight_ceiling
+                .unwrap_or(DEFAULT_MAX_IN_FLIGHT_CEILING.max(cap_or_default)),
+            1,
+            1000,
+        );
+        let max_in_flight_ceiling = at_least_the_cap(
+            problems,
+            "delivery.max_in_flight_ceiling",
+            max_in_flight_ceiling,
+        );
+        let destination_concurrency = in_range(
+            problems,
+            "delivery.destination_concurrency",
+            self.destination_concurrency
+                .unwrap_or(DEFAULT_DESTINATION_CONCURRENCY.max(cap_or_default)),
+            1,
+            10_000,
+        );
+        let destination_concurrency = at_least_the_cap(
+            problems,
+            "delivery.destination_concurrency",
+            destination_concurrency,
+        );
         Some(DeliveryConfig {
             endpoint_concurrency: endpoint_concurrency?,
+            max_in_flight_ceiling: max_in_flight_ceiling?,
+            destination_concurrency: destination_concurrency?,
             allowed_networks,
             require_https: self.require_https.unwrap_or(false),
             tls_ca_pem: tls_ca_pem?,

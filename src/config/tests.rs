@@ -70,6 +70,12 @@ fn empty_config_uses_the_defaults() {
     assert_eq!(config.database.connect_timeout, Duration::from_secs(5));
     assert_eq!(config.database.schema_wait, Duration::from_secs(120));
     assert_eq!(config.delivery.endpoint_concurrency, 8);
+    assert_eq!(config.delivery.max_in_flight_ceiling, 16);
+    assert_eq!(config.delivery.destination_concurrency, 32);
+    assert_eq!(
+        crate::store::claim::Caps::of(&config.delivery),
+        crate::store::claim::Caps::SHIPPED
+    );
     assert_eq!(config.circuit, CircuitConfig::default());
     assert_eq!(config.circuit.open_after, 5);
     assert_eq!(config.circuit.max_hold, Duration::from_secs(24 * 3600));
@@ -110,6 +116,50 @@ fn each_bad_value_is_reported_under_its_key() {
         (
             "[delivery]\nendpoint_concurrency = 1001",
             &["delivery.endpoint_concurrency"],
+        ),
+        // The ceiling on an endpoint's own max_in_flight, and the cap per
+        // destination: within bounds, and not below the cap per endpoint.
+        ("[delivery]\nmax_in_flight_ceiling = 1000", &[]),
+        ("[delivery]\nmax_in_flight_ceiling = 8", &[]),
+        (
+            "[delivery]\nmax_in_flight_ceiling = 0",
+            &["delivery.max_in_flight_ceiling"],
+        ),
+        (
+            "[delivery]\nmax_in_flight_ceiling = 1001",
+            &["delivery.max_in_flight_ceiling"],
+        ),
+        (
+            "[delivery]\nmax_in_flight_ceiling = 7",
+            &["delivery.max_in_flight_ceiling"],
+        ),
+        (
+            "[delivery]\nendpoint_concurrency = 20\nmax_in_flight_ceiling = 20\ndestination_concurrency = 20",
+            &[],
+        ),
+        // Unset, they follow a raised cap per endpoint.
+        ("[delivery]\nendpoint_concurrency = 1000", &[]),
+        (
+            "[delivery]\nendpoint_concurrency = 20\nmax_in_flight_ceiling = 16",
+            &["delivery.max_in_flight_ceiling"],
+        ),
+        ("[delivery]\ndestination_concurrency = 10000", &[]),
+        ("[delivery]\ndestination_concurrency = 8", &[]),
+        (
+            "[delivery]\ndestination_concurrency = 0",
+            &["delivery.destination_concurrency"],
+        ),
+        (
+            "[delivery]\ndestination_concurrency = 10001",
+            &["delivery.destination_concurrency"],
+        ),
+        (
+            "[delivery]\nendpoint_concurrency = 4\ndestination_concurrency = 3",
+            &["delivery.destination_concurrency"],
+        ),
+        (
+            "[delivery]\nendpoint_concurrency = 40\ndestination_concurrency = 32",
+            &["delivery.destination_concurrency"],
         ),
         ("[circuit]\nopen_after = 1\ncooldown = \"1s\"", &[]),
         ("[circuit]\nopen_after = 0", &["circuit.open_after"]),

@@ -209,6 +209,7 @@ mod tests {
             probe: false,
             due_at: None,
             circuit_dirty: false,
+            destination: None,
             endpoint: None,
         }
     }

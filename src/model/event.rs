@@ -31,6 +31,9 @@ pub struct ClaimedEvent {
     pub due_at: Option<SystemTime>,
     /// Its endpoint's circuit was not closed and clean at the claim.
     pub circuit_dirty: bool,
+    /// Where its request goes: the endpoint's host and port
+    /// (`outbox.endpoints.destination`); None without an endpoint.
+    pub destination: Option<String>,
     /// The company's endpoint for this event type, if one is configured.
     pub endpoint: Option<Endpoint>,
 }

@@ -35,6 +35,10 @@ pub trait Freed: Send + Sync {
     /// refused by the fence: their leases are no longer this instance's to
     /// keep (the claim loop hands back the leases it does not know of).
     fn recorded(&self, outcomes: &[(Uuid, i32)]);
+
+    /// A request to `destination` (an endpoint's host and port) ended after
+    /// `took`, or was never sent: its place there is free at once.
+    fn request_ended(&self, destination: &str, took: Duration);
 }
 
 /// Outcomes written per round trip at most. Under load the recorder takes

@@ -11,7 +11,7 @@
 //! recorder, which writes it ([`crate::pipeline::completer::Recorder::run`]).
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
@@ -53,8 +53,21 @@ pub async fn deliver(event: ClaimedEvent, context: Arc<Context>, slot: OwnedSema
             }
         }
     }
+    // The destination's place is free as soon as the request is over (or
+    // the task panicked): a destination has nothing of its own that the
+    // next claim must see written first.
+    struct Requested<'a>(&'a Context, Option<&'a str>, Instant);
+    impl Drop for Requested<'_> {
+        fn drop(&mut self) {
+            if let Some(destination) = self.1 {
+                self.0.room.request_ended(destination, self.2.elapsed());
+            }
+        }
+    }
     let mut unrecorded = Unrecorded(&context, &event, true);
+    let requested = Requested(&context, event.destination.as_deref(), Instant::now());
     let outcome = attempt(&event, &context.deliverer, &context.retry).await;
+    drop(requested);
     // Fails only if the recorder is gone, i.e. at the very end of a
     // shutdown; the lease then brings the event back.
     unrecorded.2 = context.outcomes.send(outcome).await.is_err();

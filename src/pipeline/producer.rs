@@ -34,8 +34,8 @@ use crate::pipeline::schema_watch::SchemaWatch;
 use crate::progress::Progress;
 use crate::service::Heartbeat;
 use crate::store::claim::{
-    Claim, ClaimError, Cursor, InFlight, Mode, STEP_FULL_ROWS, STEP_HELD_ROWS, Skip, Step, claim,
-    count_steps, hand_back_unknown,
+    Caps, Claim, ClaimError, Cursor, InFlight, Mode, STEP_FULL_ROWS, STEP_HELD_ROWS, Skip, Step,
+    claim, count_steps, hand_back_unknown,
 };
 use crate::store::error::ErrorKind;
 use crate::store::pool as db;
@@ -70,6 +70,10 @@ pub struct Room {
 struct RoomState {
     in_flight: HashMap<EndpointKey, u32>,
     capped: HashSet<EndpointKey>,
+    /// Requests in flight per destination, and how quickly it answers.
+    destinations: HashMap<String, Destination>,
+    /// Destinations the last claims left at their cap with more due.
+    capped_destinations: HashSet<String>,
     /// Claimed events whose outcome is not written yet: id → (attempt,
     /// when claimed).
     known: HashMap<Uuid, (i32, Instant)>,
@@ -91,9 +95,12 @@ impl Room {
     /// The plain claim adds to the endpoints known capped (it stepped over
     /// those, and says nothing of them); the fair claim, which reads every
     /// endpoint it passes, replaces them (`replace`).
+    /// Destinations likewise, their room coming back when a request to them
+    /// ends.
     fn claimed(
         &self,
         capped: HashSet<EndpointKey>,
+        capped_destinations: HashSet<String>,
         replace: bool,
         events: &[ClaimedEvent],
         before: &InFlight,
@@ -106,11 +113,36 @@ impl Room {
                 .entry((e.company_id, e.event_type.clone()))
                 .or_insert(0) += 1;
             state.known.insert(e.id, (e.attempt, now));
+            if let Some(destination) = &e.destination {
+                state
+                    .destinations
+                    .entry(destination.clone())
+                    .or_insert_with(|| Destination::new(now))
+                    .started(now);
+            }
         }
         if replace {
             state.capped.clear();
+            state.capped_destinations.clear();
         }
         let mut room_back = false;
+        for destination in capped_destinations {
+            let started = events
+                .iter()
+                .filter(|e| e.destination.as_deref() == Some(destination.as_str()))
+                .count() as u32;
+            let now_in_flight = state
+                .destinations
+                .get(&destination)
+                .map_or(0, |d| d.in_flight);
+            if now_in_flight == 0
+                || now_in_flight < before.destination_count(&destination) + started
+            {
+                room_back = true;
+            } else {
+                state.capped_destinations.insert(destination);
+            }
+        }
         for key in capped {
             let started = events
                 .iter()
@@ -150,6 +182,11 @@ impl Room {
         }
         state.pruned_at = Some(now);
         state.known.retain(|_, (_, at)| now - *at < lease);
+        // Destinations nothing went to for a while: a new request to one
+        // starts it anew, held to the cap until it has answered quickly.
+        state
+            .destinations
+            .retain(|_, d| d.in_flight > 0 || now - d.progress < DESTINATION_FORGOTTEN);
     }
 
     /// The endpoints at their cap on this instance with more due.
@@ -157,7 +194,15 @@ impl Room {
         self.state().capped.clone()
     }
 
-    fn in_flight(&self) -> InFlight {
+    /// The destinations at their cap on this instance with more due.
+    fn capped_destinations(&self) -> HashSet<String> {
+        self.state().capped_destinations.clone()
+    }
+
+    /// What is in flight, for the claim: per endpoint, and each known
+    /// destination's room, `cap` less what is in flight to it, or no limit
+    /// while it answers quickly ([`Destination::quick`]).
+    fn in_flight_at(&self, cap: u32, now: Instant) -> InFlight {
         let state = self.state();
         let mut out = InFlight::default();
         for ((company, event_type), n) in &state.in_flight {
@@ -165,7 +210,21 @@ impl Room {
             out.event_types.push(event_type.clone());
             out.counts.push(*n as i32);
         }
+        for (destination, d) in &state.destinations {
+            out.destinations.push(destination.clone());
+            out.destination_rooms.push(if d.quick(now) {
+                i32::MAX
+            } else {
+                cap.saturating_sub(d.in_flight) as i32
+            });
+            out.destination_counts.push(d.in_flight);
+        }
         out
+    }
+
+    #[cfg(test)]
+    fn in_flight(&self) -> InFlight {
+        self.in_flight_at(u32::MAX, Instant::now())
     }
 
     async fn freed(&self) {
@@ -174,6 +233,22 @@ impl Room {
 }
 
 impl Freed for Room {
+    /// A request to `destination` ended after `took`: its place there is
+    /// free at once (a destination has no circuit nor Retry-After of its
+    /// own for the next claim to see first).
+    fn request_ended(&self, destination: &str, took: Duration) {
+        let mut state = self.state();
+        let now = Instant::now();
+        if let Some(d) = state.destinations.get_mut(destination) {
+            d.ended(took, now);
+        }
+        let freed = state.capped_destinations.remove(destination);
+        drop(state);
+        if freed {
+            self.freed.notify_one();
+        }
+    }
+
     /// Deliveries to these endpoints ended (a group of outcomes was
     /// written): all counted down under one lock, then one wake-up, so the
     /// next claim sees the whole group's room, not the first outcome's.
@@ -205,6 +280,78 @@ impl Freed for Room {
                 state.known.remove(id);
             }
         }
+    }
+}
+
+/// A request that ends within this long is a quick answer: a destination
+/// whose requests all end so, holding a delivery slot for no longer than
+/// this each, is not held to `delivery.destination_concurrency`
+/// ([`Destination::quick`]).
+const DESTINATION_QUICK: Duration = Duration::from_millis(250);
+
+/// How many quick answers in a row, the last ones, make a destination
+/// quick: a new destination, or one that answered slowly, is held to the
+/// cap until then.
+const DESTINATION_QUICK_STREAK: u32 = 4;
+
+/// A destination with nothing in flight and no request ended for this
+/// long is forgotten (`Room::forget_stale`).
+const DESTINATION_FORGOTTEN: Duration = Duration::from_secs(600);
+
+/// One destination, as this instance sees it: its requests in flight, and
+/// how quickly it has answered.
+///
+/// Why the cap spares a quick destination: the cap exists so that a slow
+/// or hung destination that many companies share cannot hold every slot
+/// of the instance for seconds at a time. A destination that answers
+/// within [`DESTINATION_QUICK`] gives each slot back that quickly, so the
+/// others wait no longer than the queue's order makes them; held to half
+/// the slots, a backlog for it drained at 0.6 of the rate (the claims,
+/// made for fewer slots at a time, lease smaller batches: docs/design/
+/// destination-cap). A quick destination that stops answering is held to
+/// the cap as soon as a request to it has gone [`DESTINATION_QUICK`]
+/// without one ending.
+#[derive(Debug, Clone)]
+struct Destination {
+    in_flight: u32,
+    /// Quick answers in a row, the last ones.
+    quick_streak: u32,
+    /// When a request to it last ended, or when one started with nothing
+    /// in flight.
+    progress: Instant,
+}
+
+impl Destination {
+    fn new(now: Instant) -> Destination {
+        Destination {
+            in_flight: 0,
+            quick_streak: 0,
+            progress: now,
+        }
+    }
+
+    fn started(&mut self, now: Instant) {
+        if self.in_flight == 0 {
+            self.progress = now;
+        }
+        self.in_flight += 1;
+    }
+
+    fn ended(&mut self, took: Duration, now: Instant) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.progress = now;
+        self.quick_streak = if took <= DESTINATION_QUICK {
+            self.quick_streak.saturating_add(1)
+        } else {
+            0
+        };
+    }
+
+    /// Its last [`DESTINATION_QUICK_STREAK`] answers were quick, and with
+    /// requests in flight, one ended within the last [`DESTINATION_QUICK`].
+    fn quick(&self, now: Instant) -> bool {
+        self.quick_streak >= DESTINATION_QUICK_STREAK
+            && (self.in_flight == 0 || now - self.progress <= DESTINATION_QUICK)
     }
 }
 
@@ -322,13 +469,38 @@ const STEP_ENDPOINTS_LIMIT: usize = 32;
 /// fair claim is the cheaper one, and the loop takes it for [`FAIR_SPELL`].
 ///
 /// Those at their cap are stepped over only while [`Room`] has them capped
-/// (it forgets one as soon as a delivery to it ends). All are forgotten
-/// [`STEP_SPELL`] after the first was learnt.
+/// (it forgets one as soon as a delivery to it ends), those at their
+/// destination's cap while it has that destination capped. All are
+/// forgotten [`STEP_SPELL`] after the first was learnt.
 #[derive(Debug, Default)]
 struct Steps {
-    /// Due rows (as last counted) and whether held, per endpoint.
-    due: HashMap<EndpointKey, (u32, bool)>,
+    /// Due rows (as last counted) and why stepped over, per endpoint.
+    due: HashMap<EndpointKey, Stepped>,
     until: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+struct Stepped {
+    due: u32,
+    held: bool,
+    /// At its destination's cap, not its own.
+    destination: Option<String>,
+}
+
+impl Stepped {
+    /// Still to be stepped over: held, or what made it full still is.
+    fn holds(
+        &self,
+        key: &EndpointKey,
+        capped: &HashSet<EndpointKey>,
+        capped_destinations: &HashSet<String>,
+    ) -> bool {
+        self.held
+            || match &self.destination {
+                None => capped.contains(key),
+                Some(destination) => capped_destinations.contains(destination),
+            }
+    }
 }
 
 impl Steps {
@@ -336,13 +508,18 @@ impl Steps {
     /// their cap that are still `capped`. An endpoint capped but not
     /// learnt here (the fair claim found it, or its rows were too many to
     /// step over) is read, not stepped over: its rows are counted first.
-    fn skip(&mut self, now: Instant, capped: &HashSet<EndpointKey>) -> Vec<EndpointKey> {
+    fn skip(
+        &mut self,
+        now: Instant,
+        capped: &HashSet<EndpointKey>,
+        capped_destinations: &HashSet<String>,
+    ) -> Vec<EndpointKey> {
         if self.until.is_some_and(|until| now >= until) {
             self.forget();
         }
         self.due
             .iter()
-            .filter(|(key, (_, held))| *held || capped.contains(*key))
+            .filter(|(key, stepped)| stepped.holds(key, capped, capped_destinations))
             .map(|(key, _)| key.clone())
             .collect()
     }
@@ -352,20 +529,33 @@ impl Steps {
     /// True: the next plain claims step over all of it; false: there is too
     /// much to step over, everything is forgotten, and the fair claim is
     /// the cheaper one.
-    fn learn(&mut self, steps: &[Step], capped: &HashSet<EndpointKey>, now: Instant) -> bool {
+    fn learn(
+        &mut self,
+        steps: &[Step],
+        capped: &HashSet<EndpointKey>,
+        capped_destinations: &HashSet<String>,
+        now: Instant,
+    ) -> bool {
         if self.due.is_empty() {
             self.until = Some(now + STEP_SPELL);
         }
         for step in steps {
-            self.due.insert(step.key.clone(), (step.due, step.held));
+            self.due.insert(
+                step.key.clone(),
+                Stepped {
+                    due: step.due,
+                    held: step.held,
+                    destination: step.destination.clone(),
+                },
+            );
         }
         self.due
-            .retain(|key, (_, held)| *held || capped.contains(key));
+            .retain(|key, stepped| stepped.holds(key, capped, capped_destinations));
         let rows = |held: bool| -> u64 {
             self.due
                 .values()
-                .filter(|(_, h)| *h == held)
-                .map(|(due, _)| u64::from(*due))
+                .filter(|s| s.held == held)
+                .map(|s| u64::from(s.due))
                 .sum()
         };
         if self.due.len() > STEP_ENDPOINTS_LIMIT
@@ -551,7 +741,11 @@ impl ClaimLoop<'_> {
                 } else if now < fair_until {
                     Mode::Fair(&after)
                 } else {
-                    skip = Skip::of(&steps.skip(now, &self.room.capped()));
+                    skip = Skip::of(&steps.skip(
+                        now,
+                        &self.room.capped(),
+                        &self.room.capped_destinations(),
+                    ));
                     Mode::Plain(&skip)
                 };
                 let claim = tokio::time::timeout(self.claim_limit, self.claim(mode, wanted));
@@ -580,6 +774,7 @@ impl ClaimLoop<'_> {
                         Claim {
                             events,
                             capped,
+                            capped_destinations,
                             steps: left,
                             more,
                             probe,
@@ -592,8 +787,14 @@ impl ClaimLoop<'_> {
                         if std::mem::take(&mut failing) {
                             systemd::status("delivering");
                         }
-                        self.room
-                            .claimed(capped, !mode.is_plain(), &events, &before);
+                        self.room.claimed(
+                            capped,
+                            capped_destinations,
+                            !mode.is_plain(),
+                            &events,
+                            &before,
+                        );
+                        telemetry::destinations_at_cap(self.room.capped_destinations().len());
                         self.room.forget_stale(self.config.delivery.lease);
                         // (A probe's claim leaves the round robin where it was.)
                         if let Some(next) = next.filter(|_| probing.is_none()) {
@@ -604,8 +805,13 @@ impl ClaimLoop<'_> {
                         // while, from now. Fewer: the plain claim steps
                         // over them, at once. A circuit waits for its
                         // probe: the fair claim once, from that endpoint.
-                        let spell =
-                            !left.is_empty() && !steps.learn(&left, &self.room.capped(), now);
+                        let spell = !left.is_empty()
+                            && !steps.learn(
+                                &left,
+                                &self.room.capped(),
+                                &self.room.capped_destinations(),
+                                now,
+                            );
                         // (Only the plain claim leaves steps or a probe.)
                         if let Some(at) = probe {
                             tracing::debug!(
@@ -719,14 +925,15 @@ impl ClaimLoop<'_> {
                 maybe_leased: false,
             })?;
         let delivery = &self.config.delivery;
-        let in_flight = self.room.in_flight();
+        let caps = Caps::of(delivery);
+        let in_flight = self.room.in_flight_at(caps.destination, Instant::now());
         let claimed = claim(
             &client,
             mode,
             wanted,
             self.owner,
             delivery.lease,
-            delivery.endpoint_concurrency,
+            caps,
             &in_flight,
         )
         .await
@@ -852,6 +1059,7 @@ mod tests {
             key: (company, "payment.cancellation".into()),
             held,
             due,
+            destination: None,
         }
     }
 
@@ -926,12 +1134,12 @@ mod tests {
         let now = Instant::now();
         for (what, left, capped, stepped, held) in cases {
             assert_eq!(
-                steps.learn(left, &capped_of(capped), now),
+                steps.learn(left, &capped_of(capped), &HashSet::new(), now),
                 *stepped,
                 "{what}"
             );
             let mut got: Vec<i64> = steps
-                .skip(now, &HashSet::new())
+                .skip(now, &HashSet::new(), &HashSet::new())
                 .iter()
                 .map(|k| k.0)
                 .collect();
@@ -939,7 +1147,7 @@ mod tests {
             assert_eq!(got, *held, "{what}");
             // Those at their cap too, while capped.
             let mut all: Vec<i64> = steps
-                .skip(now, &capped_of(capped))
+                .skip(now, &capped_of(capped), &HashSet::new())
                 .iter()
                 .map(|k| k.0)
                 .collect();
@@ -964,23 +1172,47 @@ mod tests {
             .collect();
         let none = HashSet::new();
         let mut steps = Steps::default();
-        assert!(steps.learn(&many[..STEP_ENDPOINTS_LIMIT], &none, now));
-        assert!(!steps.learn(&many[STEP_ENDPOINTS_LIMIT..], &none, now));
+        assert!(steps.learn(&many[..STEP_ENDPOINTS_LIMIT], &none, &HashSet::new(), now));
+        assert!(!steps.learn(&many[STEP_ENDPOINTS_LIMIT..], &none, &HashSet::new(), now));
 
         // Forgotten together, a spell after the first was learnt.
         let mut steps = Steps::default();
-        assert!(steps.learn(&[step(1, true, 1)], &none, now));
-        assert!(steps.learn(&[step(2, true, 1)], &none, now + STEP_SPELL / 2));
-        assert_eq!(steps.skip(now + STEP_SPELL - MS(1), &none).len(), 2);
-        assert!(steps.skip(now + STEP_SPELL, &none).is_empty());
-        assert!(steps.learn(&[step(3, true, 1)], &none, now + STEP_SPELL));
-        assert_eq!(steps.skip(now + STEP_SPELL * 2 - MS(1), &none).len(), 1);
+        assert!(steps.learn(&[step(1, true, 1)], &none, &HashSet::new(), now));
+        assert!(steps.learn(
+            &[step(2, true, 1)],
+            &none,
+            &HashSet::new(),
+            now + STEP_SPELL / 2
+        ));
+        assert_eq!(
+            steps
+                .skip(now + STEP_SPELL - MS(1), &none, &HashSet::new())
+                .len(),
+            2
+        );
+        assert!(
+            steps
+                .skip(now + STEP_SPELL, &none, &HashSet::new())
+                .is_empty()
+        );
+        assert!(steps.learn(
+            &[step(3, true, 1)],
+            &none,
+            &HashSet::new(),
+            now + STEP_SPELL
+        ));
+        assert_eq!(
+            steps
+                .skip(now + STEP_SPELL * 2 - MS(1), &none, &HashSet::new())
+                .len(),
+            1
+        );
 
         // Capped, but not learnt here: not stepped over.
         let found_by_the_fair_claim: HashSet<EndpointKey> =
             [(9, "payment.cancellation".to_owned())].into();
         assert_eq!(
-            Steps::default().skip(now, &found_by_the_fair_claim),
+            Steps::default().skip(now, &found_by_the_fair_claim, &HashSet::new()),
             Vec::<EndpointKey>::new()
         );
     }
@@ -1128,6 +1360,7 @@ mod tests {
             probe: false,
             due_at: None,
             circuit_dirty: false,
+            destination: None,
             endpoint: None,
         }
     }
@@ -1137,7 +1370,7 @@ mod tests {
         let room = Room::default();
         let before = room.in_flight();
         let events = [claimed_event(1, 1), claimed_event(2, 3)];
-        room.claimed(HashSet::new(), true, &events, &before);
+        room.claimed(HashSet::new(), HashSet::new(), true, &events, &before);
         let mut known = room.known();
         known.sort();
         assert_eq!(known, [(Uuid::from_u128(1), 1), (Uuid::from_u128(2), 3)]);
@@ -1169,15 +1402,27 @@ mod tests {
         let room = Room::default();
         // Company 1 gets two deliveries in flight and is at its cap.
         let before = room.in_flight();
-        room.claimed([key(1)].into(), false, &[event(1, 1), event(2, 1)], &before);
+        room.claimed(
+            [key(1)].into(),
+            HashSet::new(),
+            false,
+            &[event(1, 1), event(2, 1)],
+            &before,
+        );
         assert_eq!(room.capped(), [key(1)].into());
 
         // Company 2: one in flight; a claim made then finds it at its cap,
         // but that delivery ends while the claim runs.
-        room.claimed(HashSet::new(), false, &[event(3, 2)], &room.in_flight());
+        room.claimed(
+            HashSet::new(),
+            HashSet::new(),
+            false,
+            &[event(3, 2)],
+            &room.in_flight(),
+        );
         let before = room.in_flight();
         room.finished(&[(2, "payment.cancellation")]);
-        room.claimed([key(2), key(3)].into(), false, &[], &before);
+        room.claimed([key(2), key(3)].into(), HashSet::new(), false, &[], &before);
         // Not marked: company 2's room is back, company 3 has nothing in
         // flight; company 1, from the claim before, is still marked.
         assert_eq!(room.capped(), [key(1)].into());
@@ -1186,8 +1431,80 @@ mod tests {
             .expect("the loop is woken to claim for the room that came back");
 
         // The fair claim replaces what is marked.
-        room.claimed(HashSet::new(), true, &[], &room.in_flight());
+        room.claimed(HashSet::new(), HashSet::new(), true, &[], &room.in_flight());
         assert!(room.capped().is_empty());
+    }
+
+    /// The room each destination gets in the claim: the cap less what is
+    /// in flight while it is new or answers slowly; no limit once its last
+    /// answers were quick, until a request to it goes the quick bound
+    /// without an answer; and a capped destination wakes the loop when a
+    /// request to it ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_is_held_to_its_cap_until_it_answers_quickly() {
+        let room = Room::default();
+        let to = |id: u128, destination: &str| ClaimedEvent {
+            destination: Some(destination.to_owned()),
+            ..claimed_event(id, 1)
+        };
+        let rooms = |room: &Room| -> Vec<(String, i32)> {
+            let in_flight = room.in_flight_at(4, Instant::now());
+            let mut rooms: Vec<(String, i32)> = in_flight
+                .destinations
+                .into_iter()
+                .zip(in_flight.destination_rooms)
+                .collect();
+            rooms.sort();
+            rooms
+        };
+        let vendor = "vendor.test:443";
+        let events: Vec<ClaimedEvent> = (0..4).map(|i| to(i, vendor)).collect();
+        room.claimed(
+            HashSet::new(),
+            [vendor.to_owned()].into(),
+            false,
+            &events,
+            &room.in_flight(),
+        );
+        assert_eq!(rooms(&room), [(vendor.to_owned(), 0)]);
+        assert_eq!(room.capped_destinations(), [vendor.to_owned()].into());
+        // A quick answer frees its place and wakes the loop; three more,
+        // and the destination is quick: no limit.
+        room.request_ended(vendor, MS(10));
+        tokio::time::timeout(MS(1), room.freed())
+            .await
+            .expect("woken for the destination's room");
+        assert!(room.capped_destinations().is_empty());
+        assert_eq!(rooms(&room), [(vendor.to_owned(), 1)]);
+        for _ in 0..DESTINATION_QUICK_STREAK - 1 {
+            room.request_ended(vendor, MS(10));
+        }
+        assert_eq!(rooms(&room), [(vendor.to_owned(), i32::MAX)]);
+        // Requests in flight and none ends within the bound: held again.
+        let events: Vec<ClaimedEvent> = (4..10).map(|i| to(i, vendor)).collect();
+        room.claimed(
+            HashSet::new(),
+            HashSet::new(),
+            false,
+            &events,
+            &room.in_flight(),
+        );
+        sleep(DESTINATION_QUICK).await;
+        assert_eq!(rooms(&room), [(vendor.to_owned(), i32::MAX)]);
+        sleep(MS(1)).await;
+        assert_eq!(rooms(&room), [(vendor.to_owned(), 0)]);
+        // One slow answer: held until the next quick streak.
+        room.request_ended(vendor, DESTINATION_QUICK + MS(1));
+        assert_eq!(rooms(&room), [(vendor.to_owned(), 0)]);
+        for _ in 0..DESTINATION_QUICK_STREAK {
+            room.request_ended(vendor, MS(10));
+        }
+        assert_eq!(rooms(&room), [(vendor.to_owned(), i32::MAX)]);
+        // Forgotten once idle for long: new again.
+        room.request_ended(vendor, MS(10));
+        sleep(DESTINATION_FORGOTTEN).await;
+        room.forget_stale(Duration::from_secs(60));
+        assert!(rooms(&room).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -21,12 +21,49 @@ const STEP_COUNTS_SQL: &str = include_str!("../../sql/queries/step_counts.sql");
 const HAND_BACK_SQL: &str = include_str!("../../sql/queries/hand_back.sql");
 const HAND_BACK_UNKNOWN_SQL: &str = include_str!("../../sql/queries/hand_back_unknown.sql");
 
-/// What is in flight, as the claim statements take it ($5, $6, $7).
+/// What is in flight, as the claim statements take it: per endpoint ($5,
+/// $6, $7), and the room each destination has ($10, $11; one not listed
+/// has the cap per destination, [`Caps::destination`]).
 #[derive(Debug, Default)]
 pub struct InFlight {
     pub company_ids: Vec<i64>,
     pub event_types: Vec<String>,
     pub counts: Vec<i32>,
+    /// Destinations (`host:port`, as `outbox.endpoints.destination` has
+    /// them), their room on this instance, and what is in flight to each.
+    pub destinations: Vec<String>,
+    pub destination_rooms: Vec<i32>,
+    pub destination_counts: Vec<u32>,
+}
+
+/// The caps a claim keeps, per instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Per endpoint, unless it sets its own max_in_flight ($4).
+    pub endpoint: u32,
+    /// The most an endpoint's own max_in_flight counts for ($13).
+    pub endpoint_ceiling: u32,
+    /// Per destination, across endpoints, unless it answers quickly ($12;
+    /// `pipeline::producer::Room` gives each destination its room).
+    pub destination: u32,
+}
+
+impl Caps {
+    /// The shipped configuration's (`config.toml`), for tests and benches.
+    pub const SHIPPED: Caps = Caps {
+        endpoint: 8,
+        endpoint_ceiling: 16,
+        destination: 32,
+    };
+
+    /// The caps `delivery` configures.
+    pub fn of(delivery: &crate::config::DeliveryConfig) -> Caps {
+        Caps {
+            endpoint: delivery.endpoint_concurrency,
+            endpoint_ceiling: delivery.max_in_flight_ceiling,
+            destination: delivery.destination_concurrency,
+        }
+    }
 }
 
 impl InFlight {
@@ -38,6 +75,15 @@ impl InFlight {
             .zip(&self.counts)
             .find(|((c, t), _)| **c == key.0 && **t == key.1)
             .map_or(0, |(_, n)| *n as u32)
+    }
+
+    /// What was in flight to `destination` (0: nothing).
+    pub fn destination_count(&self, destination: &str) -> u32 {
+        self.destinations
+            .iter()
+            .zip(&self.destination_counts)
+            .find(|(d, _)| *d == destination)
+            .map_or(0, |(_, n)| *n)
     }
 }
 
@@ -107,6 +153,9 @@ pub struct Step {
     /// of [`STEP_HELD_ROWS`] or [`STEP_FULL_ROWS`], that bound and one
     /// more.
     pub due: u32,
+    /// Left because its destination had no room (not held, nor at its own
+    /// cap): that destination.
+    pub destination: Option<String>,
 }
 
 /// Where the next fair claim goes on walking the endpoints: after this one
@@ -124,6 +173,9 @@ pub struct Claim {
     pub events: Vec<ClaimedEvent>,
     /// Endpoints left at their cap with more due.
     pub capped: HashSet<EndpointKey>,
+    /// Destinations left at their cap (their room on this instance) with
+    /// more due.
+    pub capped_destinations: HashSet<String>,
     /// The plain claim: endpoints whose rows it locked and left, held or
     /// at their cap (those at their cap are in `capped` too).
     pub steps: Vec<Step>,
@@ -146,8 +198,10 @@ pub struct Claim {
 /// Leases up to `limit` due events to `owner` for `lease`, with `mode`'s
 /// statement (the plain one steps over the endpoints it is given, the fair
 /// one walks the endpoints from the one after the cursor it is given),
-/// at most `endpoint_cap` in flight per endpoint on this instance (counting
-/// `in_flight`) unless the endpoint sets its own. Each statement is
+/// at most `caps.endpoint` in flight per endpoint on this instance
+/// (counting `in_flight`) unless the endpoint sets its own (counted up to
+/// `caps.endpoint_ceiling`), and each destination within the room
+/// `in_flight` gives it (`caps.destination` if none). Each statement is
 /// prepared once per pooled connection: one round trip per claim, not two.
 #[allow(clippy::too_many_arguments)]
 pub async fn claim(
@@ -156,12 +210,14 @@ pub async fn claim(
     limit: usize,
     owner: &str,
     lease: Duration,
-    endpoint_cap: u32,
+    caps: Caps,
     in_flight: &InFlight,
 ) -> Result<Claim, ClaimError> {
     let limit = limit as i64;
     let lease_ms = lease.as_millis() as i64;
-    let cap = endpoint_cap as i32;
+    let cap = caps.endpoint as i32;
+    let ceiling = caps.endpoint_ceiling as i32;
+    let destination_cap = caps.destination as i32;
     let describe = |e: tokio_postgres::Error| ClaimError {
         message: db::describe(&e),
         kind: error::kind(&e),
@@ -190,6 +246,12 @@ pub async fn claim(
             &after.event_type,
         ]),
     }
+    params.extend([
+        &in_flight.destinations as &(dyn tokio_postgres::types::ToSql + Sync),
+        &in_flight.destination_rooms,
+        &destination_cap,
+        &ceiling,
+    ]);
     // Committed before anything is done with the rows (store::txn): an
     // error here leaves the leases unknown, and nothing of them is sent.
     let rows = txn::query_committed(client, &statement, &params)
@@ -209,18 +271,35 @@ pub async fn claim(
                 );
                 telemetry::completed(row.get("event_type"), "failed");
             }
-            Some("capped") => {
-                claim
-                    .capped
-                    .insert((row.get("company_id"), row.get("event_type")));
-            }
+            Some("capped") => match row.get::<_, Option<String>>("destination") {
+                None => {
+                    claim
+                        .capped
+                        .insert((row.get("company_id"), row.get("event_type")));
+                }
+                Some(destination) => {
+                    claim.capped_destinations.insert(destination);
+                }
+            },
             Some(note @ ("step_held" | "step_full")) => {
                 let key: EndpointKey = (row.get("company_id"), row.get("event_type"));
                 let held = note == "step_held";
-                if !held {
-                    claim.capped.insert(key.clone());
+                let destination: Option<String> = row.get("destination");
+                match &destination {
+                    _ if held => {}
+                    None => {
+                        claim.capped.insert(key.clone());
+                    }
+                    Some(destination) => {
+                        claim.capped_destinations.insert(destination.clone());
+                    }
                 }
-                claim.steps.push(Step { key, held, due: 0 });
+                claim.steps.push(Step {
+                    key,
+                    held,
+                    due: 0,
+                    destination,
+                });
             }
             Some("more") => claim.more = true,
             Some("probe") => {
@@ -330,6 +409,7 @@ fn from_row(row: &tokio_postgres::Row) -> ClaimedEvent {
         probe: row.get("probe"),
         due_at: row.get("due_at"),
         circuit_dirty: row.get("circuit_dirty"),
+        destination: row.get("destination"),
         endpoint,
     }
 }

@@ -97,6 +97,12 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/migrations/0013_scheduled_retries.sql"),
         online: include_str!("../../sql/migrations/0013_scheduled_retries.online.sql"),
     },
+    Migration {
+        version: 14,
+        name: "endpoint_destinations",
+        sql: include_str!("../../sql/migrations/0014_endpoint_destinations.sql"),
+        online: "",
+    },
 ];
 
 impl Migration {

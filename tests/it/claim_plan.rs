@@ -19,7 +19,7 @@ const CLAIM_SQL: &str = include_str!("../../sql/queries/claim.sql");
 
 /// The claim of one event, as the daemon runs it (`$1` = 1: the quiet
 /// queue, one event per claim).
-const PARAMS: &str = "(1, 'a', 60000, 8, '{}', '{}', '{}', '{}', '{}')";
+const PARAMS: &str = "(1, 'a', 60000, 8, '{}', '{}', '{}', '{}', '{}', '{}', '{}', 32, 16)";
 
 /// Pages the search for the due rows may read: the index's root and leaf
 /// and the due row's heap page, with room to spare (measured: 4). Without
@@ -248,7 +248,7 @@ async fn the_plain_claims_kept_plan_reads_only_the_rows_it_claims_however_the_ta
 const CLAIM_FAIR_SQL: &str = include_str!("../../sql/queries/claim_fair.sql");
 
 /// The fair claim of one event, its walk from the first endpoint.
-const FAIR_PARAMS: &str = "(1, 'a', 60000, 8, '{}', '{}', '{}', 0, '')";
+const FAIR_PARAMS: &str = "(1, 'a', 60000, 8, '{}', '{}', '{}', 0, '', '{}', '{}', 32, 16)";
 
 /// Rows of outbox.events the claim of one event may read, every scan of
 /// the table counted: the walk's step per endpoint it passes (here two,
@@ -431,7 +431,7 @@ async fn the_fair_claim_walks_only_the_endpoints_it_needs_and_goes_on_where_it_s
     let explained = explain(
         &claimer,
         "kept",
-        "(64, 'a', 60000, 8, '{}', '{}', '{}', 0, '')",
+        "(64, 'a', 60000, 8, '{}', '{}', '{}', 0, '', '{}', '{}', 2147483647, 16)",
     )
     .await;
     claimer.batch_execute("ROLLBACK").await.unwrap();
@@ -520,6 +520,7 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
         company_ids: vec![2],
         event_types: vec!["payment.cancellation".into()],
         counts: vec![8],
+        ..Default::default()
     };
     let nothing = claim::Skip::default();
 
@@ -540,12 +541,14 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
             claim::Step {
                 key: (1, "payment.cancellation".into()),
                 held: true,
-                due: 30
+                due: 30,
+                destination: None,
             },
             claim::Step {
                 key: (2, "payment.cancellation".into()),
                 held: false,
-                due: 10
+                due: 10,
+                destination: None,
             },
         ]
     );
@@ -573,7 +576,7 @@ async fn the_plain_claim_steps_over_held_and_full_endpoints_without_locking_thei
         &claimer,
         "told",
         "(48, 'a', 60000, 8, '{2}', '{payment.cancellation}', '{8}', \
-         '{1,2}', '{payment.cancellation,payment.cancellation}')",
+         '{1,2}', '{payment.cancellation,payment.cancellation}', '{}', '{}', 2147483647, 16)",
     )
     .await;
     claimer.batch_execute("ROLLBACK").await.unwrap();
@@ -705,6 +708,7 @@ async fn the_fair_claim_passes_full_and_held_endpoints_without_coming_back_empty
         company_ids: vec![1, 2, 3],
         event_types: vec!["payment.cancellation".into(); 3],
         counts: vec![1, 1, 1],
+        ..Default::default()
     };
     let start = claim::Cursor::default();
     let first = fair(2, &full, &start).await;

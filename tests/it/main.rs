@@ -9,6 +9,7 @@ mod bad_receiver;
 mod claim_plan;
 mod cli;
 mod delivery;
+mod destinations;
 mod election;
 mod failover;
 mod faults;

@@ -27,7 +27,7 @@ async fn claim_plain(
         limit,
         owner,
         lease,
-        8,
+        claim::Caps::SHIPPED,
         &claim::InFlight::default(),
     )
     .await

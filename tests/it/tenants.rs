@@ -15,7 +15,7 @@ use crate::receiver::{Received, Receiver, Reply};
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 const MS: fn(u64) -> Duration = Duration::from_millis;
 
-async fn endpoint(client: &Client, company: i64, url: &str, max_in_flight: Option<i32>) {
+pub(crate) async fn endpoint(client: &Client, company: i64, url: &str, max_in_flight: Option<i32>) {
     client
         .execute(
             "INSERT INTO outbox.endpoints (company_id, url, notify_emails, max_in_flight)
@@ -27,7 +27,7 @@ async fn endpoint(client: &Client, company: i64, url: &str, max_in_flight: Optio
 }
 
 /// `n` events of `company`, in one transaction.
-async fn enqueue(client: &Client, company: i64, n: i64) {
+pub(crate) async fn enqueue(client: &Client, company: i64, n: i64) {
     client
         .execute(
             "SELECT outbox.enqueue_payment_cancellation($1, g, 'P' || g) FROM generate_series(1, $2::bigint) g",
@@ -37,7 +37,7 @@ async fn enqueue(client: &Client, company: i64, n: i64) {
         .unwrap();
 }
 
-fn ok() -> Reply {
+pub(crate) fn ok() -> Reply {
     Reply::Json(200, json!({"status": "1", "message": "ok"}))
 }
 
@@ -59,7 +59,7 @@ async fn down_for(failing: u32) -> Receiver {
 /// another arrives less than `hold` after it. The answer to one and the
 /// next request are never closer than a record and a claim, so a small
 /// margin keeps back-to-back requests apart.
-fn max_in_flight(requests: &[Received], hold: Duration) -> usize {
+pub(crate) fn max_in_flight(requests: &[Received], hold: Duration) -> usize {
     let window = hold - MS(50);
     requests
         .iter()
