@@ -640,6 +640,13 @@ impl ClaimLoop<'_> {
         // rows than it steps over cheaply; the plain claim otherwise,
         // stepping over the endpoints it learnt were held or full.
         let mut fair_until = Instant::now();
+        // The spell's reason, when it was rows left at these destinations'
+        // caps alone: it ends as soon as none of them is capped any more
+        // (a request to it ended, or it answers quickly now). A new
+        // destination is held to its cap until its first quick answers,
+        // a few milliseconds into a drain: without this, that cost the
+        // drain a second of fair claims.
+        let mut spell_for: Option<HashSet<String>> = None;
         let mut steps = Steps::default();
         // The next claim is the fair one, once, for a probe, from this
         // cursor (the round robin's own is left as it is).
@@ -736,6 +743,14 @@ impl ClaimLoop<'_> {
                 let after = cursor.clone();
                 let skip;
                 let probing = probe_at.take();
+                if now < fair_until
+                    && spell_for
+                        .as_ref()
+                        .is_some_and(|d| d.is_disjoint(&self.room.capped_destinations()))
+                {
+                    tracing::debug!("claim mode: plain again, its destinations have room");
+                    fair_until = now;
+                }
                 let mode = if let Some(at) = &probing {
                     Mode::Fair(at)
                 } else if now < fair_until {
@@ -822,6 +837,7 @@ impl ClaimLoop<'_> {
                         }
                         let again = if spell {
                             tracing::debug!("claim mode: fair for a while");
+                            spell_for = left.iter().map(|s| s.destination.clone()).collect();
                             steps.forget();
                             fair_until = Instant::now() + FAIR_SPELL;
                             true
