@@ -83,8 +83,11 @@
 --    100,000 events takes its turn beside another company's one event
 --    instead of ahead of it.
 -- 7. The cursor for the next claim: just before the first candidate that
---    got nothing (the batch was full before its turn), or else the last
---    endpoint walked.
+--    got nothing (the batch, or its destination's room, was full before
+--    its turn), or else the last endpoint walked. An endpoint whose
+--    destination had no room at all is not a candidate: the cursor goes
+--    past it, or every claim would begin there while that destination
+--    stays full.
 WITH RECURSIVE promoted AS (
     UPDATE outbox.events AS e
        SET state = 'pending'
@@ -311,7 +314,7 @@ WITH RECURSIVE promoted AS (
       FROM sized AS s WHERE NOT s.held AND s.room <= 0
     UNION ALL
     SELECT r.company_id, r.event_type, NULL, 'capped'
-      FROM ranked AS r WHERE r.rn = r.room
+      FROM placed AS r WHERE r.rn = r.room AND NOT r.dest_full
     UNION ALL
     -- capped, with a destination: an endpoint with due rows whose
     -- destination's room is used up (before this claim, or by it).
@@ -322,7 +325,8 @@ WITH RECURSIVE promoted AS (
       FROM placed AS r WHERE r.dest_full
     UNION ALL
     SELECT NULL, NULL, NULL, 'more'
-     WHERE EXISTS (SELECT 1 FROM ranked AS r WHERE r.rn = r.share AND r.share < r.room)
+     WHERE EXISTS (SELECT 1 FROM placed AS r
+                    WHERE r.rn = r.share AND r.share < r.room AND NOT r.dest_full)
         OR EXISTS (SELECT 1 FROM promoted)
         OR ((SELECT max(w.able) FROM walk AS w) >= $1::bigint
             AND (SELECT count(*) FROM picked) BETWEEN 1 AND $1 - 1)
@@ -337,7 +341,7 @@ WITH RECURSIVE promoted AS (
     (SELECT w.company_id, w.event_type, NULL, 'cursor'
       FROM walk AS w
      WHERE w.n > 0 AND w.n < coalesce((SELECT min(s.n) FROM sized AS s
-                            WHERE NOT s.held AND s.room > 0
+                            WHERE NOT s.held AND s.room > 0 AND s.dest_room > 0
                               AND NOT EXISTS (SELECT 1 FROM picked AS p WHERE p.n = s.n)),
                           2147483647)
      ORDER BY w.n DESC

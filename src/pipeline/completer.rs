@@ -36,9 +36,11 @@ pub trait Freed: Send + Sync {
     /// keep (the claim loop hands back the leases it does not know of).
     fn recorded(&self, outcomes: &[(Uuid, i32)]);
 
-    /// A request to `destination` (an endpoint's host and port) ended after
-    /// `took`, or was never sent: its place there is free at once.
-    fn request_ended(&self, destination: &str, took: Duration);
+    /// The request of event `id` to `destination` (an endpoint's host and
+    /// port) ended after `took`; `sent`: it went out (else it was refused
+    /// before sending, or the task ended without an outcome). Its place
+    /// there is free at once.
+    fn request_ended(&self, destination: &str, id: Uuid, took: Duration, sent: bool);
 }
 
 /// Outcomes written per round trip at most. Under load the recorder takes

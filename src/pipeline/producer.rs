@@ -118,12 +118,15 @@ impl Room {
                     .destinations
                     .entry(destination.clone())
                     .or_insert_with(|| Destination::new(now))
-                    .started(now);
+                    .started(e.id, now);
             }
         }
+        // (Destinations are not replaced: a fair claim's walk may stop
+        // before a capped destination's endpoints and say nothing of it.
+        // One is marked only with requests in flight, and the end of any
+        // of them unmarks it.)
         if replace {
             state.capped.clear();
-            state.capped_destinations.clear();
         }
         let mut room_back = false;
         for destination in capped_destinations {
@@ -134,7 +137,7 @@ impl Room {
             let now_in_flight = state
                 .destinations
                 .get(&destination)
-                .map_or(0, |d| d.in_flight);
+                .map_or(0, Destination::count);
             if now_in_flight == 0
                 || now_in_flight < before.destination_count(&destination) + started
             {
@@ -186,7 +189,7 @@ impl Room {
         // starts it anew, held to the cap until it has answered quickly.
         state
             .destinations
-            .retain(|_, d| d.in_flight > 0 || now - d.progress < DESTINATION_FORGOTTEN);
+            .retain(|_, d| !d.in_flight.is_empty() || now - d.progress < DESTINATION_FORGOTTEN);
     }
 
     /// The endpoints at their cap on this instance with more due.
@@ -215,9 +218,9 @@ impl Room {
             out.destination_rooms.push(if d.quick(now) {
                 i32::MAX
             } else {
-                cap.saturating_sub(d.in_flight) as i32
+                cap.saturating_sub(d.count()) as i32
             });
-            out.destination_counts.push(d.in_flight);
+            out.destination_counts.push(d.count());
         }
         out
     }
@@ -233,14 +236,14 @@ impl Room {
 }
 
 impl Freed for Room {
-    /// A request to `destination` ended after `took`: its place there is
-    /// free at once (a destination has no circuit nor Retry-After of its
-    /// own for the next claim to see first).
-    fn request_ended(&self, destination: &str, took: Duration) {
+    /// The request of event `id` to `destination` ended after `took`: its
+    /// place there is free at once (a destination has no circuit nor
+    /// Retry-After of its own for the next claim to see first).
+    fn request_ended(&self, destination: &str, id: Uuid, took: Duration, sent: bool) {
         let mut state = self.state();
         let now = Instant::now();
         if let Some(d) = state.destinations.get_mut(destination) {
-            d.ended(took, now);
+            d.ended(id, took, sent, now);
         }
         let freed = state.capped_destinations.remove(destination);
         drop(state);
@@ -313,45 +316,59 @@ const DESTINATION_FORGOTTEN: Duration = Duration::from_secs(600);
 /// without one ending.
 #[derive(Debug, Clone)]
 struct Destination {
-    in_flight: u32,
-    /// Quick answers in a row, the last ones.
+    /// Its requests in flight: event id, and when claimed.
+    in_flight: Vec<(Uuid, Instant)>,
+    /// Quick answers in a row, the last ones (requests not sent do not
+    /// count, either way).
     quick_streak: u32,
-    /// When a request to it last ended, or when one started with nothing
-    /// in flight.
+    /// When a request to it last started or ended.
     progress: Instant,
 }
 
 impl Destination {
     fn new(now: Instant) -> Destination {
         Destination {
-            in_flight: 0,
+            in_flight: Vec::new(),
             quick_streak: 0,
             progress: now,
         }
     }
 
-    fn started(&mut self, now: Instant) {
-        if self.in_flight == 0 {
-            self.progress = now;
-        }
-        self.in_flight += 1;
+    fn count(&self) -> u32 {
+        self.in_flight.len() as u32
     }
 
-    fn ended(&mut self, took: Duration, now: Instant) {
-        self.in_flight = self.in_flight.saturating_sub(1);
+    fn started(&mut self, id: Uuid, now: Instant) {
+        self.in_flight.push((id, now));
         self.progress = now;
-        self.quick_streak = if took <= DESTINATION_QUICK {
-            self.quick_streak.saturating_add(1)
-        } else {
-            0
-        };
     }
 
-    /// Its last [`DESTINATION_QUICK_STREAK`] answers were quick, and with
-    /// requests in flight, one ended within the last [`DESTINATION_QUICK`].
+    /// The request of event `id` ended after `took`; `sent`: it went out
+    /// (an answer, or a failure in transport), rather than being refused
+    /// before sending (a disabled endpoint, the address guard, a broken
+    /// payload), which says nothing of how the destination answers.
+    fn ended(&mut self, id: Uuid, took: Duration, sent: bool, now: Instant) {
+        if let Some(at) = self.in_flight.iter().position(|(i, _)| *i == id) {
+            self.in_flight.swap_remove(at);
+        }
+        self.progress = now;
+        if sent {
+            self.quick_streak = if took <= DESTINATION_QUICK {
+                self.quick_streak.saturating_add(1)
+            } else {
+                0
+            };
+        }
+    }
+
+    /// Its last [`DESTINATION_QUICK_STREAK`] answers were quick, and none
+    /// of its requests in flight has gone [`DESTINATION_QUICK`] unanswered.
     fn quick(&self, now: Instant) -> bool {
         self.quick_streak >= DESTINATION_QUICK_STREAK
-            && (self.in_flight == 0 || now - self.progress <= DESTINATION_QUICK)
+            && self
+                .in_flight
+                .iter()
+                .all(|(_, at)| now - *at <= DESTINATION_QUICK)
     }
 }
 
@@ -477,6 +494,9 @@ struct Steps {
     /// Due rows (as last counted) and why stepped over, per endpoint.
     due: HashMap<EndpointKey, Stepped>,
     until: Option<Instant>,
+    /// When the last [`Steps::learn`] found too much to step over and all
+    /// of it was at destinations' caps: those destinations.
+    spell_destinations: Option<HashSet<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -562,10 +582,21 @@ impl Steps {
             || rows(true) > STEP_HELD_ROWS as u64
             || rows(false) > STEP_FULL_ROWS as u64
         {
+            self.spell_destinations = self
+                .due
+                .values()
+                .map(|s| s.destination.clone().filter(|_| !s.held))
+                .collect();
             self.forget();
             return false;
         }
         true
+    }
+
+    /// The destinations whose caps alone made the last [`Steps::learn`]
+    /// give up (None: not only those).
+    fn spell_destinations(&mut self) -> Option<HashSet<String>> {
+        self.spell_destinations.take()
     }
 
     fn forget(&mut self) {
@@ -837,7 +868,7 @@ impl ClaimLoop<'_> {
                         }
                         let again = if spell {
                             tracing::debug!("claim mode: fair for a while");
-                            spell_for = left.iter().map(|s| s.destination.clone()).collect();
+                            spell_for = steps.spell_destinations();
                             steps.forget();
                             fair_until = Instant::now() + FAIR_SPELL;
                             true
@@ -1454,70 +1485,78 @@ mod tests {
     /// The room each destination gets in the claim: the cap less what is
     /// in flight while it is new or answers slowly; no limit once its last
     /// answers were quick, until a request to it goes the quick bound
-    /// without an answer; and a capped destination wakes the loop when a
-    /// request to it ends.
+    /// without an answer; requests never sent count neither way; and a
+    /// capped destination wakes the loop when a request to it ends.
     #[tokio::test(start_paused = true)]
     async fn a_destination_is_held_to_its_cap_until_it_answers_quickly() {
         let room = Room::default();
-        let to = |id: u128, destination: &str| ClaimedEvent {
-            destination: Some(destination.to_owned()),
+        let vendor = "vendor.test:443";
+        let to = |id: u128| ClaimedEvent {
+            destination: Some(vendor.to_owned()),
             ..claimed_event(id, 1)
         };
+        let id = Uuid::from_u128;
         let rooms = |room: &Room| -> Vec<(String, i32)> {
             let in_flight = room.in_flight_at(4, Instant::now());
-            let mut rooms: Vec<(String, i32)> = in_flight
+            in_flight
                 .destinations
                 .into_iter()
                 .zip(in_flight.destination_rooms)
-                .collect();
-            rooms.sort();
-            rooms
+                .collect()
         };
-        let vendor = "vendor.test:443";
-        let events: Vec<ClaimedEvent> = (0..4).map(|i| to(i, vendor)).collect();
-        room.claimed(
-            HashSet::new(),
-            [vendor.to_owned()].into(),
-            false,
-            &events,
-            &room.in_flight(),
-        );
+        let claim = |ids: std::ops::Range<u128>, capped: bool| {
+            let events: Vec<ClaimedEvent> = ids.map(to).collect();
+            let marked: HashSet<String> = if capped {
+                [vendor.to_owned()].into()
+            } else {
+                HashSet::new()
+            };
+            room.claimed(HashSet::new(), marked, false, &events, &room.in_flight());
+        };
+        claim(0..4, true);
         assert_eq!(rooms(&room), [(vendor.to_owned(), 0)]);
         assert_eq!(room.capped_destinations(), [vendor.to_owned()].into());
-        // A quick answer frees its place and wakes the loop; three more,
-        // and the destination is quick: no limit.
-        room.request_ended(vendor, MS(10));
+        // A quick answer frees its place and wakes the loop.
+        room.request_ended(vendor, id(0), MS(10), true);
         tokio::time::timeout(MS(1), room.freed())
             .await
             .expect("woken for the destination's room");
         assert!(room.capped_destinations().is_empty());
         assert_eq!(rooms(&room), [(vendor.to_owned(), 1)]);
-        for _ in 0..DESTINATION_QUICK_STREAK - 1 {
-            room.request_ended(vendor, MS(10));
+        // Requests refused before sending count for nothing.
+        claim(4..8, false);
+        for i in 4..8 {
+            room.request_ended(vendor, id(i), MS(0), false);
+        }
+        assert_eq!(rooms(&room), [(vendor.to_owned(), 1)]);
+        // Three more quick answers: no limit.
+        for i in 1..4 {
+            room.request_ended(vendor, id(i), MS(10), true);
         }
         assert_eq!(rooms(&room), [(vendor.to_owned(), i32::MAX)]);
-        // Requests in flight and none ends within the bound: held again.
-        let events: Vec<ClaimedEvent> = (4..10).map(|i| to(i, vendor)).collect();
-        room.claimed(
-            HashSet::new(),
-            HashSet::new(),
-            false,
-            &events,
-            &room.in_flight(),
-        );
+        // One request goes the quick bound unanswered while others are
+        // answered quickly: held again.
+        claim(10..16, false);
         sleep(DESTINATION_QUICK).await;
+        for i in 11..14 {
+            room.request_ended(vendor, id(i), MS(10), true);
+        }
         assert_eq!(rooms(&room), [(vendor.to_owned(), i32::MAX)]);
         sleep(MS(1)).await;
-        assert_eq!(rooms(&room), [(vendor.to_owned(), 0)]);
-        // One slow answer: held until the next quick streak.
-        room.request_ended(vendor, DESTINATION_QUICK + MS(1));
-        assert_eq!(rooms(&room), [(vendor.to_owned(), 0)]);
-        for _ in 0..DESTINATION_QUICK_STREAK {
-            room.request_ended(vendor, MS(10));
+        assert_eq!(rooms(&room), [(vendor.to_owned(), 4 - 3)]);
+        // Slow answers: held until the next quick streak.
+        for i in [10, 14, 15] {
+            room.request_ended(vendor, id(i), DESTINATION_QUICK + MS(1), true);
         }
+        assert_eq!(rooms(&room), [(vendor.to_owned(), 4)]);
+        claim(20..24, false);
+        for i in 20..23 {
+            room.request_ended(vendor, id(i), MS(10), true);
+        }
+        assert_eq!(rooms(&room), [(vendor.to_owned(), 4 - 1)]);
+        room.request_ended(vendor, id(23), MS(10), true);
         assert_eq!(rooms(&room), [(vendor.to_owned(), i32::MAX)]);
         // Forgotten once idle for long: new again.
-        room.request_ended(vendor, MS(10));
         sleep(DESTINATION_FORGOTTEN).await;
         room.forget_stale(Duration::from_secs(60));
         assert!(rooms(&room).is_empty());

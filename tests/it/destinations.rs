@@ -176,6 +176,40 @@ async fn a_claim_takes_no_more_per_destination_than_its_room_and_probes_none_pas
     }
 }
 
+/// The fair claim's round robin goes past an endpoint whose destination
+/// has no room: it does not stop its cursor before it, where every next
+/// claim would begin again for as long as that destination stays full.
+#[tokio::test]
+async fn the_fair_claims_cursor_goes_past_an_endpoint_whose_destination_is_full() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    endpoint(&client, 1, "https://full.test/hooks", None).await;
+    enqueue(&client, 1, 3).await;
+    endpoint(&client, 2, "https://other.test/hooks", None).await;
+    enqueue(&client, 2, 1).await;
+    let in_flight = InFlight {
+        destinations: vec!["full.test:443".into()],
+        destination_rooms: vec![0],
+        destination_counts: vec![32],
+        ..InFlight::default()
+    };
+    let start = Cursor::default();
+    let claimed = claim(&db, Mode::Fair(&start), Caps::SHIPPED, &in_flight).await;
+    let companies: Vec<i64> = claimed.events.iter().map(|e| e.company_id).collect();
+    assert_eq!(companies, [2]);
+    assert_eq!(
+        claimed.cursor,
+        Some(Cursor {
+            company_id: 2,
+            event_type: "payment.cancellation".into()
+        })
+    );
+    assert_eq!(
+        claimed.capped_destinations,
+        HashSet::from(["full.test:443".to_string()])
+    );
+}
+
 /// Six companies at one vendor that answers in 4 s: at their cap of 2 each
 /// they would take 12 requests in flight, more than the daemon's 8 slots.
 /// The vendor is held to its cap of 4, so another company's events flow.
