@@ -180,45 +180,45 @@ impl RawDelivery {
         // cap per endpoint: a configuration that raised it above their
         // defaults stays valid.
         let cap_or_default = endpoint_concurrency.unwrap_or(DEFAULT_ENDPOINT_CONCURRENCY);
-        let at_least_the_cap = |problems: &mut Vec<Problem>, key: &str, value: Option<u32>| match (
-            value,
-            endpoint_concurrency,
-        ) {
-            (Some(value), Some(cap)) if value < cap => {
-                problem(
-                    problems,
-                    key,
-                    format!("must be at least delivery.endpoint_concurrency ({cap}), got {value}"),
-                );
-                None
+        let at_least_the_cap = |problems: &mut Vec<Problem>,
+                                key: &str,
+                                set: Option<u32>,
+                                default: u32,
+                                max: u32| {
+            let value = in_range(
+                problems,
+                key,
+                set.unwrap_or(default.max(cap_or_default)),
+                1,
+                max,
+            )?;
+            match endpoint_concurrency {
+                Some(cap) if value < cap => {
+                    problem(
+                        problems,
+                        key,
+                        format!(
+                            "must be at least delivery.endpoint_concurrency ({cap}), got {value}"
+                        ),
+                    );
+                    None
+                }
+                _ => Some(value),
             }
-            _ => value,
         };
-        let max_in_flight_ceiling = in_range(
-            problems,
-            "delivery.max_in_flight_ceiling",
-            self.max_in_flight_ceiling
-                .unwrap_or(DEFAULT_MAX_IN_FLIGHT_CEILING.max(cap_or_default)),
-            1,
-            1000,
-        );
         let max_in_flight_ceiling = at_least_the_cap(
             problems,
             "delivery.max_in_flight_ceiling",
-            max_in_flight_ceiling,
-        );
-        let destination_concurrency = in_range(
-            problems,
-            "delivery.destination_concurrency",
-            self.destination_concurrency
-                .unwrap_or(DEFAULT_DESTINATION_CONCURRENCY.max(cap_or_default)),
-            1,
-            10_000,
+            self.max_in_flight_ceiling,
+            DEFAULT_MAX_IN_FLIGHT_CEILING,
+            1000,
         );
         let destination_concurrency = at_least_the_cap(
             problems,
             "delivery.destination_concurrency",
-            destination_concurrency,
+            self.destination_concurrency,
+            DEFAULT_DESTINATION_CONCURRENCY,
+            10_000,
         );
         Some(DeliveryConfig {
             endpoint_concurrency: endpoint_concurrency?,

@@ -210,23 +210,23 @@ async fn the_fair_claims_cursor_goes_past_an_endpoint_whose_destination_is_full(
     );
 }
 
-/// Six companies at one vendor that answers in 4 s: at their cap of 2 each
-/// they would take 12 requests in flight, more than the daemon's 8 slots.
-/// The vendor is held to its cap of 4, so another company's events flow.
-#[tokio::test]
-async fn many_companies_at_one_slow_destination_hold_its_cap_and_another_flows() {
-    let db = TestDb::new().await;
+/// Six companies at one vendor (each its own path) that answers after
+/// `hold`, `events` queued each, and a daemon with 8 slots, a cap of 2 per
+/// endpoint and of 4 per destination: at their cap the six would take 12
+/// requests in flight, more than the slots.
+async fn six_companies_at_one_vendor(
+    db: &TestDb,
+    hold: Duration,
+    events: i64,
+) -> (tokio_postgres::Client, Receiver, Daemon) {
     let client = db.client().await;
-    let hold = SECS(4);
     let vendor = Receiver::start(move |_, _| Reply::Delayed(hold, Box::new(ok()))).await;
-    let other = Receiver::ok().await;
     for company in 1..=6 {
         endpoint(&client, company, &vendor.url(&format!("/c{company}")), None).await;
-        enqueue(&client, company, 4).await;
+        enqueue(&client, company, events).await;
     }
-    endpoint(&client, 7, &other.url("/hooks"), None).await;
     let daemon = Daemon::start(
-        &db,
+        db,
         &[
             ("OUTBOXD_DELIVERY__CONCURRENCY", "8"),
             ("OUTBOXD_DELIVERY__ENDPOINT_CONCURRENCY", "2"),
@@ -234,6 +234,18 @@ async fn many_companies_at_one_slow_destination_hold_its_cap_and_another_flows()
         ],
     )
     .await;
+    (client, vendor, daemon)
+}
+
+/// Six companies at one vendor that answers in 4 s: the vendor is held to
+/// its cap of 4, so another company's events flow.
+#[tokio::test]
+async fn many_companies_at_one_slow_destination_hold_its_cap_and_another_flows() {
+    let db = TestDb::new().await;
+    let hold = SECS(4);
+    let (client, vendor, daemon) = six_companies_at_one_vendor(&db, hold, 4).await;
+    let other = Receiver::ok().await;
+    endpoint(&client, 7, &other.url("/hooks"), None).await;
     vendor.wait_for(4, SECS(10)).await;
     let enqueued = Instant::now();
     enqueue(&client, 7, 5).await;
@@ -259,22 +271,8 @@ async fn many_companies_at_one_slow_destination_hold_its_cap_and_another_flows()
 #[tokio::test]
 async fn a_destination_that_answers_quickly_is_not_held_to_the_cap() {
     let db = TestDb::new().await;
-    let client = db.client().await;
     let hold = MS(150);
-    let vendor = Receiver::start(move |_, _| Reply::Delayed(hold, Box::new(ok()))).await;
-    for company in 1..=6 {
-        endpoint(&client, company, &vendor.url(&format!("/c{company}")), None).await;
-        enqueue(&client, company, 10).await;
-    }
-    let daemon = Daemon::start(
-        &db,
-        &[
-            ("OUTBOXD_DELIVERY__CONCURRENCY", "8"),
-            ("OUTBOXD_DELIVERY__ENDPOINT_CONCURRENCY", "2"),
-            ("OUTBOXD_DELIVERY__DESTINATION_CONCURRENCY", "4"),
-        ],
-    )
-    .await;
+    let (_client, vendor, daemon) = six_companies_at_one_vendor(&db, hold, 10).await;
     let requests = vendor.wait_for(60, SECS(30)).await;
     // The first claim, before any answer: the cap.
     let first: Vec<_> = requests
