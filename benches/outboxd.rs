@@ -28,7 +28,8 @@
 //! 7. signing: CPU per signed request (`src/sign.rs`), in this process;
 //! 8. enqueue: the application's transactions per second with outboxd's
 //!    enqueue against the same with a bare outbox insert, at 8, 32 and 64
-//!    writers (`outboxd/enqueue.rs`);
+//!    writers, and with outboxd's enqueue function writing into the bare
+//!    outbox (what the function costs by itself) (`outboxd/enqueue.rs`);
 //! 9. scale: the claim and the drain beside 100 and 20,000 endpoints with
 //!    a retry set for later, one of them paused (`outboxd/scale.rs`).
 
@@ -952,6 +953,13 @@ fn main() {
                     c.worst_round_ratio,
                     c.notifies_per_second
                 );
+                if let Some(function_only) = c.function_only_tps {
+                    println!(
+                        "| the same, outboxd's enqueue function writing into the bare outbox (its checks, wake-up and SECURITY DEFINER call alone) | {:.0} tps: ratio {:.2} |",
+                        function_only,
+                        function_only / c.bare_tps
+                    );
+                }
             }
         }
         if let Some(sc) = scale {
