@@ -381,6 +381,45 @@ async fn enqueues_notify_at_most_once_per_quarter_second_whoever_enqueues() {
     assert_eq!(event_count(&client).await, 51 + enqueued);
 }
 
+/// What an enqueue leaves locked in the application's transaction until
+/// its commit: the table and the wake-up's sequence, each in one of the
+/// session's fast-path slots. The table's indexes are locked only while
+/// the INSERT runs; a trigger, a foreign key or a lookup in another table
+/// added to the enqueue would show here.
+#[tokio::test]
+async fn an_enqueue_holds_two_fast_path_relation_locks_until_its_commit() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(
+        "SELECT outbox.enqueue_payment_cancellation(6316, 222125, '2271', ARRAY[17899, 17900]);
+         SELECT outbox.enqueue('invoice.created', 6316, '{}');",
+    )
+    .await
+    .unwrap();
+    let held: Vec<(String, bool)> = tx
+        .query(
+            "SELECT relation::regclass::text, fastpath FROM pg_locks
+              WHERE pid = pg_backend_pid() AND locktype = 'relation'
+                AND relation <> 'pg_locks'::regclass
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        held,
+        [
+            ("outbox.events".to_string(), true),
+            ("outbox.wakeup".to_string(), true)
+        ]
+    );
+    tx.rollback().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_valid_endpoint_is_stored() {
     let db = TestDb::new().await;
