@@ -61,8 +61,9 @@ enum Variant {
     FunctionOnly,
 }
 
-/// The copy of the enqueue function that writes into the bare outbox.
-const FUNCTION_ONLY: &str = "public.enqueue_into_bare_outbox";
+/// The copy of the enqueue function that writes into the bare outbox, in
+/// the schema `public`.
+const FUNCTION_ONLY: &str = "enqueue_into_bare_outbox";
 
 /// How the writers send their statements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,10 +225,13 @@ async fn copy_enqueue_into_bare(url: &str) -> bool {
         )
         .replacen(
             "FUNCTION outbox.enqueue_payment_cancellation(",
-            &format!("FUNCTION {FUNCTION_ONLY}("),
+            &format!("FUNCTION public.{FUNCTION_ONLY}("),
             1,
         )
-        .replace("enqueue_payment_cancellation.", "enqueue_into_bare_outbox.");
+        .replace(
+            "enqueue_payment_cancellation.",
+            &format!("{FUNCTION_ONLY}."),
+        );
     client.batch_execute(&copy).await.unwrap();
     true
 }
@@ -297,15 +301,16 @@ async fn writer(
         .await
         .unwrap();
     let enqueue = client
-        .prepare(match variant {
-            Variant::Outboxd => "SELECT outbox.enqueue_payment_cancellation($2, $1, $3, $4)",
-            Variant::FunctionOnly => "SELECT public.enqueue_into_bare_outbox($2, $1, $3, $4)",
-            Variant::Bare => {
-                "INSERT INTO bare_outbox (payload)
+        .prepare(&match variant {
+            Variant::Outboxd => {
+                "SELECT outbox.enqueue_payment_cancellation($2, $1, $3, $4)".to_string()
+            }
+            Variant::FunctionOnly => format!("SELECT public.{FUNCTION_ONLY}($2, $1, $3, $4)"),
+            Variant::Bare => "INSERT INTO bare_outbox (payload)
                  VALUES (jsonb_build_object('companyId', $2::bigint, 'paymentId', $1::bigint,
                                             'paymentNumber', $3::text,
                                             'orderIds', array_to_string($4::bigint[], ',')))"
-            }
+                .to_string(),
         })
         .await
         .unwrap();
@@ -345,7 +350,7 @@ async fn simple_writer(
                 "SELECT outbox.enqueue_payment_cancellation({company}, {payment}, 'P-{payment}', ARRAY[{first}, {second}])"
             ),
             Variant::FunctionOnly => format!(
-                "SELECT {FUNCTION_ONLY}({company}, {payment}, 'P-{payment}', ARRAY[{first}, {second}])"
+                "SELECT public.{FUNCTION_ONLY}({company}, {payment}, 'P-{payment}', ARRAY[{first}, {second}])"
             ),
             Variant::Bare => format!(
                 "INSERT INTO bare_outbox (payload)
