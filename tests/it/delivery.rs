@@ -904,7 +904,8 @@ async fn a_claim_in_flight_at_sigterm_is_finished_and_its_event_delivered_before
         count(
             &client,
             "SELECT count(*) FROM pg_stat_activity
-              WHERE wait_event = 'PgSleep' AND query LIKE '-- claim:%'",
+              WHERE datname = current_database()
+                AND wait_event = 'PgSleep' AND query LIKE '-- claim:%'",
         )
         .await
             == 1

@@ -188,7 +188,8 @@ async fn a_claim_whose_reply_is_lost_is_handed_back_at_once_and_sent_once() {
         count(
             &client,
             "SELECT count(*) FROM pg_stat_activity
-              WHERE wait_event = 'PgSleep' AND query LIKE '-- claim:%'",
+              WHERE datname = current_database()
+                AND wait_event = 'PgSleep' AND query LIKE '-- claim:%'",
         )
         .await
             == 1
