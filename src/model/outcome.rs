@@ -74,6 +74,14 @@ pub struct Outcome {
     pub probe: bool,
 }
 
+impl Outcome {
+    /// The request went out: there is a status, or it failed in transport
+    /// (retryable without one). Otherwise it was refused before sending.
+    pub fn went_out(&self) -> bool {
+        self.http_status.is_some() || self.kind == AttemptKind::Retryable
+    }
+}
+
 /// Why an event is not sent at all.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {

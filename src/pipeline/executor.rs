@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use crate::backoff::RetryPolicy;
 use crate::http::client::Deliverer;
 use crate::http::request as webhook;
-use crate::model::{AttemptKind, ClaimedEvent, NextState, Outcome};
+use crate::model::{ClaimedEvent, NextState, Outcome};
 use crate::pipeline::completer::Freed;
 use crate::{policy, telemetry};
 
@@ -56,21 +56,33 @@ pub async fn deliver(event: ClaimedEvent, context: Arc<Context>, slot: OwnedSema
     // The destination's place is free as soon as the request is over (or
     // the task panicked): a destination has nothing of its own that the
     // next claim must see written first.
-    struct Requested<'a>(&'a Context, &'a ClaimedEvent, Instant, bool);
+    struct Requested<'a> {
+        context: &'a Context,
+        event: &'a ClaimedEvent,
+        started: Instant,
+        went_out: bool,
+    }
     impl Drop for Requested<'_> {
         fn drop(&mut self) {
-            if let Some(destination) = &self.1.destination {
-                let took = self.2.elapsed();
-                self.0
-                    .room
-                    .request_ended(destination, self.1.id, took, self.3);
+            if let Some(destination) = &self.event.destination {
+                self.context.room.request_ended(
+                    destination,
+                    self.event.id,
+                    self.started.elapsed(),
+                    self.went_out,
+                );
             }
         }
     }
     let mut unrecorded = Unrecorded(&context, &event, true);
-    let mut requested = Requested(&context, &event, Instant::now(), false);
+    let mut requested = Requested {
+        context: &context,
+        event: &event,
+        started: Instant::now(),
+        went_out: false,
+    };
     let outcome = attempt(&event, &context.deliverer, &context.retry).await;
-    requested.3 = went_out(&outcome);
+    requested.went_out = outcome.went_out();
     drop(requested);
     // Fails only if the recorder is gone, i.e. at the very end of a
     // shutdown; the lease then brings the event back.
@@ -99,19 +111,12 @@ pub async fn attempt(event: &ClaimedEvent, deliverer: &Deliverer, retry: &RetryP
         }
     };
     log_outcome(event, &outcome);
-    let sent = went_out(&outcome);
     telemetry::attempt(
         &event.event_type,
         outcome.kind.as_str(),
-        sent.then_some(outcome.duration),
+        outcome.went_out().then_some(outcome.duration),
     );
     outcome
-}
-
-/// A request went out when there is a status, or when it failed in
-/// transport (retryable without one); otherwise it was never sent.
-fn went_out(outcome: &Outcome) -> bool {
-    outcome.http_status.is_some() || outcome.kind == AttemptKind::Retryable
 }
 
 /// One line per delivery attempt. Successes at debug: at 10,000 a second an
